@@ -1,0 +1,1 @@
+"""HOW ANSWERS COMBINE: single expert, k experts + aggregate, merged adapters, mixtures, stitching."""

@@ -1,0 +1,1 @@
+"""WHERE IT RUNS: engines, the zoo and its skill suite, the CLI, and (later) Ray Serve and the gateway."""
