@@ -24,7 +24,7 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 # Command modules register their commands on `app` when imported.
-from services.cli import zoo_cmd  # noqa: E402,F401
+from services.cli import registry_cmd, zoo_cmd  # noqa: E402,F401
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     except MoergeError as exc:
         if os.environ.get("MOERGE_DEBUG"):
             raise
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except typer.Abort:
         err_console.print("aborted")

@@ -1,0 +1,181 @@
+"""The registry's tables as typed SQLAlchemy 2 models.
+
+Migrations (``registry/migrations``) own the schema; these classes describe it for the ORM and
+for Alembic's autogenerate. A change here needs a new migration revision.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal
+
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+ExpertKind = Literal["adapter", "model", "external"]
+ExpertStatus = Literal["pending", "ready", "failed"]
+KeyScope = Literal["admin", "user"]
+
+EXPERT_KINDS: tuple[str, ...] = ("adapter", "model", "external")
+EXPERT_STATUSES: tuple[str, ...] = ("pending", "ready", "failed")
+KEY_SCOPES: tuple[str, ...] = ("admin", "user")
+EXAMPLE_SPLITS: tuple[str, ...] = ("train", "validation", "test")
+
+# Named constraints, so later migrations can alter them by name on Postgres and in SQLite batches.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite stores it without a zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:  # noqa: ANN001
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:  # noqa: ANN001
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime}
+
+
+class BaseModel(Base):
+    """A base model that adapters are trained on. Its files stay where they are (bases are large)."""
+
+    __tablename__ = "base_models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    uri: Mapped[str] = mapped_column(String(1024))  # local folder with config.json + safetensors
+    architecture: Mapped[str] = mapped_column(String(128), default="")
+    checksum: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"BaseModel(name={self.name!r}, uri={self.uri!r})"
+
+
+class Expert(Base):
+    __tablename__ = "experts"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    version: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # ExpertKind
+    base_model_id: Mapped[int | None] = mapped_column(ForeignKey("base_models.id", ondelete="RESTRICT"))
+    # adapter / model: absolute folder in the artifact store; external: litellm "provider/model"
+    uri: Mapped[str] = mapped_column(String(1024))
+    # adapter / model: folder relative to the artifact root (what survives moving the store)
+    store_path: Mapped[str | None] = mapped_column(String(1024))
+    source: Mapped[str] = mapped_column(String(1024), default="")  # where it was registered from
+    domains: Mapped[list[str]] = mapped_column(JSON, default=list)
+    skills: Mapped[list[str]] = mapped_column(JSON, default=list)
+    description: Mapped[str] = mapped_column(Text, default="")
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # ExpertStatus
+    checksum: Mapped[str] = mapped_column(String(64), default="")  # sha256 over the stored files
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_per_1k_tokens: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    # Loaded with the expert so records stay usable after their session closes.
+    base: Mapped[BaseModel | None] = relationship(lazy="joined")
+    examples: Mapped[list[ExpertExample]] = relationship(
+        back_populates="expert", cascade="all, delete-orphan", passive_deletes=True, lazy="select"
+    )
+    artifacts: Mapped[list[Artifact]] = relationship(
+        back_populates="expert", cascade="all, delete-orphan", passive_deletes=True, lazy="select"
+    )
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def __repr__(self) -> str:
+        return f"Expert(name={self.name!r}, version={self.version!r}, kind={self.kind!r}, status={self.status!r})"
+
+
+class ExpertExample(Base):
+    """An example prompt of what the expert is good at (routers fit on the train split)."""
+
+    __tablename__ = "expert_examples"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    expert_id: Mapped[int] = mapped_column(ForeignKey("experts.id", ondelete="CASCADE"), index=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    reference: Mapped[str] = mapped_column(Text, default="")
+    task: Mapped[str] = mapped_column(String(128), default="")
+    split: Mapped[str] = mapped_column(String(32), default="train")
+
+    expert: Mapped[Expert] = relationship(back_populates="examples")
+
+
+class Artifact(Base):
+    """A file (or folder) in the artifact store that a router fitted, per expert and router.
+
+    ``expert_id`` is NULL for a router's own artifacts that belong to no single expert
+    (a classifier head over all experts, say).
+    """
+
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("router", "expert_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    expert_id: Mapped[int | None] = mapped_column(ForeignKey("experts.id", ondelete="CASCADE"), index=True)
+    router: Mapped[str] = mapped_column(String(128), index=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(1024))  # relative to the artifact root
+    checksum: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    expert: Mapped[Expert | None] = relationship(back_populates="artifacts", lazy="joined")
+
+    def __repr__(self) -> str:
+        return f"Artifact(router={self.router!r}, kind={self.kind!r}, path={self.path!r})"
+
+
+class ApiKey(Base):
+    """An API key for the gateway. Only a hash of the key is stored; the key is shown once."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    scope: Mapped[str] = mapped_column(String(16), default="user")  # KeyScope
+    allowed_models: Mapped[list[str]] = mapped_column(JSON, default=list)  # empty: every model
+    rpm_limit: Mapped[int | None] = mapped_column(Integer)  # requests per minute; None: unlimited
+    key_prefix: Mapped[str] = mapped_column(String(16))  # first characters, to tell keys apart
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+    def allows(self, model: str) -> bool:
+        return self.scope == "admin" or not self.allowed_models or model in self.allowed_models
+
+    def __repr__(self) -> str:
+        return f"ApiKey(name={self.name!r}, scope={self.scope!r}, prefix={self.key_prefix!r})"

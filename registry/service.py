@@ -1,0 +1,464 @@
+"""The registry: base models, experts (adapter | model | external), routing artifacts, API keys.
+
+A registration is validated completely before anything is written. Files are then copied into a
+staging folder inside the artifact store; the rows are inserted in one transaction and the staged
+folder is moved into place (one rename) before that transaction commits. Any failure rolls the
+transaction back and deletes the staged or moved files, so a refused or lost registration leaves
+no row and no file. Two registrations of the same name + version race on the unique constraint:
+exactly one wins, the other gets ``RegistrationError``.
+
+Records returned by the registry are detached ORM objects (``expire_on_commit=False``): their
+columns and ``base`` are loaded; read examples with ``get_examples``. For anything else, open
+``with registry.session() as s:`` and query the models directly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from registry import keys as _keys
+from registry.artifacts import ArtifactStore
+from registry.config import artifact_root as default_artifact_root
+from registry.config import database_url
+from registry.db import ensure_schema, make_engine, make_sessionmaker, session_scope
+from registry.errors import MoergeError, NotFoundError, RegistrationError
+from registry.models import (
+    EXPERT_KINDS,
+    EXPERT_STATUSES,
+    ApiKey,
+    Artifact,
+    BaseModel,
+    Expert,
+    ExpertExample,
+)
+from registry.validation import (
+    Limits,
+    SourceFile,
+    check_external,
+    check_labels,
+    check_name,
+    check_version,
+    inspect_base,
+    load_examples,
+    scan_source,
+    validate_adapter,
+    validate_model,
+)
+
+AUTO_VERSION_RETRIES = 5
+
+
+class _VersionTaken(Exception):
+    """Another registration took this name + version after our first check."""
+
+
+class Registry:
+    def __init__(
+        self,
+        url: str | None = None,
+        artifact_root: str | os.PathLike | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self.url = url or database_url()
+        self.store = ArtifactStore(artifact_root if artifact_root is not None else default_artifact_root())
+        self.limits = limits or Limits.from_env()
+        self.engine = make_engine(self.url)
+        ensure_schema(self.engine)
+        self._sessions = make_sessionmaker(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: commits when the block ends, rolls back on an exception."""
+        with session_scope(self._sessions) as session:
+            yield session
+
+    # --- base models -----------------------------------------------------------------------------
+
+    def register_base(self, name: str, path: str | os.PathLike) -> BaseModel:
+        """Record a base model folder (config.json + safetensors). Its files are not copied."""
+        check_name(name, "base model name")
+        folder = Path(path).expanduser().resolve()
+        info = inspect_base(folder)
+        with self.session() as s:
+            if s.scalar(select(BaseModel.id).where(BaseModel.name == name)) is not None:
+                raise RegistrationError(f"base model {name!r} is already registered")
+            base = BaseModel(name=name, uri=str(folder), architecture=info.architecture, checksum=info.fingerprint)
+            s.add(base)
+            try:
+                s.flush()
+            except IntegrityError:
+                raise RegistrationError(f"base model {name!r} is already registered") from None
+        return base
+
+    def get_base(self, name: str) -> BaseModel:
+        with self.session() as s:
+            base = s.scalar(select(BaseModel).where(BaseModel.name == name))
+        if base is None:
+            raise NotFoundError(f"no base model named {name!r} (register it with `moerge base add`)")
+        return base
+
+    def list_bases(self) -> list[BaseModel]:
+        with self.session() as s:
+            return list(s.scalars(select(BaseModel).order_by(BaseModel.name)))
+
+    # --- experts ---------------------------------------------------------------------------------
+
+    def register_expert(
+        self,
+        name: str,
+        kind: str,
+        source: str | os.PathLike,
+        base: str | None = None,
+        version: str | None = None,
+        domains: tuple[str, ...] | list[str] = (),
+        skills: tuple[str, ...] | list[str] = (),
+        description: str = "",
+        examples: str | os.PathLike | list[dict] | None = None,
+        cost: float | None = None,
+        status: str = "ready",
+    ) -> Expert:
+        """Validate, store and record an expert; returns its record.
+
+        ``source``: a peft LoRA folder (adapter), a Hugging Face model folder (model) or a litellm
+        model string such as ``openai/gpt-4o-mini`` (external). ``version`` defaults to the next
+        integer for ``name``. ``status`` is ``ready`` unless the caller still has to fit routing
+        artifacts (then ``pending``, and ``set_status`` once they are stored).
+        """
+        # 1. validate everything; nothing is written yet
+        check_name(name)
+        if kind not in EXPERT_KINDS:
+            raise RegistrationError(f"expert kind must be one of {', '.join(EXPERT_KINDS)}, not {kind!r}")
+        if version is not None:
+            check_version(str(version))
+            version = str(version)
+        if status not in EXPERT_STATUSES:
+            raise RegistrationError(f"status must be one of {', '.join(EXPERT_STATUSES)}, not {status!r}")
+        if cost is not None and (not isinstance(cost, (int, float)) or cost < 0 or cost != cost):
+            raise RegistrationError(f"cost per 1k tokens must be a number >= 0, not {cost!r}")
+        if not isinstance(description, str) or len(description) > 10_000:
+            raise RegistrationError("description must be a string of at most 10000 characters")
+        domain_list = check_labels(domains, "domain")
+        skill_list = check_labels(skills, "skill")
+        rows = load_examples(examples, self.limits)
+
+        base_row = self.get_base(base) if base is not None else None
+        if kind == "adapter" and base_row is None:
+            raise RegistrationError("an adapter expert needs --base: the registered base model it was trained on")
+        if kind == "external" and base_row is not None:
+            raise RegistrationError("an external expert has no base model")
+
+        if kind == "external":
+            uri, files, source_label = check_external(str(source)), [], str(source)
+        else:
+            root, files = scan_source(source, self.limits)
+            source_label = str(root)
+            if kind == "adapter":
+                assert base_row is not None
+                validate_adapter(root, files, base_row.name, base_row.uri)
+            else:
+                validate_model(root, files)
+
+        if version is not None:
+            with self.session() as s:
+                if self._find(s, name, version) is not None:
+                    raise RegistrationError(f"expert {name} version {version} already exists")
+
+        # 2. stage files, 3. insert rows and move files in, in one transaction
+        staged = self.store.stage() if files else None
+        try:
+            checksum, size = self.store.copy_in(files, staged) if staged else ("", 0)
+            for attempt in range(AUTO_VERSION_RETRIES):
+                try:
+                    return self._insert(
+                        staged=staged,
+                        name=name,
+                        kind=kind,
+                        version=version,
+                        base_row=base_row,
+                        uri=uri if kind == "external" else None,
+                        source=source_label,
+                        domains=domain_list,
+                        skills=skill_list,
+                        description=description,
+                        rows=rows,
+                        cost=None if cost is None else float(cost),
+                        status=status,
+                        checksum=checksum,
+                        size=size,
+                    )
+                except (IntegrityError, _VersionTaken):
+                    # an automatic version raced another registration of this name: take the next one
+                    if version is None and attempt + 1 < AUTO_VERSION_RETRIES:
+                        continue
+                    raise RegistrationError(
+                        f"expert {name} version {version or '(next)'} already exists "
+                        "(registered concurrently)"
+                    ) from None
+            raise AssertionError("unreachable")
+        except MoergeError:
+            raise
+        except Exception as exc:
+            raise RegistrationError(f"registering {name} failed, nothing was kept: {exc}") from exc
+        finally:
+            if staged is not None and staged.exists():
+                self.store.discard(staged)
+
+    def _insert(
+        self, *, staged: Path | None, name: str, version: str | None, base_row: BaseModel | None, rows: list, **fields
+    ) -> Expert:
+        published: Path | None = None
+        try:
+            with self.session() as s:
+                v = version or self._next_version(s, name)
+                if self._find(s, name, v) is not None:  # committed meanwhile; a racing one fails on flush
+                    raise _VersionTaken(v)
+                rel = ArtifactStore.expert_rel(name, v) if staged is not None else None
+                expert = Expert(
+                    name=name,
+                    version=v,
+                    kind=fields["kind"],
+                    base=s.get(BaseModel, base_row.id) if base_row is not None else None,
+                    uri=fields["uri"] or str(self.store.resolve(rel)),
+                    store_path=rel,
+                    source=fields["source"],
+                    domains=fields["domains"],
+                    skills=fields["skills"],
+                    description=fields["description"],
+                    status=fields["status"],
+                    checksum=fields["checksum"],
+                    size_bytes=fields["size"],
+                    cost_per_1k_tokens=fields["cost"],
+                )
+                expert.examples = [
+                    ExpertExample(prompt=r.prompt, reference=r.reference, task=r.task, split=r.split) for r in rows
+                ]
+                s.add(expert)
+                s.flush()  # the unique (name, version) check happens here; the loser stops
+                if staged is not None:
+                    published = self.store.publish(staged, rel)
+            return expert
+        except BaseException:
+            self.store.discard(published)
+            raise
+
+    @staticmethod
+    def _find(s: Session, name: str, version: str) -> Expert | None:
+        return s.scalar(select(Expert).where(Expert.name == name, Expert.version == version))
+
+    @staticmethod
+    def _next_version(s: Session, name: str) -> str:
+        versions = s.scalars(select(Expert.version).where(Expert.name == name))
+        numbers = [int(v) for v in versions if v.isdigit()]
+        return str(max(numbers, default=0) + 1)
+
+    def list_experts(self, kind: str | None = None, status: str | None = None) -> list[Expert]:
+        with self.session() as s:
+            q = select(Expert)
+            if kind is not None:
+                q = q.where(Expert.kind == kind)
+            if status is not None:
+                q = q.where(Expert.status == status)
+            return list(s.scalars(q.order_by(Expert.name, Expert.id)))
+
+    def get_expert(self, name: str, version: str | None = None) -> Expert:
+        """An expert by name: the given version, or the most recently registered one."""
+        with self.session() as s:
+            q = select(Expert).where(Expert.name == name)
+            if version is not None:
+                q = q.where(Expert.version == str(version))
+            expert = s.scalars(q.order_by(Expert.id.desc()).limit(1)).first()
+        if expert is None:
+            what = f"{name} version {version}" if version is not None else name
+            raise NotFoundError(f"no expert {what}")
+        return expert
+
+    def get_examples(self, name: str, version: str | None = None, split: str | None = None) -> list[ExpertExample]:
+        expert = self.get_expert(name, version)
+        with self.session() as s:
+            q = select(ExpertExample).where(ExpertExample.expert_id == expert.id)
+            if split is not None:
+                q = q.where(ExpertExample.split == split)
+            return list(s.scalars(q.order_by(ExpertExample.id)))
+
+    def expert_path(self, expert: Expert) -> Path | None:
+        """The folder holding an adapter's or model's files (None for external experts)."""
+        return self.store.resolve(expert.store_path) if expert.store_path else None
+
+    def set_status(self, name: str, version: str, status: str) -> Expert:
+        if status not in EXPERT_STATUSES:
+            raise MoergeError(f"status must be one of {', '.join(EXPERT_STATUSES)}, not {status!r}")
+        with self.session() as s:
+            expert = self._find(s, name, str(version))
+            if expert is None:
+                raise NotFoundError(f"no expert {name} version {version}")
+            expert.status = status
+            expert.updated_at = datetime.now(timezone.utc)
+        return expert
+
+    def remove_expert(self, name: str, version: str | None = None) -> list[Expert]:
+        """Remove one version (or, without ``version``, every version) with its files and artifacts."""
+        moved: list[tuple[Path, str]] = []
+        try:
+            with self.session() as s:
+                q = select(Expert).where(Expert.name == name)
+                if version is not None:
+                    q = q.where(Expert.version == str(version))
+                experts = list(s.scalars(q.order_by(Expert.id)))
+                if not experts:
+                    what = f"{name} version {version}" if version is not None else name
+                    raise NotFoundError(f"no expert {what}")
+                rels = [a.path for e in experts for a in e.artifacts] + [e.store_path for e in experts if e.store_path]
+                for e in experts:
+                    s.delete(e)
+                s.flush()
+                for rel in rels:  # moved aside now, deleted once the delete commits
+                    aside = self.store.trash(rel)
+                    if aside is not None:
+                        moved.append((aside, rel))
+        except BaseException:
+            for aside, rel in reversed(moved):
+                self.store.restore(aside, rel)
+            raise
+        for aside, _ in moved:
+            self.store.discard(aside)
+        return experts
+
+    # --- routing artifacts -----------------------------------------------------------------------
+
+    def add_artifact(
+        self,
+        router: str,
+        kind: str,
+        data: bytes | str | os.PathLike,
+        expert: str | None = None,
+        version: str | None = None,
+        filename: str = "artifact.bin",
+    ) -> Artifact:
+        """Store a router's artifact for an expert (latest version unless given), or for the
+        router as a whole when ``expert`` is None. Replaces an earlier one of the same kind.
+
+        ``data``: bytes (written as ``filename``), or a file or folder to copy in.
+        """
+        check_name(router, "router name")
+        check_name(kind, "artifact kind")
+        target = self.get_expert(expert, version) if expert is not None else None
+        staged = self.store.stage()
+        published: Path | None = None
+        replaced: list[str] = []
+        try:
+            if isinstance(data, (bytes, bytearray)):
+                check_name(filename, "artifact filename")
+                checksum, size = self.store.write_bytes(bytes(data), staged, filename)
+            else:
+                src = Path(data)
+                if src.is_dir():
+                    _, files = scan_source(src, self.limits)
+                elif src.is_file():
+                    files = [SourceFile(rel=PurePosixPath(src.name), path=src.resolve(), size=src.stat().st_size)]
+                else:
+                    raise MoergeError(f"artifact source {str(data)!r} does not exist")
+                checksum, size = self.store.copy_in(files, staged)
+            owner = target.ref if target is not None else "_all"
+            rel = ArtifactStore.artifact_rel(router, owner, kind)
+            with self.session() as s:
+                q = select(Artifact).where(Artifact.router == router, Artifact.kind == kind)
+                q = q.where(Artifact.expert_id == target.id if target is not None else Artifact.expert_id.is_(None))
+                for previous in s.scalars(q):
+                    s.delete(previous)
+                    replaced.append(previous.path)
+                s.flush()
+                row = Artifact(
+                    expert_id=target.id if target is not None else None,
+                    router=router,
+                    kind=kind,
+                    path=rel,
+                    checksum=checksum,
+                    size_bytes=size,
+                )
+                s.add(row)
+                s.flush()
+                published = self.store.publish(staged, rel)
+        except BaseException:
+            self.store.discard(published)
+            raise
+        finally:
+            if staged.exists():
+                self.store.discard(staged)
+        for rel in replaced:  # the new artifact is committed: the old files can go
+            self.store.discard(self.store.resolve(rel))
+        return row
+
+    def get_artifacts(
+        self,
+        router: str | None = None,
+        expert: str | None = None,
+        version: str | None = None,
+        kind: str | None = None,
+    ) -> list[Artifact]:
+        """Artifacts filtered by router, expert (latest version unless given) and kind."""
+        expert_id = self.get_expert(expert, version).id if expert is not None else None
+        with self.session() as s:
+            q = select(Artifact)
+            if router is not None:
+                q = q.where(Artifact.router == router)
+            if expert_id is not None:
+                q = q.where(Artifact.expert_id == expert_id)
+            if kind is not None:
+                q = q.where(Artifact.kind == kind)
+            return list(s.scalars(q.order_by(Artifact.id)))
+
+    def artifact_path(self, artifact: Artifact) -> Path:
+        return self.store.resolve(artifact.path)
+
+    def remove_artifacts(self, router: str, expert: str | None = None, version: str | None = None) -> int:
+        """Delete a router's artifacts (for one expert, or all of them) with their files."""
+        expert_id = self.get_expert(expert, version).id if expert is not None else None
+        rels: list[str] = []
+        with self.session() as s:
+            q = select(Artifact).where(Artifact.router == router)
+            if expert_id is not None:
+                q = q.where(Artifact.expert_id == expert_id)
+            for a in s.scalars(q):
+                rels.append(a.path)
+                s.delete(a)
+        for rel in rels:
+            self.store.discard(self.store.resolve(rel))
+        return len(rels)
+
+    # --- API keys --------------------------------------------------------------------------------
+
+    def create_key(
+        self, name: str, scope: str = "user", models: list[str] | tuple[str, ...] = (), rpm: int | None = None
+    ) -> tuple[ApiKey, str]:
+        """Returns (record, plaintext key). The plaintext is not stored anywhere: show it once."""
+        with self.session() as s:
+            return _keys.create_key(s, name, scope, models, rpm)
+
+    def verify_key(self, plaintext: str) -> ApiKey | None:
+        with self.session() as s:
+            return _keys.verify_key(s, plaintext)
+
+    def list_keys(self) -> list[ApiKey]:
+        with self.session() as s:
+            return _keys.list_keys(s)
+
+    def revoke_key(self, name: str) -> ApiKey:
+        with self.session() as s:
+            return _keys.revoke_key(s, name)

@@ -1,0 +1,94 @@
+"""The registry commands of the ``moerge`` CLI, end to end on an embedded home folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from services.cli import app, main
+from tests.factories import make_tiny_base, make_tiny_lora
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MOERGE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MOERGE_DATABASE_URL", raising=False)
+    monkeypatch.delenv("MOERGE_ARTIFACTS", raising=False)
+    return tmp_path / "home"
+
+
+def run(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_register_list_show_remove(home: Path, tmp_path: Path) -> None:
+    base = make_tiny_base(tmp_path / "base")
+    lora = make_tiny_lora(base, tmp_path / "lora")
+    examples = tmp_path / "ex.jsonl"
+    examples.write_text('{"prompt": "2+2?", "reference": "4"}\n{"prompt": "3+3?", "split": "validation"}\n')
+
+    assert "registered base tiny" in run("base", "add", "tiny", str(base))
+    out = run(
+        "register", str(lora), "--name", "math", "--kind", "adapter", "--base", "tiny",
+        "--domain", "math", "--skill", "arithmetic", "--examples", str(examples), "--cost", "0.02",
+    )
+    assert "registered math version 1" in out and "2 examples" in out
+    assert "version 2" in run("register", "openai/gpt-4o-mini", "--name", "math", "--kind", "external")
+
+    listing = run("experts", "list")
+    assert "math" in listing and "adapter" in listing and "external" in listing
+
+    shown = json.loads(run("experts", "show", "math", "--version", "1", "--json"))
+    assert shown["base"] == "tiny" and shown["examples"] == {"train": 1, "validation": 1}
+    assert shown["cost_per_1k_tokens"] == 0.02 and Path(shown["uri"]).is_dir()
+    assert "math@2" in run("experts", "show", "math")
+
+    assert "removed math@1" in run("experts", "remove", "math", "--version", "1", "--yes")
+    assert not Path(shown["uri"]).exists()
+    assert "removed math@2" in run("experts", "remove", "math", "--yes")
+    assert "math" not in run("experts", "list").split("experts", 1)[1]
+
+
+def test_remove_asks_for_confirmation(home: Path) -> None:
+    run("register", "openai/gpt-4o-mini", "--name", "gpt", "--kind", "external")
+    result = CliRunner().invoke(app, ["experts", "remove", "gpt"], input="n\n")
+    assert result.exit_code != 0
+    assert "gpt" in run("experts", "list")
+
+
+def test_keys_create_and_list(home: Path) -> None:
+    out = run("keys", "create", "alice", "--scope", "user", "--model", "math", "--rpm", "30")
+    key = out.strip().splitlines()[-1]
+    assert key.startswith("mk-")
+    listing = run("keys", "list")
+    assert "alice" in listing and key not in listing and "30" in listing
+
+
+def test_db_upgrade_downgrade(home: Path) -> None:
+    assert "revision 0001" in run("db", "upgrade")
+    assert "base (empty)" in run("db", "downgrade", "base")
+    assert "revision 0001" in run("db", "upgrade", "--revision", "head")
+
+
+def test_error_prints_one_red_line_and_exits_1(home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    monkeypatch.setattr(sys, "argv", ["moerge", "register", str(tmp_path / "nowhere"), "--name", "x", "--kind", "model"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines at the terminal width
+    assert err.startswith("error: source") and err.endswith("nowhere' does not exist")
+    assert err.count("error:") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [[], ["register"], ["base", "add"], ["experts", "list"], ["experts", "show"],
+                                     ["experts", "remove"], ["db", "upgrade"], ["db", "downgrade"],
+                                     ["keys", "create"], ["keys", "list"]])
+def test_every_command_has_help(command: list[str]) -> None:
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
