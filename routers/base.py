@@ -100,3 +100,12 @@ class Router(Protocol):
 
     def add_expert(self, expert: ExpertInfo) -> Artifact:
         """fit + load in one step; returns the artifact to store."""
+
+
+class BaseRouter:
+    """Mixin: ``add_expert`` is ``fit_expert`` followed by ``load_expert``."""
+
+    def add_expert(self, expert: ExpertInfo) -> Artifact:
+        artifact = self.fit_expert(expert)  # type: ignore[attr-defined]
+        self.load_expert(expert, artifact)  # type: ignore[attr-defined]
+        return artifact

@@ -1,0 +1,146 @@
+"""Shared ground of the token-level routers (PHATGOOSE, Average Activation, Arrow, GLIDER).
+
+A token-level router does not pick an expert per query: it fits per expert and per LoRA module a
+routing vector (its artifact, keyed by the base model's module name such as
+``model.layers.0.self_attn.q_proj``) and answers ``route`` with a ``MixtureSpec`` that the engine
+applies inside the forward pass through ``composer.molora``. The engine takes each expert's
+vectors from ``router.gate_vectors(name)``.
+
+This module also holds the reader of peft LoRA folders (``read_lora_factors``), used both by the
+routers that fit from factors and by the MoLoRA layer: composer depends on routers' types, never
+the other way round.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import load_peft_weights
+from peft.utils.other import get_pattern_key
+
+from routers.base import Artifact, BaseRouter, ExpertInfo, MixtureSpec, RouteRequest
+
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One module's LoRA: ΔW = scale · B @ A with A [r, d_in] and B [d_out, r]."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+def read_lora_factors(adapter_path: str | Path, device: str | torch.device = "cpu") -> dict[str, LoraFactors]:
+    """LoRA factors of a peft adapter folder (safetensors), keyed by the base model's module name."""
+    config = LoraConfig.from_pretrained(str(adapter_path))
+    if getattr(config, "use_dora", False):
+        raise ValueError(f"{adapter_path}: DoRA adapters are not supported by the MoLoRA mixture")
+    if getattr(config, "lora_bias", False):
+        raise ValueError(f"{adapter_path}: LoRA adapters with a bias are not supported by the MoLoRA mixture")
+    if getattr(config, "fan_in_fan_out", False):
+        raise ValueError(f"{adapter_path}: fan_in_fan_out (Conv1D) adapters are not supported")
+    weights = load_peft_weights(str(adapter_path), device=str(device))
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        m = _LORA_KEY.match(key)
+        if m is None:
+            if "lora_embedding" in key or "lora_magnitude" in key:
+                raise ValueError(f"{adapter_path}: unsupported LoRA tensor {key}")
+            continue  # modules_to_save etc. are not part of a LoRA mixture
+        parts.setdefault(m["module"], {})[m["which"]] = tensor.float()
+    out: dict[str, LoraFactors] = {}
+    for module, ab in sorted(parts.items()):
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{adapter_path}: module {module} lacks lora_A or lora_B")
+        r = ab["A"].shape[0]
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+        scale = alpha / (r**0.5 if config.use_rslora else r)
+        out[module] = LoraFactors(A=ab["A"], B=ab["B"], scale=float(scale))
+    if not out:
+        raise ValueError(f"{adapter_path}: no LoRA factors found")
+    return out
+
+
+@lru_cache(maxsize=2)
+def load_base(base_path: str):
+    """The (frozen, eval-mode) base model and its tokenizer, cached: several experts share one base.
+
+    Fitting code only hooks the returned model and removes its hooks afterwards; it never
+    changes its parameters.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def training_texts(expert: ExpertInfo, eos_token: str, split: str = "train", limit: int | None = None) -> list[str]:
+    """The expert's own training sequences: prompt + reference + EOS."""
+    texts = [e.prompt + e.reference + eos_token for e in expert.examples if e.split == split]
+    if not texts:
+        raise ValueError(f"expert {expert.name!r} has no {split!r} examples to fit on")
+    return texts[:limit] if limit is not None else texts
+
+
+def require_adapter(expert: ExpertInfo) -> None:
+    if expert.kind != "adapter" or expert.adapter_path is None or expert.base_path is None:
+        raise ValueError(f"expert {expert.name!r}: token-level routing needs a LoRA adapter on a known base")
+
+
+class TokenwiseRouter(BaseRouter):
+    """Keeps each expert's per-module routing vectors and answers with a ``MixtureSpec``.
+
+    Subclasses set ``name`` and ``gate`` and implement ``fit_expert``.
+    """
+
+    name = "tokenwise"
+    gate = ""
+
+    def __init__(self, top_k: int = 2, temperature: float = 1.0):
+        self.top_k = top_k
+        self.temperature = temperature
+        self.experts: dict[str, ExpertInfo] = {}
+        self._vectors: dict[str, dict[str, torch.Tensor]] = {}
+
+    # -- contract ----------------------------------------------------------------------------
+    def fit_expert(self, expert: ExpertInfo) -> Artifact:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load_expert(self, expert: ExpertInfo, artifact: Artifact) -> None:
+        self.experts[expert.name] = expert
+        self._vectors[expert.name] = {k: v.detach().float().cpu() for k, v in artifact.tensors.items()}
+
+    def remove_expert(self, name: str) -> None:
+        self.experts.pop(name, None)
+        self._vectors.pop(name, None)
+
+    def route(self, request: RouteRequest) -> MixtureSpec:
+        if not self.experts:
+            raise LookupError(f"router {self.name!r} has no experts")
+        names = list(self.experts)
+        return MixtureSpec(
+            router=self.name,
+            experts=names,
+            gate=self.gate,
+            top_k=min(self.top_k, len(names)),
+            temperature=self.temperature,
+        )
+
+    # -- for the engine ----------------------------------------------------------------------
+    def gate_vectors(self, name: str) -> dict[str, torch.Tensor]:
+        """Per-module routing vectors of one expert, as the MoLoRA layer expects them."""
+        return self._vectors[name]

@@ -1,0 +1,279 @@
+"""Token-level routing: the MoLoRA mixture layer and the PHATGOOSE / Average-Activation / Arrow /
+GLIDER routers, on tiny real Llama + peft checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from composer.molora import MoLoRA, MoLoRALinear, mixture
+from routers.arrow import ArrowRouter, top_right_singular_vector
+from routers.base import ExpertExample, ExpertInfo, MixtureSpec, RouteRequest
+from routers.glider import GliderRouter
+from routers.phatgoose import AverageActivationRouter, PhatgooseRouter
+from routers.tokenwise import load_base, read_lora_factors
+from tests.factories import make_tiny_base, make_tiny_lora
+
+TASKS = {
+    "upper": [("abc ->", " ABC"), ("hello ->", " HELLO"), ("moe ->", " MOE"), ("lora ->", " LORA")],
+    "reverse": [("abc =>", " cba"), ("hello =>", " olleh"), ("moe =>", " eom"), ("lora =>", " arol")],
+    "double": [("ab ::", " aabb"), ("xy ::", " xxyy"), ("q ::", " qq"), ("mo ::", " mmoo")],
+}
+PROMPTS = ["abc ->", "a longer prompt =>"]
+
+
+def char_embedder(texts):
+    """A deterministic stand-in for MiniLM: hashed character bigram counts, L2-normalised."""
+    out = torch.zeros(len(texts), 64)
+    for i, t in enumerate(texts):
+        for a, b in zip(t, t[1:], strict=False):
+            out[i, int(hashlib.md5((a + b).encode()).hexdigest(), 16) % 64] += 1.0
+    return torch.nn.functional.normalize(out + 1e-6, dim=-1)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokenwise")
+    base = make_tiny_base(root / "base")
+    experts = {}
+    for i, (task, pairs) in enumerate(TASKS.items()):
+        # different ranks on purpose: the mixture zero-pads to the largest
+        adapter = make_tiny_lora(base, root / task, seed=10 + i, r=(8, 4, 8)[i], scale=0.3)
+        examples = tuple(ExpertExample(p, r, task, "train") for p, r in pairs)
+        experts[task] = ExpertInfo(
+            name=task, kind="adapter", description=f"the {task} task", examples=examples,
+            adapter_path=adapter, base_path=base,
+        )
+    return base, experts
+
+
+@pytest.fixture()
+def model(zoo):
+    return LlamaForCausalLM.from_pretrained(zoo[0]).eval()
+
+
+@pytest.fixture()
+def batch(zoo):
+    tok = AutoTokenizer.from_pretrained(zoo[0])
+    assert tok.padding_side == "left"
+    return tok(PROMPTS, return_tensors="pt", padding=True)
+
+
+@pytest.fixture(scope="module")
+def phatgoose(zoo):
+    router = PhatgooseRouter(steps=4, batch_size=4)
+    for e in zoo[1].values():
+        router.add_expert(e)
+    return router
+
+
+def install(model, zoo, router, gate=None, names=None):
+    mix = MoLoRA(model)
+    for name in names or list(zoo[1]):
+        mix.add_expert(name, zoo[1][name].adapter_path, {gate or router.gate: router.gate_vectors(name)})
+    return mix
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+# -- the layer -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("router_cls", [ArrowRouter, PhatgooseRouter])
+def test_single_expert_equals_peft_merged(zoo, model, batch, router_cls):
+    base_dir, experts = zoo
+    router = router_cls(steps=2, batch_size=4) if router_cls is PhatgooseRouter else router_cls()
+    router.add_expert(experts["upper"])
+    merged = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), experts["upper"].adapter_path)
+    merged = merged.merge_and_unload().eval()
+    expected = logits(merged, batch)
+    mix = install(model, zoo, router, names=["upper"])
+    with mix.routing(router.route(RouteRequest("abc ->"))) as stats:
+        got = logits(model, batch)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, logits(model, batch))  # the adapter did something
+    assert stats.per_expert() == {"upper": pytest.approx(1.0)}
+
+
+def test_single_registered_expert_is_always_chosen(zoo, model, batch):
+    experts = zoo[1]
+    routers = [PhatgooseRouter(steps=1, batch_size=4), AverageActivationRouter(), ArrowRouter(),
+               GliderRouter(alpha=10.0, embedder=char_embedder, steps=1, batch_size=4)]
+    for router in routers:
+        router.add_expert(experts["reverse"])
+        spec = router.route(RouteRequest("anything at all"))
+        assert spec.experts == ["reverse"] and spec.top_k == 1
+        mix = install(model, zoo, router, names=["reverse"])
+        with mix.routing(spec) as stats:
+            logits(model, batch)
+        per_module = stats.per_module()
+        assert per_module and all(v == {"reverse": pytest.approx(1.0)} for v in per_module.values())
+        mix.uninstall()
+
+
+@pytest.mark.parametrize("gate", ["phatgoose", "average-activation", "arrow", "glider"])
+def test_top_k_keeps_exactly_k_and_renormalises(zoo, model, gate):
+    mix = MoLoRA(model)
+    gen = torch.Generator().manual_seed(0)
+    names = ["upper", "reverse", "double"]
+    for name in names:
+        factors = read_lora_factors(zoo[1][name].adapter_path)
+        kind = "phatgoose" if gate == "glider" else gate
+        mix.add_expert(name, factors, {kind: {m: torch.randn(f.A.shape[1], generator=gen) for m, f in factors.items()}})
+    spec = MixtureSpec("t", names, gate, top_k=2, alpha=0.7, global_scores={"upper": 0.1, "reverse": 0.9, "double": 0.3})
+    mix.activate(spec)
+    layer = mix.layers["model.layers.1.mlp.down_proj"]
+    h = torch.randn(3, 5, layer.in_features, generator=gen)
+    p = layer.gate_weights(h, layer.config, layer._build_stack(layer.config))
+    assert p.dtype == torch.float32 and p.shape == (3, 5, 3)
+    assert torch.equal((p > 0).sum(-1), torch.full((3, 5), 2))
+    torch.testing.assert_close(p.sum(-1), torch.ones(3, 5))
+
+
+def test_glider_alpha_zero_is_phatgoose_bit_for_bit(zoo, model, batch, phatgoose):
+    glider = GliderRouter(alpha=0.0, embedder=char_embedder, local=phatgoose)
+    for e in zoo[1].values():
+        glider.add_expert(e)
+    for name in zoo[1]:  # the local part is PHATGOOSE's own vectors
+        for m, v in phatgoose.gate_vectors(name).items():
+            assert torch.equal(glider.gate_vectors(name)[m], v)
+    mix = install(model, zoo, phatgoose)
+    for name in zoo[1]:
+        mix.set_gate_vectors(name, "glider", glider.gate_vectors(name))
+    pg_spec, gl_spec = phatgoose.route(RouteRequest(PROMPTS[0])), glider.route(RouteRequest(PROMPTS[0]))
+    assert gl_spec.gate == "glider" and gl_spec.alpha == 0.0 and gl_spec.global_scores
+    assert gl_spec.info["instruction_writer"] == "none" and "note" in gl_spec.info
+    outs = {}
+    for key, spec in (("pg", pg_spec), ("gl", gl_spec)):
+        with mix.routing(spec):
+            outs[key] = (logits(model, batch), model.generate(**batch, max_new_tokens=6, do_sample=False))
+    assert torch.equal(outs["pg"][0], outs["gl"][0])
+    assert torch.equal(outs["pg"][1], outs["gl"][1])
+
+
+def test_glider_large_alpha_follows_global_scores(zoo, model, batch, phatgoose):
+    mix = install(model, zoo, phatgoose)
+    names = list(zoo[1])
+    per_row = [
+        MixtureSpec("glider", names, "glider", top_k=1, alpha=1e4, global_scores={"upper": 0.1, "reverse": 0.9, "double": 0.2}),
+        MixtureSpec("glider", names, "glider", top_k=1, alpha=1e4, global_scores={"upper": 0.3, "reverse": 0.2, "double": 0.8}),
+    ]
+    with mix.routing(per_row):
+        got = logits(model, batch)
+    mix.uninstall()
+    for row, best in enumerate(["reverse", "double"]):  # each row is the best global expert's model, alone
+        one = LlamaForCausalLM.from_pretrained(zoo[0]).eval()
+        mix = install(one, zoo, phatgoose, names=[best])
+        with mix.routing(MixtureSpec("x", [best], "phatgoose", top_k=1)):
+            torch.testing.assert_close(got[row], logits(one, batch)[row], atol=1e-5, rtol=1e-5)
+
+    mix = install(model, zoo, phatgoose)
+    spec = MixtureSpec("glider", names, "glider", top_k=2, alpha=1e3, global_scores={"upper": 0.1, "reverse": 0.9, "double": 0.2})
+    with mix.routing(spec) as stats:
+        logits(model, batch)
+    assert stats.per_expert()["reverse"] > 0.99
+
+
+def test_glider_router_global_scores(zoo):
+    glider = GliderRouter(alpha=100.0, embedder=char_embedder, steps=1, batch_size=4)
+    for e in zoo[1].values():
+        art = glider.add_expert(e)
+        assert art.metadata["instruction_writer"] == "none"
+    spec = glider.route(RouteRequest("hello =>"))
+    assert spec.alpha == 100.0 and set(spec.global_scores) == set(zoo[1])
+    assert max(spec.global_scores, key=spec.global_scores.get) == "reverse"
+    glider.remove_expert("reverse")
+    assert "reverse" not in glider.route(RouteRequest("hello =>")).global_scores
+
+
+# -- fitting ---------------------------------------------------------------------------------
+
+
+def test_phatgoose_trains_only_the_gates_and_lowers_the_loss(zoo):
+    expert = zoo[1]["upper"]
+    base_model, _ = load_base(str(expert.base_path))
+    before = {k: v.clone() for k, v in base_model.state_dict().items()}
+    factors_before = read_lora_factors(expert.adapter_path)
+    art = PhatgooseRouter(steps=25, batch_size=4).fit_expert(expert)
+    assert set(art.tensors) == set(factors_before)
+    assert all(v.shape == (factors_before[m].A.shape[1],) and v.abs().sum() > 0 for m, v in art.tensors.items())
+    assert all(torch.equal(before[k], v) for k, v in base_model.state_dict().items())
+    assert not any(h for m in base_model.modules() for h in (m._forward_hooks, m._forward_pre_hooks))
+    for m, f in read_lora_factors(expert.adapter_path).items():
+        assert torch.equal(f.A, factors_before[m].A) and torch.equal(f.B, factors_before[m].B)
+    assert float(art.metadata["loss_after"]) < float(art.metadata["loss_before"])
+
+
+def test_average_activation_is_mean_module_input(zoo):
+    expert = zoo[1]["double"]
+    art = AverageActivationRouter().fit_expert(expert)
+    model, tok = load_base(str(expert.base_path))
+    seen = []
+    name = "model.layers.0.self_attn.q_proj"
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda _m, inp: seen.append(inp[0][0]))
+    with torch.no_grad():
+        for p, r in TASKS["double"]:
+            model(**tok([p + r + tok.eos_token], return_tensors="pt"))
+    handle.remove()
+    torch.testing.assert_close(art.tensors[name], torch.cat(seen).mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_arrow_prototype_is_top_right_singular_vector(zoo):
+    factors = read_lora_factors(zoo[1]["reverse"].adapter_path)
+    f = factors["model.layers.0.mlp.down_proj"]
+    v = top_right_singular_vector(f.A, f.B)
+    dense = (f.B.double() @ f.A.double())
+    expected = torch.linalg.svd(dense).Vh[0].float()
+    assert abs(float(v @ expected)) == pytest.approx(1.0, abs=1e-5)
+    art = ArrowRouter().fit_expert(zoo[1]["reverse"])
+    assert torch.equal(art.tensors["model.layers.0.mlp.down_proj"], v)
+
+
+# -- installing, removing, generating --------------------------------------------------------
+
+
+def test_uninstall_restores_the_base_exactly(zoo, model, batch):
+    base_logits = logits(model, batch)
+    originals = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    router = ArrowRouter()
+    for e in zoo[1].values():
+        router.add_expert(e)
+    mix = install(model, zoo, router)
+    assert sum(isinstance(m, MoLoRALinear) for m in model.modules()) == 14
+    assert torch.equal(logits(model, batch), base_logits)  # installed but inactive: the base
+    with mix.routing(router.route(RouteRequest("x"))):
+        assert not torch.allclose(logits(model, batch), base_logits)
+    mix.remove_expert("double")
+    mix.uninstall()
+    assert not any(isinstance(m, MoLoRALinear) for m in model.modules())
+    assert all(model.get_submodule(n) is m for n, m in originals.items())
+    assert torch.equal(logits(model, batch), base_logits)
+    with mixture(model, {"upper": zoo[1]["upper"].adapter_path}, MixtureSpec("a", ["upper"], "arrow", top_k=1),
+                 gates={"upper": {"arrow": router.gate_vectors("upper")}}):
+        assert not torch.equal(logits(model, batch), base_logits)
+    assert torch.equal(logits(model, batch), base_logits)
+
+
+def test_generation_with_kv_cache_and_left_padding(zoo, model, batch, phatgoose):
+    assert batch["attention_mask"][0, 0] == 0  # the shorter row is left padded
+    mix = install(model, zoo, phatgoose)
+    spec = phatgoose.route(RouteRequest("x"))
+    assert spec.top_k == 2 and len(spec.experts) == 3
+    with mix.routing(spec) as stats:
+        cached = model.generate(**batch, max_new_tokens=8, do_sample=False, use_cache=True)
+        calls = {}
+        layer = mix.layers["model.layers.0.self_attn.q_proj"]
+        handle = layer.register_forward_pre_hook(lambda _m, inp: calls.setdefault("seq", []).append(inp[0].shape[1]))
+        uncached = model.generate(**batch, max_new_tokens=8, do_sample=False, use_cache=False)
+        handle.remove()
+    assert cached.shape == (2, batch["input_ids"].shape[1] + 8)
+    assert torch.equal(cached, uncached)
+    assert len(calls["seq"]) == 8  # one routed forward per generated token
+    assert sum(stats.per_expert().values()) == pytest.approx(1.0, abs=1e-5)
