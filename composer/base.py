@@ -1,0 +1,243 @@
+"""What every query-level composer returns, and the contract it keeps.
+
+A composer turns a router's ``Decision`` plus the user's request into one ``Completion``: the final
+text and its provenance (which experts ran with which weights, what each one wrote, how much they
+agreed, which expert wrote which segment of a stitched answer, tokens spent on every engine call,
+and the router's own decision info). ``Completion.to_dict()`` is plain JSON: it becomes the ``moe``
+provenance object of the gateway's responses.
+
+The request is the engine's own ``GenerateRequest`` (its ``target`` is ignored: the composer picks
+targets); composers call ``engine.generate`` / ``engine.score`` only, so any engine that keeps the
+protocol in ``composer.engine_protocol`` works.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from composer.engine_protocol import Engine, GenerateRequest, GenerateResult
+from registry.errors import MoergeError
+from routers.base import Decision
+
+
+class ComposeError(MoergeError):
+    """A plan cannot run as asked: no expert to run, an aggregator that is not loaded, a merge of
+    incompatible adapters. The message names what to change."""
+
+
+# ---------------------------------------------------------------------------------- records
+
+
+@dataclass
+class ExpertOutput:
+    """One engine call made on the plan's behalf."""
+
+    expert: str  # expert (engine target) name; the engine's base name for the base
+    text: str
+    weight: float = 0.0  # the router's weight for this expert (0 for an aggregator)
+    role: str = "expert"  # expert | aggregator | step
+    answer: str = ""  # the normalised answer this output voted for ("" when no vote)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+
+
+@dataclass
+class Segment:
+    """A stretch of the final answer's lineage: ``expert`` wrote ``text`` at ``step``."""
+
+    expert: str
+    text: str
+    step: int
+    instruction: str = ""
+    prompt: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class Agreement:
+    """How much the experts agreed, over their distinct normalised answers.
+
+    ``entropy_bits`` is the Shannon entropy (bits) of the vote mass over distinct answers: 0 when
+    all agree, log2(k) when k experts all differ (equal votes). ``winner_share`` is the winning
+    answer's share of the vote mass. ``votes`` maps each distinct answer to its mass.
+    """
+
+    entropy_bits: float
+    winner_share: float
+    distinct: int
+    votes: dict[str, float]
+    method: str = "majority"  # majority (counts) | weighted (router weights)
+
+
+@dataclass
+class Provenance:
+    composer: str
+    router: str | None
+    experts: list[tuple[str, float]]  # experts used, with the weights the plan gave them
+    outputs: list[ExpertOutput] = field(default_factory=list)
+    agreement: Agreement | None = None
+    segments: list[Segment] = field(default_factory=list)
+    decision_info: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # composer specifics: merged adapter, lorahub weights …
+
+
+@dataclass
+class Completion:
+    text: str
+    provenance: Provenance
+    finish_reason: str = "stop"
+
+    # -- token accounting: every engine call of the plan, aggregator and steps included
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(o.prompt_tokens for o in self.provenance.outputs)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(o.completion_tokens for o in self.provenance.outputs)
+
+    # -- short cuts into the provenance
+    @property
+    def experts(self) -> list[tuple[str, float]]:
+        return self.provenance.experts
+
+    @property
+    def outputs(self) -> list[ExpertOutput]:
+        return self.provenance.outputs
+
+    @property
+    def agreement(self) -> Agreement | None:
+        return self.provenance.agreement
+
+    @property
+    def segments(self) -> list[Segment]:
+        return self.provenance.segments
+
+    def to_dict(self) -> dict:
+        """Plain JSON (str / float / int / bool / None / list / dict only)."""
+        p = self.provenance
+        return jsonable(
+            {
+                "text": self.text,
+                "finish_reason": self.finish_reason,
+                "composer": p.composer,
+                "router": p.router,
+                "experts": [{"name": n, "weight": w} for n, w in p.experts],
+                "outputs": [asdict(o) for o in p.outputs],
+                "agreement": asdict(p.agreement) if p.agreement is not None else None,
+                "segments": [asdict(s) for s in p.segments],
+                "usage": {
+                    "prompt_tokens": self.prompt_tokens,
+                    "completion_tokens": self.completion_tokens,
+                    "total_tokens": self.prompt_tokens + self.completion_tokens,
+                    "engine_calls": len(p.outputs),
+                },
+                "decision": p.decision_info,
+                "info": p.info,
+            }
+        )
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` made JSON-safe: tensors and numpy values become lists / numbers, paths strings,
+    non-finite floats ``None``, anything else unknown its ``str``."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return jsonable(asdict(value))
+    if hasattr(value, "tolist"):  # torch tensors, numpy arrays and scalars
+        return jsonable(value.tolist())
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------- contract
+
+
+@runtime_checkable
+class Composer(Protocol):
+    name: str
+
+    def execute(self, decision: Decision, request: GenerateRequest, engine: Engine) -> Completion: ...
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+_SPACES = re.compile(r"\s+")
+
+
+def normalise_answer(text: str) -> str:
+    """The default vote key: surrounding whitespace dropped and inner runs collapsed to one space.
+    Case and punctuation are kept (the zoo's uppercase skill would otherwise vote with its input)."""
+    return _SPACES.sub(" ", text).strip()
+
+
+def vote_agreement(votes: Mapping[str, float], method: str) -> Agreement:
+    total = sum(votes.values())
+    if total <= 0 or not votes:
+        return Agreement(0.0, 0.0, len(votes), dict(votes), method)
+    shares = [v / total for v in votes.values() if v > 0]
+    entropy = -sum(p * math.log2(p) for p in shares)
+    return Agreement(
+        entropy_bits=max(0.0, entropy),  # -0.0 from a single answer
+        winner_share=max(votes.values()) / total,
+        distinct=len(votes),
+        votes=dict(votes),
+        method=method,
+    )
+
+
+def output_of(expert: str, result: GenerateResult, *, weight: float = 0.0, role: str = "expert",
+              answer: str = "") -> ExpertOutput:
+    return ExpertOutput(
+        expert=expert,
+        text=result.text,
+        weight=weight,
+        role=role,
+        answer=answer,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        finish_reason=result.finish_reason,
+    )
+
+
+def base_target(engine: Engine) -> str:
+    """The engine's name for its base model (what an empty decision falls back to)."""
+    return next((name for name, kind in engine.targets().items() if kind == "base"), "base")
+
+
+def top_experts(decision: Decision, k: int | None = None) -> list[tuple[str, float]]:
+    """The decision's first ``k`` experts with their weights renormalised to sum to 1 (uniform
+    when the router gave no positive weight)."""
+    chosen = list(decision.experts if k is None else decision.experts[:k])
+    total = sum(max(0.0, float(w)) for _, w in chosen)
+    if total <= 0:
+        return [(n, 1.0 / len(chosen)) for n, _ in chosen] if chosen else []
+    return [(n, max(0.0, float(w)) / total) for n, w in chosen]
+
+
+def require_targets(engine: Engine, names: Iterable[str], what: str) -> None:
+    loaded = engine.targets()
+    missing = [n for n in names if n not in loaded]
+    if missing:
+        raise ComposeError(
+            f"{what}: {missing} not loaded on the engine (loaded: {sorted(loaded)}); load the experts first"
+        )
+
+
+def with_target(request: GenerateRequest, target: str | None, prompt: str | None = None) -> GenerateRequest:
+    return replace(request, target=target, prompt=request.prompt if prompt is None else prompt)
+

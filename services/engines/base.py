@@ -1,0 +1,12 @@
+"""The engine protocol and records, defined where their callers (composers) live; re-exported here
+for engine implementations."""
+
+from composer.engine_protocol import (  # noqa: F401
+    Engine,
+    EngineError,
+    FinishReason,
+    GenerateRequest,
+    GenerateResult,
+    ScoreRequest,
+    ScoreResult,
+)
