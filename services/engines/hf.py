@@ -1,0 +1,419 @@
+"""The hf engine: one base model, many peft LoRA adapters on it, and full-model experts, on CPU or GPU.
+
+Work is grouped by target: every item for the same adapter (or model, or the base) runs as one
+batched ``generate`` / forward pass, and results come back in request order.
+
+Adapters are applied in one of two ways (``adapter_mode``):
+
+- ``"merge"`` (default): the group's adapter is merged into the base weights (peft
+  ``merge_adapter``) and stays merged until another target is asked for, so an adapter runs at the
+  base model's speed and consecutive requests for it pay no switch at all. A switch costs one
+  unmerge + one merge (measured in bench/bench_hf_engine.py, see docs/benchmarks.md).
+- ``"unmerged"``: peft's LoRA layers run beside the base weights (``set_adapter``); no weights
+  change, at the price of the extra low-rank matmuls on every step.
+
+Sampling is done per row with the request's own ``torch.Generator`` (see ``_RowSampler``), so a
+sampled completion depends on its seed only, not on what else was in the batch, and the engine
+never touches torch's global RNG.
+
+Where a token-level mixture will go: ``_bind`` turns a target into the module to run. A mixture
+(the MoLoRA layer) becomes one more kind of target whose ``_bind`` installs the mixture layers on
+the unmerged base and removes them on exit; ``generate`` and ``score`` do not change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from services.engines.base import (
+    EngineError,
+    GenerateRequest,
+    GenerateResult,
+    ScoreRequest,
+    ScoreResult,
+)
+
+ADAPTER_MODES = ("merge", "unmerged")
+
+
+class HFEngine:
+    """Engine protocol on transformers + peft. One instance per thread / actor."""
+
+    kind = "hf"
+
+    def __init__(
+        self,
+        base_path: str | Path,
+        *,
+        base_name: str = "base",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        adapter_mode: str = "merge",
+        max_batch_size: int = 32,
+    ) -> None:
+        if adapter_mode not in ADAPTER_MODES:
+            raise EngineError(f"adapter_mode must be one of {ADAPTER_MODES}, got {adapter_mode!r}")
+        self.base_name = base_name
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.adapter_mode = adapter_mode
+        self.max_batch_size = max_batch_size
+        self._base: PreTrainedModel = self._load_causal_lm(base_path)
+        self._tokenizer = _load_tokenizer(base_path)
+        self._peft: PeftModel | None = None  # created when the first adapter is loaded
+        self._adapters: dict[str, str] = {}  # name -> folder it came from
+        self._models: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+        self._merged: str | None = None  # adapter currently merged into the base weights
+
+    @property
+    def base_model(self) -> PreTrainedModel:
+        """The base model object itself (what the base target runs while no adapter is loaded).
+        Token-level mixtures install their MoLoRA layer into it on an adapter-free engine."""
+        if self._peft is not None:
+            raise EngineError("base_model is only exposed on an engine with no adapters loaded")
+        return self._base
+
+    # ------------------------------------------------------------------ loading
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load a peft LoRA folder (adapter_config.json + adapter_model.safetensors) as ``name``."""
+        self._check_free(name)
+        path = Path(path)
+        if not (path / "adapter_config.json").is_file():
+            raise EngineError(f"adapter {name!r}: {path} has no adapter_config.json (not a peft folder)")
+        self._unmerge()  # peft injects new layers into unmerged modules only
+        try:
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self._base, str(path), adapter_name=name, is_trainable=False)
+                self._peft.eval()
+            else:
+                self._peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise EngineError(f"adapter {name!r} from {path} does not load on this base: {exc}") from exc
+        self._adapters[name] = str(path)
+
+    def unload_adapter(self, name: str) -> None:
+        if name not in self._adapters:
+            raise EngineError(f"adapter {name!r} is not loaded on this engine")
+        self._unmerge()
+        assert self._peft is not None
+        if len(self._adapters) == 1:
+            # peft keeps at least one adapter; with none left, strip the LoRA layers altogether
+            self._base = self._peft.unload()
+            self._peft = None
+        else:
+            if name in self._peft.active_adapters:  # move off it first, or peft warns
+                self._peft.set_adapter(next(n for n in self._adapters if n != name))
+            self._peft.delete_adapter(name)
+        del self._adapters[name]
+
+    def load_model(self, name: str, path: str | Path) -> None:
+        """Load a full-model expert (a ``from_pretrained`` folder); its own tokenizer if it has one."""
+        self._check_free(name)
+        try:
+            model = self._load_causal_lm(path)
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"model {name!r} from {path} does not load: {exc}") from exc
+        tokenizer = _load_tokenizer(path) if _has_tokenizer(Path(path)) else self._tokenizer
+        self._models[name] = (model, tokenizer)
+
+    def unload_model(self, name: str) -> None:
+        if name not in self._models:
+            raise EngineError(f"model {name!r} is not loaded on this engine")
+        del self._models[name]
+
+    def targets(self) -> dict[str, str]:
+        found = {self.base_name: "base"}
+        found.update({name: "adapter" for name in self._adapters})
+        found.update({name: "model" for name in self._models})
+        return found
+
+    def activate(self, target: str | None) -> None:
+        """Make ``target`` the active one now (what a group does first); for measuring switches."""
+        with self._bind(target):
+            pass
+
+    # ------------------------------------------------------------------ generate
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        results: list[GenerateResult | None] = [None] * len(requests)
+        for target, indices in self._groups(requests):
+            with self._bind(target) as (model, tokenizer):
+                for chunk in _chunks(indices, self.max_batch_size):
+                    batch = [requests[i] for i in chunk]
+                    for i, result in zip(chunk, self._generate_batch(model, tokenizer, batch)):
+                        results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch: list[GenerateRequest]
+    ) -> list[GenerateResult]:
+        pad_id = _pad_id(tokenizer)
+        prompts = [tokenizer(r.prompt)["input_ids"] for r in batch]
+        input_ids, attention_mask = _pad(prompts, pad_id, left=True, device=self.device)
+        prompt_len = input_ids.shape[1]
+        config = GenerationConfig(
+            do_sample=False,  # sampling happens per row in _RowSampler; greedy picks its choice
+            max_new_tokens=max(r.max_new_tokens for r in batch),
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad_id,
+        )
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            logits_processor=LogitsProcessorList([_RowSampler(batch, self.device)]),
+            stopping_criteria=StoppingCriteriaList([_RowStops(batch, prompt_len, tokenizer)]),
+        )
+        return [
+            _finish(tokenizer, request, output[row, prompt_len:].tolist(), len(prompts[row]))
+            for row, request in enumerate(batch)
+        ]
+
+    # ------------------------------------------------------------------ score
+
+    @torch.inference_mode()
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        results: list[ScoreResult | None] = [None] * len(requests)
+        for target, indices in self._groups(requests):
+            with self._bind(target) as (model, tokenizer):
+                for chunk in _chunks(indices, self.max_batch_size):
+                    batch = [requests[i] for i in chunk]
+                    for i, result in zip(chunk, self._score_batch(model, tokenizer, batch)):
+                        results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _score_batch(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch: list[ScoreRequest]
+    ) -> list[ScoreResult]:
+        rows, spans = [], []
+        for r in batch:
+            context = tokenizer(r.prompt)["input_ids"]
+            if not context and tokenizer.bos_token_id is not None:
+                context = [tokenizer.bos_token_id]
+            continuation = tokenizer(r.continuation, add_special_tokens=False)["input_ids"]
+            if not context:
+                raise EngineError("score: the prompt is empty and the tokenizer has no BOS token to condition on")
+            if not continuation:
+                raise EngineError(f"score: the continuation {r.continuation!r} has no tokens")
+            rows.append(context + continuation)
+            spans.append((len(context), len(continuation)))
+        # Right padding: positions then start at 0 in every row, and causal attention keeps the
+        # trailing pads from influencing the real tokens.
+        input_ids, attention_mask = _pad(rows, _pad_id(tokenizer), left=False, device=self.device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = input_ids[:, 1:]
+        picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        greedy = logprobs.argmax(-1) == targets
+        results = []
+        for row, (n_context, n_cont) in enumerate(spans):
+            span = slice(n_context - 1, n_context - 1 + n_cont)  # logits at t predict token t + 1
+            token_logprobs = picked[row, span].tolist()
+            results.append(
+                ScoreResult(
+                    logprob=float(sum(token_logprobs)),
+                    num_tokens=n_cont,
+                    is_greedy=bool(greedy[row, span].all()),
+                    token_logprobs=token_logprobs,
+                )
+            )
+        return results
+
+    # ------------------------------------------------------------------ targets
+
+    def _groups(self, requests: Sequence[GenerateRequest | ScoreRequest]) -> list[tuple[str | None, list[int]]]:
+        """Request indices by target, in first-seen order, the currently merged adapter first so a
+        call that includes it does not switch away and back."""
+        groups: dict[str | None, list[int]] = defaultdict(list)
+        for i, r in enumerate(requests):
+            target = None if r.target in (None, self.base_name) else r.target
+            if target is not None and target not in self._adapters and target not in self._models:
+                raise EngineError(
+                    f"target {target!r} is not loaded on this engine (loaded: {sorted(self.targets())})"
+                )
+            groups[target].append(i)
+        return sorted(groups.items(), key=lambda item: item[0] != self._merged or item[0] is None)
+
+    @contextlib.contextmanager
+    def _bind(self, target: str | None) -> Iterator[tuple[torch.nn.Module, PreTrainedTokenizerBase]]:
+        """Prepare the weights for ``target`` and yield the module to run and its tokenizer."""
+        if target is None or target == self.base_name:
+            self._unmerge()
+            if self._peft is None:
+                yield self._base, self._tokenizer
+            else:
+                with self._peft.disable_adapter():
+                    yield self._peft, self._tokenizer
+        elif target in self._models:
+            yield self._models[target]
+        elif target in self._adapters:
+            assert self._peft is not None
+            if self.adapter_mode == "merge":
+                if self._merged != target:
+                    self._unmerge()
+                    self._peft.set_adapter(target)
+                    self._peft.base_model.merge_adapter(adapter_names=[target])
+                    self._merged = target
+            else:
+                self._peft.set_adapter(target)
+            yield self._peft, self._tokenizer
+        else:
+            raise EngineError(f"target {target!r} is not loaded on this engine (loaded: {sorted(self.targets())})")
+
+    def _unmerge(self) -> None:
+        if self._merged is not None:
+            assert self._peft is not None
+            # only the merged layers: peft's unmerge_adapter warns for every layer of other adapters
+            for module in self._peft.modules():
+                if isinstance(module, BaseTunerLayer) and module.merged:
+                    module.unmerge()
+            self._merged = None
+
+    def _check_free(self, name: str) -> None:
+        if not name or name == self.base_name or name in self._adapters or name in self._models:
+            raise EngineError(f"target name {name!r} is empty or already taken on this engine; unload it first")
+
+    def _load_causal_lm(self, path: str | Path) -> PreTrainedModel:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype)
+        return model.to(self.device).eval()
+
+
+# ---------------------------------------------------------------------- decoding helpers
+
+
+class _RowSampler(LogitsProcessor):
+    """Temperature / top-p sampling per row, each row with its own seeded generator.
+
+    The chosen token's logit is kept and every other one set to -inf, so the surrounding greedy
+    ``generate`` picks it. Rows with temperature 0 pass through untouched (greedy).
+    """
+
+    def __init__(self, batch: list[GenerateRequest], device: torch.device) -> None:
+        self.rows: list[tuple[int, float, float, torch.Generator]] = []
+        for row, r in enumerate(batch):
+            if r.temperature > 0:
+                gen = torch.Generator(device=device)
+                if r.seed is None:
+                    gen.seed()  # fresh entropy, not torch's global RNG
+                else:
+                    gen.manual_seed(r.seed)
+                self.rows.append((row, r.temperature, r.top_p, gen))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row, temperature, top_p, gen in self.rows:
+            probs = torch.softmax(scores[row].float() / temperature, dim=-1)
+            if top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                # keep the smallest prefix whose mass reaches top_p (always the top token)
+                drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+                sorted_probs[drop] = 0.0
+                probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+            choice = torch.multinomial(probs, 1, generator=gen)
+            kept = scores[row, choice].clone()
+            scores[row] = float("-inf")
+            scores[row, choice] = kept
+        return scores
+
+
+class _RowStops(StoppingCriteria):
+    """Per-row stop: the row's own max_new_tokens, or one of its stop strings in the completion."""
+
+    def __init__(self, batch: list[GenerateRequest], prompt_len: int, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.limits = [r.max_new_tokens for r in batch]
+        self.stops = [r.stop for r in batch]
+        self.prompt_len = prompt_len
+        self.tokenizer = tokenizer
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        produced = input_ids.shape[1] - self.prompt_len
+        done = [produced >= limit for limit in self.limits]
+        for row, stops in enumerate(self.stops):
+            if stops and not done[row]:
+                text = self.tokenizer.decode(input_ids[row, self.prompt_len :], skip_special_tokens=True)
+                done[row] = any(s in text for s in stops)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _finish(
+    tokenizer: PreTrainedTokenizerBase, request: GenerateRequest, produced: list[int], prompt_tokens: int
+) -> GenerateResult:
+    ids = produced[: request.max_new_tokens]
+    reason = "length"
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
+        reason = "stop"
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    hits = [text.find(s) for s in request.stop if s and s in text]
+    if hits:
+        text = text[: min(hits)]
+        reason = "stop"
+        # keep the tokens up to the one that completed the stop string
+        for n in range(1, len(ids) + 1):
+            if any(s in tokenizer.decode(ids[:n], skip_special_tokens=True) for s in request.stop if s):
+                ids = ids[:n]
+                break
+    return GenerateResult(
+        text=text,
+        token_ids=ids,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=len(ids),
+        finish_reason=reason,  # type: ignore[arg-type]
+    )
+
+
+def _pad(
+    rows: list[list[int]], pad_id: int, *, left: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        mask[i, span] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    raise EngineError("the tokenizer has neither a pad nor an EOS token; cannot batch")
+
+
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def _load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise EngineError(f"no usable tokenizer in {path}: {exc}") from exc
