@@ -1,0 +1,339 @@
+"""Build the zoo: a Llama base, one LoRA expert per skill, one full fine-tuned domain model.
+
+``build_zoo`` writes standard Hugging Face / peft folders and a manifest, ``zoo.json``::
+
+    out_dir/
+      zoo.json                       the manifest (ZooManifest.to_json)
+      base/                          config.json, model.safetensors, tokenizer.json, …
+      experts/skill-<name>/          adapter_config.json, adapter_model.safetensors
+      experts/domain-math/           a full model (config.json, model.safetensors, tokenizer.json)
+      examples/<expert>/{train,validation}.jsonl
+      examples/suite/{test,paraphrase,composition}.jsonl
+
+Outcomes (exact match on the held-in ``test`` split, every model on every skill) are measured at
+the end and checked against the size's floors; the table goes to the manifest and the caller.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from services.zoo.evaluate import accuracy_by_task
+from services.zoo.skills import DOMAINS, SKILLS, Example, make_split
+from services.zoo.tokenizer import save_tokenizer
+from services.zoo.train import TrainSpec, llama_config, pretrain_base, train_full, train_lora
+
+BASE_NAME = "zoo-base"
+MODEL_EXPERT_DOMAIN = "math"
+
+
+@dataclass(frozen=True)
+class Floors:
+    """What a build must reach on the test split (fractions of exact match)."""
+
+    own_min: float  # every expert on each of its own skills
+    base_max: float  # the base on every skill
+    foreign_max: float  # every expert on every skill that is not its own
+
+
+@dataclass(frozen=True)
+class ZooSize:
+    hidden: int
+    layers: int
+    intermediate: int
+    pretrain: TrainSpec
+    lora: TrainSpec
+    lora_rank: int
+    lora_alpha: int
+    full: TrainSpec
+    n_test: int  # test items per skill for the outcomes table
+    n_validation: int
+    floors: Floors
+    text_fraction: float = 0.4  # share of pre-training rows that are plain language modelling
+
+
+SIZES: dict[str, ZooSize] = {
+    # Tests: the whole build in about a minute; floors loose (see the report in docs/).
+    "micro": ZooSize(
+        hidden=64, layers=2, intermediate=128,
+        pretrain=TrainSpec(steps=300, lr=3e-3, batch_size=32, warmup=30),
+        lora=TrainSpec(steps=30, lr=3e-3, batch_size=32, warmup=5),
+        lora_rank=32, lora_alpha=64,
+        full=TrainSpec(steps=40, lr=2e-3, batch_size=32, warmup=5),
+        n_test=24, n_validation=16,
+        floors=Floors(own_min=0.0, base_max=0.2, foreign_max=0.3),
+    ),
+    # The benchmark zoo. LoRA rank 64 on a 128-wide model is nearly full rank: experts must learn
+    # a new skill in ~150 steps on the CPU.
+    "small": ZooSize(
+        hidden=128, layers=2, intermediate=256,
+        pretrain=TrainSpec(steps=1800, lr=3e-3, batch_size=32, warmup=50),
+        lora=TrainSpec(steps=120, lr=3e-3, batch_size=32, warmup=10),
+        lora_rank=64, lora_alpha=128,
+        full=TrainSpec(steps=200, lr=2e-3, batch_size=32, warmup=10),
+        n_test=60, n_validation=40,
+        floors=Floors(own_min=0.9, base_max=0.2, foreign_max=0.3),
+    ),
+}
+
+
+@dataclass
+class BaseEntry:
+    name: str
+    path: str  # relative to the manifest's folder
+    params: int = 0
+
+
+@dataclass
+class ExpertEntry:
+    name: str
+    kind: str  # "adapter" | "model"
+    path: str  # relative to the manifest's folder
+    base: str  # the base model's name (the base a model expert was fine-tuned from)
+    domains: list[str]
+    skills: list[str]
+    description: str
+    train_examples: str  # JSONL (prompt, reference, task, split, …), relative path
+    validation_examples: str
+
+
+@dataclass
+class ZooManifest:
+    size: str
+    seed: int
+    base: BaseEntry
+    experts: list[ExpertEntry]
+    # outcomes[model name][skill] = exact match on the test split; model name is the base's or an expert's
+    outcomes: dict[str, dict[str, float]] = field(default_factory=dict)
+    floors: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)  # floors a build missed, in words
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    suite: dict[str, str] = field(default_factory=dict)  # split name -> JSONL path (held-out splits)
+    root: str = ""  # absolute folder of zoo.json; set on load, not saved
+
+    MANIFEST = "zoo.json"
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def path_of(self, rel: str) -> Path:
+        return Path(self.root) / rel
+
+    def expert(self, name: str) -> ExpertEntry:
+        for e in self.experts:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("root")
+        return d
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / self.MANIFEST
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "ZooManifest":
+        path = Path(path)
+        if path.is_dir():
+            path = path / cls.MANIFEST
+        d = json.loads(path.read_text())
+        d["base"] = BaseEntry(**d["base"])
+        d["experts"] = [ExpertEntry(**e) for e in d["experts"]]
+        return cls(**d, root=str(path.parent.resolve()))
+
+
+def read_examples(path: Path) -> list[Example]:
+    return [Example.from_json(json.loads(line)) for line in Path(path).read_text().splitlines() if line]
+
+
+def _write_examples(path: Path, examples: list[Example]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(e.to_json()) + "\n" for e in examples))
+
+
+@contextmanager
+def _threads() -> Iterator[None]:
+    """Both cores for the small matrices here. Busy-waiting OpenMP threads collapse when the
+    machine is shared, so the CLI and tests set OMP_WAIT_POLICY=PASSIVE before torch loads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Progress:
+    """A rich progress bar per phase, or nothing."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._p = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._p = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=False)
+            self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._p:
+            self._p.__exit__(*exc)
+
+    def phase(self, description: str, total: int) -> Callable[[int, float], None]:
+        if not self._p:
+            return lambda step, loss: None
+        task = self._p.add_task(description, total=total, info="")
+
+        def on_step(step: int, loss: float) -> None:
+            self._p.update(task, completed=step + 1, info=f"loss {loss:.3f}")
+
+        return on_step
+
+    def advance(self, description: str, total: int):
+        if not self._p:
+            return lambda: None
+        task = self._p.add_task(description, total=total, info="")
+        return lambda: self._p.advance(task)
+
+
+def build_zoo(size: str, out_dir: Path, seed: int = 0, progress: bool = True) -> ZooManifest:
+    if size not in SIZES:
+        raise ValueError(f"unknown zoo size {size!r}; expected one of {sorted(SIZES)}")
+    spec = SIZES[size]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    with _threads(), _Progress(progress) as bars:
+        # -- base -------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        tok = save_tokenizer(out_dir / "base")
+        cfg = llama_config(tok, spec.hidden, spec.layers, intermediate=spec.intermediate)
+        base, _ = pretrain_base(tok, cfg, spec.pretrain, seed, spec.text_fraction, on_step=bars.phase("pretrain base", spec.pretrain.steps))
+        base.save_pretrained(out_dir / "base")
+        timings["pretrain_base"] = time.perf_counter() - t0
+        base_entry = BaseEntry(BASE_NAME, "base", sum(p.numel() for p in base.parameters()))
+
+        # -- LoRA experts, one per skill --------------------------------------------------
+        experts: list[ExpertEntry] = []
+        t0 = time.perf_counter()
+        n_train = spec.lora.steps * spec.lora.batch_size
+        for i, (name, skill) in enumerate(SKILLS.items()):
+            train = make_split("train", n_train, seed, [name])
+            val = make_split("validation", spec.n_validation, seed, [name])
+            model, _ = train_lora(copy.deepcopy(base), tok, [(e.prompt, e.reference) for e in train], spec.lora,
+                                  spec.lora_rank, spec.lora_alpha, seed + i,
+                                  on_step=bars.phase(f"LoRA {skill.expert_name}", spec.lora.steps))
+            rel = f"experts/{skill.expert_name}"
+            model.save_pretrained(out_dir / rel)
+            experts.append(_entry(out_dir, skill.expert_name, "adapter", rel, [skill.domain], [name],
+                                  f"LoRA (r={spec.lora_rank}) on {BASE_NAME} for the '{name}' skill: "
+                                  f"{skill.templates[0].lower()}. Tags: {', '.join(skill.tags)}.",
+                                  train, val))
+        timings["lora_experts"] = time.perf_counter() - t0
+
+        # -- one full fine-tuned domain model ---------------------------------------------
+        t0 = time.perf_counter()
+        dom_skills = list(DOMAINS[MODEL_EXPERT_DOMAIN])
+        n_full = spec.full.steps * spec.full.batch_size // len(dom_skills)
+        train = make_split("train", n_full, seed, dom_skills)
+        val = make_split("validation", spec.n_validation, seed, dom_skills)
+        full, _ = train_full(copy.deepcopy(base), tok, [(e.prompt, e.reference) for e in train], spec.full, seed,
+                             on_step=bars.phase(f"full domain-{MODEL_EXPERT_DOMAIN}", spec.full.steps))
+        rel = f"experts/domain-{MODEL_EXPERT_DOMAIN}"
+        full.save_pretrained(out_dir / rel)
+        tok.save_pretrained(str(out_dir / rel))
+        experts.append(_entry(out_dir, f"domain-{MODEL_EXPERT_DOMAIN}", "model", rel, [MODEL_EXPERT_DOMAIN], dom_skills,
+                              f"Full fine-tune of {BASE_NAME} on the whole {MODEL_EXPERT_DOMAIN} domain "
+                              f"({', '.join(dom_skills)}): a standalone model, not an adapter.",
+                              train, val))
+        timings["model_expert"] = time.perf_counter() - t0
+        del base, full
+
+        # -- held-out suite files ---------------------------------------------------------
+        suite = {}
+        for split, n in (("test", spec.n_test), ("paraphrase", spec.n_test), ("composition", spec.n_test)):
+            rel = f"examples/suite/{split}.jsonl"
+            _write_examples(out_dir / rel, make_split(split, n, seed))
+            suite[split] = rel
+
+        # -- outcomes, from the files on disk ---------------------------------------------
+        t0 = time.perf_counter()
+        manifest = ZooManifest(size, seed, base_entry, experts, suite=suite, floors=asdict(spec.floors),
+                               root=str(out_dir.resolve()))
+        manifest.outcomes = measure_outcomes(manifest, advance=bars.advance("evaluate", len(experts) + 1))
+        timings["evaluate"] = time.perf_counter() - t0
+
+    timings["total"] = time.perf_counter() - t_all
+    manifest.timings = {k: round(v, 1) for k, v in timings.items()}
+    manifest.failures = check_floors(manifest, spec.floors)
+    manifest.save(out_dir)
+    return manifest
+
+
+def _entry(out_dir: Path, name: str, kind: str, rel: str, domains: list[str], skills: list[str],
+           description: str, train: list[Example], val: list[Example]) -> ExpertEntry:
+    tr, va = f"examples/{name}/train.jsonl", f"examples/{name}/validation.jsonl"
+    _write_examples(out_dir / tr, train)
+    _write_examples(out_dir / va, val)
+    return ExpertEntry(name, kind, rel, BASE_NAME, domains, skills, description, tr, va)
+
+
+def measure_outcomes(manifest: ZooManifest, advance: Callable[[], None] = lambda: None) -> dict[str, dict[str, float]]:
+    """Exact match of the base and of every expert on every skill's test split."""
+    test = read_examples(manifest.path_of(manifest.suite["test"]))
+    base_dir = manifest.path_of(manifest.base.path)
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    out = {manifest.base.name: accuracy_by_task(base, tok, test)}
+    advance()
+    adapters = [e for e in manifest.experts if e.kind == "adapter"]
+    if adapters:
+        peft_model = PeftModel.from_pretrained(base, str(manifest.path_of(adapters[0].path)), adapter_name=adapters[0].name)
+        for e in adapters[1:]:
+            peft_model.load_adapter(str(manifest.path_of(e.path)), adapter_name=e.name)
+        for e in adapters:
+            peft_model.set_adapter(e.name)
+            out[e.name] = accuracy_by_task(peft_model, tok, test)
+            advance()
+    for e in manifest.experts:
+        if e.kind == "model":
+            model = AutoModelForCausalLM.from_pretrained(str(manifest.path_of(e.path)))
+            out[e.name] = accuracy_by_task(model, tok, test)
+            advance()
+    return out
+
+
+def check_floors(manifest: ZooManifest, floors: Floors) -> list[str]:
+    failures = []
+    for skill, acc in manifest.outcomes.get(manifest.base.name, {}).items():
+        if acc > floors.base_max:
+            failures.append(f"{manifest.base.name} scores {acc:.0%} on {skill} (max {floors.base_max:.0%})")
+    for e in manifest.experts:
+        for skill, acc in manifest.outcomes.get(e.name, {}).items():
+            if skill in e.skills and acc < floors.own_min:
+                failures.append(f"{e.name} scores {acc:.0%} on its own skill {skill} (min {floors.own_min:.0%})")
+            if skill not in e.skills and acc > floors.foreign_max:
+                failures.append(f"{e.name} scores {acc:.0%} on foreign skill {skill} (max {floors.foreign_max:.0%})")
+    return failures

@@ -1,0 +1,185 @@
+"""Training for the zoo: pre-train a small Llama base, fine-tune LoRA and full-model experts.
+
+Everything runs on the CPU in minutes. The base learns the prompt format and the vocabulary from
+generic tasks and random text (``skills.GENERIC_TASKS``, ``skills.random_text``); experts learn one
+skill (LoRA) or one domain (full fine-tune) from ``skills.make_split("train", …)`` with the loss on
+the answer and the EOS token only.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from services.zoo.skills import generic_example, random_text
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    steps: int
+    lr: float
+    batch_size: int = 64
+    warmup: int = 20
+    weight_decay: float = 0.0
+
+
+def llama_config(tok: PreTrainedTokenizerFast, hidden: int, layers: int, head_dim: int = 32,
+                 intermediate: int | None = None) -> LlamaConfig:
+    heads = hidden // head_dim
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=intermediate or hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=head_dim,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Data: (ids, labels) pairs, padded per batch
+# --------------------------------------------------------------------------------------------
+
+
+def encode_pairs(tok: PreTrainedTokenizerFast, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """``prompt + answer + EOS`` with labels on the answer and EOS only. No BOS: the prompt is
+    tokenised exactly as ``tokenizer(prompt)`` does at inference, on every engine."""
+    prompts = tok([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    answers = tok([a for _, a in pairs], add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    return [(p + a + [eos], [IGNORE] * len(p) + a + [eos]) for p, a in zip(prompts, answers)]
+
+
+def encode_texts(tok: PreTrainedTokenizerFast, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    """Plain language modelling: every token is a target."""
+    ids = tok(list(texts), add_special_tokens=False)["input_ids"]
+    return [(x + [tok.eos_token_id], x + [tok.eos_token_id]) for x in ids]
+
+
+def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    n = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):  # right padding for training; RoPE makes it equivalent
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def train_loop(
+    model: torch.nn.Module,
+    rows: Sequence[tuple[list[int], list[int]]],
+    spec: TrainSpec,
+    pad_id: int,
+    seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """AdamW with linear warm-up and cosine decay over random mini-batches of ``rows``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:
+        if step < spec.warmup:
+            return (step + 1) / spec.warmup
+        t = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    rng = random.Random(seed)
+    model.train()
+    losses = []
+    order: list[int] = []
+    for step in range(spec.steps):
+        if len(order) < spec.batch_size:  # epochs without replacement
+            order = list(range(len(rows)))
+            rng.shuffle(order)
+        batch = collate([rows[order.pop()] for _ in range(min(spec.batch_size, len(order)))], pad_id)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if on_step:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses
+
+
+def pretrain_base(
+    tok: PreTrainedTokenizerFast,
+    config: LlamaConfig,
+    spec: TrainSpec,
+    seed: int = 0,
+    text_fraction: float = 0.2,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[LlamaForCausalLM, list[float]]:
+    """A base that knows the prompt format and emits every character, but none of the skills."""
+    torch.manual_seed(seed)
+    rng = random.Random(f"{seed}:pretrain")
+    n = spec.steps * spec.batch_size
+    n_text = int(n * text_fraction)
+    rows = encode_pairs(tok, [generic_example(rng) for _ in range(n - n_text)])
+    rows += encode_texts(tok, [random_text(rng) for _ in range(n_text)])
+    model = LlamaForCausalLM(config)
+    losses = train_loop(model, rows, spec, tok.pad_token_id, seed, on_step)
+    return model, losses
+
+
+def lora_config(r: int, alpha: int) -> LoraConfig:
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=LORA_TARGETS, lora_dropout=0.0,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def train_lora(
+    base: LlamaForCausalLM,
+    tok: PreTrainedTokenizerFast,
+    pairs: Sequence[tuple[str, str]],
+    spec: TrainSpec,
+    r: int,
+    alpha: int,
+    seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[PeftModel, list[float]]:
+    """A LoRA on ``base`` (which it wraps in place: pass a fresh copy per expert)."""
+    torch.manual_seed(seed)
+    model = get_peft_model(base, lora_config(r, alpha))
+    losses = train_loop(model, encode_pairs(tok, pairs), spec, tok.pad_token_id, seed, on_step)
+    return model, losses
+
+
+def train_full(
+    base: LlamaForCausalLM,
+    tok: PreTrainedTokenizerFast,
+    pairs: Sequence[tuple[str, str]],
+    spec: TrainSpec,
+    seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[LlamaForCausalLM, list[float]]:
+    torch.manual_seed(seed)
+    losses = train_loop(base, encode_pairs(tok, pairs), spec, tok.pad_token_id, seed, on_step)
+    return base, losses

@@ -1,0 +1,164 @@
+"""The zoo: the skill suite's guarantees, and a real (micro) build of base, adapters and model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from services.zoo.skills import (
+    COMPOSITIONS,
+    GENERIC_TASKS,
+    SKILLS,
+    SPLITS,
+    composition_name,
+    exact_match,
+    format_prompt,
+    make_split,
+)
+
+
+# ---------------------------------------------------------------- suite
+
+
+def test_suite_shape():
+    assert len(SKILLS) >= 8
+    for s in SKILLS.values():
+        assert s.domain in ("math", "text")
+        assert len(s.templates) >= 3 and len(s.paraphrases) >= 2 and s.tags
+    assert not set(SKILLS) & set(GENERIC_TASKS)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_splits_deterministic_by_seed(split):
+    a, b = make_split(split, 10, seed=3), make_split(split, 10, seed=3)
+    assert a == b
+    assert a != make_split(split, 10, seed=4)
+
+
+def test_every_task_gets_its_examples():
+    for split in ("train", "validation", "test", "paraphrase"):
+        ex = make_split(split, 20, seed=0)
+        for name in SKILLS:
+            assert sum(e.task == name for e in ex) == 20
+    comp = make_split("composition", 20, seed=0)
+    assert {e.task for e in comp} == {composition_name(p) for p in COMPOSITIONS}
+
+
+def test_paraphrase_wordings_never_trained():
+    train_instr = {e.instruction for e in make_split("train", 300, seed=0)}
+    para_instr = {e.instruction for e in make_split("paraphrase", 50, seed=0)}
+    assert para_instr and not train_instr & para_instr
+    for s in SKILLS.values():
+        assert not set(s.templates) & set(s.paraphrases)
+
+
+def test_train_and_heldout_inputs_disjoint():
+    train = {(e.task, e.input) for e in make_split("train", 500, seed=0)}
+    for split in ("validation", "test", "paraphrase"):
+        held = {(e.task, e.input) for e in make_split(split, 100, seed=1)}
+        assert not train & held, split
+    # composition inputs are never a training input of their first skill
+    for e in make_split("composition", 100, seed=0):
+        assert (e.skills[0], e.input) not in train
+
+
+def test_identity_and_other_skills_are_wrong():
+    for e in make_split("test", 100, seed=0):
+        assert not exact_match(e.input, e.reference), e
+        for name, s in SKILLS.items():
+            if name == e.task:
+                continue
+            try:
+                other = s.apply(e.input)
+            except ValueError:
+                continue
+            assert not exact_match(other, e.reference), (e, name)
+
+
+def test_composition_reference_is_the_chain():
+    for e in make_split("composition", 30, seed=0):
+        x = e.input
+        for p in e.skills:
+            x = SKILLS[p].apply(x)
+        assert x == e.reference and e.task == "+".join(e.skills) and len(e.skills) == 2
+        assert e.reference not in {e.input} | {SKILLS[p].apply(e.input) for p in e.skills}
+
+
+def test_prompt_format_and_exact_match():
+    e = make_split("test", 1, seed=0)[0]
+    assert e.prompt == format_prompt(e.instruction, e.input) and e.prompt.endswith("\nAnswer: ")
+    assert exact_match(" abc\n", "abc") and not exact_match("abd", "abc")
+    longest = max(len(e.prompt + e.reference) for sp in ("train", "test") for e in make_split(sp, 200, seed=0))
+    assert longest <= 64
+
+
+# ---------------------------------------------------------------- micro build
+
+
+@pytest.mark.slow
+def test_micro_zoo_outcomes(micro_zoo):
+    from services.zoo.build import SIZES
+
+    floors = SIZES["micro"].floors
+    assert micro_zoo.outcomes and not micro_zoo.failures, micro_zoo.failures
+    base = micro_zoo.outcomes[micro_zoo.base.name]
+    assert set(base) == set(SKILLS) and max(base.values()) <= floors.base_max
+    for e in micro_zoo.experts:
+        row = micro_zoo.outcomes[e.name]
+        assert min(row[s] for s in e.skills) >= floors.own_min, (e.name, row)
+        assert max(v for s, v in row.items() if s not in e.skills) <= floors.foreign_max, (e.name, row)
+
+
+@pytest.mark.slow
+def test_micro_zoo_manifest(micro_zoo):
+    from services.zoo.build import ZooManifest, read_examples
+
+    again = ZooManifest.load(micro_zoo.path_of(ZooManifest.MANIFEST))
+    assert again.to_json() == micro_zoo.to_json()
+    assert {e.name for e in again.experts} >= {s.expert_name for s in SKILLS.values()}
+    assert sum(e.kind == "model" for e in again.experts) == 1
+    for e in again.experts:
+        assert e.base == again.base.name and e.skills and e.domains and e.description
+        train = read_examples(again.path_of(e.train_examples))
+        val = read_examples(again.path_of(e.validation_examples))
+        assert train and val and {x.task for x in train} == set(e.skills)
+        row = json.loads(again.path_of(e.train_examples).read_text().splitlines()[0])
+        assert {"prompt", "reference", "task", "split"} <= set(row)
+    assert set(again.timings) >= {"pretrain_base", "lora_experts", "model_expert", "evaluate", "total"}
+
+
+@pytest.mark.slow
+def test_micro_zoo_checkpoints_load(micro_zoo):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.zoo.evaluate import generate_greedy
+
+    base_dir = micro_zoo.path_of(micro_zoo.base.path)
+    assert (base_dir / "model.safetensors").exists() and (base_dir / "tokenizer.json").exists()
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    cfg = base.config
+    assert cfg.model_type == "llama" and cfg.head_dim in (32, 64) and cfg.max_position_embeddings >= 128
+    adapter = next(e for e in micro_zoo.experts if e.kind == "adapter")
+    adir = micro_zoo.path_of(adapter.path)
+    assert (adir / "adapter_config.json").exists() and (adir / "adapter_model.safetensors").exists()
+    assert json.loads((adir / "adapter_config.json").read_text())["r"] in (8, 16, 32, 64)
+    peft_model = PeftModel.from_pretrained(base, str(adir))
+    skill = adapter.skills[0]
+    test = [e for e in make_split("test", 8, seed=micro_zoo.seed) if e.task == skill]
+    preds = generate_greedy(peft_model, tok, [e.prompt for e in test], 12, batch_size=4)
+    assert len(preds) == len(test) and all(isinstance(p, str) for p in preds)
+    enc = tok([test[0].prompt], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():  # the trained adapter changes what the base predicts
+        with_adapter = peft_model(**enc).logits
+        with peft_model.disable_adapter():
+            without = peft_model(**enc).logits
+    assert not torch.allclose(with_adapter, without)
+    full = next(e for e in micro_zoo.experts if e.kind == "model")
+    model = AutoModelForCausalLM.from_pretrained(str(micro_zoo.path_of(full.path)))
+    AutoTokenizer.from_pretrained(str(micro_zoo.path_of(full.path)))
+    with torch.no_grad():
+        assert not torch.equal(model.lm_head.weight, base.lm_head.weight)
