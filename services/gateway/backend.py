@@ -1,0 +1,302 @@
+"""What the gateway asks of whatever serves the models, and the in-process implementation.
+
+``Backend`` is the seam between the HTTP layer and the serving layer: the app calls only these
+five methods. ``LocalBackend`` runs everything in this process (hf engines on CPU or GPU, the
+registry on its database); a Ray Serve backend keeps the same methods and calls deployments.
+
+``LocalBackend`` serves
+
+- every registered expert by name (``name`` = its latest version, ``name@version`` a given one):
+  an adapter on the ``HFEngine`` of its base (one engine per base, adapters loaded on demand and
+  kept), a full model on an engine of its own, an external expert through litellm;
+- strategies ``moe/<name>``: callables ``(prompt, params) -> Completion`` that the caller injects
+  (``strategies=`` or ``add_strategy``); they may call ``run_expert`` to reach the engines.
+
+An engine is single-threaded: each one has a lock, and every call on it (load, generate, unload)
+runs in a worker thread while holding it, so the event loop never blocks on torch. The registry is
+read on every request (one indexed query), so an expert registered by anyone — this gateway, the
+CLI, another replica — is servable on the next request without a restart.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import anyio
+
+from composer.base import Completion, ExpertOutput, Provenance, output_of
+from composer.engine_protocol import EngineError, GenerateRequest
+from registry.errors import MoergeError, NotFoundError
+from registry.models import Expert
+from registry.service import Registry
+from services.gateway.protocol import ExpertCard
+
+STRATEGY_PREFIX = "moe/"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def request(self, prompt: str, target: str | None = None) -> GenerateRequest:
+        return GenerateRequest(
+            prompt=prompt,
+            target=target,
+            max_new_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=self.stop,
+        )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str  # what the API's ``model`` field takes
+    kind: str  # adapter | model | external | strategy
+    version: str | None = None
+    created: int = 0  # unix seconds
+
+
+Strategy = Callable[[str, SamplingParams], Completion]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    def models(self) -> list[ModelInfo]: ...
+
+    async def complete(self, model: str, prompt: str, params: SamplingParams) -> Completion: ...
+
+    def stream(self, model: str, prompt: str, params: SamplingParams) -> AsyncIterator[str | Completion]:
+        """Text deltas, then the final ``Completion`` (whose text is the deltas joined)."""
+        ...
+
+    async def register_expert(self, spec: dict) -> dict: ...
+
+    async def remove_expert(self, name: str, version: str | None = None) -> list[dict]: ...
+
+
+def is_strategy(model: str) -> bool:
+    return model.startswith(STRATEGY_PREFIX)
+
+
+def split_ref(model: str) -> tuple[str, str | None]:
+    """``name@version`` -> (name, version); a bare name -> (name, None)."""
+    name, sep, version = model.partition("@")
+    return name, (version if sep else None)
+
+
+# ------------------------------------------------------------------------------------- local backend
+
+
+@dataclass
+class _Slot:
+    """One engine and its lock. ``engine`` is None until the first request that needs it."""
+
+    key: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    engine: Any = None
+    targets: dict[int, str] = field(default_factory=dict)  # expert id -> engine target name
+
+
+class LocalBackend:
+    """In-process backend over the registry and one ``HFEngine`` per base (see the module doc)."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        strategies: dict[str, Strategy] | None = None,
+        *,
+        engine_factory: Callable[..., Any] | None = None,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.registry = registry
+        self._strategies: dict[str, Strategy] = {}
+        for name, fn in (strategies or {}).items():
+            self.add_strategy(name, fn)
+        self._engine_factory = engine_factory
+        self._engine_kwargs = dict(engine_kwargs or {})
+        self._slots: dict[str, _Slot] = {}
+        self._slots_lock = threading.Lock()
+
+    # -- strategies ------------------------------------------------------------------------------
+
+    def add_strategy(self, name: str, fn: Strategy) -> str:
+        """Serve ``fn`` as ``moe/<name>`` (``name`` may already carry the prefix); returns the id."""
+        model = name if is_strategy(name) else STRATEGY_PREFIX + name
+        self._strategies[model] = fn
+        return model
+
+    # -- Backend ---------------------------------------------------------------------------------
+
+    def models(self) -> list[ModelInfo]:
+        latest: dict[str, Expert] = {}
+        for e in self.registry.list_experts(status="ready"):  # ordered by name, then id
+            latest[e.name] = e
+        out = [
+            ModelInfo(id=e.name, kind=e.kind, version=e.version, created=int(e.created_at.timestamp()))
+            for e in latest.values()
+        ]
+        out += [ModelInfo(id=name, kind="strategy") for name in sorted(self._strategies)]
+        return out
+
+    async def complete(self, model: str, prompt: str, params: SamplingParams) -> Completion:
+        if is_strategy(model):
+            fn = self._strategies.get(model)
+            if fn is None:
+                raise NotFoundError(f"no strategy {model!r} (known: {', '.join(sorted(self._strategies)) or 'none'})")
+            if inspect.iscoroutinefunction(fn):
+                return await fn(prompt, params)
+            return await anyio.to_thread.run_sync(fn, prompt, params, abandon_on_cancel=True)
+        # abandon_on_cancel: a timed-out request returns at once; its thread finishes the engine
+        # call in the background and then releases the engine's lock
+        return await anyio.to_thread.run_sync(self.run_expert, model, prompt, params, abandon_on_cancel=True)
+
+    async def stream(self, model: str, prompt: str, params: SamplingParams) -> AsyncIterator[str | Completion]:
+        # hf generates a batch at a time and strategies vote or stitch whole answers, so the text
+        # is streamed once it exists: deltas of words (with their trailing space), then the record
+        completion = await self.complete(model, prompt, params)
+        for piece in _WORDS.findall(completion.text):
+            yield piece
+        yield completion
+
+    async def register_expert(self, spec: dict) -> dict:
+        expert = await anyio.to_thread.run_sync(lambda: self.registry.register_expert(**spec))
+        # nothing to warm: the next request for it loads it (see run_expert)
+        return ExpertCard.from_record(expert).model_dump(mode="json")
+
+    async def remove_expert(self, name: str, version: str | None = None) -> list[dict]:
+        removed = await anyio.to_thread.run_sync(self.registry.remove_expert, name, version)
+        await anyio.to_thread.run_sync(self._unload, [e.id for e in removed])
+        return [ExpertCard.from_record(e).model_dump(mode="json") for e in removed]
+
+    # -- experts (blocking; called in a worker thread, or by a strategy) ------------------------
+
+    def run_expert(self, model: str, prompt: str, params: SamplingParams) -> Completion:
+        """One expert answers alone. Blocking: call it from a thread (strategies run in one)."""
+        name, version = split_ref(model)
+        expert = self.registry.get_expert(name, version)  # NotFoundError -> 404
+        if expert.status != "ready":
+            raise EngineError(f"expert {expert.ref} is {expert.status}, not ready to serve")
+        if expert.kind == "external":
+            output = self._run_external(expert, prompt, params)
+        else:
+            slot = self._slot_for(expert)
+            with slot.lock:
+                self._load(slot, expert)
+                target = slot.targets[expert.id] if expert.kind == "adapter" else None
+                [result] = slot.engine.generate([params.request(prompt, target)])
+            output = output_of(expert.name, result, weight=1.0)
+        return Completion(
+            text=output.text,
+            finish_reason=output.finish_reason,
+            provenance=Provenance(
+                composer="direct",
+                router=None,
+                experts=[(expert.name, 1.0)],
+                outputs=[output],
+                info={"version": expert.version, "kind": expert.kind},
+            ),
+        )
+
+    def _slot_for(self, expert: Expert) -> _Slot:
+        if expert.kind == "adapter":
+            if expert.base is None:
+                raise EngineError(f"adapter {expert.ref} has no base model recorded")
+            key = f"base:{expert.base.name}"
+        else:
+            key = f"model:{expert.id}"
+        with self._slots_lock:
+            slot = self._slots.get(key)
+            if slot is None:
+                slot = self._slots[key] = _Slot(key)
+        return slot
+
+    def _load(self, slot: _Slot, expert: Expert) -> None:
+        """Make ``expert`` runnable on ``slot`` (its lock held): the engine first, then the adapter."""
+        if slot.engine is None:
+            if expert.kind == "adapter":
+                assert expert.base is not None
+                slot.engine = self._new_engine(Path(expert.base.uri), base_name=expert.base.name)
+            else:
+                slot.engine = self._new_engine(self._path(expert), base_name=f"expert{expert.id}")
+                slot.targets[expert.id] = slot.engine.base_name
+        if expert.kind == "adapter" and expert.id not in slot.targets:
+            # the row id, not the name: unique across versions, and safe as a peft adapter name
+            target = f"expert{expert.id}"
+            slot.engine.load_adapter(target, self._path(expert))
+            slot.targets[expert.id] = target
+
+    def _new_engine(self, path: Path, base_name: str) -> Any:
+        factory = self._engine_factory
+        if factory is None:
+            from services.engines.hf import HFEngine  # torch loads only when an engine is needed
+
+            factory = HFEngine
+        try:
+            return factory(path, base_name=base_name, **self._engine_kwargs)
+        except MoergeError:
+            raise
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise EngineError(f"cannot load {path}: {exc}") from exc
+
+    def _path(self, expert: Expert) -> Path:
+        path = self.registry.expert_path(expert)
+        if path is None or not path.exists():
+            raise EngineError(f"expert {expert.ref}: its files are missing from the artifact store ({path})")
+        return path
+
+    def _unload(self, expert_ids: list[int]) -> None:
+        with self._slots_lock:
+            slots = list(self._slots.values())
+        for slot in slots:
+            with slot.lock:
+                for eid in expert_ids:
+                    target = slot.targets.pop(eid, None)
+                    if target is None or slot.engine is None:
+                        continue
+                    if slot.key.startswith("model:"):
+                        slot.engine = None  # the engine was the model: drop it with the slot
+                        with self._slots_lock:
+                            self._slots.pop(slot.key, None)
+                    else:
+                        slot.engine.unload_adapter(target)
+
+    def _run_external(self, expert: Expert, prompt: str, params: SamplingParams) -> ExpertOutput:
+        import litellm
+
+        try:
+            reply = litellm.completion(
+                model=expert.uri,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                seed=params.seed,
+                stop=list(params.stop) or None,
+            )
+        except Exception as exc:  # provider errors come in many classes; all mean "not now"
+            raise EngineError(f"external expert {expert.ref} ({expert.uri}) failed: {exc}") from exc
+        choice = reply.choices[0]
+        usage = getattr(reply, "usage", None)
+        return ExpertOutput(
+            expert=expert.name,
+            text=choice.message.content or "",
+            weight=1.0,
+            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+            finish_reason="length" if choice.finish_reason == "length" else "stop",
+        )
+
+
+_WORDS = re.compile(r"\s*\S+\s*|\s+")

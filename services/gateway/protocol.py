@@ -1,0 +1,407 @@
+"""The gateway's wire schema, in one place (the way vLLM's ``entrypoints/openai/protocol.py`` does it).
+
+OpenAI-compatible bodies for ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models``, their
+stream chunks and the error body, plus moerge's own additions: the ``moe`` provenance object on
+every completion and the bodies of the expert admin endpoints (``/v1/experts``).
+
+Requests ignore fields they do not know (clients such as litellm send extras), but reject the
+OpenAI features moerge cannot honour (``n > 1``, logprobs, tools, echo, suffix) with a 400 rather
+than silently answering something else.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+
+# ------------------------------------------------------------------------------------- errors
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorInfo
+
+
+class APIError(Exception):
+    """An error the gateway answers with, in OpenAI's shape and with its HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
+
+
+# ------------------------------------------------------------------------------------- shared
+
+
+class _Request(BaseModel):
+    # unknown fields are ignored: OpenAI's API grows, and clients send what they know
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+def _stop_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+class _SamplingFields(_Request):
+    """Sampling fields shared by chat and text completions. ``None`` means the gateway's default
+    (greedy, ``settings.default_max_tokens``), not OpenAI's temperature 1."""
+
+    model: str = Field(min_length=1, max_length=300)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if len(_stop_list(value)) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return value
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [s for s in _stop_list(self.stop) if s]
+
+    def unsupported(self) -> str | None:
+        """The first requested feature moerge cannot serve, named as its field (or None)."""
+        if self.n != 1:
+            return "n"
+        return None
+
+
+# ------------------------------------------------------------------------------------- chat
+
+
+class TextContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text; content parts other than text are refused by the caller."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text or "" for part in self.content if part.type == "text")
+
+    def has_non_text(self) -> bool:
+        return isinstance(self.content, list) and any(part.type != "text" for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> str | None:
+        if self.logprobs or self.top_logprobs:
+            return "logprobs"
+        if self.tools:
+            return "tools"
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            return "response_format"
+        return super().unsupported()
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int = 0
+    message: ChatResponseMessage
+    finish_reason: Literal["stop", "length"] | None = "stop"
+    logprobs: None = None
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: _id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+    moe: dict[str, Any] | None = None  # provenance: composer.base.Completion.to_dict()
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionStreamChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = None
+    moe: dict[str, Any] | None = None  # on the chunk that carries finish_reason
+
+
+# ------------------------------------------------------------------------------------- text completions
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("exactly one prompt per request (send a string, or a list of one string)")
+        return value
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def unsupported(self) -> str | None:
+        if self.echo:
+            return "echo"
+        if self.suffix:
+            return "suffix"
+        if self.logprobs:
+            return "logprobs"
+        if self.best_of not in (None, 1):
+            return "best_of"
+        return super().unsupported()
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"] | None = "stop"
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: _id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+    moe: dict[str, Any] | None = None
+
+
+class CompletionStreamChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice]
+    usage: UsageInfo | None = None
+    moe: dict[str, Any] | None = None
+
+
+# ------------------------------------------------------------------------------------- models
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "moerge"
+    kind: str  # adapter | model | external | strategy (moerge's addition)
+    version: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ------------------------------------------------------------------------------------- experts (admin)
+
+
+class ExpertExampleIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    reference: str = ""
+    task: str = ""
+    split: str = "train"
+
+
+class ExpertCreateRequest(BaseModel):
+    """``POST /v1/experts``. ``source`` (alias ``path`` or ``uri``): a folder on the gateway's machine
+    for adapters and models, a litellm model string (``openai/gpt-4o-mini``) for external experts."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str
+    kind: Literal["adapter", "model", "external"] = "adapter"
+    source: str = Field(validation_alias=AliasChoices("source", "path", "uri"), min_length=1)
+    base: str | None = None
+    version: str | None = None
+    domains: list[str] = Field(default_factory=list)
+    skills: list[str] = Field(default_factory=list)
+    description: str = ""
+    examples: list[ExpertExampleIn] = Field(default_factory=list)
+    cost: float | None = Field(default=None, ge=0.0)
+
+    def registry_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``Registry.register_expert``."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "source": self.source,
+            "base": self.base,
+            "version": self.version,
+            "domains": self.domains,
+            "skills": self.skills,
+            "description": self.description,
+            "examples": [e.model_dump() for e in self.examples] or None,
+            "cost": self.cost,
+        }
+
+
+class ExpertCard(BaseModel):
+    object: Literal["expert"] = "expert"
+    name: str
+    version: str
+    kind: str
+    base: str | None = None
+    uri: str
+    status: str
+    domains: list[str] = Field(default_factory=list)
+    skills: list[str] = Field(default_factory=list)
+    description: str = ""
+    checksum: str = ""
+    size_bytes: int = 0
+    cost_per_1k_tokens: float | None = None
+    created_at: datetime | None = None
+
+    @classmethod
+    def from_record(cls, expert: Any) -> ExpertCard:
+        """From a registry ``Expert`` row (detached, its ``base`` loaded)."""
+        return cls(
+            name=expert.name,
+            version=expert.version,
+            kind=expert.kind,
+            base=expert.base.name if expert.base is not None else None,
+            uri=expert.uri,
+            status=expert.status,
+            domains=list(expert.domains or []),
+            skills=list(expert.skills or []),
+            description=expert.description or "",
+            checksum=expert.checksum or "",
+            size_bytes=expert.size_bytes or 0,
+            cost_per_1k_tokens=expert.cost_per_1k_tokens,
+            created_at=expert.created_at,
+        )
+
+
+class ExpertDetail(ExpertCard):
+    versions: list[str] = Field(default_factory=list)  # every registered version, oldest first
+    examples: int = 0  # how many example prompts this version has
+
+
+class ExpertList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ExpertCard]
+
+
+class ExpertDeleted(BaseModel):
+    object: Literal["expert.deleted"] = "expert.deleted"
+    name: str
+    deleted: bool = True
+    versions: list[ExpertCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    models: int
