@@ -1,0 +1,37 @@
+# moerge — quick start:
+#   make demo   set up, build the small zoo on the CPU and register it (embedded SQLite default)
+#   make test   set up and run the whole test suite (a throwaway PostgreSQL server included)
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SIZE   ?= small
+# No model hub is reachable offline; everything moerge loads ships in packages or is built here.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch first (from local disk here): a later range that admits a newer
+	# torch would otherwise pull several GB of CUDA wheels.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	$(BIN)/moerge zoo build --size $(SIZE) --register
+
+test: setup
+	scripts/with-postgres.sh $(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(BIN)/python bench/bench_hf_engine.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
