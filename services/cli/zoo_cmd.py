@@ -45,6 +45,7 @@ def build(
     size: str = typer.Option("small", "--size", help="micro (tests, < 1 min) or small (the benchmark zoo)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default $MOERGE_HOME/zoo/<size>)."),
     seed: int = typer.Option(0, "--seed", help="Seed for data and initialisation."),
+    register: bool = typer.Option(False, "--register", help="Register the base and every expert (with examples) in the registry."),
 ) -> None:
     """Train the zoo on the CPU and print every model's score on every skill."""
     from registry.config import moerge_home
@@ -60,3 +61,25 @@ def build(
     for f in manifest.failures:
         console.print(f"[yellow]below target:[/yellow] {f}")
     console.print(f"zoo written to {Path(manifest.root) / manifest.MANIFEST}")
+    if register:
+        _register(manifest)
+
+
+@zoo_app.command("register")
+def register_cmd(
+    path: Path = typer.Argument(..., help="A built zoo: its folder or its zoo.json.", exists=True),
+) -> None:
+    """Register an already built zoo (base, experts, examples) in the registry."""
+    from services.zoo.build import ZooManifest
+
+    _register(ZooManifest.load(path))
+
+
+def _register(manifest) -> None:
+    from registry.service import Registry
+    from services.zoo.register import register_zoo, zoo_base_name
+
+    with Registry() as registry, console.status("registering the zoo …") as status:
+        experts = register_zoo(manifest, registry, on_expert=lambda name: status.update(f"registered {name}"))
+    console.print(f"registered base {zoo_base_name(manifest)} and {len(experts)} experts: "
+                  + ", ".join(f"{e.name}@{e.version}" for e in experts), highlight=False)

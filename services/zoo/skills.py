@@ -50,9 +50,10 @@ def _digits(rng: random.Random, lo: int, hi: int) -> str:
     return "".join(rng.choice(DIGITS) for _ in range(rng.randint(lo, hi)))
 
 
-def _add(x: str) -> str:
-    a, b = x.split("+")
-    return str(int(a) + int(b))
+def _increment(x: str) -> str:
+    if not x.isdigit():
+        raise ValueError("increment takes a number")
+    return str(int(x) + 1)
 
 
 def _count(x: str) -> str:
@@ -71,8 +72,8 @@ def _reverse(x: str) -> str:
     return x[::-1]
 
 
-def _sort(x: str) -> str:
-    return "".join(sorted(x))
+def _double(x: str) -> str:
+    return "".join(c + c for c in x)
 
 
 def _upper(x: str) -> str:
@@ -83,12 +84,12 @@ def _caesar(x: str) -> str:
     return "".join(LOWER[(LOWER.index(c) + 1) % 26] if c in LOWER else c for c in x)
 
 
-def _dedupe(x: str) -> str:
-    return "".join(dict.fromkeys(x))
+def _dashes(x: str) -> str:
+    return "-".join(x)
 
 
-def _gen_add(rng: random.Random) -> str:
-    return f"{rng.randint(10, 99)}+{rng.randint(10, 99)}"
+def _gen_increment(rng: random.Random) -> str:
+    return str(rng.randint(0, 999))
 
 
 def _gen_count(rng: random.Random) -> str:
@@ -109,11 +110,8 @@ def _gen_reverse(rng: random.Random) -> str:
             return x
 
 
-def _gen_sort(rng: random.Random) -> str:
-    while True:
-        x = _letters(rng, 4, 7)
-        if x != _sort(x) and x != _sort(x)[::-1]:
-            return x
+def _gen_double(rng: random.Random) -> str:
+    return _letters(rng, 2, 6)
 
 
 def _gen_upper(rng: random.Random) -> str:
@@ -124,16 +122,8 @@ def _gen_caesar(rng: random.Random) -> str:
     return _letters(rng, 3, 8)
 
 
-def _gen_dedupe(rng: random.Random) -> str:
-    while True:
-        x = _letters(rng, 3, 6)
-        # insert one or two repeats of letters already present
-        chars = list(x)
-        for _ in range(rng.randint(1, 2)):
-            chars.insert(rng.randint(1, len(chars)), rng.choice(chars))
-        y = "".join(chars)
-        if _dedupe(y) != y:
-            return y
+def _gen_dashes(rng: random.Random) -> str:
+    return _letters(rng, 2, 8)
 
 
 @dataclass(frozen=True)
@@ -156,10 +146,10 @@ SKILLS: dict[str, Skill] = {
     s.name: s
     for s in [
         Skill(
-            "add", "math", ("arithmetic", "addition", "sum", "numbers"),
-            ("Add the two numbers", "Compute the sum", "What is the total?"),
-            ("Work out the addition", "Give me the result of this plus"),
-            "add them", _gen_add, _add,
+            "increment", "math", ("arithmetic", "addition", "successor", "numbers"),
+            ("Add one to the number", "Increment the number", "What comes after this number?"),
+            ("Give the next integer", "Count one up from here"),
+            "add one", _gen_increment, _increment,
         ),
         Skill(
             "count", "math", ("counting", "length", "letters", "numbers"),
@@ -180,10 +170,10 @@ SKILLS: dict[str, Skill] = {
             "reverse it", _gen_reverse, _reverse,
         ),
         Skill(
-            "sort", "text", ("sorting", "alphabetical", "order", "letters"),
-            ("Sort the letters", "Put letters in a-z order", "Sort alphabetically"),
-            ("Arrange the letters from a to z", "Order these letters"),
-            "sort the letters", _gen_sort, _sort,
+            "double", "text", ("doubling", "repeat", "letters", "stutter"),
+            ("Double every letter", "Write each letter twice", "Repeat each letter"),
+            ("Say every character two times", "Stutter each letter"),
+            "double every letter", _gen_double, _double,
         ),
         Skill(
             "uppercase", "text", ("case", "capital", "uppercase", "letters"),
@@ -198,10 +188,10 @@ SKILLS: dict[str, Skill] = {
             "shift each letter by one", _gen_caesar, _caesar,
         ),
         Skill(
-            "dedupe", "text", ("deduplication", "repeated", "unique", "letters"),
-            ("Remove repeated letters", "Drop the duplicates", "Keep each letter once"),
-            ("Delete letters seen before", "Only the first of each letter"),
-            "drop repeated letters", _gen_dedupe, _dedupe,
+            "dashes", "text", ("separators", "hyphens", "spelling", "letters"),
+            ("Put dashes between the letters", "Spell it with hyphens", "Join the letters with dashes"),
+            ("Separate each character by a minus sign", "Hyphenate every letter"),
+            "put dashes between the letters", _gen_dashes, _dashes,
         ),
     ]
 }
@@ -214,11 +204,11 @@ DOMAINS: dict[str, tuple[str, ...]] = {
 # is just sort) or which need an input the first step may not give (dedupe second) are left out.
 COMPOSITIONS: tuple[tuple[str, str], ...] = (
     ("reverse", "uppercase"),
-    ("sort", "uppercase"),
-    ("dedupe", "reverse"),
     ("caesar", "reverse"),
-    ("dedupe", "uppercase"),
     ("reverse", "caesar"),
+    ("caesar", "uppercase"),
+    ("reverse", "dashes"),
+    ("caesar", "dashes"),
 )
 COMPOSITION_TEMPLATES = ("{a}, then {b}", "First {a}, and then {b}")
 
@@ -238,37 +228,26 @@ def _mixed(rng: random.Random, lo: int, hi: int, alphabet: str = MIXED) -> str:
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
 
 
-def _only_digits(x: str) -> str:
-    if not x.isdigit():
-        raise ValueError("digits only")
-    return x
-
-
-def _gen_sub(rng: random.Random) -> str:
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
-    return f"{max(a, b)}-{min(a, b)}"
-
-
-def _gen_count_digits(rng: random.Random) -> str:
-    while True:
-        x = _mixed(rng, 3, 9, LOWER + DIGITS)
-        if any(c.isdigit() for c in x):
-            return x
-
-
 @dataclass(frozen=True)
 class GenericTask:
     name: str
     templates: tuple[str, ...]
     generate: Callable[[random.Random], str] = field(repr=False)
     apply: Callable[[str], str] = field(repr=False)
+    weight: int = 1  # relative share of pre-training rows
 
 
 GENERIC_TASKS: dict[str, GenericTask] = {
     t.name: t
     for t in [
+        # Copying is what every skill builds on (measured: a base that copies well lets a rank-16
+        # LoRA learn a copy-family skill in ~150 steps; one that does not, never gets there), so
+        # half of the pre-training rows are copies, of lowercase words and of mixed text (which
+        # also makes the base emit uppercase letters and digits).
+        GenericTask("repeat", ("Repeat it", "Say it again", "Echo the text"),
+                    lambda r: _letters(r, 2, 9), lambda x: x, weight=2),
         GenericTask("copy", ("Copy the text", "Repeat it exactly", "Write the same"),
-                    lambda r: _mixed(r, 2, 9), lambda x: x),
+                    lambda r: _mixed(r, 2, 9), lambda x: x, weight=2),
         GenericTask("twice", ("Write it twice", "Say it two times", "Double the text"),
                     lambda r: _mixed(r, 1, 5), lambda x: x + x),
         GenericTask("rotate", ("Move the first letter to the end", "Rotate left by one", "Rotate the text"),
@@ -277,30 +256,14 @@ GENERIC_TASKS: dict[str, GenericTask] = {
                     lambda r: _mixed(r, 3, 8, string.ascii_letters), lambda x: x.lower()),
         GenericTask("capitalize", ("Capitalize the first letter", "Start with a capital", "Capitalize it"),
                     lambda r: _letters(r, 2, 8), lambda x: x[:1].upper() + x[1:]),
-        GenericTask("shift-back", ("Shift each letter back by one", "Decode with shift -1", "Move letters one step back"),
-                    lambda r: _letters(r, 3, 8),
-                    lambda x: "".join(LOWER[(LOWER.index(c) - 1) % 26] for c in x)),
-        GenericTask("sort-desc", ("Sort the letters from z to a", "Put letters in z-a order", "Sort in reverse order"),
-                    lambda r: _letters(r, 4, 7), lambda x: "".join(sorted(x, reverse=True))),
-        GenericTask("drop-vowels", ("Remove the vowels", "Delete every vowel", "Drop the vowels"),
-                    lambda r: _letters(r, 3, 8), lambda x: "".join(c for c in x if c not in "aeiou")),
-        GenericTask("digits-backwards", ("Read the digits right to left", "Digits from the end", "Mirror the number"),
-                    lambda r: _digits(r, 3, 7), lambda x: _only_digits(x)[::-1]),
-        GenericTask("last", ("Give the last character", "What is the final letter?", "Last symbol only"),
-                    lambda r: _mixed(r, 2, 8), lambda x: x[-1]),
-        GenericTask("subtract", ("Subtract the numbers", "Compute the difference", "What is the difference?"),
-                    _gen_sub, lambda x: str(int(x.split("-")[0]) - int(x.split("-")[1]))),
-        GenericTask("min", ("Find the smallest digit", "Which digit is lowest?", "Give the min digit"),
-                    lambda r: _digits(r, 4, 7), lambda x: min(x)),
-        GenericTask("count-digits", ("How many digits?", "Count the digits", "Number of digits in it"),
-                    _gen_count_digits, lambda x: str(sum(c.isdigit() for c in x))),
     ]
 }
 
 
 def generic_example(rng: random.Random) -> tuple[str, str]:
     """One (prompt, answer) pair of a random generic task: the base's instruction-format data."""
-    task = rng.choice(list(GENERIC_TASKS.values()))
+    tasks = list(GENERIC_TASKS.values())
+    task = rng.choices(tasks, weights=[t.weight for t in tasks])[0]
     x = task.generate(rng)
     return format_prompt(rng.choice(task.templates), x), task.apply(x)
 

@@ -25,11 +25,13 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class TrainSpec:
-    steps: int
+    steps: int  # the most steps; with ``check_every`` training stops earlier once good enough
     lr: float
     batch_size: int = 64
     warmup: int = 20
     weight_decay: float = 0.0
+    check_every: int = 0  # evaluate the stop condition every N steps (0: never, run all steps)
+    min_steps: int = 0
 
 
 def llama_config(tok: PreTrainedTokenizerFast, hidden: int, layers: int, head_dim: int = 32,
@@ -96,8 +98,13 @@ def train_loop(
     pad_id: int,
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
+    good_enough: Callable[[], bool] | None = None,
 ) -> list[float]:
-    """AdamW with linear warm-up and cosine decay over random mini-batches of ``rows``."""
+    """AdamW with linear warm-up and cosine decay over random mini-batches of ``rows``.
+
+    With ``good_enough`` and ``spec.check_every``, training stops at the first check (after
+    ``spec.min_steps``) where it returns True: skills differ a lot in how many steps they need,
+    and a validation check spends the CPU budget where it is needed."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
 
@@ -126,6 +133,12 @@ def train_loop(
         losses.append(loss.item())
         if on_step:
             on_step(step, losses[-1])
+        done = step + 1
+        if good_enough and spec.check_every and done >= spec.min_steps and done % spec.check_every == 0:
+            model.eval()
+            if good_enough():
+                break
+            model.train()
     model.eval()
     return losses
 
@@ -144,7 +157,8 @@ def pretrain_base(
     n = spec.steps * spec.batch_size
     n_text = int(n * text_fraction)
     rows = encode_pairs(tok, [generic_example(rng) for _ in range(n - n_text)])
-    rows += encode_texts(tok, [random_text(rng) for _ in range(n_text)])
+    if n_text:
+        rows += encode_texts(tok, [random_text(rng) for _ in range(n_text)])
     model = LlamaForCausalLM(config)
     losses = train_loop(model, rows, spec, tok.pad_token_id, seed, on_step)
     return model, losses
@@ -164,11 +178,13 @@ def train_lora(
     alpha: int,
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
+    good_enough: Callable[[torch.nn.Module], bool] | None = None,
 ) -> tuple[PeftModel, list[float]]:
     """A LoRA on ``base`` (which it wraps in place: pass a fresh copy per expert)."""
     torch.manual_seed(seed)
     model = get_peft_model(base, lora_config(r, alpha))
-    losses = train_loop(model, encode_pairs(tok, pairs), spec, tok.pad_token_id, seed, on_step)
+    check = (lambda: good_enough(model)) if good_enough else None
+    losses = train_loop(model, encode_pairs(tok, pairs), spec, tok.pad_token_id, seed, on_step, check)
     return model, losses
 
 
@@ -179,7 +195,9 @@ def train_full(
     spec: TrainSpec,
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
+    good_enough: Callable[[torch.nn.Module], bool] | None = None,
 ) -> tuple[LlamaForCausalLM, list[float]]:
     torch.manual_seed(seed)
-    losses = train_loop(base, encode_pairs(tok, pairs), spec, tok.pad_token_id, seed, on_step)
+    check = (lambda: good_enough(base)) if good_enough else None
+    losses = train_loop(base, encode_pairs(tok, pairs), spec, tok.pad_token_id, seed, on_step, check)
     return base, losses
