@@ -6,6 +6,8 @@ provenance says so; ``fallback`` names another target to use instead.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from composer.base import Completion, Provenance, base_target, output_of, require_targets, with_target
 from composer.engine_protocol import Engine, GenerateRequest
 from routers.base import Decision
@@ -18,23 +20,34 @@ class Single:
         self.fallback = fallback  # target used when the decision names no expert (None: the base)
 
     def execute(self, decision: Decision, request: GenerateRequest, engine: Engine) -> Completion:
-        info: dict = {}
-        if decision.top is not None:
-            expert, weight = decision.top, float(decision.experts[0][1])
-        else:
-            expert, weight = self.fallback or base_target(engine), 1.0
-            info["fallback"] = f"the router chose no expert; {expert!r} answered"
-        require_targets(engine, [expert], "single")
-        [result] = engine.generate([with_target(request, expert)])
-        return Completion(
-            text=result.text,
-            finish_reason=result.finish_reason,
-            provenance=Provenance(
-                composer=self.name,
-                router=decision.router,
-                experts=[(expert, weight)],
-                outputs=[output_of(expert, result, weight=weight)],
-                decision_info=decision.info,
-                info=info,
-            ),
-        )
+        return self.execute_batch([decision], [request], engine)[0]
+
+    def execute_batch(
+        self, decisions: Sequence[Decision], requests: Sequence[GenerateRequest], engine: Engine
+    ) -> list[Completion]:
+        """Many requests in one engine call (the engine groups them by target): the same answers
+        as ``execute`` one by one, with each model loaded once."""
+        plans = []
+        for decision in decisions:
+            if decision.top is not None:
+                plans.append((decision.top, float(decision.experts[0][1]), {}))
+            else:
+                target = self.fallback or base_target(engine)
+                plans.append((target, 1.0, {"fallback": f"the router chose no expert; {target!r} answered"}))
+        require_targets(engine, sorted({t for t, _, _ in plans}), "single")
+        results = engine.generate([with_target(r, t) for r, (t, _, _) in zip(requests, plans)])
+        return [
+            Completion(
+                text=result.text,
+                finish_reason=result.finish_reason,
+                provenance=Provenance(
+                    composer=self.name,
+                    router=decision.router,
+                    experts=[(expert, weight)],
+                    outputs=[output_of(expert, result, weight=weight)],
+                    decision_info=decision.info,
+                    info=info,
+                ),
+            )
+            for decision, result, (expert, weight, info) in zip(decisions, results, plans)
+        ]

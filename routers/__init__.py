@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from routers.baselines import BaseModelRouter, BestSingleRouter, OracleRouter, RandomRouter
+from routers.baselines import AllExpertsRouter, BaseModelRouter, BestSingleRouter, OracleRouter, RandomRouter
 from routers.classifier import ClassifierRouter
 from routers.retrieval import RetrievalRouter
 from routers.semantic import SemanticRouter
@@ -18,4 +18,17 @@ QUERY_ROUTERS: dict[str, type] = {
     "random": RandomRouter,
     "base": BaseModelRouter,
     "best-single": BestSingleRouter,
+    "all": AllExpertsRouter,
+}
+
+from routers.arrow import ArrowRouter  # noqa: E402
+from routers.glider import GliderRouter  # noqa: E402
+from routers.phatgoose import AverageActivationRouter, PhatgooseRouter  # noqa: E402
+
+# Token-level routers by name: their decisions are MixtureSpecs the MoLoRA layer applies.
+TOKEN_ROUTERS: dict[str, type] = {
+    "phatgoose": PhatgooseRouter,
+    "average-activation": AverageActivationRouter,
+    "arrow": ArrowRouter,
+    "glider": GliderRouter,
 }

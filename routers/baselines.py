@@ -6,6 +6,7 @@
 - ``random``: a uniformly random expert (``k`` distinct ones, equal weights) from a seeded
   generator; the same seed and the same calls give the same decisions, whatever the load order.
 - ``base``: no expert at all (``Decision.experts == []``): the base model answers.
+- ``all``: every loaded expert with equal weight (what a uniform merge of all experts consumes).
 - ``best-single``: always the one expert with the best mean validation accuracy — measured at
   ``fit_expert`` by an injected ``evaluate_fn`` on a shared validation pool (or the expert's own
   validation examples), or given as ``accuracies``; a configured ``expert`` name overrides both.
@@ -123,3 +124,19 @@ class BestSingleRouter(QueryRouter):
             return self.decision([], fallback="base", reason="no validation accuracies")
         best = max(accs, key=lambda n: (accs[n], -self.names.index(n)))  # ties: first registered
         return self.decision([(best, 1.0)], accuracies={n: round(a, 4) for n, a in accs.items()})
+
+
+class AllExpertsRouter(QueryRouter):
+    """Every expert, equal weights: the input of static merges (task arithmetic, TIES, DARE of
+    the whole pool)."""
+
+    name = "all"
+
+    def fit_expert(self, expert: ExpertInfo) -> Artifact:
+        return Artifact(tensors={}, metadata={})
+
+    def route(self, request: RouteRequest) -> Decision:
+        names = self.names
+        if not names:
+            return self.decision([], fallback="base", reason="no experts")
+        return self.decision([(n, 1.0 / len(names)) for n in names])

@@ -136,7 +136,7 @@ def same(a: Artifact, b: Artifact) -> bool:
 
 
 def test_registry_lists_protocol_routers(embedder):
-    assert set(QUERY_ROUTERS) == {"classifier", "semantic", "retrieval", "skill", "oracle", "random", "base", "best-single"}
+    assert set(QUERY_ROUTERS) == {"classifier", "semantic", "retrieval", "skill", "oracle", "random", "base", "best-single", "all"}
     for name in QUERY_ROUTERS:
         r = build(name, embedder)
         assert isinstance(r, Router) and r.name == name

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from services.cli import app
 
@@ -99,7 +99,13 @@ def experts_list(
     """List experts, every version, as a table."""
     with _registry() as reg:
         experts = reg.list_experts(kind=kind)
-    table = Table("name", "version", "kind", "base", "status", "domains", "skills", "cost/1k", title="experts")
+    # names are what users type next: never shortened, whatever the terminal width
+    table = Table(
+        Column("name", min_width=max((len(e.name) for e in experts), default=4), no_wrap=True),
+        "version", "kind",
+        Column("base", min_width=max((len(e.base.name) for e in experts if e.base), default=4), no_wrap=True),
+        "status", "domains", "skills", "cost/1k", title="experts",
+    )
     for e in experts:
         table.add_row(
             e.name,

@@ -1,0 +1,187 @@
+"""``evaluate(strategy, suite, split)``: accuracy and per-query provenance of a strategy (or of one
+expert alone) on a suite split. The leaderboard builds on it.
+
+The built-in suite ``skills`` is the zoo's skill suite (``services/zoo/skills.py``), drawn
+deterministically from ``seed``: the same arguments give the same examples and, with greedy
+decoding, the same numbers.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+from composer.engine_protocol import GenerateRequest
+from registry.errors import NotFoundError
+from services.moe.pool import ExpertPool
+from services.moe.strategies import MoE, Strategy, get_strategy
+from services.zoo.skills import SPLITS, Example, exact_match, make_split
+
+SUITES = ("skills",)
+DEFAULT_PER_TASK = {"test": 25, "paraphrase": 25, "composition": 20, "validation": 16}
+
+
+def load_suite(suite: str, split: str, n_per_task: int | None = None, seed: int = 0) -> list[Example]:
+    if suite not in SUITES:
+        raise NotFoundError(f"unknown suite {suite!r}; built in: {', '.join(SUITES)}")
+    if split not in SPLITS or split == "train":
+        raise NotFoundError(f"unknown split {split!r}; evaluate on one of test, paraphrase, composition, validation")
+    return make_split(split, n_per_task or DEFAULT_PER_TASK.get(split, 25), seed)
+
+
+@dataclass
+class QueryRecord:
+    prompt: str
+    reference: str
+    task: str
+    prediction: str
+    correct: bool
+    experts: list[tuple[str, float]]
+    router_ms: float
+    routing_correct: bool | None  # chosen top expert was trained on the gold task (None: not applicable)
+    prompt_tokens: int
+    completion_tokens: int
+    provenance: dict
+
+
+@dataclass
+class EvalReport:
+    strategy: str
+    suite: str
+    split: str
+    accuracy: float
+    n: int
+    per_task: dict[str, float]
+    routing_accuracy: float | None
+    mean_experts: float
+    router_ms_p50: float
+    router_ms_p95: float
+    seconds: float
+    records: list[QueryRecord] = field(default_factory=list)
+
+    def to_dict(self, records: bool = True) -> dict:
+        d = asdict(self)
+        if not records:
+            d.pop("records")
+        return d
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return float(values[0])
+    return float(statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1])
+
+
+def evaluate(
+    strategy: Strategy | str,
+    suite: str = "skills",
+    split: str = "test",
+    *,
+    moe: MoE | None = None,
+    pool: ExpertPool | None = None,
+    n_per_task: int | None = None,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> EvalReport:
+    """Run ``strategy`` (a ``moe/…`` name, or ``expert:<name>`` for one expert alone) on a split."""
+    if moe is None:
+        if pool is None:
+            from registry.service import Registry
+
+            pool = ExpertPool(Registry())
+        moe = MoE(pool, seed=seed)
+    examples = load_suite(suite, split, n_per_task, seed)
+    max_new = max(len(e.reference) for e in examples) + 4  # character-level tokens, plus EOS slack
+    t0 = time.perf_counter()
+    name = strategy.name if isinstance(strategy, Strategy) else strategy
+    if name.startswith("expert:"):
+        records = _expert_alone(moe, name.removeprefix("expert:"), examples, max_new)
+    else:
+        records = _strategy(moe, strategy if isinstance(strategy, Strategy) else get_strategy(name), examples, max_new)
+    if progress:
+        progress(len(examples))
+    seconds = time.perf_counter() - t0
+
+    by_task: dict[str, list[bool]] = {}
+    for r in records:
+        by_task.setdefault(r.task, []).append(r.correct)
+    routed = [r.routing_correct for r in records if r.routing_correct is not None]
+    times = [r.router_ms for r in records]
+    return EvalReport(
+        strategy=name,
+        suite=suite,
+        split=split,
+        accuracy=sum(r.correct for r in records) / len(records),
+        n=len(records),
+        per_task={t: sum(v) / len(v) for t, v in sorted(by_task.items())},
+        routing_accuracy=(sum(routed) / len(routed)) if routed else None,
+        mean_experts=statistics.fmean(len(r.experts) for r in records),
+        router_ms_p50=_percentile(times, 50),
+        router_ms_p95=_percentile(times, 95),
+        seconds=seconds,
+        records=records,
+    )
+
+
+def _trained_tasks(moe: MoE) -> dict[str, set[str]]:
+    return {
+        name: {ex.task for ex in info.examples if ex.split == "train" and ex.task}
+        for name, info in moe.pool.experts.items()
+    }
+
+
+def _strategy(moe: MoE, strategy: Strategy, examples: list[Example], max_new: int) -> list[QueryRecord]:
+    tasks = [e.task for e in examples]
+    results = moe.run(strategy, [e.prompt for e in examples], tasks, max_new_tokens=max_new)
+    trained = _trained_tasks(moe)
+    out = []
+    for ex, (completion, routed) in zip(examples, results):
+        # the base answering (a router's fallback) is no expert call
+        experts = [(n, float(w)) for n, w in completion.experts if n != moe.pool.base.name]
+        top = experts[0][0] if experts and strategy.level == "query" else None
+        single_task = "+" not in ex.task
+        routing_ok = (ex.task in trained.get(top, set())) if (top is not None and single_task) else None
+        out.append(
+            QueryRecord(
+                prompt=ex.prompt,
+                reference=ex.reference,
+                task=ex.task,
+                prediction=completion.text,
+                correct=exact_match(completion.text, ex.reference),
+                experts=experts,
+                router_ms=routed.router_ms,
+                routing_correct=routing_ok,
+                prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+                provenance=completion.to_dict(),
+            )
+        )
+    return out
+
+
+def _expert_alone(moe: MoE, expert: str, examples: list[Example], max_new: int) -> list[QueryRecord]:
+    engine = moe.pool.engine
+    if expert != moe.pool.base.name and expert not in moe.pool.experts:
+        raise NotFoundError(f"no expert {expert!r} on base {moe.pool.base.name!r}")
+    target = None if expert == moe.pool.base.name else expert
+    results = engine.generate([GenerateRequest(e.prompt, target, max_new) for e in examples])
+    return [
+        QueryRecord(
+            prompt=e.prompt,
+            reference=e.reference,
+            task=e.task,
+            prediction=r.text,
+            correct=exact_match(r.text, e.reference),
+            experts=[(expert, 1.0)],
+            router_ms=0.0,
+            routing_correct=None,
+            prompt_tokens=r.prompt_tokens,
+            completion_tokens=r.completion_tokens,
+            provenance={"expert": expert},
+        )
+        for e, r in zip(examples, results)
+    ]

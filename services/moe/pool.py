@@ -1,0 +1,140 @@
+"""The experts one base serves, as routers and composers see them, and the engines that run them.
+
+An ``ExpertPool`` reads the registry once: every ready expert on one base model (LoRA adapters on
+it, and full models fine-tuned from it) becomes an ``ExpertInfo`` with its examples. Engines are
+built lazily: ``engine`` holds every adapter and model expert; ``mixture_engine`` is a second,
+adapter-free copy of the base with the MoLoRA layer installed for token-level strategies.
+
+Routing artifacts are persisted through the registry (``fitted``): an expert whose artifact for a
+router is stored is loaded, not fitted again, so a newly registered expert costs one
+``fit_expert`` and the others are untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import safetensors.torch
+from safetensors import safe_open
+
+from registry.errors import MoergeError, NotFoundError
+from registry.service import Registry
+from routers.base import Artifact, ExpertExample, ExpertInfo, Router
+from services.engines.hf import HFEngine
+
+ROUTING_ARTIFACT = "routing"
+ARTIFACT_FILE = "routing.safetensors"  # inside the artifact's folder in the store
+
+
+class ExpertPool:
+    def __init__(self, registry: Registry, base: str | None = None, *, max_batch_size: int = 64) -> None:
+        self.registry = registry
+        self.max_batch_size = max_batch_size
+        ready = [e for e in registry.list_experts(status="ready") if e.base is not None]
+        if base is None:
+            counts = Counter(e.base.name for e in ready)
+            if not counts:
+                raise NotFoundError("no ready expert on any base model; build one with `moerge zoo build --register`")
+            # the most recently registered base among those with the most experts
+            base = max(counts, key=lambda b: (counts[b], max(e.id for e in ready if e.base.name == b)))
+        self.base = registry.get_base(base)
+        self.base_path = Path(self.base.uri)
+        latest: dict[str, object] = {}
+        for e in sorted(ready, key=lambda e: e.id):  # the newest version of each name wins
+            if e.base.name == base and e.kind in ("adapter", "model"):
+                latest[e.name] = e
+        self.records = latest
+        self.experts: dict[str, ExpertInfo] = {name: self._info(rec) for name, rec in sorted(latest.items())}
+        self._engine: HFEngine | None = None
+        self._mixture_engine: HFEngine | None = None
+        self._molora = None
+
+    def _info(self, rec) -> ExpertInfo:
+        examples = tuple(
+            ExpertExample(x.prompt, x.reference or "", x.task or "", x.split or "train")
+            for x in self.registry.get_examples(rec.name, rec.version)
+        )
+        path = self.registry.expert_path(rec)
+        return ExpertInfo(
+            name=rec.name,
+            kind=rec.kind,
+            domains=tuple(rec.domains or ()),
+            skills=tuple(rec.skills or ()),
+            description=rec.description or "",
+            examples=examples,
+            adapter_path=path if rec.kind == "adapter" else None,
+            base_path=self.base_path,
+        )
+
+    # ------------------------------------------------------------------ experts
+
+    def names(self, kind: str | None = None) -> list[str]:
+        return [n for n, e in self.experts.items() if kind is None or e.kind == kind]
+
+    def adapters(self) -> dict[str, Path]:
+        return {n: e.adapter_path for n, e in self.experts.items() if e.kind == "adapter" and e.adapter_path}
+
+    # ------------------------------------------------------------------ engines
+
+    @property
+    def engine(self) -> HFEngine:
+        """Every expert of the pool on one hf engine (adapters on the base, models by name)."""
+        if self._engine is None:
+            engine = HFEngine(self.base_path, base_name=self.base.name, max_batch_size=self.max_batch_size)
+            for name, info in self.experts.items():
+                if info.kind == "adapter":
+                    engine.load_adapter(name, info.adapter_path)
+                else:
+                    engine.load_model(name, self.registry.expert_path(self.records[name]))
+            self._engine = engine
+        return self._engine
+
+    def mixture_engine(self):
+        """(engine, MoLoRA) — an adapter-free engine whose base carries the MoLoRA layer."""
+        if self._mixture_engine is None:
+            from composer.molora import MoLoRA
+
+            engine = HFEngine(self.base_path, base_name=self.base.name, adapter_mode="unmerged",
+                              max_batch_size=self.max_batch_size)
+            self._molora = MoLoRA(engine.base_model)
+            self._mixture_engine = engine
+        return self._mixture_engine, self._molora
+
+    # ------------------------------------------------------------------ routing artifacts
+
+    def fitted(self, router: Router, router_name: str, experts: list[str] | None = None,
+               refit: bool = False) -> dict[str, float]:
+        """Load every expert's stored artifact for ``router_name`` into ``router``, fitting (and
+        storing) the ones that have none. Returns seconds spent fitting, per fitted expert."""
+        fit_seconds: dict[str, float] = {}
+        for name in experts if experts is not None else list(self.experts):
+            info, rec = self.experts[name], self.records[name]
+            stored = self.registry.get_artifacts(router=router_name, expert=name, version=rec.version,
+                                                 kind=ROUTING_ARTIFACT)
+            if stored and not refit:
+                artifact = read_artifact(self.registry.artifact_path(stored[0]) / ARTIFACT_FILE)
+            else:
+                t0 = time.perf_counter()
+                artifact = router.fit_expert(info)
+                fit_seconds[name] = time.perf_counter() - t0
+                self.registry.add_artifact(router_name, ROUTING_ARTIFACT, artifact_bytes(artifact), expert=name,
+                                           version=rec.version, filename=ARTIFACT_FILE)
+            router.load_expert(info, artifact)
+        return fit_seconds
+
+
+def artifact_bytes(artifact: Artifact) -> bytes:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in artifact.tensors.items()}
+    return safetensors.torch.save(tensors, metadata=dict(artifact.metadata) or None)
+
+
+def read_artifact(path: Path) -> Artifact:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # a damaged artifact file must say which one
+        raise MoergeError(f"routing artifact {path} does not load: {exc}") from exc
+    return Artifact(tensors=tensors, metadata=metadata)

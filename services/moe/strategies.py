@@ -1,0 +1,248 @@
+"""Named strategies — (router, composer, params) triples — and the runtime that executes them.
+
+Every strategy is addressable by name (``moe/classifier``, ``moe/glider``, …) in the CLI, the
+Python API and (later) the gateway's ``model`` field. ``MoE`` builds a strategy's router on first
+use, loading each expert's stored routing artifact or fitting and storing it (``ExpertPool.fitted``),
+and executes decisions with the strategy's composer on the pool's engines.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from composer.base import Completion, ComposeError
+from composer.engine_protocol import GenerateRequest
+from composer.ensemble import Ensemble
+from composer.merge import Merged
+from composer.mixture import TokenwiseMixture
+from composer.single import Single
+from composer.stitch import Stitch
+from registry.config import moerge_home
+from registry.errors import NotFoundError
+from routers import QUERY_ROUTERS, TOKEN_ROUTERS
+from routers.base import Decision, ExpertExample, ExpertInfo, MixtureSpec, RouteRequest
+from routers.embedder import get_embedder
+from services.moe.pool import ExpertPool
+from services.zoo.skills import SKILLS, exact_match, format_prompt
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    router: str
+    composer: str  # single | vote | weighted-vote | mixture | merge | stitch
+    description: str
+    router_params: dict = field(default_factory=dict)
+    composer_params: dict = field(default_factory=dict)
+
+    @property
+    def level(self) -> str:
+        return "token" if self.router in TOKEN_ROUTERS else "query"
+
+
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in [
+        Strategy("moe/oracle", "oracle", "single", "gold task → its expert (upper bound; needs the task)"),
+        Strategy("moe/random", "random", "single", "a uniformly random expert (seeded)"),
+        Strategy("moe/base", "base", "single", "no expert: the base model answers"),
+        Strategy("moe/best-single", "best-single", "single", "the expert with the best validation accuracy"),
+        Strategy("moe/classifier", "classifier", "single", "MoDEM: fine-tuned MiniLM classifier → one expert"),
+        Strategy("moe/semantic", "semantic", "single", "nearest experts by MiniLM example embeddings, with fallback"),
+        Strategy("moe/retrieval", "retrieval", "single", "PHATGOOSE's retrieval baseline: max cosine → one expert"),
+        Strategy("moe/skill-k3-vote", "skill", "vote", "Symbolic-MoE: recruit 3 experts by skill, majority vote",
+                 {"k": 3}, {"k": 3}),
+        Strategy("moe/skill-k3-weighted", "skill", "weighted-vote",
+                 "Symbolic-MoE: recruit 3 experts by skill, router-weighted vote", {"k": 3}, {"k": 3}),
+        Strategy("moe/phatgoose", "phatgoose", "mixture", "PHATGOOSE: learned per-module gates, top-2 per token"),
+        Strategy("moe/average-activation", "average-activation", "mixture",
+                 "PHATGOOSE's average-activation baseline, top-2 per token"),
+        Strategy("moe/arrow", "arrow", "mixture", "Arrow: SVD prototypes of the LoRA factors, top-2 per token"),
+        Strategy("moe/glider", "glider", "mixture", "GLIDER: PHATGOOSE local scores + α·global task similarity",
+                 {"alpha": 100.0}),
+        Strategy("moe/task-arithmetic", "all", "merge", "uniform task-arithmetic merge of every adapter (ΔW space)",
+                 composer_params={"method": "task_arithmetic"}),
+        Strategy("moe/ties", "all", "merge", "TIES merge of every adapter (ΔW space, density 0.5)",
+                 composer_params={"method": "ties", "density": 0.5}),
+        Strategy("moe/dare", "all", "merge", "DARE-TIES merge of every adapter (ΔW space, density 0.5)",
+                 composer_params={"method": "dare_ties", "density": 0.5}),
+        Strategy("moe/stitch", "semantic", "stitch",
+                 "split a chained request into steps, route each step (semantic), feed outputs forward"),
+    ]
+}
+
+
+def get_strategy(name: str) -> Strategy:
+    key = name if name.startswith("moe/") else f"moe/{name}"
+    if key not in STRATEGIES:
+        raise NotFoundError(f"unknown strategy {name!r}; `moerge strategies list` shows them")
+    return STRATEGIES[key]
+
+
+def zoo_step_prompt(instruction: str, text: str) -> str:
+    """A stitched step in the zoo's own prompt format."""
+    return format_prompt(instruction, text)
+
+
+@dataclass
+class Routed:
+    decision: Decision | MixtureSpec
+    router_ms: float
+
+
+class MoE:
+    """Strategies over one ``ExpertPool``: routers built lazily, decisions executed by composers."""
+
+    def __init__(self, pool: ExpertPool, *, seed: int = 0) -> None:
+        self.pool = pool
+        self.seed = seed
+        self._routers: dict[str, object] = {}
+        self._composers: dict[str, object] = {}
+        self.fit_seconds: dict[str, dict[str, float]] = {}
+        self._mixture_experts: set[str] = set()
+
+    # ------------------------------------------------------------------ routers
+
+    def router(self, name: str, params: dict | None = None):
+        params = dict(params or {})
+        key = name + "".join(f":{k}={v}" for k, v in sorted(params.items()))
+        if key in self._routers:
+            return self._routers[key]
+        experts = self.pool.names("adapter") if name in TOKEN_ROUTERS or name == "all" else self.pool.names()
+        if name == "glider":
+            # GLIDER's local part is PHATGOOSE's gates: reuse them rather than training again
+            params.setdefault("local", self.router("phatgoose"))  # its embedder defaults to MiniLM
+        elif name in ("classifier", "semantic", "retrieval"):
+            params.setdefault("embedder", get_embedder())
+        elif name == "skill":
+            params.setdefault("embedder", get_embedder())
+            params.setdefault("evaluate_fn", self.validation_correctness)
+            params.setdefault("validation_examples", self.validation_pool())
+            params.setdefault("task_skills", suite_task_skills())
+        elif name == "best-single":
+            params.setdefault("evaluate_fn", self.validation_correctness)
+            params.setdefault("validation_examples", self.validation_pool())
+        elif name == "random":
+            params.setdefault("seed", self.seed)
+        cls = TOKEN_ROUTERS.get(name) or QUERY_ROUTERS.get(name)
+        if cls is None:
+            raise NotFoundError(f"unknown router {name!r}")
+        router = cls(**params)
+        self.fit_seconds[key] = self.pool.fitted(router, name, experts)
+        if hasattr(router, "retrain"):  # the classifier trains its head over every expert once here
+            t0 = time.perf_counter()
+            router.retrain()
+            self.fit_seconds[key]["(retrain)"] = time.perf_counter() - t0
+        self._routers[key] = router
+        return router
+
+    def route(self, strategy: Strategy | str, prompt: str, task: str | None = None) -> Routed:
+        strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+        router = self.router(strategy.router, strategy.router_params)
+        t0 = time.perf_counter()
+        decision = router.route(RouteRequest(prompt, task))
+        return Routed(decision, (time.perf_counter() - t0) * 1000)
+
+    # ------------------------------------------------------------------ composers
+
+    def composer(self, strategy: Strategy):
+        if strategy.name in self._composers:
+            return self._composers[strategy.name]
+        kind, params = strategy.composer, dict(strategy.composer_params)
+        if kind == "single":
+            composer = Single()
+        elif kind in ("vote", "weighted-vote"):
+            composer = Ensemble(vote="majority" if kind == "vote" else "weighted", **params)
+        elif kind == "merge":
+            composer = Merged(self.pool.base_path, self.pool.adapters(), moerge_home() / "cache" / "merged",
+                              weighting="uniform", **params)
+        elif kind == "stitch":
+            composer = Stitch(self.router(strategy.router, strategy.router_params), make_step_prompt=zoo_step_prompt)
+        elif kind == "mixture":
+            _, mix = self.pool.mixture_engine()
+            composer = TokenwiseMixture(mix, max_batch_size=self.pool.max_batch_size)
+        else:
+            raise ComposeError(f"strategy {strategy.name}: unknown composer {kind!r}")
+        self._composers[strategy.name] = composer
+        return composer
+
+    def _prepare_mixture(self, router, spec: MixtureSpec) -> None:
+        """Put the spec's experts (factors + this router's gate vectors) into the MoLoRA layer."""
+        _, mix = self.pool.mixture_engine()
+        adapters = self.pool.adapters()
+        for name in spec.experts:
+            key = (name, spec.gate)
+            if key not in self._mixture_experts:
+                gates = {spec.gate: router.gate_vectors(name)}
+                if name in mix.experts:
+                    mix.set_gate_vectors(name, spec.gate, gates[spec.gate])
+                else:
+                    mix.add_expert(name, adapters[name], gates=gates)
+                self._mixture_experts.add(key)
+
+    def run(
+        self,
+        strategy: Strategy | str,
+        prompts: Sequence[str],
+        tasks: Sequence[str | None] | None = None,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> list[tuple[Completion, Routed]]:
+        """Route and answer every prompt; batched where the composer allows (single, mixture)."""
+        strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+        tasks = list(tasks) if tasks is not None else [None] * len(prompts)
+        router = self.router(strategy.router, strategy.router_params)
+        composer = self.composer(strategy)
+        routed = [self.route(strategy, p, t) for p, t in zip(prompts, tasks)]
+        requests = [GenerateRequest(p, None, max_new_tokens, temperature, seed=seed) for p in prompts]
+        if isinstance(composer, TokenwiseMixture):
+            engine, _ = self.pool.mixture_engine()
+            for r in routed:
+                self._prepare_mixture(router, r.decision)
+            completions = composer.execute_batch([r.decision for r in routed], requests, engine)
+        elif isinstance(composer, Single):
+            completions = composer.execute_batch([r.decision for r in routed], requests, self.pool.engine)
+        else:
+            completions = [composer.execute(r.decision, q, self.pool.engine) for r, q in zip(routed, requests)]
+        return list(zip(completions, routed))
+
+    # ------------------------------------------------------------------ validation results
+
+    def validation_pool(self) -> list[ExpertExample]:
+        """Every expert's validation examples: the shared pool each expert is profiled on."""
+        seen, pool = set(), []
+        for info in self.pool.experts.values():
+            for ex in info.examples:
+                if ex.split == "validation" and ex.prompt not in seen:
+                    seen.add(ex.prompt)
+                    pool.append(ex)
+        return pool
+
+    def validation_correctness(self, expert: ExpertInfo, examples: Sequence[ExpertExample]) -> list[bool]:
+        """Exact match of ``expert`` on ``examples`` (Symbolic-MoE profiles, best-single)."""
+        longest = max((len(e.reference) for e in examples), default=8)
+        requests = [GenerateRequest(e.prompt, expert.name, longest + 4) for e in examples]
+        results = self.pool.engine.generate(requests)
+        return [exact_match(r.text, e.reference) for r, e in zip(results, examples)]
+
+
+def suite_task_skills() -> dict[str, list[str]]:
+    """Skill keywords per task of the built-in skills suite (Symbolic-MoE's per-question skills;
+    here the suite's own tags stand in for the paper's LLM-written keywords)."""
+    return {name: [name, *skill.tags] for name, skill in SKILLS.items()}
+
+
+def expert_for_task(pool: ExpertPool) -> dict[str, str]:
+    """Gold task → the adapter expert trained on it (the oracle's mapping; for routing accuracy)."""
+    out: dict[str, str] = {}
+    for name, info in pool.experts.items():
+        if info.kind != "adapter":
+            continue
+        for ex in info.examples:
+            if ex.split == "train" and ex.task:
+                out.setdefault(ex.task, name)
+    return out

@@ -1,0 +1,160 @@
+"""Strategies end to end on the micro zoo: the registry holds the zoo, routers fit through it,
+composers answer on the hf engine, and ``evaluate`` / the CLI report what happened."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from registry.service import Registry
+from services.moe.evaluate import evaluate
+from services.moe.pool import ExpertPool
+from services.moe.strategies import STRATEGIES, MoE, Strategy
+from services.zoo.register import register_zoo, zoo_base_name
+
+
+@pytest.fixture(scope="session")
+def zoo_home(micro_zoo, tmp_path_factory):
+    """A MOERGE_HOME whose registry holds the micro zoo."""
+    home = tmp_path_factory.mktemp("home")
+    old = os.environ.get("MOERGE_HOME")
+    os.environ["MOERGE_HOME"] = str(home)
+    with Registry() as reg:
+        register_zoo(micro_zoo, reg)
+    yield home
+    if old is None:
+        os.environ.pop("MOERGE_HOME", None)
+    else:
+        os.environ["MOERGE_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def moe(zoo_home):
+    return MoE(ExpertPool(Registry()))
+
+
+def test_pool_holds_every_zoo_expert(moe, micro_zoo):
+    assert set(moe.pool.names()) == {e.name for e in micro_zoo.experts}
+    assert moe.pool.base.name == zoo_base_name(micro_zoo)
+    assert set(moe.pool.adapters()) == {e.name for e in micro_zoo.experts if e.kind == "adapter"}
+
+
+def test_oracle_bounds_the_query_routers_on_held_in_tasks(moe):
+    oracle = evaluate("moe/oracle", split="test", moe=moe, n_per_task=6)
+    assert oracle.routing_accuracy == 1.0
+    for name in ("moe/retrieval", "moe/random", "moe/base"):
+        report = evaluate(name, split="test", moe=moe, n_per_task=6)
+        assert report.accuracy <= oracle.accuracy, name
+    assert evaluate("moe/base", split="test", moe=moe, n_per_task=6).mean_experts == 0
+
+
+def test_expert_alone_matches_its_oracle_queries(moe):
+    """An expert evaluated alone answers its own task exactly as the oracle's single composer does."""
+    alone = evaluate("expert:skill-reverse", split="test", moe=moe, n_per_task=6)
+    oracle = evaluate("moe/oracle", split="test", moe=moe, n_per_task=6)
+    mine = [r.prediction for r in alone.records if r.task == "reverse"]
+    routed = [r.prediction for r in oracle.records if r.task == "reverse"]
+    assert mine == routed
+
+
+def test_glider_with_alpha_zero_reproduces_phatgoose(moe):
+    phatgoose = evaluate("moe/phatgoose", split="test", moe=moe, n_per_task=3)
+    glider0 = Strategy("moe/glider-a0", "glider", "mixture", "GLIDER with α = 0", {"alpha": 0.0})
+    glider = evaluate(glider0, split="test", moe=moe, n_per_task=3)
+    assert [r.prediction for r in glider.records] == [r.prediction for r in phatgoose.records]
+
+
+def test_stitch_records_one_segment_per_step(moe):
+    report = evaluate("moe/stitch", split="composition", moe=moe, n_per_task=2)
+    for record in report.records:
+        segments = record.provenance["segments"]
+        assert len(segments) == 2
+        assert record.prediction.strip() == segments[-1]["text"].strip()
+
+
+def test_vote_reports_agreement(moe):
+    report = evaluate("moe/skill-k3-vote", split="test", moe=moe, n_per_task=2)
+    for record in report.records:
+        agreement = record.provenance["agreement"]
+        assert agreement is not None and agreement["entropy_bits"] >= 0
+        assert 1 <= len(record.experts) <= 3
+
+
+def test_a_new_expert_is_fitted_alone(zoo_home, micro_zoo, tmp_path):
+    """Routing artifacts are stored: a second pool loads them instead of fitting again, and one
+    more registered expert is the only one fitted."""
+    first = MoE(ExpertPool(Registry()))
+    first.router("semantic")
+    second = MoE(ExpertPool(Registry()))
+    second.router("semantic")
+    assert second.fit_seconds["semantic"] == {}
+
+    entry = micro_zoo.expert("skill-reverse")
+    with Registry() as reg:
+        reg.register_expert("reverse-copy", "adapter", micro_zoo.path_of(entry.path), base=zoo_base_name(micro_zoo),
+                            domains=["text"], skills=["reverse"],
+                            examples=[{"prompt": "Reverse the string\nabc\nAnswer: ", "reference": "cba",
+                                       "task": "reverse", "split": "train"}])
+    try:
+        third = MoE(ExpertPool(Registry()))
+        router = third.router("semantic")
+        assert set(third.fit_seconds["semantic"]) == {"reverse-copy"}
+        assert "reverse-copy" in router.names
+    finally:
+        with Registry() as reg:
+            reg.remove_expert("reverse-copy")
+
+
+def test_every_named_strategy_is_listed_by_the_cli(zoo_home):
+    out = subprocess.run([sys.executable, "-m", "services.cli", "strategies", "list", "--json"],
+                         capture_output=True, text=True, check=True)
+    assert {s["name"] for s in json.loads(out.stdout)} == set(STRATEGIES)
+
+
+def test_cli_eval_ends_with_accuracy_and_json_has_records(zoo_home):
+    out = subprocess.run([sys.executable, "-m", "services.cli", "eval", "--strategy", "moe/oracle",
+                          "--split", "test", "--n-per-task", "2"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("accuracy=") and 0.0 <= float(last.split("=")[1]) <= 1.0
+
+    out = subprocess.run([sys.executable, "-m", "services.cli", "eval", "--strategy", "moe/oracle",
+                          "--split", "test", "--n-per-task", "2", "--json"], capture_output=True, text=True)
+    report = json.loads(out.stdout[: out.stdout.rindex("accuracy=")])
+    assert len(report["records"]) == report["n"] == 16
+    assert {"prompt", "prediction", "correct", "experts", "provenance"} <= set(report["records"][0])
+
+
+def test_cli_route_shows_the_chosen_expert(zoo_home):
+    out = subprocess.run([sys.executable, "-m", "services.cli", "route", "--strategy", "moe/oracle",
+                          "--task", "reverse", "Reverse the string\nabcd\nAnswer: "],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "skill-reverse" in out.stdout and "1.000" in out.stdout
+
+
+def test_unknown_strategy_is_one_clear_error(zoo_home):
+    out = subprocess.run([sys.executable, "-m", "services.cli", "eval", "--strategy", "moe/nope"],
+                         capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "unknown strategy 'moe/nope'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_registers_a_built_zoo(micro_zoo, tmp_path):
+    env = {**os.environ, "MOERGE_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "services.cli", "zoo", "register", micro_zoo.root],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    listed = subprocess.run([sys.executable, "-m", "services.cli", "experts", "list"],
+                            capture_output=True, text=True, env=env, check=True).stdout
+    for e in micro_zoo.experts:
+        assert e.name in listed
+    # a second registration of the same zoo adds versions; the base record is reused
+    again = subprocess.run([sys.executable, "-m", "services.cli", "zoo", "register", micro_zoo.root],
+                           capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "skill-reverse@2" in again.stdout
