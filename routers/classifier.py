@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from routers.base import Artifact, Decision, ExpertInfo, RouteRequest
-from routers.common import QueryRouter, primary_domain
-from routers.embedder import Embedder, get_embedder, mean_pool
+from routers.common import EmbeddingRouter, primary_domain
+from routers.embedder import Embedder, mean_pool
 
 OTHER = "other"
 
@@ -93,7 +93,7 @@ class _Head(nn.Module):
         return self.linear(self.dropout(pooled))
 
 
-class ClassifierRouter(QueryRouter):
+class ClassifierRouter(EmbeddingRouter):
     name = "classifier"
 
     def __init__(
@@ -130,16 +130,10 @@ class ClassifierRouter(QueryRouter):
         self._lock = threading.Lock()
         self._states: dict[str, torch.Tensor] = {}  # prompt → hidden states below the trained layers
 
-    @property
-    def emb(self) -> Embedder:
-        return self.embedder or get_embedder()
-
     # -- per expert ----------------------------------------------------------------------------
 
     def fit_expert(self, expert: ExpertInfo) -> Artifact:
-        prompts = expert.prompts("train", limit=self.max_examples)
-        if not prompts:
-            raise ValueError(f"classifier: expert {expert.name!r} has no train examples")
+        prompts = self.train_prompts(expert, self.max_examples)
         return Artifact(
             tensors={"embeddings": self.emb.encode(prompts).contiguous()},
             metadata={"label": expert.name, "domain": primary_domain(expert), "prompts": json.dumps(prompts)},

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from routers.base import Artifact, BaseRouter, Decision, ExpertExample, ExpertInfo
+from routers.embedder import Embedder, get_embedder
 
 # Runs an expert on examples and says which answers were correct (services/ passes one that drives
 # the engine and the suite's metric).
@@ -117,3 +118,19 @@ def stack_rows(tensors: Sequence[torch.Tensor], dim: int) -> tuple[torch.Tensor,
 
 def dumps(obj) -> str:
     return json.dumps(obj, sort_keys=True)
+
+
+class EmbeddingRouter(QueryRouter):
+    """Base for routers that embed prompts with the shared MiniLM (injectable ``embedder``)."""
+
+    embedder: Embedder | None = None
+
+    @property
+    def emb(self) -> Embedder:
+        return self.embedder or get_embedder()
+
+    def train_prompts(self, expert: ExpertInfo, limit: int | None) -> list[str]:
+        prompts = expert.prompts("train", limit=limit)
+        if not prompts:
+            raise ValueError(f"{self.name}: expert {expert.name!r} has no train examples")
+        return prompts

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 
 from routers.base import Artifact, Decision, ExpertInfo, RouteRequest
-from routers.common import QueryRouter, stack_rows
-from routers.embedder import Embedder, get_embedder
+from routers.common import EmbeddingRouter, stack_rows
+from routers.embedder import Embedder
 
 
-class RetrievalRouter(QueryRouter):
+class RetrievalRouter(EmbeddingRouter):
     name = "retrieval"
 
     def __init__(self, embedder: Embedder | None = None, max_examples: int = 1000) -> None:
@@ -25,14 +25,8 @@ class RetrievalRouter(QueryRouter):
         self._matrix: torch.Tensor | None = None
         self._owner: torch.Tensor | None = None
 
-    @property
-    def emb(self) -> Embedder:
-        return self.embedder or get_embedder()
-
     def fit_expert(self, expert: ExpertInfo) -> Artifact:
-        prompts = expert.prompts("train", limit=self.max_examples)
-        if not prompts:
-            raise ValueError(f"retrieval: expert {expert.name!r} has no train examples")
+        prompts = self.train_prompts(expert, self.max_examples)
         return Artifact(
             tensors={"embeddings": self.emb.encode(prompts).contiguous()},
             metadata={"encoder": "all-MiniLM-L6-v2", "n": str(len(prompts))},

@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 
 from routers.base import Artifact, Decision, ExpertInfo, RouteRequest
-from routers.common import QueryRouter, stack_rows
-from routers.embedder import Embedder, get_embedder
+from routers.common import EmbeddingRouter, stack_rows
+from routers.embedder import Embedder
 
 
 def top_m_mean(sims: torch.Tensor, m: int) -> torch.Tensor:
@@ -36,7 +36,7 @@ def top_m_mean(sims: torch.Tensor, m: int) -> torch.Tensor:
     return sims.topk(m, dim=-1).values.mean(-1)
 
 
-class SemanticRouter(QueryRouter):
+class SemanticRouter(EmbeddingRouter):
     name = "semantic"
 
     def __init__(
@@ -62,14 +62,8 @@ class SemanticRouter(QueryRouter):
         self._matrix: torch.Tensor | None = None
         self._owner: torch.Tensor | None = None
 
-    @property
-    def emb(self) -> Embedder:
-        return self.embedder or get_embedder()
-
     def fit_expert(self, expert: ExpertInfo) -> Artifact:
-        train = expert.prompts("train", limit=self.max_examples)
-        if not train:
-            raise ValueError(f"semantic: expert {expert.name!r} has no train examples")
+        train = self.train_prompts(expert, self.max_examples)
         embeddings = self.emb.encode(train)
         held_out = expert.prompts("validation")
         if held_out:
