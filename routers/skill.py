@@ -42,8 +42,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from routers.base import Artifact, Decision, ExpertExample, ExpertInfo, RouteRequest
-from routers.common import EvaluateFn, QueryRouter, dumps, expert_tasks, validation_set
-from routers.embedder import Embedder, get_embedder
+from routers.common import EmbeddingRouter, EvaluateFn, dumps, expert_tasks, validation_set
+from routers.embedder import Embedder
 
 
 def normalize_to_probability(values: Sequence[float], temperature: float = 0.5) -> list[float]:
@@ -57,7 +57,7 @@ def normalize_to_probability(values: Sequence[float], temperature: float = 0.5) 
     return [s / total for s in scaled] if total > 0 else [1.0 / len(values)] * len(values)
 
 
-class SkillRouter(QueryRouter):
+class SkillRouter(EmbeddingRouter):
     name = "skill"
 
     def __init__(
@@ -87,10 +87,6 @@ class SkillRouter(QueryRouter):
         self.rng = random.Random(seed)
         self.skill_match = skill_match
         self._index_cache = None
-
-    @property
-    def emb(self) -> Embedder:
-        return self.embedder or get_embedder()
 
     # -- profile -------------------------------------------------------------------------------
 
