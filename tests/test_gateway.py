@@ -29,8 +29,8 @@ from services.gateway import GatewaySettings, LocalBackend, create_app  # noqa: 
 from services.gateway.backend import SamplingParams  # noqa: E402
 from tests.factories import make_tiny_base, make_tiny_lora  # noqa: E402
 
-uvicorn = pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
+import openai  # noqa: E402  (the [test] extra installs it: a missing client must fail, not skip)
+import uvicorn  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------- fixtures
