@@ -16,12 +16,12 @@ strategies_app = typer.Typer(help="Named (router, composer, params) strategies."
 app.add_typer(strategies_app, name="strategies")
 
 
-def _moe(base: Optional[str]):
+def _moe(base: Optional[str], seed: int = 0):
     from registry.service import Registry
     from services.moe.pool import ExpertPool
     from services.moe.strategies import MoE
 
-    return MoE(ExpertPool(Registry(), base))
+    return MoE(ExpertPool(Registry(), base), seed=seed)
 
 
 @strategies_app.command("list")
@@ -85,11 +85,7 @@ def eval_strategy(
     """Evaluate a strategy on a suite split; the last line is `accuracy=<fraction>`."""
     from services.moe.evaluate import evaluate
 
-    from registry.service import Registry
-    from services.moe.pool import ExpertPool
-    from services.moe.strategies import MoE
-
-    moe = MoE(ExpertPool(Registry(), base), seed=seed)
+    moe = _moe(base, seed)
     with console.status(f"evaluating {strategy} on {suite}/{split} …"):
         report = evaluate(strategy, suite, split, moe=moe, n_per_task=n_per_task, seed=seed)
     if as_json:
