@@ -86,6 +86,21 @@ class Backend(Protocol):
     async def remove_expert(self, name: str, version: str | None = None) -> list[dict]: ...
 
 
+def direct_completion(expert: Expert, output: ExpertOutput) -> Completion:
+    """One expert's answer as a completion (no router, no composer)."""
+    return Completion(
+        text=output.text,
+        finish_reason=output.finish_reason,
+        provenance=Provenance(
+            composer="direct",
+            router=None,
+            experts=[(expert.name, 1.0)],
+            outputs=[output],
+            info={"version": expert.version, "kind": expert.kind},
+        ),
+    )
+
+
 def is_strategy(model: str) -> bool:
     return model.startswith(STRATEGY_PREFIX)
 
@@ -197,17 +212,7 @@ class LocalBackend:
                 target = slot.targets[expert.id] if expert.kind == "adapter" else None
                 [result] = slot.engine.generate([params.request(prompt, target)])
             output = output_of(expert.name, result, weight=1.0)
-        return Completion(
-            text=output.text,
-            finish_reason=output.finish_reason,
-            provenance=Provenance(
-                composer="direct",
-                router=None,
-                experts=[(expert.name, 1.0)],
-                outputs=[output],
-                info={"version": expert.version, "kind": expert.kind},
-            ),
-        )
+        return direct_completion(expert, output)
 
     def _slot_for(self, expert: Expert) -> _Slot:
         if expert.kind == "adapter":

@@ -29,8 +29,12 @@ ARTIFACT_FILE = "routing.safetensors"  # inside the artifact's folder in the sto
 
 
 class ExpertPool:
-    def __init__(self, registry: Registry, base: str | None = None, *, max_batch_size: int = 64) -> None:
+    def __init__(self, registry: Registry, base: str | None = None, *, max_batch_size: int = 64,
+                 engine=None) -> None:
         self.registry = registry
+        # an engine that already serves every expert by name (the Ray deployments' RemoteEngine);
+        # None: this process builds its own hf engine
+        self._given_engine = engine
         self.max_batch_size = max_batch_size
         ready = [e for e in registry.list_experts(status="ready") if e.base is not None]
         if base is None:
@@ -78,9 +82,18 @@ class ExpertPool:
 
     # ------------------------------------------------------------------ engines
 
+    def attach_engine(self, engine) -> None:
+        self._given_engine = engine
+
     @property
-    def engine(self) -> HFEngine:
-        """Every expert of the pool on one hf engine (adapters on the base, models by name)."""
+    def engine(self):
+        """The engine query-level composers call: the given one, else ``local_engine``."""
+        return self._given_engine if self._given_engine is not None else self.local_engine
+
+    @property
+    def local_engine(self) -> HFEngine:
+        """Every expert of the pool on one hf engine in this process (adapters on the base, models
+        by name). Merges need it even when ``engine`` is remote: merged adapters live on this disk."""
         if self._engine is None:
             engine = HFEngine(self.base_path, base_name=self.base.name, max_batch_size=self.max_batch_size)
             for name, info in self.experts.items():

@@ -209,7 +209,8 @@ class MoE:
         elif isinstance(composer, Single):
             completions = composer.execute_batch([r.decision for r in routed], requests, self.pool.engine)
         else:
-            completions = [composer.execute(r.decision, q, self.pool.engine) for r, q in zip(routed, requests)]
+            engine = self.pool.local_engine if isinstance(composer, Merged) else self.pool.engine
+            completions = [composer.execute(r.decision, q, engine) for r, q in zip(routed, requests)]
         return list(zip(completions, routed))
 
     # ------------------------------------------------------------------ validation results

@@ -1,0 +1,98 @@
+"""``moerge serve``: the gateway and the experts, on Ray Serve (default) or in this process."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from registry.config import database_url, moerge_home
+from services.cli import app
+
+console = Console()
+
+# what every Ray worker needs to find the same registry and stay offline
+FORWARDED_ENV = ("MOERGE_HOME", "MOERGE_DATABASE_URL", "MOERGE_ARTIFACT_ROOT", "HF_HUB_OFFLINE",
+                 "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")
+
+
+@app.command("serve")
+def serve_command(
+    config: Path | None = typer.Option(None, "--config", "-c", help="Serve config YAML (docs/serving.md); "
+                                          "defaults fit a 2-core machine."),
+    host: str | None = typer.Option(None, help="Interface to listen on (config: host; default 127.0.0.1)."),
+    port: int | None = typer.Option(None, help="Port to listen on (config: port; default 8000)."),
+    ray: bool = typer.Option(True, "--ray/--no-ray", help="Ray Serve deployments (default), or everything in "
+                             "this one process (hf engines, no replicas)."),
+    require_keys: bool | None = typer.Option(None, "--require-keys/--no-require-keys",
+                                                help="Demand API keys (`moerge keys create`). Default: the "
+                                                "config's gateway.require_keys (off for the embedded default)."),
+) -> None:
+    """Serve every registered expert and strategy over the OpenAI-compatible API until Ctrl-C.
+
+    With Ray, a local cluster is started unless RAY_ADDRESS names one to join."""
+    from services.serving.config import load_config
+
+    cfg = load_config(config)
+    updates = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    if require_keys is not None:
+        updates["gateway"] = cfg.gateway.model_copy(update={"require_keys": require_keys})
+    cfg = cfg.model_copy(update=updates)
+    console.print(f"registry: {database_url()}  (artifacts under {moerge_home()})", highlight=False)
+    if not cfg.gateway.require_keys:
+        console.print("[yellow]API keys are not required[/yellow]: anyone who can reach this port has admin "
+                      "rights. Use this on localhost only (--require-keys to turn keys on).")
+    if ray:
+        _serve_on_ray(cfg)
+    else:
+        _serve_in_process(cfg)
+
+
+def _serve_on_ray(cfg) -> None:
+    import ray
+    from ray import serve
+
+    from services.serving.app import APP_NAME, build_app
+
+    address = os.environ.get("RAY_ADDRESS")
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env.setdefault("MOERGE_HOME", str(moerge_home()))
+    env.setdefault("MOERGE_DATABASE_URL", database_url())
+    with console.status("starting Ray" + (f" (joining {address})" if address else " (local)")):
+        ray.init(address=address or None, runtime_env={"env_vars": env}, include_dashboard=False,
+                 log_to_driver=False)
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    t0 = time.perf_counter()
+    with console.status("deploying the gateway, engines and strategies"):
+        serve.run(build_app({"config": cfg.model_dump()}), name=APP_NAME, route_prefix="/")
+    console.print(f"[green]serving[/green] on http://{cfg.host}:{cfg.port}/v1  (deployed in "
+                  f"{time.perf_counter() - t0:.1f} s; Ctrl-C stops)", highlight=False)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        with console.status("stopping"):
+            serve.shutdown()
+            ray.shutdown()
+
+
+def _serve_in_process(cfg) -> None:
+    import uvicorn
+
+    from registry.service import Registry
+    from services.gateway.app import GatewaySettings, create_app
+    from services.gateway.backend import LocalBackend
+    from services.serving.strategy_host import StrategyHost, backend_strategies
+
+    registry = Registry()
+    host = StrategyHost(registry, cfg.strategies.names, refresh_interval_s=cfg.strategies.refresh_interval_s)
+    backend = LocalBackend(registry, backend_strategies(host))
+    settings = GatewaySettings(require_keys=cfg.gateway.require_keys, request_timeout_s=cfg.gateway.request_timeout_s)
+    console.print(f"[green]serving[/green] on http://{cfg.host}:{cfg.port}/v1 (in process; Ctrl-C stops)",
+                  highlight=False)
+    uvicorn.run(create_app(backend, registry, settings), host=cfg.host, port=cfg.port, log_level="warning")

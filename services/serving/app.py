@@ -1,0 +1,158 @@
+"""The Ray Serve application: gateway ingress, one engine deployment per base, strategies.
+
+``build_app(args)`` is a Ray Serve application builder — the same import path serves
+``moerge serve`` (local Ray or ``RAY_ADDRESS``), ``serve run services.serving.app:build_app`` and
+the Helm chart's RayService. ``args = {"config": <serve config dict or YAML path>}``.
+
+Deployments (docs/serving.md draws them):
+
+- ``engine-<base>``: one per registered base model, multiplexing that base's adapters and the full
+  models fine-tuned from it (engine_server.py);
+- ``models``: full-model experts whose base has no engine deployment;
+- ``strategies``: every served ``moe/<name>`` — routers, composers, and the token-level mixture
+  engine, calling the engine deployments through a ``RemoteEngine``;
+- ``gateway``: the FastAPI app (services/gateway/app.py) over a ``RayBackend``.
+
+Bases are deployed at start-up; an expert registered later on a deployed base (or a full model)
+is servable at once, and routable as soon as the strategies replica sees the registry change
+(``strategies.refresh_interval_s``). A base registered later needs a restart.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import anyio
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from composer.base import Completion, output_of
+from composer.engine_protocol import EngineError
+from registry.service import Registry
+from services.gateway.app import GatewaySettings, create_app
+from services.gateway.backend import (
+    LocalBackend,
+    SamplingParams,
+    direct_completion,
+    is_strategy,
+    split_ref,
+)
+from services.serving.config import ServeConfig, load_config
+from services.serving.engine_server import engine_deployment
+from services.serving.remote import RemoteEngine, Targets, acall_with_retry
+from services.serving.strategy_host import StrategyHost
+
+APP_NAME = "moerge"
+
+
+# ------------------------------------------------------------------------------------ strategies
+
+
+class StrategyServer:
+    """Ray Serve deployment around a ``StrategyHost`` whose engine is the remote engines."""
+
+    def __init__(self, engines: dict[str, DeploymentHandle], models: DeploymentHandle, names: list[str] | None,
+                 refresh_interval_s: float) -> None:
+        targets = Targets(engines, models)
+        self.host = StrategyHost(Registry(), names, engine_factory=lambda pool: RemoteEngine(pool, targets),
+                                 refresh_interval_s=refresh_interval_s)
+
+    def names(self) -> list[str]:
+        return list(self.host.names)
+
+    async def complete(self, name: str, prompt: str, params: SamplingParams) -> Completion:
+        return await anyio.to_thread.run_sync(
+            lambda: self.host.complete(name, prompt, max_new_tokens=params.max_tokens,
+                                       temperature=params.temperature, seed=params.seed)
+        )
+
+
+# ------------------------------------------------------------------------------------ backend
+
+
+class RayBackend(LocalBackend):
+    """``LocalBackend``'s registry side (models, registration, removal, external experts) with the
+    engines and strategies behind Ray Serve handles."""
+
+    def __init__(self, registry: Registry, engines: dict[str, DeploymentHandle], models: DeploymentHandle,
+                 strategies: DeploymentHandle, strategy_names: list[str]) -> None:
+        super().__init__(registry)
+        self.targets = Targets(engines, models)
+        self.strategies = strategies
+        for name in strategy_names:
+            self.add_strategy(name, self._strategy_call(name))
+
+    def _strategy_call(self, name: str):
+        async def call(prompt: str, params: SamplingParams) -> Completion:
+            return await acall_with_retry(lambda: self.strategies.complete.remote(name, prompt, params))
+
+        return call
+
+    async def complete(self, model: str, prompt: str, params: SamplingParams) -> Completion:
+        if is_strategy(model):
+            return await super().complete(model, prompt, params)
+        name, version = split_ref(model)
+        expert = await anyio.to_thread.run_sync(self.registry.get_expert, name, version)  # 404 if unknown
+        if expert.status != "ready":
+            raise EngineError(f"expert {expert.ref} is {expert.status}, not ready to serve")
+        if expert.kind == "external":
+            return await super().complete(model, prompt, params)  # litellm, from this replica
+        handle, mid = self.targets.for_expert(expert)
+        call = handle.options(multiplexed_model_id=mid).generate
+        [result] = await acall_with_retry(lambda: call.remote([params.request(prompt)]))
+        return direct_completion(expert, output_of(expert.name, result, weight=1.0))
+
+    async def remove_expert(self, name: str, version: str | None = None) -> list[dict]:
+        # the registry row goes; replicas evict the expert's weights by LRU (its model id, which
+        # carries the row id, is never asked for again); requests already running finish
+        removed = await anyio.to_thread.run_sync(self.registry.remove_expert, name, version)
+        from services.gateway.protocol import ExpertCard
+
+        return [ExpertCard.from_record(e).model_dump(mode="json") for e in removed]
+
+
+@serve.ingress()
+class Gateway:
+    def __init__(self, engines: dict[str, DeploymentHandle], models: DeploymentHandle, strategies: DeploymentHandle,
+                 strategy_names: list[str], settings: dict[str, Any]) -> None:
+        self.registry = Registry()
+        self.backend = RayBackend(self.registry, engines, models, strategies, strategy_names)
+        self.settings = GatewaySettings(**settings)
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.backend, self.registry, self.settings)
+
+
+# ------------------------------------------------------------------------------------ the graph
+
+
+def deployment_name(base: str) -> str:
+    return "engine-" + re.sub(r"[^A-Za-z0-9_-]+", "-", base)
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    config: ServeConfig = load_config((args or {}).get("config"))
+    registry = Registry()
+    engines = {}
+    for base in registry.list_bases():
+        cfg = config.engines.for_base(base.name)
+        deployment = engine_deployment(deployment_name(base.name), max_loaded=cfg.max_adapters_per_replica,
+                                       replicas=cfg.replicas, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+        engines[base.name] = deployment.bind(base.name, cfg.engine, cfg.engine_args)
+    m = config.models
+    models = engine_deployment("models", max_loaded=m.max_models_per_replica, replicas=m.replicas,
+                               num_cpus=m.num_cpus, num_gpus=m.num_gpus).bind(None, config.engines.default.engine,
+                                                                              config.engines.default.engine_args)
+    from services.serving.strategy_host import servable_strategies
+
+    s = config.strategies
+    names = servable_strategies(s.names)
+    strategies = serve.deployment(StrategyServer, name="strategies", num_replicas=s.replicas,
+                                  ray_actor_options={"num_cpus": s.num_cpus},
+                                  max_ongoing_requests=64).bind(engines, models, names, s.refresh_interval_s)
+    g = config.gateway
+    settings = {"require_keys": g.require_keys, "request_timeout_s": g.request_timeout_s}
+    return serve.deployment(Gateway, name="gateway", num_replicas=g.replicas,
+                            ray_actor_options={"num_cpus": g.num_cpus},
+                            max_ongoing_requests=256).bind(engines, models, strategies, names, settings)

@@ -1,0 +1,195 @@
+"""The engine deployment: one engine per base model, its experts multiplexed by Ray Serve.
+
+A request names its expert through Ray Serve's multiplexed model id (``name@version#row-id``), so
+Serve routes it to a replica that already holds that adapter; a replica loads one on its first
+request and evicts the least recently used beyond ``max_adapters_per_replica``. The row id makes a
+removed-then-re-registered name a different model: a stale copy is never served.
+
+A deployment without a base (``base=None``) serves full-model experts that have no base model on
+the cluster: each is an engine of its own, multiplexed the same way.
+
+Engines are single-threaded: every call holds the replica's lock, in a worker thread, so the
+replica's event loop stays free to accept (and queue) requests.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+from ray import serve
+
+from composer.engine_protocol import (
+    EngineError,
+    GenerateRequest,
+    GenerateResult,
+    ScoreRequest,
+    ScoreResult,
+)
+from registry.errors import NotFoundError
+from registry.service import Registry
+
+
+def model_id(name: str, version: str, row_id: int) -> str:
+    return f"{name}@{version}#{row_id}"
+
+
+def parse_model_id(mid: str) -> tuple[str, str, int]:
+    ref, _, row = mid.rpartition("#")
+    name, _, version = ref.partition("@")
+    if not (name and version and row.isdigit()):
+        raise EngineError(f"malformed multiplexed model id {mid!r} (want name@version#id)")
+    return name, version, int(row)
+
+
+def build_engine(kind: str, path: Path, base_name: str, engine_args: dict[str, Any]) -> Any:
+    if kind == "hf":
+        from services.engines.hf import HFEngine
+
+        return HFEngine(path, base_name=base_name, **engine_args)
+    if kind == "vllm":
+        from services.engines.vllm import VLLMEngine
+
+        return VLLMEngine(path, base_name=base_name, **engine_args)
+    raise EngineError(f"unknown engine {kind!r} (hf | vllm)")
+
+
+class _Loaded:
+    """What the multiplexer keeps per model id. Ray Serve calls ``__del__`` when it evicts it, and
+    garbage collection may call it again later — by then the same id can be loaded anew, so only
+    the first call acts, and only on the load it stands for (``token``)."""
+
+    _tokens = iter(range(1, 1 << 62))
+
+    def __init__(self, server: EngineServerBase, mid: str, target: str | None) -> None:
+        self.server, self.mid, self.target = server, mid, target
+        self.token = next(self._tokens)
+        self._released = False
+
+    def __del__(self) -> None:
+        if not self._released:
+            self._released = True
+            try:
+                self.server._unload(self.mid, self.token)
+            except Exception:  # noqa: BLE001 - never raise from a finaliser (interpreter shutdown)
+                pass
+
+
+class EngineServerBase:
+    """The deployment's body; ``engine_deployment`` adds the multiplexed loader with its LRU size."""
+
+    def __init__(self, base: str | None, engine: str = "hf", engine_args: dict | None = None) -> None:
+        self.registry = Registry()  # MOERGE_DATABASE_URL / MOERGE_HOME from the replica's environment
+        self.base = base
+        self.kind = engine
+        self.engine_args = dict(engine_args or {})
+        self._lock = threading.Lock()
+        self._targets: dict[str, str] = {}  # model id -> adapter name on self.engine
+        self._models: dict[str, Any] = {}  # model id -> engine of its own (full models)
+        self._loads: dict[str, int] = {}  # model id -> token of its current load
+        self.engine = None
+        if base is not None:
+            record = self.registry.get_base(base)
+            self.engine = build_engine(engine, Path(record.uri), base, self.engine_args)
+
+    # -- loading (called by the multiplexer) ---------------------------------------------------
+
+    async def _load_target(self, mid: str) -> _Loaded:
+        return await anyio.to_thread.run_sync(self._load_blocking, mid)
+
+    def _load_blocking(self, mid: str) -> _Loaded:
+        name, version, row = parse_model_id(mid)
+        expert = self.registry.get_expert(name, version)
+        if expert.id != row or expert.status != "ready":
+            raise NotFoundError(f"expert {name}@{version} (#{row}) is no longer registered and ready")
+        path = self.registry.expert_path(expert)
+        if path is None or not path.exists():
+            raise EngineError(f"expert {expert.ref}: its files are missing from the artifact store ({path})")
+        with self._lock:
+            on_base = self.engine is not None and expert.base is not None and expert.base.name == self.base
+            if expert.kind == "adapter" and on_base:
+                target = f"expert{expert.id}"
+                self.engine.load_adapter(target, path)
+                self._targets[mid] = target
+                return self._loaded(mid, target)
+            if expert.kind == "model" and on_base:
+                target = f"expert{expert.id}"
+                self.engine.load_model(target, path)
+                self._targets[mid] = target
+                return self._loaded(mid, target)
+            if expert.kind == "model":
+                self._models[mid] = build_engine(self.kind, path, f"expert{expert.id}", self.engine_args)
+                return self._loaded(mid, None)
+        raise EngineError(f"expert {expert.ref} ({expert.kind}) cannot run on the {self.base or 'models'} deployment")
+
+    def _loaded(self, mid: str, target: str | None) -> _Loaded:
+        loaded = _Loaded(self, mid, target)
+        self._loads[mid] = loaded.token
+        return loaded
+
+    def _unload(self, mid: str, token: int) -> None:
+        with self._lock:
+            if self._loads.get(mid) != token:
+                return  # a newer load of the same id: not ours to drop
+            del self._loads[mid]
+            target = self._targets.pop(mid, None)
+            if target is not None and self.engine is not None:
+                if target in self.engine.targets():
+                    kind = self.engine.targets()[target]
+                    (self.engine.unload_adapter if kind == "adapter" else self.engine.unload_model)(target)
+            self._models.pop(mid, None)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    async def _resolve(self) -> tuple[Any, str | None]:
+        mid = serve.get_multiplexed_model_id()
+        if not mid:
+            if self.engine is None:
+                raise EngineError("the models deployment needs a model id")
+            return self.engine, None  # the base itself
+        loaded = await self.get_target(mid)  # type: ignore[attr-defined] - added by engine_deployment
+        engine = self._models.get(mid, self.engine)
+        return engine, loaded.target
+
+    async def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+        engine, target = await self._resolve()
+        items = [replace(r, target=target) for r in requests]
+        return await anyio.to_thread.run_sync(self._locked, engine.generate, items)
+
+    async def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        engine, target = await self._resolve()
+        items = [replace(r, target=target) for r in requests]
+        return await anyio.to_thread.run_sync(self._locked, engine.score, items)
+
+    def _locked(self, fn, items):
+        with self._lock:
+            return fn(items)
+
+    def loaded(self) -> list[str]:
+        """Model ids this replica holds now (tests and operators look at it)."""
+        with self._lock:
+            return sorted([*self._targets, *self._models])
+
+
+def engine_deployment(name: str, *, max_loaded: int, replicas: int, num_cpus: float, num_gpus: float):
+    """A Serve deployment of ``EngineServerBase`` whose multiplexer keeps ``max_loaded`` experts."""
+
+    class EngineServer(EngineServerBase):
+        @serve.multiplexed(max_num_models_per_replica=max_loaded)
+        async def get_target(self, mid: str) -> _Loaded:
+            return await self._load_target(mid)
+
+    return serve.deployment(
+        EngineServer,
+        name=name,
+        num_replicas=replicas,
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+        # a replica that dies is replaced by the controller; requests in flight are retried by
+        # the caller (RemoteEngine / RayBackend)
+        max_ongoing_requests=32,
+        health_check_period_s=2,
+        health_check_timeout_s=30,
+    )

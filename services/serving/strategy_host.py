@@ -1,0 +1,141 @@
+"""Serving strategies: ``moe/<name>`` answered over whatever experts the registry holds now.
+
+A ``StrategyHost`` wraps the ``MoE`` runtime for a long-running server. It watches the registry
+(at most once per ``refresh_interval_s``, one query) and, when the set of ready experts changed,
+builds a fresh ``ExpertPool`` + ``MoE``: routing artifacts are stored per expert, so only a newly
+registered expert is fitted (the classifier retrains its head) and a removed one simply drops out.
+That is what makes hot registration work without a restart, in-process and on Ray alike.
+
+A query-level decision whose top expert fails on the engine falls back to the next expert the
+router ranked (the provenance says so); when every ranked expert fails, the error reaches the
+gateway (503).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from composer.base import Completion, ComposeError
+from composer.engine_protocol import EngineError
+from registry.errors import NotFoundError
+from registry.service import Registry
+from routers.base import Decision
+from services.moe.pool import ExpertPool
+from services.moe.strategies import STRATEGIES, MoE, Routed, Strategy, get_strategy
+
+# strategies that need the gold task of a query cannot be served: a live query has none
+NEEDS_GOLD_TASK = {"moe/oracle"}
+
+
+def servable_strategies(names: list[str] | None = None) -> list[str]:
+    """The strategies a server offers: ``names`` (checked) or every one that needs no gold task."""
+    if names is None:
+        return [n for n in STRATEGIES if n not in NEEDS_GOLD_TASK]
+    out = []
+    for name in names:
+        strategy = get_strategy(name)  # NotFoundError names the unknown one
+        if strategy.name in NEEDS_GOLD_TASK:
+            raise NotFoundError(f"{strategy.name} needs each query's gold task; it can be evaluated, not served")
+        out.append(strategy.name)
+    return out
+
+
+class StrategyHost:
+    def __init__(
+        self,
+        registry: Registry,
+        names: list[str] | None = None,
+        *,
+        engine_factory: Callable[[ExpertPool], object] | None = None,
+        refresh_interval_s: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        self.registry = registry
+        self.names = servable_strategies(names)
+        # builds the engine query-level composers use for a pool (Ray: the remote engine);
+        # None: the pool's own in-process hf engine
+        self._engine_factory = engine_factory
+        self.refresh_interval_s = refresh_interval_s
+        self.seed = seed
+        self._moe: MoE | None = None
+        self._fingerprint: tuple | None = None
+        self._checked_at = 0.0
+        self._lock = threading.Lock()  # one request at a time: routers and hf engines are not thread-safe
+        self.rebuilds = 0
+
+    # ------------------------------------------------------------------ registry watch
+
+    def _current_fingerprint(self) -> tuple:
+        return tuple(sorted((e.id, e.updated_at.isoformat()) for e in self.registry.list_experts(status="ready")))
+
+    def moe(self) -> MoE:
+        """The runtime over the registry's current experts (rebuilt when they changed)."""
+        now = time.monotonic()
+        if self._moe is not None and now - self._checked_at < self.refresh_interval_s:
+            return self._moe
+        self._checked_at = now
+        fingerprint = self._current_fingerprint()
+        if self._moe is None or fingerprint != self._fingerprint:
+            pool = ExpertPool(self.registry)
+            if self._engine_factory is not None:
+                pool.attach_engine(self._engine_factory(pool))
+            self._moe = MoE(pool, seed=self.seed)
+            self._fingerprint = fingerprint
+            self.rebuilds += 1
+        return self._moe
+
+    # ------------------------------------------------------------------ answering
+
+    def complete(self, name: str, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 seed: int | None = None) -> Completion:
+        strategy = get_strategy(name)
+        if strategy.name not in self.names:
+            raise NotFoundError(f"strategy {strategy.name} is not served here (served: {', '.join(self.names)})")
+        with self._lock:
+            moe = self.moe()
+            try:
+                [(completion, routed)] = moe.run(strategy, [prompt], max_new_tokens=max_new_tokens,
+                                                 temperature=temperature, seed=seed)
+            except EngineError as exc:
+                if strategy.level != "query" or strategy.composer != "single":
+                    raise
+                completion, routed = self._fall_back(moe, strategy, prompt, exc, max_new_tokens, temperature, seed)
+        completion.provenance.decision_info = {**completion.provenance.decision_info, "router_ms": routed.router_ms}
+        return completion
+
+    def _fall_back(self, moe: MoE, strategy: Strategy, prompt: str, first: EngineError, max_new_tokens: int,
+                   temperature: float, seed: int | None) -> tuple[Completion, Routed]:
+        """The router's ranking, top expert failed: try the others in order."""
+        from composer.engine_protocol import GenerateRequest
+
+        routed = moe.route(strategy, prompt)
+        decision: Decision = routed.decision  # type: ignore[assignment]
+        failed = [decision.top]
+        errors = [str(first)]
+        for i in range(1, len(decision.experts)):
+            rest = Decision(decision.router, decision.experts[i:], dict(decision.info))
+            rest.info["fallback"] = f"{', '.join(map(str, failed))} failed on the engine; {rest.top} answered"
+            try:
+                completion = moe.composer(strategy).execute(
+                    rest, GenerateRequest(prompt, None, max_new_tokens, temperature, seed=seed), moe.pool.engine
+                )
+                return completion, routed
+            except (EngineError, ComposeError) as exc:
+                failed.append(rest.top)
+                errors.append(str(exc))
+        raise EngineError(f"{strategy.name}: every ranked expert failed ({'; '.join(errors)})")
+
+
+def backend_strategies(host: StrategyHost) -> dict:
+    """The host's strategies as ``LocalBackend`` strategy callables ``(prompt, params) -> Completion``."""
+
+    def one(name: str):
+        def call(prompt: str, params) -> Completion:
+            return host.complete(name, prompt, max_new_tokens=params.max_tokens, temperature=params.temperature,
+                                 seed=params.seed)
+
+        return call
+
+    return {name: one(name) for name in host.names}
