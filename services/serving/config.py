@@ -21,9 +21,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# The default CPU shares add up to 1.5, so every deployment fits a 2-core machine's local Ray
+# (Ray counts logical CPUs; an unschedulable replica would leave `serve.run` waiting forever).
+
+
 class GatewayConfig(_Strict):
     replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(0.5, ge=0)
+    num_cpus: float = Field(0.25, ge=0)
     request_timeout_s: float = Field(120.0, gt=0)
     require_keys: bool = False  # the embedded default; the Helm chart turns it on
 
@@ -31,7 +35,7 @@ class GatewayConfig(_Strict):
 class EngineConfig(_Strict):
     engine: Literal["hf", "vllm"] = "hf"
     replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, ge=0)
+    num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     # Ray Serve model multiplexing: adapters (and full models) per replica before LRU eviction
     max_adapters_per_replica: int = Field(8, ge=1)
@@ -51,14 +55,14 @@ class ModelsConfig(_Strict):
     """The deployment for full-model experts that have no base model of their own on the cluster."""
 
     replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(0.5, ge=0)
+    num_cpus: float = Field(0.25, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     max_models_per_replica: int = Field(4, ge=1)
 
 
 class StrategiesConfig(_Strict):
     replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, ge=0)
+    num_cpus: float = Field(0.5, ge=0)
     names: list[str] | None = None  # None: every query-level strategy
     refresh_interval_s: float = Field(1.0, ge=0)  # how often the registry is checked for new experts
 
