@@ -21,7 +21,7 @@ winning answer is the raw output of its best-ranked expert (not the normalised k
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from composer.base import (
     ComposeError,
@@ -79,13 +79,30 @@ class Ensemble:
         self.name = f"ensemble-{vote}-k{k}"
 
     def execute(self, decision: Decision, request: GenerateRequest, engine: Engine) -> Completion:
-        recruits = top_experts(decision, self.k)
-        if not recruits:
-            raise ComposeError(f"{self.name}: the router ({decision.router}) recruited no expert")
-        needed = [n for n, _ in recruits] + ([self.aggregator] if self.vote == "aggregate" else [])
-        require_targets(engine, needed, self.name)
+        return self.execute_batch([decision], [request], engine)[0]
 
-        results = engine.generate([with_target(request, name) for name, _ in recruits])
+    def execute_batch(
+        self, decisions: Sequence[Decision], requests: Sequence[GenerateRequest], engine: Engine
+    ) -> list[Completion]:
+        """Every recruit of every request in one engine call (the engine groups them by expert):
+        the same answers as ``execute`` one by one, each expert loaded once."""
+        plans = [top_experts(d, self.k) for d in decisions]
+        for decision, recruits in zip(decisions, plans):
+            if not recruits:
+                raise ComposeError(f"{self.name}: the router ({decision.router}) recruited no expert")
+        needed = {n for recruits in plans for n, _ in recruits} | ({self.aggregator} if self.vote == "aggregate" else set())
+        require_targets(engine, sorted(needed), self.name)
+        flat = [with_target(r, name) for r, recruits in zip(requests, plans) for name, _ in recruits]
+        results = engine.generate(flat)
+        out, start = [], 0
+        for decision, request, recruits in zip(decisions, requests, plans):
+            mine = results[start : start + len(recruits)]
+            start += len(recruits)
+            out.append(self._compose(decision, request, recruits, mine, engine))
+        return out
+
+    def _compose(self, decision: Decision, request: GenerateRequest, recruits: list[tuple[str, float]],
+                 results: list, engine: Engine) -> Completion:
         outputs = [
             output_of(name, r, weight=w, answer=self.normalise(r.text)) for (name, w), r in zip(recruits, results)
         ]

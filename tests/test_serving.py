@@ -198,6 +198,17 @@ def test_hot_registration_then_removal(cluster: Cluster) -> None:
             time.sleep(0.5)
         assert r.json()["moe"]["experts"][0]["name"] != "zorblifier"
 
+        # the next registration may get the deleted row's id (SQLite): the replica still caches the
+        # removed expert's weights under that id, and must serve the new expert, not them
+        other = cluster.manifest.path_of(next(e for e in cluster.manifest.experts if e.name == adapters(cluster)[1]).path)
+        body = {**body, "name": "zorblifier-two", "path": str(other), "examples": []}
+        r = h.post("/v1/experts", json=body)
+        assert r.status_code == 201, r.text
+        prompt, _ = zoo_prompt(cluster, adapters(cluster)[1])
+        reply = c.completions.create(model="zorblifier-two", prompt=prompt, max_tokens=24)
+        assert reply.choices[0].text == local_greedy(cluster, adapters(cluster)[1], prompt, 24)
+        assert h.delete("/v1/experts/zorblifier-two").status_code == 200
+
 
 def _engine_replicas(base: str) -> list[str]:
     from services.serving.app import deployment_name

@@ -206,7 +206,7 @@ class MoE:
             for r in routed:
                 self._prepare_mixture(router, r.decision)
             completions = composer.execute_batch([r.decision for r in routed], requests, engine)
-        elif isinstance(composer, Single):
+        elif isinstance(composer, (Single, Ensemble)):
             completions = composer.execute_batch([r.decision for r in routed], requests, self.pool.engine)
         else:
             engine = self.pool.local_engine if isinstance(composer, Merged) else self.pool.engine

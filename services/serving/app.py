@@ -62,10 +62,31 @@ class StrategyServer:
         return list(self.host.names)
 
     async def complete(self, name: str, prompt: str, params: SamplingParams) -> Completion:
-        return await anyio.to_thread.run_sync(
-            lambda: self.host.complete(name, prompt, max_new_tokens=params.max_tokens,
-                                       temperature=params.temperature, seed=params.seed)
-        )
+        result = await self._complete_together((name, prompt, params))
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _complete_together(self, items: list[tuple[str, str, SamplingParams]]) -> list[Completion]:
+        """Concurrent requests share ``MoE.run`` calls, one per (strategy, sampling parameters):
+        routed per prompt, then batched per expert on the engines."""
+        groups: dict[tuple[str, SamplingParams], list[int]] = {}
+        for i, (name, _, params) in enumerate(items):
+            groups.setdefault((name, params), []).append(i)
+        out: list[Completion | BaseException] = [None] * len(items)  # type: ignore[list-item]
+        for (name, params), idx in groups.items():
+            prompts = [items[i][1] for i in idx]
+            try:
+                done = await anyio.to_thread.run_sync(
+                    lambda: self.host.complete_many(name, prompts, max_new_tokens=params.max_tokens,  # noqa: B023
+                                                    temperature=params.temperature, seed=params.seed)
+                )
+            except Exception as exc:  # noqa: BLE001 - this group's callers get it; other groups go on
+                done = [exc] * len(idx)
+            for i, completion in zip(idx, done):
+                out[i] = completion
+        return out  # a caller handed an exception raises it (complete)
 
 
 # ------------------------------------------------------------------------------------ backend

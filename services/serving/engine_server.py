@@ -1,9 +1,11 @@
 """The engine deployment: one engine per base model, its experts multiplexed by Ray Serve.
 
-A request names its expert through Ray Serve's multiplexed model id (``name@version#row-id``), so
-Serve routes it to a replica that already holds that adapter; a replica loads one on its first
-request and evicts the least recently used beyond ``max_adapters_per_replica``. The row id makes a
-removed-then-re-registered name a different model: a stale copy is never served.
+A request names its expert through Ray Serve's multiplexed model id
+(``name@version#row-id.checksum``), so Serve routes it to a replica that already holds that
+adapter; a replica loads one on its first request and evicts the least recently used beyond
+``max_adapters_per_replica``. Row ids alone are not enough to tell experts apart over time
+(SQLite hands a deleted row's id to the next insert), so the id carries the weights' checksum: a
+removed expert's copy, still cached until evicted, is never served for another one.
 
 A deployment without a base (``base=None``) serves full-model experts that have no base model on
 the cluster: each is an engine of its own, multiplexed the same way.
@@ -33,16 +35,23 @@ from registry.errors import NotFoundError
 from registry.service import Registry
 
 
-def model_id(name: str, version: str, row_id: int) -> str:
-    return f"{name}@{version}#{row_id}"
+def model_id(name: str, version: str, row_id: int, checksum: str) -> str:
+    return f"{name}@{version}#{row_id}.{checksum[:16]}"
 
 
-def parse_model_id(mid: str) -> tuple[str, str, int]:
-    ref, _, row = mid.rpartition("#")
+def parse_model_id(mid: str) -> tuple[str, str, int, str]:
+    ref, _, tail = mid.rpartition("#")
     name, _, version = ref.partition("@")
-    if not (name and version and row.isdigit()):
-        raise EngineError(f"malformed multiplexed model id {mid!r} (want name@version#id)")
-    return name, version, int(row)
+    row, _, checksum = tail.partition(".")
+    if not (name and version and row.isdigit() and checksum):
+        raise EngineError(f"malformed multiplexed model id {mid!r} (want name@version#id.checksum)")
+    return name, version, int(row), checksum
+
+
+def engine_target(mid: str) -> str:
+    """The expert's name on the engine: unique per model id, and a safe peft adapter name."""
+    _, _, row, checksum = parse_model_id(mid)
+    return f"expert{row}_{checksum}"
 
 
 def build_engine(kind: str, path: Path, base_name: str, engine_args: dict[str, Any]) -> Any:
@@ -101,27 +110,28 @@ class EngineServerBase:
         return await anyio.to_thread.run_sync(self._load_blocking, mid)
 
     def _load_blocking(self, mid: str) -> _Loaded:
-        name, version, row = parse_model_id(mid)
+        name, version, row, checksum = parse_model_id(mid)
         expert = self.registry.get_expert(name, version)
-        if expert.id != row or expert.status != "ready":
+        if expert.id != row or not expert.checksum.startswith(checksum) or expert.status != "ready":
             raise NotFoundError(f"expert {name}@{version} (#{row}) is no longer registered and ready")
         path = self.registry.expert_path(expert)
         if path is None or not path.exists():
             raise EngineError(f"expert {expert.ref}: its files are missing from the artifact store ({path})")
         with self._lock:
             on_base = self.engine is not None and expert.base is not None and expert.base.name == self.base
+            target = engine_target(mid)
+            if on_base and target in self.engine.targets():
+                self._drop(target)  # an earlier load of this very id whose eviction has not run yet
             if expert.kind == "adapter" and on_base:
-                target = f"expert{expert.id}"
                 self.engine.load_adapter(target, path)
                 self._targets[mid] = target
                 return self._loaded(mid, target)
             if expert.kind == "model" and on_base:
-                target = f"expert{expert.id}"
                 self.engine.load_model(target, path)
                 self._targets[mid] = target
                 return self._loaded(mid, target)
             if expert.kind == "model":
-                self._models[mid] = build_engine(self.kind, path, f"expert{expert.id}", self.engine_args)
+                self._models[mid] = build_engine(self.kind, path, target, self.engine_args)
                 return self._loaded(mid, None)
         raise EngineError(f"expert {expert.ref} ({expert.kind}) cannot run on the {self.base or 'models'} deployment")
 
@@ -136,11 +146,16 @@ class EngineServerBase:
                 return  # a newer load of the same id: not ours to drop
             del self._loads[mid]
             target = self._targets.pop(mid, None)
-            if target is not None and self.engine is not None:
-                if target in self.engine.targets():
-                    kind = self.engine.targets()[target]
-                    (self.engine.unload_adapter if kind == "adapter" else self.engine.unload_model)(target)
+            if target is not None:
+                self._drop(target)
             self._models.pop(mid, None)
+
+    def _drop(self, target: str) -> None:
+        kind = self.engine.targets().get(target) if self.engine is not None else None
+        if kind == "adapter":
+            self.engine.unload_adapter(target)
+        elif kind == "model":
+            self.engine.unload_model(target)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -157,7 +172,38 @@ class EngineServerBase:
     async def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         engine, target = await self._resolve()
         items = [replace(r, target=target) for r in requests]
+        if engine is self.engine:
+            results = await self._generate_together(items)
+            if isinstance(results, BaseException):
+                raise results
+            return results
         return await anyio.to_thread.run_sync(self._locked, engine.generate, items)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def _generate_together(self, calls: list[list[GenerateRequest]]) -> list[list[GenerateResult]]:
+        """Concurrent calls share one engine call: the engine groups their items by target and
+        batches each group (rows keep their own sampling and stops), so 16 clients of one adapter
+        cost about one batch of 16, not 16 batches of one."""
+        flat = [r for call in calls for r in call]
+        try:
+            results = await anyio.to_thread.run_sync(self._locked, self.engine.generate, flat)
+        except EngineError:
+            if len(calls) == 1:
+                raise
+            # one call's expert went away (evicted, removed) mid-batch: the others must not fail
+            # with it, so each call runs alone and only the broken one reports its error
+            return [await self._generate_alone(call) for call in calls]
+        out, start = [], 0
+        for call in calls:
+            out.append(results[start : start + len(call)])
+            start += len(call)
+        return out
+
+    async def _generate_alone(self, call: list[GenerateRequest]) -> list[GenerateResult] | BaseException:
+        try:
+            return await anyio.to_thread.run_sync(self._locked, self.engine.generate, call)
+        except EngineError as exc:
+            return exc  # handed to that caller alone, which raises it (generate)
 
     async def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
         engine, target = await self._resolve()

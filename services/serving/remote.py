@@ -87,7 +87,7 @@ class Targets:
     def for_expert(self, expert) -> tuple[Any, str]:
         from services.serving.engine_server import model_id
 
-        mid = model_id(expert.name, expert.version, expert.id)
+        mid = model_id(expert.name, expert.version, expert.id, expert.checksum)
         base = expert.base.name if expert.base is not None else None
         if base in self.engines:
             return self.engines[base], mid

@@ -88,11 +88,36 @@ class StrategyHost:
 
     # ------------------------------------------------------------------ answering
 
-    def complete(self, name: str, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-                 seed: int | None = None) -> Completion:
+    def _served(self, name: str) -> Strategy:
         strategy = get_strategy(name)
         if strategy.name not in self.names:
             raise NotFoundError(f"strategy {strategy.name} is not served here (served: {', '.join(self.names)})")
+        return strategy
+
+    def complete_many(self, name: str, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                      seed: int | None = None) -> list[Completion]:
+        """Several prompts for one strategy in one ``MoE.run`` (routers decide per prompt; the
+        engine calls are batched by expert). If an engine fails, each prompt is answered alone so
+        the fall-back applies to the prompts that need it."""
+        strategy = self._served(name)
+        with self._lock:
+            moe = self.moe()
+            try:
+                results = moe.run(strategy, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+            except EngineError:
+                results = None
+        if results is None:
+            return [self.complete(name, p, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+                    for p in prompts]
+        out = []
+        for completion, routed in results:
+            completion.provenance.decision_info = {**completion.provenance.decision_info, "router_ms": routed.router_ms}
+            out.append(completion)
+        return out
+
+    def complete(self, name: str, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 seed: int | None = None) -> Completion:
+        strategy = self._served(name)
         with self._lock:
             moe = self.moe()
             try:
