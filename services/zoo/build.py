@@ -16,11 +16,12 @@ the end and checked against the size's floors; the table goes to the manifest an
 
 from __future__ import annotations
 
-import copy
 import json
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -248,43 +249,28 @@ def build_zoo(size: str, out_dir: Path, seed: int = 0, progress: bool = True) ->
         timings["pretrain_base"] = time.perf_counter() - t0
         base_entry = BaseEntry(BASE_NAME, "base", sum(p.numel() for p in base.parameters()))
 
-        # -- LoRA experts, one per skill --------------------------------------------------
-        experts: list[ExpertEntry] = []
+        # -- experts: a LoRA per skill and one full fine-tuned domain model ----------------
+        # Trained in `workers` processes of one thread each: at these sizes one training run
+        # cannot keep two cores busy, two runs side by side can. Every expert is trained from the
+        # saved base with its own seed, so the result does not depend on which worker ran it.
         t0 = time.perf_counter()
-        n_train = spec.lora.steps * spec.lora.batch_size
-        for i, (name, skill) in enumerate(SKILLS.items()):
-            train = make_split("train", n_train, seed, [name])
-            val = make_split("validation", spec.n_validation, seed, [name])
-            model, _ = train_lora(copy.deepcopy(base), tok, [(e.prompt, e.reference) for e in train], spec.lora,
-                                  spec.lora_rank, spec.lora_alpha, seed + i,
-                                  on_step=bars.phase(f"LoRA {skill.expert_name}", spec.lora.steps),
-                                  good_enough=_passes(tok, val, spec.stop_at))
-            rel = f"experts/{skill.expert_name}"
-            model.save_pretrained(out_dir / rel)
-            experts.append(_entry(out_dir, skill.expert_name, "adapter", rel, [skill.domain], [name],
-                                  f"LoRA (r={spec.lora_rank}) on {BASE_NAME} for the '{name}' skill: "
-                                  f"{skill.templates[0].lower()}. Tags: {', '.join(skill.tags)}.",
-                                  train, val))
-        timings["lora_experts"] = time.perf_counter() - t0
-
-        # -- one full fine-tuned domain model ---------------------------------------------
-        t0 = time.perf_counter()
-        dom_skills = list(MODEL_EXPERT_SKILLS)
-        n_full = spec.full.steps * spec.full.batch_size // len(dom_skills)
-        train = make_split("train", n_full, seed, dom_skills)
-        val = make_split("validation", spec.n_validation, seed, dom_skills)
-        full, _ = train_full(copy.deepcopy(base), tok, [(e.prompt, e.reference) for e in train], spec.full, seed,
-                             on_step=bars.phase(f"full domain-{MODEL_EXPERT_DOMAIN}", spec.full.steps),
-                             good_enough=_passes(tok, val, spec.stop_at))
-        rel = f"experts/domain-{MODEL_EXPERT_DOMAIN}"
-        full.save_pretrained(out_dir / rel)
-        tok.save_pretrained(str(out_dir / rel))
-        experts.append(_entry(out_dir, f"domain-{MODEL_EXPERT_DOMAIN}", "model", rel, [MODEL_EXPERT_DOMAIN], dom_skills,
-                              f"Full fine-tune of {BASE_NAME} on the {MODEL_EXPERT_DOMAIN} domain's counting skills "
-                              f"({', '.join(dom_skills)}): a standalone model, not an adapter.",
-                              train, val))
-        timings["model_expert"] = time.perf_counter() - t0
-        del base, full
+        jobs = [*SKILLS, FULL_JOB]
+        workers = _workers(len(jobs))
+        if workers == 1:
+            for i, job in enumerate(jobs):
+                on_step = bars.phase(_job_label(job), (spec.full if job == FULL_JOB else spec.lora).steps)
+                _train_expert(str(out_dir), size, seed, job, on_step=on_step)
+        else:
+            done = bars.advance(f"experts ({workers} processes)", len(jobs))
+            ctx = multiprocessing.get_context("spawn")  # fork after torch's threads start is unsafe
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                     initargs=(max(1, (os.cpu_count() or 1) // workers),)) as pool:
+                for future in as_completed([pool.submit(_train_expert, str(out_dir), size, seed, job) for job in jobs]):
+                    future.result()  # a failed expert stops the build with its own error
+                    done()
+        experts = [_expert_entry(out_dir, spec, seed, job) for job in jobs]
+        timings["experts"] = time.perf_counter() - t0
+        del base
 
         # -- held-out suite files ---------------------------------------------------------
         suite = {}
@@ -305,6 +291,72 @@ def build_zoo(size: str, out_dir: Path, seed: int = 0, progress: bool = True) ->
     manifest.failures = check_floors(manifest, spec.floors)
     manifest.save(out_dir)
     return manifest
+
+
+FULL_JOB = "full"  # the job name of the full fine-tuned domain model (the others are skill names)
+
+
+def _job_label(job: str) -> str:
+    return f"full domain-{MODEL_EXPERT_DOMAIN}" if job == FULL_JOB else f"LoRA {SKILLS[job].expert_name}"
+
+
+def _workers(n_jobs: int) -> int:
+    """Processes for expert training: MOERGE_ZOO_WORKERS, else one per core (at most 2: the
+    per-expert runs are small), never more than the jobs."""
+    wanted = int(os.environ.get("MOERGE_ZOO_WORKERS", "0")) or min(2, os.cpu_count() or 1)
+    return max(1, min(wanted, n_jobs))
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+
+
+def _expert_data(spec: ZooSize, seed: int, job: str) -> tuple[list[Example], list[Example]]:
+    """(train, validation) examples of a job; deterministic, so the parent rebuilds them for the
+    manifest instead of receiving them from the worker."""
+    if job == FULL_JOB:
+        skills = list(MODEL_EXPERT_SKILLS)
+        n = spec.full.steps * spec.full.batch_size // len(skills)
+    else:
+        skills, n = [job], spec.lora.steps * spec.lora.batch_size
+    return make_split("train", n, seed, skills), make_split("validation", spec.n_validation, seed, skills)
+
+
+def _train_expert(out_dir: str, size: str, seed: int, job: str,
+                  on_step: Callable[[int, float], None] | None = None) -> str:
+    """Train one expert from the saved base and save it under ``experts/`` (runs in a worker)."""
+    spec, root = SIZES[size], Path(out_dir)
+    tok = AutoTokenizer.from_pretrained(str(root / "base"))
+    base = AutoModelForCausalLM.from_pretrained(str(root / "base"))
+    train, val = _expert_data(spec, seed, job)
+    pairs = [(e.prompt, e.reference) for e in train]
+    if job == FULL_JOB:
+        model, _ = train_full(base, tok, pairs, spec.full, seed, on_step=on_step,
+                              good_enough=_passes(tok, val, spec.stop_at))
+        rel = root / "experts" / f"domain-{MODEL_EXPERT_DOMAIN}"
+        model.save_pretrained(rel)
+        tok.save_pretrained(str(rel))
+    else:
+        i = list(SKILLS).index(job)
+        model, _ = train_lora(base, tok, pairs, spec.lora, spec.lora_rank, spec.lora_alpha, seed + i,
+                              on_step=on_step, good_enough=_passes(tok, val, spec.stop_at))
+        model.save_pretrained(root / "experts" / SKILLS[job].expert_name)
+    return job
+
+
+def _expert_entry(out_dir: Path, spec: ZooSize, seed: int, job: str) -> ExpertEntry:
+    train, val = _expert_data(spec, seed, job)
+    if job == FULL_JOB:
+        name = f"domain-{MODEL_EXPERT_DOMAIN}"
+        skills = list(MODEL_EXPERT_SKILLS)
+        return _entry(out_dir, name, "model", f"experts/{name}", [MODEL_EXPERT_DOMAIN], skills,
+                      f"Full fine-tune of {BASE_NAME} on the {MODEL_EXPERT_DOMAIN} domain's counting skills "
+                      f"({', '.join(skills)}): a standalone model, not an adapter.", train, val)
+    skill = SKILLS[job]
+    return _entry(out_dir, skill.expert_name, "adapter", f"experts/{skill.expert_name}", [skill.domain], [job],
+                  f"LoRA (r={spec.lora_rank}) on {BASE_NAME} for the '{job}' skill: "
+                  f"{skill.templates[0].lower()}. Tags: {', '.join(skill.tags)}.", train, val)
 
 
 def _passes(tok, validation: list[Example], threshold: float) -> Callable[[torch.nn.Module], bool]:
