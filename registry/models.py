@@ -179,3 +179,110 @@ class ApiKey(Base):
 
     def __repr__(self) -> str:
         return f"ApiKey(name={self.name!r}, scope={self.scope!r}, prefix={self.key_prefix!r})"
+
+
+# --- leaderboard: user suites and stored runs (migration 0002) ------------------------------------
+
+SUITE_METRICS: tuple[str, ...] = ("exact_match", "contains", "multiple_choice")
+LEADERBOARD_ENTRY_KINDS: tuple[str, ...] = ("expert", "strategy")
+
+
+class Suite(Base):
+    """A user benchmark suite imported from JSONL (``moerge suite add``). Built-in suites (the
+    zoo's ``skills``) are generated in code and have no row."""
+
+    __tablename__ = "suites"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    source: Mapped[str] = mapped_column(String(1024), default="")  # the file it was imported from
+    checksum: Mapped[str] = mapped_column(String(64), default="")  # sha256 of that file
+    n_examples: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    examples: Mapped[list[SuiteExample]] = relationship(
+        back_populates="suite", cascade="all, delete-orphan", passive_deletes=True, lazy="select",
+        order_by="SuiteExample.id",
+    )
+
+    def __repr__(self) -> str:
+        return f"Suite(name={self.name!r}, n_examples={self.n_examples})"
+
+
+class SuiteExample(Base):
+    """One query of a suite: its prompt, the reference answer, the gold task, split and metric."""
+
+    __tablename__ = "suite_examples"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    suite_id: Mapped[int] = mapped_column(ForeignKey("suites.id", ondelete="CASCADE"), index=True)
+    line: Mapped[int] = mapped_column(Integer)  # line number in the imported file
+    prompt: Mapped[str] = mapped_column(Text)
+    reference: Mapped[str] = mapped_column(Text)
+    task: Mapped[str] = mapped_column(String(128), default="")
+    split: Mapped[str] = mapped_column(String(32))
+    metric: Mapped[str] = mapped_column(String(32), default="exact_match")  # SUITE_METRICS
+    choices: Mapped[list[str] | None] = mapped_column(JSON)  # multiple_choice only
+
+    suite: Mapped[Suite] = relationship(back_populates="examples")
+
+
+class LeaderboardRun(Base):
+    """One ``moerge leaderboard run``: what was measured, how, and when."""
+
+    __tablename__ = "leaderboard_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    suite: Mapped[str] = mapped_column(String(128), index=True)
+    base_model: Mapped[str] = mapped_column(String(128), default="")
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    n_per_task: Mapped[int | None] = mapped_column(Integer)  # None: the suite's default sizes
+    splits: Mapped[list[str]] = mapped_column(JSON, default=list)
+    mode: Mapped[str] = mapped_column(String(16), default="grouped")  # grouped | naive
+    n_queries: Mapped[int] = mapped_column(Integer, default=0)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    settings: Mapped[dict] = mapped_column(JSON, default=dict)  # default cost, versions, machine …
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    results: Mapped[list[LeaderboardResult]] = relationship(
+        back_populates="run", cascade="all, delete-orphan", passive_deletes=True, lazy="select",
+        order_by="LeaderboardResult.id",
+    )
+
+    def __repr__(self) -> str:
+        return f"LeaderboardRun(id={self.id}, suite={self.suite!r}, seed={self.seed})"
+
+
+class LeaderboardResult(Base):
+    """One entry (an expert alone or a strategy) on one split of a run. Totals are stored (tokens,
+    cost, correct answers) so that views can pool splits exactly."""
+
+    __tablename__ = "leaderboard_results"
+    __table_args__ = (UniqueConstraint("run_id", "entry", "split"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("leaderboard_runs.id", ondelete="CASCADE"), index=True)
+    entry: Mapped[str] = mapped_column(String(256))  # "moe/…" or "expert:<name>"
+    kind: Mapped[str] = mapped_column(String(16))  # LEADERBOARD_ENTRY_KINDS
+    split: Mapped[str] = mapped_column(String(32))
+    n: Mapped[int] = mapped_column(Integer)  # queries scored
+    correct: Mapped[int] = mapped_column(Integer)
+    accuracy: Mapped[float] = mapped_column(Float)
+    skipped: Mapped[int] = mapped_column(Integer, default=0)  # queries this entry cannot answer
+    routed: Mapped[int] = mapped_column(Integer, default=0)  # queries whose routing could be judged
+    routing_accuracy: Mapped[float | None] = mapped_column(Float)
+    mean_experts: Mapped[float] = mapped_column(Float, default=0.0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost: Mapped[float] = mapped_column(Float, default=0.0)  # total over the split's queries
+    latency_p50_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    latency_p95_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    per_task: Mapped[dict] = mapped_column(JSON, default=dict)  # task -> [correct, n]
+    confusion: Mapped[dict] = mapped_column(JSON, default=dict)  # gold task -> chosen expert -> count
+
+    run: Mapped[LeaderboardRun] = relationship(back_populates="results")
+
+    def __repr__(self) -> str:
+        return f"LeaderboardResult(entry={self.entry!r}, split={self.split!r}, accuracy={self.accuracy:.3f})"

@@ -38,6 +38,10 @@ from registry.models import (
     BaseModel,
     Expert,
     ExpertExample,
+    LeaderboardResult,
+    LeaderboardRun,
+    Suite,
+    SuiteExample,
 )
 from registry.validation import (
     Limits,
@@ -462,3 +466,118 @@ class Registry:
     def revoke_key(self, name: str) -> ApiKey:
         with self.session() as s:
             return _keys.revoke_key(s, name)
+
+    # --- leaderboard: user suites and runs -------------------------------------------------------
+
+    def add_suite(
+        self,
+        name: str,
+        rows: list[dict],
+        *,
+        description: str = "",
+        source: str = "",
+        checksum: str = "",
+        replace: bool = False,
+    ) -> Suite:
+        """Store a suite and all its examples in one transaction (rows are validated by the caller:
+        ``services.leaderboard.suites``). ``replace`` swaps out an existing suite of that name."""
+        check_name(name, "suite name")
+        if not rows:
+            raise RegistrationError(f"suite {name!r} has no examples")
+        with self.session() as s:
+            existing = s.scalar(select(Suite).where(Suite.name == name))
+            if existing is not None:
+                if not replace:
+                    raise RegistrationError(f"suite {name!r} already exists (use --replace to import it again)")
+                s.delete(existing)
+                s.flush()
+            suite = Suite(name=name, description=description, source=source, checksum=checksum,
+                          n_examples=len(rows))
+            s.add(suite)
+            try:
+                s.flush()  # the unique name first: a concurrent import of the same name stops here
+            except IntegrityError:
+                raise RegistrationError(f"suite {name!r} already exists (imported concurrently)") from None
+            s.add_all(
+                SuiteExample(suite_id=suite.id, line=r["line"], prompt=r["prompt"], reference=r["reference"],
+                             task=r.get("task", ""), split=r["split"], metric=r.get("metric", "exact_match"),
+                             choices=r.get("choices"))
+                for r in rows
+            )
+            s.flush()
+        return suite
+
+    def get_suite(self, name: str) -> Suite:
+        with self.session() as s:
+            suite = s.scalar(select(Suite).where(Suite.name == name))
+        if suite is None:
+            raise NotFoundError(f"no suite named {name!r} (import one with `moerge suite add`)")
+        return suite
+
+    def list_suites(self) -> list[Suite]:
+        with self.session() as s:
+            return list(s.scalars(select(Suite).order_by(Suite.name)))
+
+    def get_suite_examples(self, name: str, split: str | None = None) -> list[SuiteExample]:
+        suite = self.get_suite(name)
+        with self.session() as s:
+            q = select(SuiteExample).where(SuiteExample.suite_id == suite.id)
+            if split is not None:
+                q = q.where(SuiteExample.split == split)
+            return list(s.scalars(q.order_by(SuiteExample.id)))
+
+    def remove_suite(self, name: str) -> Suite:
+        with self.session() as s:
+            suite = s.scalar(select(Suite).where(Suite.name == name))
+            if suite is None:
+                raise NotFoundError(f"no suite named {name!r}")
+            s.delete(suite)
+        return suite
+
+    def add_leaderboard_run(self, run: dict, results: list[dict]) -> LeaderboardRun:
+        """Store a run and every result row in one transaction: a run is either whole or absent.
+        ``run`` holds LeaderboardRun columns, each of ``results`` LeaderboardResult columns."""
+        with self.session() as s:
+            row = LeaderboardRun(**run)
+            row.results = [LeaderboardResult(**r) for r in results]
+            s.add(row)
+            s.flush()
+        return row
+
+    def list_leaderboard_runs(self, suite: str | None = None, limit: int | None = None) -> list[LeaderboardRun]:
+        """Runs, newest first."""
+        with self.session() as s:
+            q = select(LeaderboardRun)
+            if suite is not None:
+                q = q.where(LeaderboardRun.suite == suite)
+            q = q.order_by(LeaderboardRun.id.desc())
+            if limit is not None:
+                q = q.limit(limit)
+            return list(s.scalars(q))
+
+    def get_leaderboard_run(self, run_id: int | None = None, suite: str | None = None) -> LeaderboardRun:
+        """A run by id, or the newest one (of ``suite``, when given)."""
+        with self.session() as s:
+            if run_id is not None:
+                run = s.get(LeaderboardRun, run_id)
+            else:
+                q = select(LeaderboardRun)
+                if suite is not None:
+                    q = q.where(LeaderboardRun.suite == suite)
+                run = s.scalars(q.order_by(LeaderboardRun.id.desc()).limit(1)).first()
+        if run is None:
+            what = f"run {run_id}" if run_id is not None else "run" + (f" of suite {suite!r}" if suite else "")
+            raise NotFoundError(f"no leaderboard {what} (start one with `moerge leaderboard run`)")
+        return run
+
+    def get_leaderboard_results(self, run_id: int) -> list[LeaderboardResult]:
+        with self.session() as s:
+            q = select(LeaderboardResult).where(LeaderboardResult.run_id == run_id)
+            return list(s.scalars(q.order_by(LeaderboardResult.id)))
+
+    def remove_leaderboard_run(self, run_id: int) -> None:
+        with self.session() as s:
+            run = s.get(LeaderboardRun, run_id)
+            if run is None:
+                raise NotFoundError(f"no leaderboard run {run_id}")
+            s.delete(run)

@@ -19,7 +19,8 @@ from tests.factories import make_tiny_base, make_tiny_lora
 
 pytest_plugins = ["tests.conftest_db"]
 
-TABLES = {"base_models", "experts", "expert_examples", "artifacts", "api_keys"}
+TABLES_0001 = {"base_models", "experts", "expert_examples", "artifacts", "api_keys"}
+TABLES = TABLES_0001 | {"suites", "suite_examples", "leaderboard_runs", "leaderboard_results"}
 
 
 def tables(url: str) -> set[str]:
@@ -37,12 +38,42 @@ def test_migrations_up_down_up(db_url: str) -> None:
     assert tables(db_url) == set()
     db.upgrade(db_url)
     assert tables(db_url) == TABLES
-    assert db.current_revision(db_url) == db.head_revision() == "0001"
+    assert db.current_revision(db_url) == db.head_revision() == "0002"
     db.downgrade(db_url, "base")
     assert tables(db_url) == set()
     assert db.current_revision(db_url) is None
     db.upgrade(db_url)
     assert tables(db_url) == TABLES
+
+
+def test_leaderboard_migration_goes_down_to_0001_and_up_again(db_url: str, tmp_path: Path) -> None:
+    """0002 adds the leaderboard tables and drops only them: 0001 data survives the round trip."""
+    db.upgrade(db_url, "0001")
+    assert tables(db_url) == TABLES_0001
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO api_keys (name, scope, allowed_models, key_prefix, key_hash, created_at) "
+                              "VALUES ('k', 'user', '[]', 'mk-1', 'h', CURRENT_TIMESTAMP)"))
+    finally:
+        engine.dispose()
+    db.upgrade(db_url)
+    assert tables(db_url) == TABLES and db.current_revision(db_url) == "0002"
+    with Registry(db_url, artifact_root=tmp_path / "store") as reg:
+        reg.add_suite("s", [{"line": 1, "prompt": "p", "reference": "r", "split": "test"}])
+        reg.add_leaderboard_run({"suite": "s", "splits": ["test"]}, [
+            {"entry": "moe/x", "kind": "strategy", "split": "test", "n": 1, "correct": 1, "accuracy": 1.0}])
+    db.downgrade(db_url, "0001")
+    assert tables(db_url) == TABLES_0001 and db.current_revision(db_url) == "0001"
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT name FROM api_keys")).scalars().all() == ["k"]
+    finally:
+        engine.dispose()
+    db.upgrade(db_url)
+    with Registry(db_url, artifact_root=tmp_path / "store") as reg:
+        assert reg.list_suites() == [] and reg.list_leaderboard_runs() == []
 
 
 def test_migrated_schema_matches_the_models(db_url: str) -> None:
@@ -72,6 +103,7 @@ def test_unmigrated_postgres_asks_for_db_upgrade(postgres_db_url: str, tmp_path:
 def test_migrations_find_their_scripts_from_the_package() -> None:
     assert (db.MIGRATIONS_DIR / "env.py").is_file()
     assert any(db.MIGRATIONS_DIR.joinpath("versions").glob("0001_*.py"))
+    assert any(db.MIGRATIONS_DIR.joinpath("versions").glob("0002_*.py"))
 
 
 # --- concurrency -----------------------------------------------------------------------------------

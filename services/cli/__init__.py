@@ -34,7 +34,7 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 # Command modules register their commands on `app` when imported.
-from services.cli import generate_cmd, moe_cmd, registry_cmd, serve_cmd, zoo_cmd  # noqa: E402,F401
+from services.cli import generate_cmd, leaderboard_cmd, moe_cmd, registry_cmd, serve_cmd, zoo_cmd  # noqa: E402,F401
 
 
 def main() -> None:

@@ -59,6 +59,7 @@ from services.gateway.protocol import (
     ModelList,
     UsageInfo,
 )
+from services.leaderboard.web import leaderboard_router
 
 log = logging.getLogger("moerge.gateway")
 
@@ -452,4 +453,5 @@ def create_app(backend: Backend, registry: Registry, settings: GatewaySettings |
     def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
+    app.include_router(leaderboard_router(registry))  # GET /leaderboard, /v1/leaderboard (docs/leaderboard.md)
     return app

@@ -1,0 +1,415 @@
+"""Run the leaderboard: every expert alone and every strategy on every split of a suite.
+
+*Grouped* (the default) is Symbolic-MoE's batching trick: an expert alone gets ONE
+``engine.generate`` over all its queries of all splits (and one ``engine.score`` for its
+multiple-choice queries), so its adapter is merged into the base once and its queries run in
+full batches; a strategy runs through ``MoE.run`` once per split, which batches by chosen expert
+(single composer) or by mixture chunk. *Naive* answers one query at a time in query order, every
+entry in turn: what a per-query harness does. Both give the same answers; only the wall time
+differs (``bench/bench_leaderboard.py``).
+
+Strategies are evaluated by ``services.moe.evaluate``'s own per-split code path, so a strategy's
+numbers are those ``moerge eval`` prints for the same suite, split, sample size and seed. Stateful
+routers (the seeded random router) are rewound before every split, as a fresh ``moerge eval`` is.
+
+Cost: each engine call costs (prompt + completion tokens) / 1000 × the expert's
+``cost_per_1k_tokens`` from the registry; experts without one, and the base, are charged
+``default_cost``. A call that no single expert made (a tokenwise mixture, a merged adapter) is
+charged the experts' rates averaged with the provenance's weights. Latency per query is amortised
+over the batch that answered it: the query's own routing time plus its token share of the batch's
+generation time (naive mode measures each query's call directly).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from composer.engine_protocol import GenerateRequest, ScoreRequest
+from registry.errors import MoergeError, NotFoundError
+from registry.service import Registry
+from services.leaderboard.store import ALL
+from services.leaderboard.suites import Query, is_correct, load_queries
+from services.moe.evaluate import (
+    _strategy as evaluate_strategy_records,  # moerge eval's own code path
+)
+from services.moe.pool import ExpertPool
+from services.moe.strategies import STRATEGIES, MoE, Strategy, get_strategy
+
+MODES = ("grouped", "naive")
+EXPERT_PREFIX = "expert:"
+NO_EXPERT = "(base)"  # what the confusion records when a router chose no expert
+
+Progress = Callable[[str, int], None]  # (what is running, queries just finished)
+
+
+@dataclass
+class QueryOutcome:
+    split: str
+    task: str
+    correct: bool
+    prediction: str
+    experts: list[tuple[str, float]]
+    chosen: str | None  # query-level strategies: the top expert (for the confusion heatmap)
+    routing_correct: bool | None
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+    latency_ms: float
+
+
+@dataclass
+class EntryOutcome:
+    entry: str
+    kind: str  # expert | strategy
+    split: str
+    outcomes: list[QueryOutcome] = field(default_factory=list)
+    skipped: int = 0  # queries this entry cannot answer (multiple choice through a non-single composer)
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        """The entry's ``LeaderboardResult`` columns."""
+        return summarise(self.entry, self.kind, self.split, self.outcomes, self.skipped, self.seconds)
+
+
+@dataclass
+class RunOutcome:
+    suite: str
+    base_model: str
+    seed: int
+    n_per_task: int | None
+    splits: list[str]
+    mode: str
+    entries: list[str]
+    results: dict[tuple[str, str], EntryOutcome]
+    n_queries: int
+    seconds: float
+    settings: dict
+
+    def result_rows(self) -> list[dict]:
+        """Per entry: one row per split, then the pooled ``all`` row."""
+        rows = []
+        for entry in self.entries:
+            parts = [self.results[(entry, s)] for s in self.splits]
+            rows.extend(p.summary() for p in parts)
+            pooled = [o for p in parts for o in p.outcomes]
+            rows.append(summarise(entry, parts[0].kind, ALL, pooled, sum(p.skipped for p in parts),
+                                  sum(p.seconds for p in parts)))
+        return rows
+
+    def run_row(self) -> dict:
+        return {"suite": self.suite, "base_model": self.base_model, "seed": self.seed, "n_per_task": self.n_per_task,
+                "splits": list(self.splits), "mode": self.mode, "n_queries": self.n_queries,
+                "seconds": self.seconds, "settings": dict(self.settings)}
+
+
+def percentile(values: Sequence[float], q: int) -> float:
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return float(values[0])
+    return float(statistics.quantiles(values, n=100, method="inclusive")[q - 1])
+
+
+def summarise(entry: str, kind: str, split: str, outcomes: list[QueryOutcome], skipped: int, seconds: float) -> dict:
+    n = len(outcomes)
+    correct = sum(o.correct for o in outcomes)
+    routed = [o.routing_correct for o in outcomes if o.routing_correct is not None]
+    per_task: dict[str, list[int]] = {}
+    confusion: dict[str, Counter] = defaultdict(Counter)
+    for o in outcomes:
+        c_n = per_task.setdefault(o.task, [0, 0])
+        c_n[0] += int(o.correct)
+        c_n[1] += 1
+        if o.chosen is not None:
+            confusion[o.task][o.chosen] += 1
+    latencies = [o.latency_ms for o in outcomes]
+    return {
+        "entry": entry,
+        "kind": kind,
+        "split": split,
+        "n": n,
+        "correct": correct,
+        "accuracy": correct / n if n else 0.0,
+        "skipped": skipped,
+        "routed": len(routed),
+        "routing_accuracy": sum(routed) / len(routed) if routed else None,
+        "mean_experts": statistics.fmean(len(o.experts) for o in outcomes) if outcomes else 0.0,
+        "prompt_tokens": sum(o.prompt_tokens for o in outcomes),
+        "completion_tokens": sum(o.completion_tokens for o in outcomes),
+        "cost": sum(o.cost for o in outcomes),
+        "latency_p50_ms": percentile(latencies, 50),
+        "latency_p95_ms": percentile(latencies, 95),
+        "seconds": seconds,
+        "per_task": dict(sorted(per_task.items())),
+        "confusion": {t: dict(sorted(c.items())) for t, c in sorted(confusion.items())},
+    }
+
+
+class LeaderboardRunner:
+    """Runs entries over one ``MoE`` (one expert pool, one base). ``seed`` draws the suite and
+    seeds the routers; the same seed reproduces the same answers."""
+
+    def __init__(self, registry: Registry, *, base: str | None = None, seed: int = 0, default_cost: float = 1.0,
+                 max_new_tokens: int = 64, moe: MoE | None = None) -> None:
+        if default_cost < 0:
+            raise MoergeError(f"the default cost per 1k tokens must be >= 0, not {default_cost}")
+        self.registry = registry
+        self.seed = seed
+        self.moe = moe if moe is not None else MoE(ExpertPool(registry, base), seed=seed)
+        self.pool = self.moe.pool
+        self.default_cost = default_cost
+        self.max_new_tokens = max_new_tokens  # generation budget of `contains` queries
+        self.rates = {name: (rec.cost_per_1k_tokens if rec.cost_per_1k_tokens is not None else default_cost)
+                      for name, rec in self.pool.records.items()}
+        self._trained = {name: {ex.task for ex in info.examples if ex.split == "train" and ex.task}
+                         for name, info in self.pool.experts.items()}
+        self._known_tasks = set().union(*self._trained.values()) if self._trained else set()
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------ what runs
+
+    def resolve(self, strategies: Sequence[str] | None, experts: Sequence[str] | None) -> list[str]:
+        """Entry names: ``expert:<name>`` for every chosen expert, then the chosen strategies."""
+        names = list(self.pool.names()) if experts is None else list(experts)
+        unknown = [n for n in names if n not in self.pool.experts]
+        if unknown:
+            raise NotFoundError(f"no ready expert {', '.join(map(repr, unknown))} on base {self.pool.base.name!r}; "
+                                f"experts: {', '.join(self.pool.names())}")
+        chosen = list(STRATEGIES) if strategies is None else [get_strategy(s).name for s in strategies]
+        return [EXPERT_PREFIX + n for n in dict.fromkeys(names)] + list(dict.fromkeys(chosen))
+
+    def run(self, suite: str = "skills", *, strategies: Sequence[str] | None = None,
+            experts: Sequence[str] | None = None, splits: Sequence[str] | None = None,
+            n_per_task: int | None = None, mode: str = "grouped", progress: Progress | None = None) -> RunOutcome:
+        if mode not in MODES:
+            raise MoergeError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        entries = self.resolve(strategies, experts)
+        if not entries:
+            raise MoergeError("nothing to run: no expert and no strategy chosen")
+        queries = load_queries(self.registry, suite, list(splits) if splits else None, n_per_task, self.seed)
+        empty = [s for s, qs in queries.items() if not qs]
+        if empty:
+            raise MoergeError(f"suite {suite!r} has no queries in split(s) {', '.join(empty)}")
+        progress = progress or (lambda what, n: None)
+        t0 = time.perf_counter()
+        results: dict[tuple[str, str], EntryOutcome] = {}
+        for entry in entries:
+            kind = "expert" if entry.startswith(EXPERT_PREFIX) else "strategy"
+            for split in queries:
+                results[(entry, split)] = EntryOutcome(entry, kind, split)
+        strategy_entries = [e for e in entries if not e.startswith(EXPERT_PREFIX)]
+        self._warm_up(strategy_entries, queries, progress)
+        if mode == "grouped":
+            self._grouped(entries, queries, results, progress)
+        else:
+            self._naive(entries, queries, results, progress)
+        return RunOutcome(
+            suite=suite, base_model=self.pool.base.name, seed=self.seed, n_per_task=n_per_task,
+            splits=list(queries), mode=mode, entries=entries, results=results,
+            n_queries=sum(len(q) for q in queries.values()), seconds=time.perf_counter() - t0,
+            settings={"default_cost_per_1k_tokens": self.default_cost,
+                      "expert_cost_per_1k_tokens": dict(sorted(self.rates.items())),
+                      "max_new_tokens_contains": self.max_new_tokens},
+        )
+
+    # ------------------------------------------------------------------ schedules
+
+    def _grouped(self, entries: list[str], queries: dict[str, list[Query]],
+                 results: dict[tuple[str, str], EntryOutcome], progress: Progress) -> None:
+        everything = [q for qs in queries.values() for q in qs]
+        max_new = self._max_new(queries)
+        for entry in entries:
+            if entry.startswith(EXPERT_PREFIX):
+                name = entry.removeprefix(EXPERT_PREFIX)
+                t0 = time.perf_counter()
+                outcomes = self._expert(name, everything, max_new)
+                seconds = time.perf_counter() - t0
+                for q, o in zip(everything, outcomes):
+                    results[(entry, q.split)].outcomes.append(o)
+                for split, qs in queries.items():  # wall time attributed to splits by query count
+                    results[(entry, split)].seconds = seconds * len(qs) / len(everything)
+                progress(entry, len(everything))
+            else:
+                strategy = get_strategy(entry)
+                for split, qs in queries.items():
+                    self._rewind(strategy)
+                    t0 = time.perf_counter()
+                    outcomes, skipped = self._strategy(strategy, qs, max_new[split])
+                    part = results[(entry, split)]
+                    part.outcomes, part.skipped, part.seconds = outcomes, skipped, time.perf_counter() - t0
+                    progress(f"{entry} · {split}", len(qs))
+
+    def _naive(self, entries: list[str], queries: dict[str, list[Query]],
+               results: dict[tuple[str, str], EntryOutcome], progress: Progress) -> None:
+        max_new = self._max_new(queries)
+        for split, qs in queries.items():
+            for entry in entries:
+                if not entry.startswith(EXPERT_PREFIX):
+                    self._rewind(get_strategy(entry))
+            for q in qs:
+                for entry in entries:
+                    part = results[(entry, split)]
+                    t0 = time.perf_counter()
+                    if entry.startswith(EXPERT_PREFIX):
+                        [outcome] = self._expert(entry.removeprefix(EXPERT_PREFIX), [q], max_new)
+                        outcomes, skipped = [outcome], 0
+                    else:
+                        outcomes, skipped = self._strategy(get_strategy(entry), [q], max_new[split])
+                    part.outcomes.extend(outcomes)
+                    part.skipped += skipped
+                    part.seconds += time.perf_counter() - t0
+                progress(f"query {q.split}", len(entries))
+
+    # ------------------------------------------------------------------ one entry
+
+    def _expert(self, name: str, queries: list[Query], max_new: dict[str, int]) -> list[QueryOutcome]:
+        """Every query answered by expert ``name`` alone: one generate call for the generation
+        queries, one score call for the multiple-choice ones. Outcomes in query order."""
+        target = None if name == self.pool.base.name else name
+        rate = self.rates.get(name, self.default_cost)
+        gen = [i for i, q in enumerate(queries) if q.metric != "multiple_choice"]
+        mc = [i for i, q in enumerate(queries) if q.metric == "multiple_choice"]
+        out: dict[int, QueryOutcome] = {}
+        if gen:
+            t0 = time.perf_counter()
+            answers = self.pool.engine.generate(
+                [GenerateRequest(queries[i].prompt, target, max_new[queries[i].split]) for i in gen])
+            shares = _shares([r.prompt_tokens + r.completion_tokens for r in answers], time.perf_counter() - t0)
+            for i, r, ms in zip(gen, answers, shares):
+                q = queries[i]
+                out[i] = QueryOutcome(q.split, q.task, is_correct(q, r.text), r.text, [(name, 1.0)], None, None,
+                                      r.prompt_tokens, r.completion_tokens,
+                                      (r.prompt_tokens + r.completion_tokens) / 1000 * rate, ms)
+        if mc:
+            for i, (choice, p_tok, c_tok, ms) in zip(mc, self._choose([queries[i] for i in mc], [target] * len(mc))):
+                q = queries[i]
+                out[i] = QueryOutcome(q.split, q.task, is_correct(q, choice), choice, [(name, 1.0)], None, None,
+                                      p_tok, c_tok, (p_tok + c_tok) / 1000 * rate, ms)
+        return [out[i] for i in range(len(queries))]
+
+    def _strategy(self, strategy: Strategy, queries: list[Query], max_new: int) -> tuple[list[QueryOutcome], int]:
+        """One split through ``moerge eval``'s code path (MoE.run, batched); multiple-choice queries
+        through the routed expert's log-likelihoods where the composer is ``single``."""
+        gen = [q for q in queries if q.metric != "multiple_choice"]
+        mc = [q for q in queries if q.metric == "multiple_choice"]
+        outcomes: list[QueryOutcome] = []
+        query_level = strategy.level == "query"
+        if gen:
+            t0 = time.perf_counter()
+            records = evaluate_strategy_records(self.moe, strategy, gen, max_new)
+            elapsed_ms = (time.perf_counter() - t0) * 1000
+            routing_ms = sum(r.router_ms for r in records)
+            shares = _shares([r.prompt_tokens + r.completion_tokens for r in records],
+                             max(0.0, elapsed_ms - routing_ms) / 1000)
+            for q, r, ms in zip(gen, records, shares):
+                chosen = (r.experts[0][0] if r.experts else NO_EXPERT) if query_level else None
+                outcomes.append(QueryOutcome(
+                    q.split, q.task, is_correct(q, r.prediction), r.prediction, list(r.experts), chosen,
+                    r.routing_correct if q.task in self._known_tasks else None, r.prompt_tokens, r.completion_tokens, self._cost(r.provenance, r.experts),
+                    r.router_ms + ms))
+        skipped = 0
+        if mc and strategy.composer == "single" and query_level:
+            routed = [self.moe.route(strategy, q.prompt, q.task) for q in mc]
+            tops = [r.decision.top for r in routed]
+            base = self.pool.base.name
+            targets = [None if t in (None, base) else t for t in tops]
+            for q, t, r, (choice, p_tok, c_tok, ms) in zip(mc, targets, routed, self._choose(mc, targets)):
+                experts = [(t, 1.0)] if t is not None else []
+                judged = q.task in self._known_tasks  # a gold task some expert was trained on
+                routing_ok = (q.task in self._trained.get(t, set())) if (t is not None and judged) else None
+                rate = self.rates.get(t, self.default_cost) if t is not None else self.default_cost
+                outcomes.append(QueryOutcome(q.split, q.task, is_correct(q, choice), choice, experts,
+                                             t if t is not None else NO_EXPERT, routing_ok, p_tok, c_tok,
+                                             (p_tok + c_tok) / 1000 * rate, r.router_ms + ms))
+        else:
+            skipped = len(mc)
+        return outcomes, skipped
+
+    def _choose(self, queries: list[Query], targets: list[str | None]) -> list[tuple[str, int, int, float]]:
+        """Multiple choice by log-likelihood: every choice scored after the prompt (one batched score
+        call); the choice with the highest summed log-probability wins (first on ties). Returns
+        (choice, prompt tokens, scored tokens, latency ms) per query."""
+        requests = [ScoreRequest(q.prompt, c, t) for q, t in zip(queries, targets) for c in q.choices]
+        t0 = time.perf_counter()
+        scores = self.pool.engine.score(requests)
+        seconds = time.perf_counter() - t0
+        tokenizer = self._prompt_tokenizer()
+        out, k = [], 0
+        for q in queries:
+            mine = scores[k : k + len(q.choices)]
+            k += len(q.choices)
+            best = max(range(len(mine)), key=lambda j: (mine[j].logprob, -j))
+            out.append((q.choices[best], len(tokenizer(q.prompt)["input_ids"]) * len(mine),
+                        sum(s.num_tokens for s in mine)))
+        shares = _shares([p + c for _, p, c in out], seconds)
+        return [(c, p, n, ms) for (c, p, n), ms in zip(out, shares)]
+
+    # ------------------------------------------------------------------ helpers
+
+    def _cost(self, provenance: dict, experts: list[tuple[str, float]]) -> float:
+        """Every engine call of a completion at its expert's rate (see the module doc)."""
+        total = 0.0
+        for o in provenance.get("outputs", []):
+            tokens = o.get("prompt_tokens", 0) + o.get("completion_tokens", 0)
+            total += tokens / 1000 * self._rate(o.get("expert", ""), experts)
+        return total
+
+    def _rate(self, name: str, experts: list[tuple[str, float]]) -> float:
+        if name in self.rates:
+            return self.rates[name]
+        if name == self.pool.base.name or not experts:
+            return self.default_cost
+        weights = [max(0.0, w) for _, w in experts]
+        total = sum(weights)
+        if total <= 0:
+            return statistics.fmean(self.rates.get(n, self.default_cost) for n, _ in experts)
+        return sum(self.rates.get(n, self.default_cost) * w for (n, _), w in zip(experts, weights)) / total
+
+    def _max_new(self, queries: dict[str, list[Query]]) -> dict[str, int]:
+        """A split's generation budget, as ``evaluate`` sets it: the longest reference + 4 (the zoo's
+        tokens are characters); ``contains`` queries get ``max_new_tokens``."""
+        out = {}
+        for split, qs in queries.items():
+            budgets = [len(q.reference) + 4 if q.metric == "exact_match" else self.max_new_tokens
+                       for q in qs if q.metric != "multiple_choice"]
+            out[split] = max(budgets, default=1)
+        return out
+
+    def _warm_up(self, strategies: list[str], queries: dict[str, list[Query]], progress: Progress) -> None:
+        """Build (fit or load) every strategy's router and composer before anything is timed, and
+        answer one query so that lazy work (a merged adapter, mixture experts) is done too."""
+        self.pool.engine  # noqa: B018 - loads every expert now, not inside the first timed call
+        first = next((q for qs in queries.values() for q in qs if q.metric != "multiple_choice"), None)
+        for name in strategies:
+            progress(f"fitting / loading {name}", 0)
+            strategy = get_strategy(name)
+            self.moe.router(strategy.router, strategy.router_params)
+            self.moe.composer(strategy)
+            if first is not None:
+                self.moe.run(strategy, [first.prompt], [first.task], max_new_tokens=len(first.reference) + 4)
+
+    def _rewind(self, strategy: Strategy) -> None:
+        router = self.moe.router(strategy.router, strategy.router_params)
+        if hasattr(router, "reset"):
+            router.reset()
+
+    def _prompt_tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.pool.base_path))
+        return self._tokenizer
+
+
+def _shares(weights: list[int], seconds: float) -> list[float]:
+    """``seconds`` split over items in proportion to ``weights``, in milliseconds."""
+    total = sum(weights)
+    if not weights:
+        return []
+    if total <= 0:
+        return [seconds * 1000 / len(weights)] * len(weights)
+    return [seconds * 1000 * w / total for w in weights]
