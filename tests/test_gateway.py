@@ -7,12 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,35 +25,12 @@ from registry.service import Registry  # noqa: E402
 from services.gateway import GatewaySettings, LocalBackend, create_app  # noqa: E402
 from services.gateway.backend import SamplingParams  # noqa: E402
 from tests.factories import make_tiny_base, make_tiny_lora  # noqa: E402
+from tests.servers import serve  # noqa: E402
 
 import openai  # noqa: E402  (the [test] extra installs it: a missing client must fail, not skip)
-import uvicorn  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------- fixtures
-
-
-@contextmanager
-def serve(app) -> Iterator[str]:  # noqa: ANN001
-    """Run ``app`` with uvicorn on a free loopback port in a background thread; yields its URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the gateway did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
 
 
 class World:

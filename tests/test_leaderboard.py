@@ -8,20 +8,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from html.parser import HTMLParser
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from composer.engine_protocol import GenerateRequest, ScoreRequest
 from registry.service import Registry
@@ -35,6 +30,7 @@ from services.moe.pool import ExpertPool
 from services.moe.strategies import MoE
 from services.zoo.register import register_zoo
 from services.zoo.skills import make_split
+from tests.servers import serve
 
 STRATEGIES = ["moe/oracle", "moe/random", "moe/base", "moe/semantic", "moe/skill-k3-vote", "moe/arrow", "moe/stitch"]
 N = 2  # queries per task and split: 16 test, 16 paraphrase, 12 composition
@@ -212,27 +208,6 @@ def test_a_user_suite_with_every_metric(home, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ the page
-
-
-@contextmanager
-def serve(app) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the gateway did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
 
 
 def chromium(*args: str) -> subprocess.CompletedProcess:

@@ -27,7 +27,7 @@ from services.engines.vllm import VLLMEngine
 from services.gateway import GatewaySettings, LocalBackend, create_app
 from services.gateway.backend import SamplingParams
 from services.zoo.build import read_examples
-from tests.test_gateway import serve
+from tests.servers import serve
 
 ADAPTERS = ["skill-increment", "skill-reverse", "skill-uppercase"]
 TARGETS = [None, *ADAPTERS]
