@@ -30,6 +30,15 @@ Typical use by an engine (the mixture stays installed; each batch activates its 
     mix.uninstall()
 
 ``glider`` reads the ``phatgoose`` vectors when an expert has no ``glider`` vectors of its own.
+
+How it runs: layers that read the same tensor (q/k/v, gate/up) form a ``_Group`` that computes
+the LayerNorm, the gate and the top-k once for all of them. For few tokens (a decode step) it then
+multiplies the input with every member's and expert's A at once and each layer adds its
+p-weighted B product in one kernel; the unpicked experts cost work but weigh 0. For many tokens
+(a prompt's prefill) each layer goes expert by expert over just the tokens routed there, k/N of
+that work. All paths compute the formula above; their floats differ in the last bits from one
+another and from a per-module evaluation (the 1/√d is folded into the keys, the softmax is taken
+over the top-k logits), which is below what greedy decoding notices but not bit-exact.
 """
 
 from __future__ import annotations
@@ -70,19 +79,189 @@ class _Config:
     stats: RoutingStats | None
 
 
+# Sibling projections that a decoder layer feeds the same tensor: q/k/v read the attention input,
+# gate/up the MLP input. Sharing is only an optimisation (``_Group`` checks that the input really
+# is the same tensor), so a wrong guess costs time, never correctness.
+_SHARED_INPUT = (
+    frozenset({"q_proj", "k_proj", "v_proj"}),
+    frozenset({"gate_proj", "up_proj"}),
+    frozenset({"query", "key", "value"}),
+    frozenset({"w1", "w3"}),
+)
+
+
+# Below this many tokens per expert on average (tokens × k / N), one dense product over all the
+# experts beats gathering each expert's tokens: a decode step of batch 16, top-2 of 8, has 4. A
+# prompt's prefill has hundreds, and there the per-expert products do k/N of the dense work.
+_SPARSE_MIN_ROWS = 32
+
+
 @dataclass
 class _Stack:
-    """The selected experts' factors and routing vectors of one module, stacked."""
+    """A group's factors and routing vectors for one configuration, stacked across experts and
+    members (G members, N experts, rank R: the largest rank, smaller ones zero-padded)."""
 
-    A: torch.Tensor  # [N*R, d_in], scale folded in (fp32)
-    B: torch.Tensor  # [N*R, d_out] (fp32)
-    rank: int
-    keys: torch.Tensor  # [N, d_in] routing vectors, standardised where the gate asks for it
-    present: torch.Tensor | None  # [N] bool: experts that adapt this module (None: all)
+    keys_t: torch.Tensor  # [d_in, G*N] routing vectors (standardised where the gate asks), / √d_in
+    A_t: torch.Tensor  # [d_in, G*N*R] every member's and expert's A, scale folded in (fp32)
+    B: list[torch.Tensor]  # per member [N*R, d_out] (fp32)
+    index: dict[str, int]  # member module name -> row g; members with none of the experts are absent
+    shape: tuple[int, int, int]  # (G, N, R)
+    present: torch.Tensor | None  # [G, N] bool: experts that adapt each member (None: all)
+
+
+@dataclass
+class _Routed:
+    """One input's routing for a whole group (T tokens)."""
+
+    x: torch.Tensor  # [T, d_in] the input in fp32
+    p: torch.Tensor  # [T, G, N] mixture weights, zero outside the top-k
+    top: tuple[torch.Tensor, torch.Tensor] | None  # (expert [T, G, k], weight [T, G, k]); None: k = N
+    ah: torch.Tensor | None  # [T, G, N*R] p-weighted A h of every expert (dense), or None (sparse)
+
+
+class _Group:
+    """MoLoRA layers that read the same input. The first of them called on a tensor computes, for
+    all of them at once, the one LayerNorm, the gate matmul, the routing and (dense path) the A
+    products; the others reuse the result when they are called on that same tensor. At small
+    widths these small kernels cost as much as the matmuls, so sharing them matters."""
+
+    def __init__(self, members: list[MoLoRALinear]):
+        self.members = members
+        self._stack: _Stack | None = None
+        self._stack_key: tuple | None = None
+        self._cache: tuple | None = None  # (h, h version, config, _Routed)
+
+    def invalidate(self) -> None:
+        self._stack, self._stack_key, self._cache = None, None, None
+
+    def release(self) -> None:
+        """Drop the last input's results (they hold that activation tensor alive)."""
+        self._cache = None
+
+    def stack(self, cfg: _Config) -> _Stack | None:
+        key = (cfg.experts, cfg.gate)
+        if self._stack_key != key:
+            self._stack, self._stack_key, self._cache = self._build(cfg), key, None
+        return self._stack
+
+    def _build(self, cfg: _Config) -> _Stack | None:
+        members = [m for m in self.members if any(e in m.factors for e in cfg.experts)]
+        if not members:
+            return None
+        dev = members[0].base.weight.device
+        d_in = members[0].in_features
+        G, N = len(members), len(cfg.experts)
+        R = max(m.factors[e].rank for m in members for e in cfg.experts if e in m.factors)
+        A = torch.zeros(G, N, R, d_in, device=dev)
+        keys = torch.zeros(G, N, d_in, device=dev)
+        present = torch.zeros(G, N, dtype=torch.bool, device=dev)
+        B = []
+        for g, m in enumerate(members):
+            Bg = torch.zeros(N, R, m.out_features, device=dev)
+            for i, e in enumerate(cfg.experts):
+                if e not in m.factors:
+                    continue
+                f = m.factors[e]
+                A[g, i, : f.rank] = f.A.to(dev) * f.scale  # zero-padded to the largest rank
+                Bg[i, : f.rank] = f.B.to(dev).T
+                keys[g, i] = m._vector(cfg.gate, e).to(dev)
+                present[g, i] = True
+            B.append(Bg.reshape(N * R, m.out_features))
+        if cfg.gate in _STANDARDISED:
+            # LN(h)·LN(v)/√d: the 1/√d is folded into the keys once instead of scaling every token
+            keys = F.layer_norm(keys, (d_in,), eps=_LN_EPS) / math.sqrt(d_in)
+        return _Stack(
+            keys_t=keys.reshape(G * N, d_in).T.contiguous(),
+            A_t=A.reshape(G * N * R, d_in).T.contiguous(),
+            B=B,
+            index={m.name: g for g, m in enumerate(members)},
+            shape=(G, N, R),
+            present=None if bool(present.all()) else present,
+        )
+
+    def route(self, h: torch.Tensor, cfg: _Config, stack: _Stack) -> _Routed:
+        """The routing of input h [..., d_in] (flattened to T tokens) for every member; computed
+        once per input tensor and configuration."""
+        c = self._cache
+        version = _version(h)
+        if c is not None and c[0] is h and c[1] == version and c[2] is cfg:
+            return c[3]
+        x = h.reshape(-1, h.shape[-1]).float()  # routing math in fp32 (no copy when already fp32)
+        G, N, R = stack.shape
+        p, top = self._gate(h.shape[0], x, cfg, stack)
+        ah = None
+        # the by-expert path writes into slices of its buffers (out=), which autograd refuses
+        if top is None or torch.is_grad_enabled() or x.shape[0] * top[0].shape[-1] < _SPARSE_MIN_ROWS * N:
+            ah = ((x @ stack.A_t).view(-1, G, N, R) * p.unsqueeze(-1)).view(-1, G, N * R)
+        if cfg.stats is not None:
+            cfg.stats.add_group(tuple(stack.index), p)
+        routed = _Routed(x, p, top, ah)
+        self._cache = (h, version, cfg, routed)
+        return routed
+
+    @staticmethod
+    def _gate(rows: int, x: torch.Tensor, cfg: _Config, stack: _Stack):
+        """Mixture weights p [T, G, N] (zero outside each member's top-k, the kept ones sum to 1)
+        and the top-k as (expert, weight), each [T, G, k]; None for the latter when k = N."""
+        G, N, _ = stack.shape
+        if cfg.gate in _STANDARDISED:
+            z = F.layer_norm(x, (x.shape[-1],), eps=_LN_EPS) @ stack.keys_t  # keys carry the 1/√d
+        elif cfg.gate == "arrow":
+            z = (x @ stack.keys_t).abs()
+        else:
+            raise ValueError(f"unknown gate {cfg.gate!r}")
+        z = z.view(-1, G, N)
+        if cfg.temperature != 1.0:
+            z = z / cfg.temperature
+        if cfg.gate == "glider" and cfg.alpha != 0.0 and cfg.global_scores is not None:
+            g = cfg.global_scores.to(z.device)
+            if g.shape[0] != rows:  # num_return_sequences / beams expand the batch row-wise
+                g = g.repeat_interleave(rows // g.shape[0], dim=0)
+            z = (z.view(rows, -1, G, N) + cfg.alpha * g.view(rows, 1, 1, N)).view(-1, G, N)
+        if stack.present is not None:
+            z = z.masked_fill(~stack.present, float("-inf"))
+        k = min(cfg.top_k, N)
+        if k == N:
+            return torch.softmax(z, dim=-1), None
+        # softmax restricted to the top-k logits == top-k of the softmax, renormalised
+        top, idx = z.topk(k, dim=-1)
+        w = torch.softmax(top, dim=-1)
+        return torch.zeros_like(z).scatter_(-1, idx, w), (idx, w)
+
+
+def _by_expert(routed: _Routed, g: int, stack: _Stack, B: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y [T, d_out] + Σ_e p_e B_e A_e x for member g, over each token's k experts only: expert by
+    expert, the tokens routed to it gathered, its two products, the result added back per row.
+    Adds into y in place when y is fp32 (a fresh base output; this path runs without autograd)."""
+    _, N, R = stack.shape
+    idx, w = routed.top[0][:, g].reshape(-1), routed.top[1][:, g].reshape(-1, 1)  # pair i = t * k + j
+    order = idx.argsort(stable=True)
+    counts = torch.bincount(idx, minlength=N).tolist()
+    token, w = order // routed.top[0].shape[-1], w[order]
+    acc = y if y.dtype == torch.float32 else torch.zeros(y.shape, device=y.device)
+    buf = acc.new_empty(max(counts), acc.shape[1])  # one expert's rows at a time: stays in cache
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            rows = token[start : start + n]
+            col = (g * N + e) * R
+            ah = routed.x.index_select(0, rows) @ stack.A_t[:, col : col + R]
+            torch.mm(ah.mul_(w[start : start + n]), B[e * R : (e + 1) * R], out=buf[:n])
+            acc.index_add_(0, rows, buf[:n])
+            start += n
+    return acc if acc is y else y + acc.to(y.dtype)
+
+
+def _version(h: torch.Tensor) -> int | None:
+    """The tensor's in-place edit counter. Inference tensors (``torch.inference_mode``, as the
+    engines generate) keep none; for them identity alone must do, which holds because a decoder
+    layer calls its sibling projections back to back on the one normed input."""
+    return None if h.is_inference() else h._version
 
 
 class MoLoRALinear(nn.Module):
-    """A base ``nn.Linear`` plus N LoRA experts mixed per token. Holds the math, nothing else."""
+    """A base ``nn.Linear`` plus N LoRA experts mixed per token. Holds the factors; the math is
+    shared with the siblings of its ``_Group`` that read the same input."""
 
     def __init__(self, base: nn.Linear, name: str):
         super().__init__()
@@ -91,8 +270,7 @@ class MoLoRALinear(nn.Module):
         self.factors: dict[str, LoraFactors] = {}
         self.vectors: dict[str, dict[str, torch.Tensor]] = {}  # kind -> expert -> [d_in]
         self.config: _Config | None = None
-        self._stack: _Stack | None = None
-        self._stack_key: tuple | None = None
+        self.group = _Group([self])
 
     @property
     def in_features(self) -> int:
@@ -107,40 +285,11 @@ class MoLoRALinear(nn.Module):
         return self.base.weight
 
     def invalidate(self) -> None:
-        self._stack, self._stack_key = None, None
+        self.group.invalidate()
 
     def _build_stack(self, cfg: _Config) -> _Stack | None:
-        key = (cfg.experts, cfg.gate)
-        if self._stack_key == key:
-            return self._stack
-        present = [e in self.factors for e in cfg.experts]
-        if not any(present):
-            stack = None
-        else:
-            dev = self.base.weight.device
-            rank = max(self.factors[e].rank for e in cfg.experts if e in self.factors)
-            d_in, d_out = self.in_features, self.out_features
-            A = torch.zeros(len(cfg.experts), rank, d_in, device=dev)
-            B = torch.zeros(len(cfg.experts), rank, d_out, device=dev)
-            keys = torch.zeros(len(cfg.experts), d_in, device=dev)
-            for i, e in enumerate(cfg.experts):
-                if e not in self.factors:
-                    continue
-                f = self.factors[e]
-                A[i, : f.rank] = f.A.to(dev) * f.scale  # zero-padded to the largest rank
-                B[i, : f.rank] = f.B.to(dev).T
-                keys[i] = self._vector(cfg.gate, e).to(dev)
-            if cfg.gate in _STANDARDISED:
-                keys = F.layer_norm(keys, (d_in,), eps=_LN_EPS)
-            stack = _Stack(
-                A=A.reshape(-1, d_in),
-                B=B.reshape(-1, d_out),
-                rank=rank,
-                keys=keys,
-                present=None if all(present) else torch.tensor(present, device=dev),
-            )
-        self._stack, self._stack_key = stack, key
-        return stack
+        stack = self.group.stack(cfg)
+        return stack if stack is not None and self.name in stack.index else None
 
     def _vector(self, gate: str, expert: str) -> torch.Tensor:
         for kind in _vector_kind(gate):
@@ -151,28 +300,8 @@ class MoLoRALinear(nn.Module):
 
     def gate_weights(self, h: torch.Tensor, cfg: _Config, stack: _Stack) -> torch.Tensor:
         """Per-token mixture weights [..., N] in fp32: zero outside the top-k, kept ones sum to 1."""
-        h = h.float()
-        if cfg.gate in _STANDARDISED:
-            z = F.layer_norm(h, (h.shape[-1],), eps=_LN_EPS) @ stack.keys.T / math.sqrt(h.shape[-1])
-        elif cfg.gate == "arrow":
-            z = (h @ stack.keys.T).abs()
-        else:
-            raise ValueError(f"unknown gate {cfg.gate!r}")
-        if cfg.temperature != 1.0:
-            z = z / cfg.temperature
-        if cfg.gate == "glider" and cfg.alpha != 0.0 and cfg.global_scores is not None:
-            g = cfg.global_scores.to(z.device)
-            if g.shape[0] != z.shape[0]:  # num_return_sequences / beams expand the batch row-wise
-                g = g.repeat_interleave(z.shape[0] // g.shape[0], dim=0)
-            z = z + cfg.alpha * g.view(g.shape[0], *([1] * (z.dim() - 2)), g.shape[1])
-        if stack.present is not None:
-            z = z.masked_fill(~stack.present, float("-inf"))
-        p = torch.softmax(z, dim=-1)
-        k = min(cfg.top_k, p.shape[-1])
-        if k < p.shape[-1]:
-            top, idx = p.topk(k, dim=-1)
-            p = torch.zeros_like(p).scatter_(-1, idx, top / top.sum(-1, keepdim=True))
-        return p
+        p, _ = _Group._gate(h.shape[0], h.reshape(-1, h.shape[-1]).float(), cfg, stack)
+        return p[:, stack.index[self.name]].reshape(*h.shape[:-1], stack.shape[1])
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         y = self.base(h)
@@ -182,38 +311,61 @@ class MoLoRALinear(nn.Module):
         stack = self._build_stack(cfg)
         if stack is None:
             return y
-        p = self.gate_weights(h, cfg, stack)  # [..., N]
-        ah = h.float() @ stack.A.T  # all experts' A h at once: [..., N*R]
-        ah = (ah.unflatten(-1, (p.shape[-1], stack.rank)) * p.unsqueeze(-1)).flatten(-2)
-        if cfg.stats is not None:
-            cfg.stats.add(self.name, p)
-        return y + (ah @ stack.B).to(y.dtype)
+        routed = self.group.route(h, cfg, stack)
+        g = stack.index[self.name]
+        flat = y.reshape(-1, y.shape[-1])
+        if routed.ah is not None:  # dense: all experts in one product, the unpicked ones weigh 0
+            delta = routed.ah[:, g]
+            if flat.dtype == torch.float32:  # y += delta @ B in one kernel, into the fresh base output
+                return flat.addmm_(delta, stack.B[g]).view(y.shape)
+            return (flat + (delta @ stack.B[g]).to(flat.dtype)).view(y.shape)
+        return _by_expert(routed, g, stack, stack.B[g], flat).view(y.shape)
 
 
 @dataclass
 class RoutingStats:
     """Mean gate probability per module and expert over the tokens routed while active.
 
-    Every position the model computes counts, left padding included.
+    Every position the model computes counts, left padding included. Groups hand over their
+    [tokens, members, experts] weights as they are; they are summed in batches, not per step.
     """
 
     experts: tuple[str, ...]
     _sums: dict[str, torch.Tensor] = field(default_factory=dict)
     _counts: dict[str, int] = field(default_factory=dict)
+    _pending: dict[tuple[str, ...], list[torch.Tensor]] = field(default_factory=dict)
 
     def add(self, module: str, p: torch.Tensor) -> None:
-        flat = p.detach().reshape(-1, p.shape[-1])
-        s = flat.sum(0)
-        self._sums[module] = self._sums[module] + s if module in self._sums else s
-        self._counts[module] = self._counts.get(module, 0) + flat.shape[0]
+        self.add_group((module,), p.unsqueeze(-2))
+
+    def add_group(self, modules: tuple[str, ...], p: torch.Tensor) -> None:
+        """p [..., len(modules), N]: the weights of several modules routed on the same tokens."""
+        pending = self._pending.setdefault(modules, [])
+        pending.append(p.detach().reshape(-1, len(modules), p.shape[-1]))
+        if len(pending) >= 64:
+            self._flush(modules)
+
+    def _flush(self, modules: tuple[str, ...]) -> None:
+        ps = self._pending.pop(modules, [])
+        if not ps:
+            return
+        flat = torch.cat(ps) if len(ps) > 1 else ps[0]
+        sums = flat.sum(0)
+        for i, module in enumerate(modules):
+            self._sums[module] = self._sums[module] + sums[i] if module in self._sums else sums[i]
+            self._counts[module] = self._counts.get(module, 0) + flat.shape[0]
 
     def per_module(self) -> dict[str, dict[str, float]]:
+        for modules in list(self._pending):
+            self._flush(modules)
         return {
             m: dict(zip(self.experts, (s / self._counts[m]).tolist(), strict=True)) for m, s in self._sums.items()
         }
 
     def per_expert(self) -> dict[str, float]:
         """Mean over modules of the per-module mean gate probability."""
+        for modules in list(self._pending):
+            self._flush(modules)
         if not self._sums:
             return {e: 0.0 for e in self.experts}
         means = torch.stack([s / self._counts[m] for m, s in self._sums.items()]).mean(0)
@@ -249,7 +401,7 @@ class MoLoRA:
             if f.A.shape[1] != base.in_features or f.B.shape[0] != base.out_features:
                 raise ValueError(f"expert {name!r}: factor shapes do not fit {module}")
             layer.factors[name] = f
-            layer.invalidate()
+        self._regroup()
         self.experts.add(name)
         for kind, vectors in (gates or {}).items():
             self.set_gate_vectors(name, kind, vectors)
@@ -271,9 +423,9 @@ class MoLoRA:
             layer.factors.pop(name, None)
             for per_kind in layer.vectors.values():
                 per_kind.pop(name, None)
-            layer.invalidate()
             if not layer.factors:
                 self._unwrap(module)
+        self._regroup()
 
     def uninstall(self) -> None:
         """Put every original module back: the model is the base model again."""
@@ -293,6 +445,20 @@ class MoLoRA:
         layer = self.layers.pop(module)
         parent, _, child = module.rpartition(".")
         setattr(self.model.get_submodule(parent) if parent else self.model, child, layer.base)
+
+    def _regroup(self) -> None:
+        """Fresh groups (and so fresh stacks): siblings of one parent that read the same input
+        (``_SHARED_INPUT``) and have the same input width share one; every other layer is alone."""
+        groups: dict[tuple, list[MoLoRALinear]] = {}
+        for module, layer in self.layers.items():
+            parent, _, child = module.rpartition(".")
+            family = next((i for i, names in enumerate(_SHARED_INPUT) if child in names), None)
+            key = (parent, family, layer.in_features) if family is not None else (module,)
+            groups.setdefault(key, []).append(layer)
+        for members in groups.values():
+            group = _Group(members)
+            for layer in members:
+                layer.group = group
 
     # -- routing -----------------------------------------------------------------------------
     def activate(self, specs: MixtureSpec | Sequence[MixtureSpec], record_stats: bool = True) -> RoutingStats | None:
@@ -334,12 +500,14 @@ class MoLoRA:
         )
         for layer in self.layers.values():
             layer.config = self._config
+            layer.group.release()
         return stats
 
     def deactivate(self) -> None:
         self._config = None
         for layer in self.layers.values():
             layer.config = None
+            layer.group.release()
 
     @contextmanager
     def routing(self, specs: MixtureSpec | Sequence[MixtureSpec], record_stats: bool = True) -> Iterator[RoutingStats | None]:

@@ -36,7 +36,7 @@ from torch import nn
 
 from routers.base import Artifact, Decision, ExpertInfo, RouteRequest
 from routers.common import EmbeddingRouter, primary_domain
-from routers.embedder import Embedder, mean_pool
+from routers.embedder import Embedder, mean_pool, run_layers
 
 OTHER = "other"
 
@@ -68,11 +68,9 @@ def _additive_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _run_layers(layers: Sequence[nn.Module], hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    add = _additive_mask(mask)
-    for layer in layers:
-        out = layer(hidden, attention_mask=add)
-        hidden = out[0] if isinstance(out, tuple) else out
-    return hidden
+    # eval-mode layers are stepped through kernel by kernel (same numbers, less Python); layers
+    # being trained (dropout) run their own forward
+    return run_layers(layers, hidden, _additive_mask(mask))
 
 
 class _Head(nn.Module):
@@ -278,8 +276,9 @@ class ClassifierRouter(EmbeddingRouter):
     def _probabilities(self, prompt: str) -> dict[str, float]:
         head = self.head
         if self.train_layers:
-            hidden, mask = self._bottom([prompt])
-            logits = head(hidden, mask)[0]
+            with self.emb.query_context():  # one short sequence: threads (and dtype) as the Embedder's
+                hidden, mask = self._bottom([prompt])
+                logits = head(hidden, mask)[0]
         else:
             logits = head(self.emb.encode(prompt), None)[0]
         return dict(zip(self.labels, torch.softmax(logits.float(), dim=-1).tolist()))

@@ -6,7 +6,15 @@ The package ships the sentence-transformers folder (BERT + mean pooling + normal
 
 ``encode`` runs the BERT forward and the mean pooling itself rather than through
 ``SentenceTransformer.encode``: the result is the same vectors (a test checks it) for ~1.5 ms less
-per single query on CPU, which matters for a 10 ms routing budget.
+per single query on CPU, which matters for a 10 ms routing budget. One uncached query (what a
+routing decision needs) goes further: ``run_layers`` steps through each BERT layer's kernels
+itself instead of dispatching ~20 modules per layer (same numbers), and the forward runs on
+``query_threads`` intra-op threads (1): for one short sequence, splitting each small matmul across
+threads saves little on a quiet machine and costs a lot on a busy one (and ~40 % more CPU either
+way). What is left is 36 fp32 matmuls over 42 MB of weights, ~8 ms of a ~11 ms query on a 2-core
+EPYC. ``query_dtype=torch.bfloat16`` runs those matmuls on bf16 copies of the weights (~25 %
+faster there) — opt-in, because it changes the numbers: it moved 1 of 920 decisions per router
+(see docs/benchmarks.md), and the classifier must decide exactly as its weights say.
 
 Routers take an ``embedder`` argument; without one they share ``get_embedder()``, so one copy of
 the weights serves every router in a process. ``set_embedder`` injects another (tests, GPU).
@@ -14,13 +22,17 @@ the weights serves every router in a process. ``set_embedder`` injects another (
 
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
+import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 
 def minilm_path() -> Path:
@@ -34,6 +46,89 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
+def _steppable(layer: torch.nn.Module) -> bool:
+    """Whether ``_bert_layer`` reproduces this layer: a transformers BertLayer in eval mode with sdpa
+    attention, no chunked feed-forward, no cross-attention (all true for MiniLM as loaded here)."""
+    att = getattr(getattr(layer, "attention", None), "self", None)
+    config = getattr(att, "config", None)
+    return (
+        config is not None
+        and hasattr(att, "scaling")
+        and not layer.training
+        and config._attn_implementation == "sdpa"
+        and not getattr(layer, "chunk_size_feed_forward", 0)
+        and not getattr(layer, "add_cross_attention", False)
+    )
+
+
+# dtype of the stepped layers' matmuls (None: the weights' own), set by ``Embedder.query_context``
+_MATMUL_DTYPE: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar("matmul_dtype", default=None)
+# Linear -> (weight version, weight, bias) cast to that dtype; the version catches in-place training
+_CAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if type(module) is not torch.nn.Linear:  # e.g. a quantised linear: its own forward
+        return module(x)
+    dtype = _MATMUL_DTYPE.get()
+    if dtype is None or dtype == module.weight.dtype:
+        return F.linear(x, module.weight, module.bias)
+    w = module.weight
+    key = (None if w.is_inference() else w._version, dtype)
+    cached = _CAST.get(module)
+    if cached is None or cached[0] != key:
+        bias = module.bias.to(dtype) if module.bias is not None else None
+        cached = _CAST[module] = (key, w.to(dtype), bias)
+    return F.linear(x.to(dtype), cached[1], cached[2]).to(x.dtype)
+
+
+def _bert_layer(layer: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """transformers' BertLayer forward (eval, sdpa), kernel for kernel in the same order — so the
+    same numbers — without its Python: module dispatch and a signature inspection on every call
+    (``apply_chunking_to_forward``) cost ~0.3 ms per layer, a fifth of a routing decision."""
+    att, out = layer.attention.self, layer.attention.output
+    shape = (*hidden.shape[:-1], -1, att.attention_head_size)
+    q = _linear(att.query, hidden).view(shape).transpose(1, 2)
+    k = _linear(att.key, hidden).view(shape).transpose(1, 2)
+    v = _linear(att.value, hidden).view(shape).transpose(1, 2)
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=att.scaling, is_causal=False)
+    ctx = ctx.transpose(1, 2).contiguous().reshape(*hidden.shape[:-1], -1)
+    ln = out.LayerNorm
+    hidden = F.layer_norm(_linear(out.dense, ctx) + hidden, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+    inner = layer.intermediate.intermediate_act_fn(_linear(layer.intermediate.dense, hidden))
+    ln = layer.output.LayerNorm
+    return F.layer_norm(_linear(layer.output.dense, inner) + hidden, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+def run_layers(layers: Sequence[torch.nn.Module], hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """BERT layers over ``hidden`` with ``mask`` as the layers' attention_mask (None: attend to
+    everything, as BertModel passes for an unpadded batch; or an additive float mask). Layers in
+    training mode (dropout) go through their own forward."""
+    for layer in layers:
+        if _steppable(layer):
+            hidden = _bert_layer(layer, hidden, mask)
+        else:
+            out = layer(hidden, attention_mask=mask)
+            hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+@contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run the block on ``n`` intra-op threads, then restore the previous count; None or 0 leaves
+    it alone. OpenMP and MKL keep the count per OS thread, so threads already running keep theirs
+    (checked); only a thread started during the block would begin with ``n``."""
+    prev = torch.get_num_threads()
+    if not n or n == prev:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 class Embedder:
     """Lazily loaded MiniLM sentence embedder with an LRU cache of text → unit vector (fp32)."""
 
@@ -45,6 +140,8 @@ class Embedder:
         max_length: int = 256,
         batch_size: int = 64,
         num_threads: int | None = None,
+        query_threads: int | None = 1,
+        query_dtype: torch.dtype | None = None,
     ) -> None:
         self.model_path = Path(model_path) if model_path else None
         self.device = device
@@ -52,6 +149,8 @@ class Embedder:
         self.max_length = max_length
         self.batch_size = batch_size
         self.num_threads = num_threads
+        self.query_threads = query_threads
+        self.query_dtype = query_dtype
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self._st = None
@@ -99,8 +198,31 @@ class Embedder:
 
     # -- encoding ------------------------------------------------------------------------------
 
+    @contextmanager
+    def query_context(self) -> Iterator[None]:
+        """How one routing query runs: on ``query_threads`` threads, matmuls in ``query_dtype``."""
+        token = _MATMUL_DTYPE.set(self.query_dtype)
+        try:
+            with intra_op_threads(self.query_threads):
+                yield
+        finally:
+            _MATMUL_DTYPE.reset(token)
+
+    @torch.inference_mode()
+    def _encode_one(self, text: str) -> torch.Tensor:
+        """One text, one unpadded sequence: BertModel passes no attention mask for it, nor do we."""
+        model = self.model
+        batch = self.tokenize([text])
+        with self.query_context():
+            hidden = model.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
+            hidden = run_layers(model.encoder.layer, hidden, None)
+            emb = F.normalize(mean_pool(hidden, batch["attention_mask"]).float(), dim=-1)
+        return emb.cpu()
+
     @torch.inference_mode()
     def _encode_uncached(self, texts: list[str]) -> torch.Tensor:
+        if len(texts) == 1 and _steppable(self.model.encoder.layer[0]):
+            return self._encode_one(texts[0])
         model = self.model
         # Sorting by length keeps padding small inside each batch.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))

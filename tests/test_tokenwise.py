@@ -277,3 +277,19 @@ def test_generation_with_kv_cache_and_left_padding(zoo, model, batch, phatgoose)
     assert torch.equal(cached, uncached)
     assert len(calls["seq"]) == 8  # one routed forward per generated token
     assert sum(stats.per_expert().values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_expert_by_expert_prefill_equals_the_dense_product(zoo, model, batch, phatgoose, monkeypatch):
+    """Long inputs go expert by expert over only their routed tokens; short ones (decode steps)
+    take one dense product over every expert. Both must give the same mixture."""
+    import composer.molora as molora
+
+    mix = install(model, zoo, phatgoose)
+    spec = MixtureSpec("phatgoose", list(zoo[1]), "phatgoose", top_k=2)
+    with mix.routing(spec):
+        monkeypatch.setattr(molora, "_SPARSE_MIN_ROWS", 10**9)  # always dense
+        dense = logits(model, batch)
+        monkeypatch.setattr(molora, "_SPARSE_MIN_ROWS", 0)  # always expert by expert
+        sparse = logits(model, batch)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(dense, logits(model, batch))  # the mixture was active: it changed the output
