@@ -17,6 +17,8 @@ replica's event loop stays free to accept (and queue) requests.
 from __future__ import annotations
 
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,11 @@ class EngineServerBase:
         self._targets: dict[str, str] = {}  # model id -> adapter name on self.engine
         self._models: dict[str, Any] = {}  # model id -> engine of its own (full models)
         self._loads: dict[str, int] = {}  # model id -> token of its current load
+        # requests between "target loaded" and "generate done", per model id: an LRU eviction of
+        # a target in use waits for them (a batch must not lose its adapter mid-flight)
+        self._in_use: dict[str, int] = {}
+        self._deferred: dict[str, int] = {}  # model id -> load token to drop once unused
+        self._use_lock = threading.Lock()
         self.engine = None
         if base is not None:
             record = self.registry.get_base(base)
@@ -135,6 +142,28 @@ class EngineServerBase:
         return loaded
 
     def _unload(self, mid: str, token: int) -> None:
+        with self._use_lock:
+            if self._in_use.get(mid):
+                self._deferred[mid] = token
+                return
+        self._unload_now(mid, token)
+
+    def _hold(self, mid: str) -> None:
+        with self._use_lock:
+            self._in_use[mid] = self._in_use.get(mid, 0) + 1
+
+    def _release(self, mid: str) -> None:
+        with self._use_lock:
+            left = self._in_use[mid] - 1
+            if left:
+                self._in_use[mid] = left
+                return
+            del self._in_use[mid]
+            token = self._deferred.pop(mid, None)
+        if token is not None:
+            self._unload_now(mid, token)
+
+    def _unload_now(self, mid: str, token: int) -> None:
         with self._lock:
             if self._loads.get(mid) != token:
                 return  # a newer load of the same id: not ours to drop
@@ -153,25 +182,31 @@ class EngineServerBase:
 
     # -- requests ------------------------------------------------------------------------------
 
-    async def _resolve(self) -> tuple[Any, str | None]:
+    @asynccontextmanager
+    async def _resolved(self) -> AsyncIterator[tuple[Any, str | None]]:
+        """(engine, target) of this request's model id, held loaded until the block ends."""
         mid = serve.get_multiplexed_model_id()
         if not mid:
             if self.engine is None:
                 raise EngineError("the models deployment needs a model id")
-            return self.engine, None  # the base itself
+            yield self.engine, None  # the base itself
+            return
         loaded = await self.get_target(mid)  # type: ignore[attr-defined] - added by engine_deployment
-        engine = self._models.get(mid, self.engine)
-        return engine, loaded.target
+        self._hold(mid)  # no await since the load: an eviction cannot slip in between
+        try:
+            yield self._models.get(mid, self.engine), loaded.target
+        finally:
+            self._release(mid)
 
     async def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
-        engine, target = await self._resolve()
-        items = [replace(r, target=target) for r in requests]
-        if engine is self.engine:
-            results = await self._generate_together(items)
-            if isinstance(results, BaseException):
-                raise results
-            return results
-        return await anyio.to_thread.run_sync(self._locked, engine.generate, items)
+        async with self._resolved() as (engine, target):
+            items = [replace(r, target=target) for r in requests]
+            if engine is self.engine:
+                results = await self._generate_together(items)
+                if isinstance(results, BaseException):
+                    raise results
+                return results
+            return await anyio.to_thread.run_sync(self._locked, engine.generate, items)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def _generate_together(self, calls: list[list[GenerateRequest]]) -> list[list[GenerateResult]]:
@@ -200,9 +235,9 @@ class EngineServerBase:
             return exc  # handed to that caller alone, which raises it (generate)
 
     async def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
-        engine, target = await self._resolve()
-        items = [replace(r, target=target) for r in requests]
-        return await anyio.to_thread.run_sync(self._locked, engine.score, items)
+        async with self._resolved() as (engine, target):
+            items = [replace(r, target=target) for r in requests]
+            return await anyio.to_thread.run_sync(self._locked, engine.score, items)
 
     def _locked(self, fn, items):
         with self._lock:
