@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from machine import load, machine  # noqa: E402  (bench/machine.py; scripts run with bench/ on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,16 +50,6 @@ from routers.embedder import Embedder  # noqa: E402
 from routers.semantic import SemanticRouter  # noqa: E402
 
 MODULES = ("embedder", "semantic", "classifier")
-
-
-def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    cores = len(os.sched_getaffinity(0))
-    return f"{cpu}, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}"
-
-
-def load() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def routers_at(rev: str):

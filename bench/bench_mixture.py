@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from machine import load, machine  # noqa: E402  (bench/machine.py; scripts run with bench/ on sys.path)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.factories from a checkout
 
@@ -58,16 +58,6 @@ from routers.base import MixtureSpec  # noqa: E402
 from routers.tokenwise import read_lora_factors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    cores = len(os.sched_getaffinity(0))
-    return f"{cpu}, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}"
-
-
-def load() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def molora_at(rev: str):
