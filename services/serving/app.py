@@ -38,10 +38,11 @@ from services.gateway.backend import (
     is_strategy,
     split_ref,
 )
+from services.gateway.protocol import ExpertCard
 from services.serving.config import ServeConfig, load_config
 from services.serving.engine_server import engine_deployment
 from services.serving.remote import RemoteEngine, Targets, acall_with_retry
-from services.serving.strategy_host import StrategyHost
+from services.serving.strategy_host import StrategyHost, servable_strategies
 
 APP_NAME = "moerge"
 
@@ -128,8 +129,6 @@ class RayBackend(LocalBackend):
         # the registry row goes; replicas evict the expert's weights by LRU (its model id, which
         # carries the row id, is never asked for again); requests already running finish
         removed = await anyio.to_thread.run_sync(self.registry.remove_expert, name, version)
-        from services.gateway.protocol import ExpertCard
-
         return [ExpertCard.from_record(e).model_dump(mode="json") for e in removed]
 
 
@@ -165,8 +164,6 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     models = engine_deployment("models", max_loaded=m.max_models_per_replica, replicas=m.replicas,
                                num_cpus=m.num_cpus, num_gpus=m.num_gpus).bind(None, config.engines.default.engine,
                                                                               config.engines.default.engine_args)
-    from services.serving.strategy_host import servable_strategies
-
     s = config.strategies
     names = servable_strategies(s.names)
     strategies = serve.deployment(StrategyServer, name="strategies", num_replicas=s.replicas,
