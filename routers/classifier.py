@@ -276,8 +276,9 @@ class ClassifierRouter(EmbeddingRouter):
     def _probabilities(self, prompt: str) -> dict[str, float]:
         head = self.head
         if self.train_layers:
+            # the frozen layers below the trained ones: the embedder's query path (ONNX Runtime)
+            hidden, mask = self.emb.query_hidden(prompt, self._split)
             with self.emb.query_context():  # one short sequence: threads (and dtype) as the Embedder's
-                hidden, mask = self._bottom([prompt])
                 logits = head(hidden, mask)[0]
         else:
             logits = head(self.emb.encode(prompt), None)[0]

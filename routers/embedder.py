@@ -12,9 +12,12 @@ itself instead of dispatching ~20 modules per layer (same numbers), and the forw
 ``query_threads`` intra-op threads (1): for one short sequence, splitting each small matmul across
 threads saves little on a quiet machine and costs a lot on a busy one (and ~40 % more CPU either
 way). What is left is 36 fp32 matmuls over 42 MB of weights, ~8 ms of a ~11 ms query on a 2-core
-EPYC. ``query_dtype=torch.bfloat16`` runs those matmuls on bf16 copies of the weights (~25 %
-faster there) — opt-in, because it changes the numbers: it moved 1 of 920 decisions per router
-(see docs/benchmarks.md), and the classifier must decide exactly as its weights say.
+EPYC — so by default (``query_backend="onnx"``) that query runs through ONNX Runtime instead
+(``routers.onnx_bert``: the same graph, fused, fp32, ~5 ms; the PyTorch path stays as
+``query_backend="torch"``). ``query_dtype=torch.bfloat16`` runs the PyTorch path's matmuls on bf16
+copies of the weights (~25 % faster there) — opt-in, because it changes the numbers: it moved 1 of
+920 decisions per router (see docs/benchmarks.md), and the classifier must decide exactly as its
+weights say.
 
 Routers take an ``embedder`` argument; without one they share ``get_embedder()``, so one copy of
 the weights serves every router in a process. ``set_embedder`` injects another (tests, GPU).
@@ -142,7 +145,10 @@ class Embedder:
         num_threads: int | None = None,
         query_threads: int | None = 1,
         query_dtype: torch.dtype | None = None,
+        query_backend: str = "onnx",
     ) -> None:
+        if query_backend not in ("onnx", "torch"):
+            raise ValueError(f"query_backend must be 'onnx' or 'torch', not {query_backend!r}")
         self.model_path = Path(model_path) if model_path else None
         self.device = device
         self.cache_size = cache_size
@@ -151,6 +157,9 @@ class Embedder:
         self.num_threads = num_threads
         self.query_threads = query_threads
         self.query_dtype = query_dtype
+        # bf16 matmuls are a PyTorch-path option; the ONNX graph is fp32
+        self.query_backend = "torch" if query_dtype is not None else query_backend
+        self._onnx: dict = {}  # layers -> routers.onnx_bert.OnnxBert
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self._st = None
@@ -208,16 +217,39 @@ class Embedder:
         finally:
             _MATMUL_DTYPE.reset(token)
 
+    def _onnx_session(self, layers: int):
+        session = self._onnx.get(layers)
+        if session is None:
+            from routers.onnx_bert import OnnxBert
+
+            session = OnnxBert.for_model(self.model, layers, threads=self.query_threads or 1)
+            with self._lock:
+                self._onnx[layers] = session
+        return session
+
+    @torch.inference_mode()
+    def query_hidden(self, text: str, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states after ``layer`` layers (None: all) for one text as one unpadded sequence
+        (BertModel passes no attention mask for it, nor do we): ([1, seq, dim], mask [1, seq]).
+
+        The query path of every MiniLM router: through ONNX Runtime (``query_backend="onnx"``,
+        ~2x faster here, see ``routers.onnx_bert``) or stepped in PyTorch."""
+        model = self.model
+        layers = model.encoder.layer
+        layer = len(layers) if layer is None else layer
+        batch = self.tokenize([text])
+        if self.query_backend == "onnx" and all(_steppable(l) for l in layers):
+            hidden = self._onnx_session(layer).hidden_states(batch["input_ids"], batch.get("token_type_ids"))[-1]
+        else:
+            with self.query_context():
+                hidden = model.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
+                hidden = run_layers(layers[:layer], hidden, None)
+        return hidden, batch["attention_mask"]
+
     @torch.inference_mode()
     def _encode_one(self, text: str) -> torch.Tensor:
-        """One text, one unpadded sequence: BertModel passes no attention mask for it, nor do we."""
-        model = self.model
-        batch = self.tokenize([text])
-        with self.query_context():
-            hidden = model.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
-            hidden = run_layers(model.encoder.layer, hidden, None)
-            emb = F.normalize(mean_pool(hidden, batch["attention_mask"]).float(), dim=-1)
-        return emb.cpu()
+        hidden, mask = self.query_hidden(text)
+        return F.normalize(mean_pool(hidden, mask).float(), dim=-1).cpu()
 
     @torch.inference_mode()
     def _encode_uncached(self, texts: list[str]) -> torch.Tensor:

@@ -1,0 +1,106 @@
+"""The routing query path through ONNX Runtime: same numbers as PyTorch, same decisions, cached export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from routers import onnx_bert
+from routers.base import ExpertExample, ExpertInfo, RouteRequest
+from routers.classifier import ClassifierRouter
+from routers.embedder import Embedder
+from routers.semantic import SemanticRouter
+
+PROMPTS = [
+    "What is 3 plus 4?",
+    "Reverse the string 'hello world'.",
+    "Shift every letter of 'abc' by three places",
+    "Tell me about the history of jazz music in New Orleans and Chicago.",
+    "hi",
+]
+
+TASKS = {
+    "math": ["What is {a} plus {b}?", "Add {a} and {b}.", "Compute the sum of {a} and {b}."],
+    "reverse": ["Reverse the string '{w}'.", "Write '{w}' backwards.", "Spell '{w}' in reverse order."],
+    "upper": ["Uppercase '{w}'.", "Write '{w}' in capital letters.", "Make '{w}' all caps."],
+}
+WORDS = ["apple", "river", "stone", "cloud", "piano", "tiger", "lemon", "chair"]
+
+
+def expert(task: str) -> ExpertInfo:
+    prompts = [t.format(a=i, b=i + 3, w=w) for i, w in enumerate(WORDS) for t in TASKS[task]]
+    examples = tuple(ExpertExample(prompt=p, reference="", task=task, split="train") for p in prompts)
+    return ExpertInfo(name=f"expert-{task}", kind="adapter", domains=(task,), skills=(task,), examples=examples)
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[Embedder, Embedder]:
+    onnx, torch_path = Embedder(), Embedder(query_backend="torch")
+    torch_path._st = onnx._load()  # the same weights
+    return onnx, torch_path
+
+
+def test_onnx_query_path_equals_the_pytorch_path(pair):
+    onnx, torch_path = pair
+    for text in PROMPTS:
+        for layer in (None, 5):
+            h_onnx, m_onnx = onnx.query_hidden(text, layer)
+            h_torch, m_torch = torch_path.query_hidden(text, layer)
+            assert h_onnx.shape == h_torch.shape and torch.equal(m_onnx, m_torch)
+            assert torch.allclose(h_onnx, h_torch, atol=1e-4), (text, layer, (h_onnx - h_torch).abs().max())
+        onnx.clear_cache()
+        torch_path.clear_cache()
+        a, b = onnx.encode(text), torch_path.encode(text)  # one uncached query: the query path
+        assert torch.allclose(a, b, atol=1e-5)
+    # and both agree with sentence-transformers' own encode
+    ref = onnx.sentence_transformer.encode(PROMPTS[:1], convert_to_tensor=True).float().cpu()
+    onnx.clear_cache()
+    assert torch.allclose(onnx.encode(PROMPTS[0]), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["semantic", "classifier"])
+def test_routers_decide_the_same_on_both_paths(pair, kind):
+    experts = [expert(t) for t in TASKS]
+    routers = []
+    for emb in pair:
+        router = SemanticRouter(embedder=emb) if kind == "semantic" else ClassifierRouter(embedder=emb, epochs=1)
+        for e in experts:
+            router.add_expert(e)
+        routers.append(router)
+    if kind == "classifier":
+        routers[0].retrain()
+        routers[1].head, routers[1].labels, routers[1]._stale = routers[0].head, routers[0].labels, False
+    queries = ["What is 10 plus 12?", "Write 'garden' backwards.", "Make 'ocean' all caps.", PROMPTS[3]]
+    for q in queries:
+        for emb in pair:
+            emb.clear_cache()
+        da, db = (r.route(RouteRequest(q)) for r in routers)
+        assert [n for n, _ in da.experts] == [n for n, _ in db.experts], q
+        for (_, wa), (_, wb) in zip(da.experts, db.experts):
+            assert wa == pytest.approx(wb, abs=1e-4)
+
+
+def test_export_is_cached_on_disk_and_keyed_by_the_weights(tmp_path, monkeypatch, pair):
+    monkeypatch.setenv("MOERGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(onnx_bert, "_SESSIONS", {})
+    bert = pair[0].model
+    first = onnx_bert.OnnxBert.for_model(bert, 2)
+    files = sorted(p.name for p in (tmp_path / "onnx").iterdir())
+    assert len(files) == 1 and files[0].endswith("-L2.onnx")
+    assert onnx_bert.OnnxBert.for_model(bert, 2) is first  # this process's session
+
+    monkeypatch.setattr(onnx_bert, "_SESSIONS", {})  # a new process: the file is reused, not re-exported
+    monkeypatch.setattr(onnx_bert, "export", lambda *a, **k: pytest.fail("exported again"))
+    again = onnx_bert.OnnxBert.for_model(bert, 2)
+    ids = torch.tensor([[101, 7592, 2088, 102]])
+    assert torch.equal(again.hidden_states(ids, None), first.hidden_states(ids, None))
+
+    other = Embedder(query_backend="torch").model  # a separate copy of the weights, one changed
+    with torch.no_grad():
+        other.encoder.layer[0].output.dense.bias.add_(1.0)
+    assert onnx_bert.weights_hash(other) != onnx_bert.weights_hash(bert)
+
+
+def test_unknown_query_backend_is_refused():
+    with pytest.raises(ValueError, match="query_backend"):
+        Embedder(query_backend="tensorrt")
