@@ -158,3 +158,43 @@ def test_cli_registers_a_built_zoo(micro_zoo, tmp_path):
                            capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr
     assert "skill-reverse@2" in again.stdout
+
+
+def test_the_classifier_head_is_stored_and_reused_until_the_experts_change(zoo_home, micro_zoo, monkeypatch):
+    """The classifier trains once over all experts; the next process loads that head from the
+    registry (same decisions, no retrain), and a new expert makes it train and store again."""
+    from routers.classifier import ClassifierRouter
+
+    first = MoE(ExpertPool(Registry()))
+    trained = first.router("classifier")
+    prompts = ["Reverse the string\nhello\nAnswer: ", "Uppercase the text\nabc\nAnswer: ", "Tell me about jazz."]
+    expected = [trained.probabilities(p) for p in prompts]
+
+    def no_retrain(self):
+        raise AssertionError("retrained although a stored head fits")
+
+    with monkeypatch.context() as m:
+        m.setattr(ClassifierRouter, "retrain", no_retrain)
+        second = MoE(ExpertPool(Registry()))
+        restored = second.router("classifier")
+    assert "(retrain)" not in second.fit_seconds["classifier"]
+    assert restored.labels == trained.labels
+    for p, probs in zip(prompts, expected):
+        assert restored.probabilities(p) == pytest.approx(probs, abs=1e-6)
+
+    entry = micro_zoo.expert("skill-reverse")
+    with Registry() as reg:
+        reg.register_expert("reverse-copy", "adapter", micro_zoo.path_of(entry.path), base=zoo_base_name(micro_zoo),
+                            domains=["text"], skills=["reverse"],
+                            examples=[{"prompt": "Reverse the string\nabc\nAnswer: ", "reference": "cba",
+                                       "task": "reverse", "split": "train"}])
+    try:
+        third = MoE(ExpertPool(Registry()))
+        assert "reverse-copy" in third.router("classifier").labels
+        assert "(retrain)" in third.fit_seconds["classifier"]  # the stored head no longer fits
+        with Registry() as reg:
+            heads = [a for a in reg.get_artifacts(router="classifier", kind="head") if a.expert_id is None]
+        assert len(heads) == 1  # replaced, not piled up
+    finally:
+        with Registry() as reg:
+            reg.remove_expert("reverse-copy")

@@ -26,6 +26,7 @@ from services.engines.hf import HFEngine
 
 ROUTING_ARTIFACT = "routing"
 ARTIFACT_FILE = "routing.safetensors"  # inside the artifact's folder in the store
+HEAD_ARTIFACT = "head"  # a router's own artifact over all its experts (expert_id NULL)
 
 
 class ExpertPool:
@@ -136,6 +137,20 @@ class ExpertPool:
                                            version=rec.version, filename=ARTIFACT_FILE)
             router.load_expert(info, artifact)
         return fit_seconds
+
+    def restore_head(self, router, router_name: str) -> bool:
+        """A router trained over all its experts at once (the classifier's head): load the stored
+        head when it was trained on exactly the loaded experts (True), else train it and store it
+        for the next process (False). Saves each process that builds the router (CLI, leaderboard,
+        every strategies replica) a retrain."""
+        stored = self.registry.get_artifacts(router=router_name, kind=HEAD_ARTIFACT)
+        stored = [a for a in stored if a.expert_id is None]
+        if stored and router.load_head(read_artifact(self.registry.artifact_path(stored[-1]) / ARTIFACT_FILE)):
+            return True
+        router.retrain()
+        self.registry.add_artifact(router_name, HEAD_ARTIFACT, artifact_bytes(router.head_artifact()),
+                                   filename=ARTIFACT_FILE)
+        return False
 
 
 def artifact_bytes(artifact: Artifact) -> bytes:

@@ -133,10 +133,10 @@ class MoE:
             raise NotFoundError(f"unknown router {name!r}")
         router = cls(**params)
         self.fit_seconds[key] = self.pool.fitted(router, name, experts)
-        if hasattr(router, "retrain"):  # the classifier trains its head over every expert once here
+        if hasattr(router, "retrain"):  # the classifier's head over every expert: stored, or trained here
             t0 = time.perf_counter()
-            router.retrain()
-            self.fit_seconds[key]["(retrain)"] = time.perf_counter() - t0
+            if not self.pool.restore_head(router, name):
+                self.fit_seconds[key]["(retrain)"] = time.perf_counter() - t0
         self._routers[key] = router
         return router
 
