@@ -26,6 +26,7 @@ the weights serves every router in a process. ``set_embedder`` injects another (
 from __future__ import annotations
 
 import contextvars
+import logging
 import os
 import threading
 import weakref
@@ -36,6 +37,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 def minilm_path() -> Path:
@@ -238,9 +241,14 @@ class Embedder:
         layers = model.encoder.layer
         layer = len(layers) if layer is None else layer
         batch = self.tokenize([text])
+        hidden = None
         if self.query_backend == "onnx" and all(_steppable(l) for l in layers):
-            hidden = self._onnx_session(layer).hidden_states(batch["input_ids"], batch.get("token_type_ids"))[-1]
-        else:
+            try:
+                hidden = self._onnx_session(layer).hidden_states(batch["input_ids"], batch.get("token_type_ids"))[-1]
+            except Exception as exc:  # no export possible here (a read-only disk, an op the exporter lacks)
+                log.warning("ONNX query path unavailable (%s: %s); routing queries run in PyTorch", type(exc).__name__, exc)
+                self.query_backend = "torch"
+        if hidden is None:
             with self.query_context():
                 hidden = model.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
                 hidden = run_layers(layers[:layer], hidden, None)

@@ -136,9 +136,14 @@ class OnnxBert:
         with _SESSIONS_LOCK:
             if key in _SESSIONS:
                 return _SESSIONS[key]
-            path = cache_dir() / f"bert-{key[0][:32]}-L{layers}.onnx"
+            name = f"bert-{key[0][:32]}-L{layers}.onnx"
+            path = cache_dir() / name
             if not path.exists():
                 log.info("exporting the encoder's first %d layers to ONNX (once per weights): %s", layers, path)
-                export(bert, layers, path)
+                try:
+                    export(bert, layers, path)
+                except OSError:  # the cache is not writable (a read-only home in a container): this process only
+                    path = Path(tempfile.mkdtemp(prefix="moerge-onnx-")) / name
+                    export(bert, layers, path)
             session = _SESSIONS[key] = cls(path, threads)
             return session

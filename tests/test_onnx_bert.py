@@ -104,3 +104,27 @@ def test_export_is_cached_on_disk_and_keyed_by_the_weights(tmp_path, monkeypatch
 def test_unknown_query_backend_is_refused():
     with pytest.raises(ValueError, match="query_backend"):
         Embedder(query_backend="tensorrt")
+
+
+def test_an_unwritable_cache_exports_to_a_temporary_folder(tmp_path, monkeypatch, pair):
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")  # the cache folder cannot be created below a file
+    monkeypatch.setenv("MOERGE_CACHE", str(blocked))
+    monkeypatch.setattr(onnx_bert, "_SESSIONS", {})
+    session = onnx_bert.OnnxBert.for_model(pair[0].model, 1)
+    assert session.path.is_file() and not str(session.path).startswith(str(blocked))
+
+
+def test_a_failing_export_falls_back_to_pytorch_with_the_same_answer(monkeypatch, pair):
+    monkeypatch.setattr(onnx_bert, "_SESSIONS", {})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter lacks an op")
+
+    monkeypatch.setattr(onnx_bert, "export", broken)
+    monkeypatch.setenv("MOERGE_CACHE", "/nonexistent-moerge-cache")
+    emb = Embedder()
+    emb._st = pair[0]._load()
+    got = emb.encode("Reverse the string 'falls back'.")
+    assert emb.query_backend == "torch"
+    assert torch.allclose(got, pair[1].encode("Reverse the string 'falls back'."), atol=1e-6)
