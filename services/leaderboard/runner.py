@@ -33,9 +33,7 @@ from registry.errors import MoergeError, NotFoundError
 from registry.service import Registry
 from services.leaderboard.store import ALL
 from services.leaderboard.suites import Query, is_correct, load_queries
-from services.moe.evaluate import (
-    _strategy as evaluate_strategy_records,  # moerge eval's own code path
-)
+from services.moe.evaluate import strategy_records as evaluate_strategy_records  # moerge eval's own code path
 from services.moe.pool import ExpertPool
 from services.moe.strategies import STRATEGIES, MoE, Strategy, get_strategy
 

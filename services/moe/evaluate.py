@@ -101,7 +101,7 @@ def evaluate(
     if name.startswith("expert:"):
         records = _expert_alone(moe, name.removeprefix("expert:"), examples, max_new)
     else:
-        records = _strategy(moe, strategy if isinstance(strategy, Strategy) else get_strategy(name), examples, max_new)
+        records = strategy_records(moe, strategy if isinstance(strategy, Strategy) else get_strategy(name), examples, max_new)
     if progress:
         progress(len(examples))
     seconds = time.perf_counter() - t0
@@ -134,7 +134,9 @@ def _trained_tasks(moe: MoE) -> dict[str, set[str]]:
     }
 
 
-def _strategy(moe: MoE, strategy: Strategy, examples: list[Example], max_new: int) -> list[QueryRecord]:
+def strategy_records(moe: MoE, strategy: Strategy, examples: list[Example], max_new: int) -> list[QueryRecord]:
+    """Run ``strategy`` on ``examples`` (batched through ``MoE.run``) and score each answer: the
+    per-query records of ``evaluate``, also what the leaderboard stores."""
     tasks = [e.task for e in examples]
     results = moe.run(strategy, [e.prompt for e in examples], tasks, max_new_tokens=max_new)
     trained = _trained_tasks(moe)
