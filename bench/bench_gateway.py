@@ -5,14 +5,17 @@ Starts the same Serve application `moerge serve` deploys (local Ray, one engine 
 1. **overhead** — latency of one completion (greedy, ``--max-tokens``) three ways, interleaved:
    *direct* = a Ray Serve handle call to the engine deployment (no HTTP, no gateway, no router);
    *gateway expert* = HTTP through the gateway to the same expert; *gateway strategy* = HTTP to
-   ``moe/semantic`` (router + composer + engine). Added latency = gateway − direct, p50 / p99.
-   Then requests/s at concurrency 16: gateway ÷ direct.
+   ``moe/semantic`` (router + composer + engine); and *HTTP only* = a request the gateway refuses
+   (422) before any lookup or engine call: the proxy and FastAPI alone. Added latency = gateway −
+   direct, p50 / p99. Then requests/s at concurrency 16: gateway ÷ direct, per round and the
+   median over ``--rps-rounds``, with how many requests shared each engine batch.
+   ``--direct-ingress`` adds the gateway replica's own HTTP port (Ray Serve's direct ingress).
 2. **cold adapter** — copies of one adapter registered under new names; first-request latency ÷
    the next (warm) request's, median over copies.
 3. **load** — ``--load-requests`` requests at concurrency 32 over several experts and strategies:
    errors, lost requests, p50 / p99.
 
-    python bench/bench_gateway.py [--repeats 60] [--load-requests 500]
+    python bench/bench_gateway.py [--repeats 60] [--rps-rounds 5] [--load-requests 500] [--direct-ingress]
 
 Uses the registry in $MOERGE_HOME (build one with `moerge zoo build --register`).
 """
@@ -25,11 +28,21 @@ import platform
 import shutil
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# --direct-ingress: Ray Serve's direct ingress (ray/serve/_private/constants.py,
+# RAY_SERVE_ENABLE_DIRECT_INGRESS): the gateway replica runs an HTTP server of its own on a port
+# the controller hands out (30000-31000), so a client can skip the proxy's hop. Serve reads the flag
+# when it is imported, in every process (controller, proxy, replicas): set here, before the import,
+# and forwarded to the workers below. The drain period (30 s by default, for external load
+# balancers) would only slow the shutdown here.
+DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+if "--direct-ingress" in sys.argv:
+    os.environ.update(DIRECT_INGRESS_ENV)
 
 import httpx  # noqa: E402
 import ray  # noqa: E402
@@ -56,10 +69,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=60)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--rps-rounds", type=int, default=5, help="rounds of the requests/s comparison (median)")
     ap.add_argument("--load-requests", type=int, default=500)
     ap.add_argument("--load-concurrency", type=int, default=32)
     ap.add_argument("--cold-copies", type=int, default=5)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: overhead, cold, load")
+    ap.add_argument("--direct-ingress", action="store_true",
+                    help="turn on Ray Serve's direct ingress and measure the gateway replica's own port too")
     args = ap.parse_args()
 
     registry = Registry()
@@ -73,6 +89,8 @@ def main() -> None:
 
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_WAIT_POLICY") if k in os.environ}
     env.update({"MOERGE_HOME": str(moerge_home()), "MOERGE_DATABASE_URL": database_url()})
+    if args.direct_ingress:
+        env.update(DIRECT_INGRESS_ENV)
     ray.init(num_cpus=8, runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,17 +102,40 @@ def main() -> None:
     engine = serve.get_deployment_handle(deployment_name(base), app_name=APP_NAME)
     url = f"http://127.0.0.1:{port}"
     http = httpx.Client(base_url=url, timeout=300, limits=httpx.Limits(max_connections=64))
-    print(f"Machine: {machine()}")
+    direct_http = None
+    if args.direct_ingress:
+        # the targets Serve hands load balancers (ServeInstanceDetails.target_groups)
+        groups = serve.context._get_global_client().get_serve_details().get("target_groups", [])
+        ports = [t["port"] for g in groups if g["protocol"] == "HTTP" for t in g["targets"] if t["port"] != port]
+        if not ports:
+            raise SystemExit(f"--direct-ingress: no gateway replica port among the target groups {groups}")
+        direct_http = httpx.Client(base_url=f"http://127.0.0.1:{ports[0]}", timeout=300,
+                                   limits=httpx.Limits(max_connections=64))
+        print(f"direct ingress: the gateway replica listens on port {ports[0]} (the proxy on {port})")
+    print(f"Machine: {machine()}; load average at start {load_avg()}")
     print(f"Zoo base {base}, {len(adapters)} adapters; expert {expert.name}; {args.max_tokens} new tokens, greedy\n")
 
     def direct() -> None:
         h = engine.options(multiplexed_model_id=model_id(expert.name, expert.version, expert.id, expert.checksum))
         h.generate.remote([GenerateRequest(prompt, None, args.max_tokens)]).result()
 
-    def via(model: str) -> None:
-        r = http.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": args.max_tokens})
+    def via(model: str, client: httpx.Client = http) -> None:
+        r = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": args.max_tokens})
         if r.status_code != 200:
             raise SystemExit(f"{model}: HTTP {r.status_code} {r.text}")
+
+    def http_only() -> None:
+        """The HTTP path alone: proxy, gateway replica, FastAPI, refused by the schema (422) before
+        any registry lookup or engine call."""
+        r = http.post("/v1/completions", json={"model": expert.name, "prompt": prompt, "max_tokens": 0})
+        if r.status_code != 422:
+            raise SystemExit(f"expected 422, got HTTP {r.status_code} {r.text}")
+
+    def batch_stats(reset: bool = True) -> dict | None:
+        try:  # engines before batch_stats existed: no numbers
+            return engine.batch_stats.remote(reset).result()
+        except Exception:  # noqa: BLE001
+            return None
 
     def timed(fn, *a) -> float:  # noqa: ANN001
         t0 = time.perf_counter()
@@ -105,21 +146,33 @@ def main() -> None:
     for _ in range(5):  # warm: expert loaded, router built, classifier trained
         direct(), via(expert.name), via("moe/semantic")
     if "overhead" not in skip:
-        overhead(args, direct, via, timed, expert.name)
+        overhead(args, direct, via, http_only, batch_stats, timed, expert.name, direct_http)
+        print(f"load average: {load_avg()}")
     if "cold" not in skip:
         cold_adapter(args, registry, expert, base, via, timed)
+        print(f"load average: {load_avg()}")
     if "load" not in skip:
         load(args, registry, adapters, http)
+        print(f"load average: {load_avg()}")
     serve.shutdown()
     ray.shutdown()
 
 
-def overhead(args, direct, via, timed, expert_name: str) -> None:  # noqa: ANN001
-    lat = {"direct": [], "gateway expert": [], "gateway moe/semantic": []}
+def load_avg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str, direct_http) -> None:  # noqa: ANN001
+    lat = {"direct": [], "gateway expert": [], "gateway moe/semantic": [], "gateway HTTP only (422)": []}
+    if direct_http is not None:
+        lat["gateway expert, direct ingress"] = []
     for _ in range(args.repeats):
         lat["direct"].append(timed(direct))
         lat["gateway expert"].append(timed(via, expert_name))
         lat["gateway moe/semantic"].append(timed(via, "moe/semantic"))
+        lat["gateway HTTP only (422)"].append(timed(http_only))
+        if direct_http is not None:
+            lat["gateway expert, direct ingress"].append(timed(via, expert_name, direct_http))
     print("| path | p50 ms | p99 ms | added p50 ms | added p99 ms |\n|---|---:|---:|---:|---:|")
     d50, d99 = statistics.median(lat["direct"]), pct(lat["direct"], 99)
     for name, values in lat.items():
@@ -133,13 +186,25 @@ def overhead(args, direct, via, timed, expert_name: str) -> None:  # noqa: ANN00
             return n / (time.perf_counter() - t0)
 
     n = args.concurrency * 8
-    rps = {"direct": [], "gateway": []}
-    for _ in range(3):
-        rps["direct"].append(throughput(direct, n))
-        rps["gateway"].append(throughput(lambda: via(expert_name), n))
-    d, g = statistics.median(rps["direct"]), statistics.median(rps["gateway"])
-    print(f"\nrequests/s at concurrency {args.concurrency} (median of 3 × {n}): direct {d:.1f}, gateway {g:.1f}, "
-          f"ratio {g / d:.2f}")
+    paths = {"direct": direct, "gateway": lambda: via(expert_name)}
+    if direct_http is not None:
+        paths["gateway, direct ingress"] = lambda: via(expert_name, direct_http)
+    rps: dict[str, list[float]] = {name: [] for name in paths}
+    batches: dict[str, list[float]] = {name: [] for name in paths}  # requests per engine batch, per round
+    for _ in range(args.rps_rounds):  # the paths alternate: a busy machine slows them alike
+        for name, fn in paths.items():
+            batch_stats()
+            rps[name].append(throughput(fn, n))
+            b = batch_stats()
+            batches[name].append(b["calls"] / max(1, b["batches"]) if b else float("nan"))
+    d = statistics.median(rps["direct"])
+    print(f"\nrequests/s at concurrency {args.concurrency} (median of {args.rps_rounds} rounds × {n}; "
+          f"requests per engine batch in brackets):")
+    for name in paths:
+        ratios = [r / rd for r, rd in zip(rps[name], rps["direct"])]
+        print(f"  {name}: {statistics.median(rps[name]):.1f} ({statistics.median(batches[name]):.1f})"
+              + ("" if name == "direct" else f", ratio to direct {statistics.median(rps[name]) / d:.2f} "
+                 f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})"))
 
 
 

@@ -249,3 +249,49 @@ def test_replica_killed_mid_run(cluster: Cluster) -> None:
     now = _engine_replicas(cluster.base)
     assert len(now) == 2 and replicas[0] not in now
     assert ask(jobs[0]) == answers[0]
+
+
+# ------------------------------------------------------------------------------------ batching
+
+
+def test_paced_batcher_batches_at_the_pace_of_the_work() -> None:
+    """Calls arriving while a batch runs wait for the next batch together (not one batch each);
+    a caller's own error reaches that caller alone; a batch that fails fails all its callers."""
+    import asyncio
+
+    from services.serving.batching import PacedBatcher
+
+    seen: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[object]:
+        seen.append(list(items))
+        await asyncio.sleep(0.05)  # the engine is busy
+        if -1 in items and len(items) == 1:
+            raise RuntimeError("whole batch")
+        return [ValueError(f"bad {i}") if i == 13 else i * 10 for i in items]
+
+    async def main() -> None:
+        b = PacedBatcher(run, max_calls=4, wait_s=0.002)
+        first = asyncio.ensure_future(b.submit(0))
+        await asyncio.sleep(0.01)  # batch [0] is running
+        rest = [asyncio.ensure_future(b.submit(i)) for i in range(1, 7)]
+        await asyncio.sleep(0.005)
+        assert await first == 0
+        assert await asyncio.gather(*rest) == [10, 20, 30, 40, 50, 60]
+        assert seen == [[0], [1, 2, 3, 4], [5, 6]]  # arrivals during [0] share batches of max_calls
+
+        ok, bad = b.submit(1), b.submit(13)
+        results = await asyncio.gather(ok, bad, return_exceptions=True)
+        assert results[0] == 10 and isinstance(results[1], ValueError)
+
+        with pytest.raises(RuntimeError, match="whole batch"):
+            await b.submit(-1)
+
+        gone = asyncio.ensure_future(b.submit(2))
+        kept = asyncio.ensure_future(b.submit(3))
+        await asyncio.sleep(0)
+        gone.cancel()  # its caller went away before the batch closed: skipped
+        assert await kept == 30
+        assert seen[-1] == [3]
+
+    asyncio.run(main())

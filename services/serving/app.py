@@ -24,6 +24,7 @@ import re
 from typing import Any
 
 import anyio
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -39,8 +40,10 @@ from services.gateway.backend import (
     split_ref,
 )
 from services.gateway.protocol import ExpertCard
+from services.serving.batching import PacedBatcher
 from services.serving.config import ServeConfig, load_config
 from services.serving.engine_server import engine_deployment
+from services.serving.lookup import ExpertLookup
 from services.serving.remote import RemoteEngine, Targets, acall_with_retry
 from services.serving.strategy_host import StrategyHost, servable_strategies
 
@@ -58,20 +61,22 @@ class StrategyServer:
         targets = Targets(engines, models)
         self.host = StrategyHost(Registry(), names, engine_factory=lambda pool: RemoteEngine(pool, targets),
                                  refresh_interval_s=refresh_interval_s)
+        self._batches: PacedBatcher | None = None
 
     def names(self) -> list[str]:
         return list(self.host.names)
 
     async def complete(self, name: str, prompt: str, params: SamplingParams) -> Completion:
-        result = await self._complete_together((name, prompt, params))
-        if isinstance(result, BaseException):
-            raise result
-        return result
+        if self._batches is None:  # on the replica's event loop, by its first request
+            # up to 32 requests per batch; an idle replica waits 5 ms for a burst to gather
+            self._batches = PacedBatcher(self._complete_together, max_calls=32, wait_s=0.005)
+        return await self._batches.submit((name, prompt, params))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _complete_together(self, items: list[tuple[str, str, SamplingParams]]) -> list[Completion]:
+    async def _complete_together(self, items: list[tuple[str, str, SamplingParams]]) -> list[Completion | BaseException]:
         """Concurrent requests share ``MoE.run`` calls, one per (strategy, sampling parameters):
-        routed per prompt, then batched per expert on the engines."""
+        routed per prompt, then batched per expert on the engines. A batch closes when the previous
+        one is done (``PacedBatcher``): requests that arrive while the routers work wait for the
+        next batch together, not in many small ones."""
         groups: dict[tuple[str, SamplingParams], list[int]] = {}
         for i, (name, _, params) in enumerate(items):
             groups.setdefault((name, params), []).append(i)
@@ -100,6 +105,7 @@ class RayBackend(LocalBackend):
     def __init__(self, registry: Registry, engines: dict[str, DeploymentHandle], models: DeploymentHandle,
                  strategies: DeploymentHandle, strategy_names: list[str]) -> None:
         super().__init__(registry)
+        self.lookup = ExpertLookup(registry)  # the per-request read, without SQLite's write lock
         self.targets = Targets(engines, models)
         self.strategies = strategies
         for name in strategy_names:
@@ -115,7 +121,7 @@ class RayBackend(LocalBackend):
         if is_strategy(model):
             return await super().complete(model, prompt, params)
         name, version = split_ref(model)
-        expert = await anyio.to_thread.run_sync(self.registry.get_expert, name, version)  # 404 if unknown
+        expert = await anyio.to_thread.run_sync(self.lookup.get, name, version)  # 404 if unknown
         if expert.status != "ready":
             raise EngineError(f"expert {expert.ref} is {expert.status}, not ready to serve")
         if expert.kind == "external":
@@ -147,6 +153,36 @@ class Gateway:
 # ------------------------------------------------------------------------------------ the graph
 
 
+# Ray Serve runs a replica's code on an event loop of its own, in a second thread, and each
+# handle's router on a third loop (ray/serve/_private/constants.py: both default to "1"). Each
+# request then crosses threads several times — actor call -> user loop -> router loop -> engine and
+# back — and every crossing waits for the GIL and, on a busy 2-core machine, for a core. The gateway
+# needs neither thread: everything it does is async or handed to worker threads (registry reads,
+# in-process litellm calls, FastAPI's sync endpoints), and every handle call it makes comes from
+# that one event loop. So its replicas run the FastAPI app on the replica's main loop
+# (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0) and route on it too
+# (RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0: a handle then gets Serve's CurrentLoopRouter, which
+# must be first used inside a running loop — RayBackend only calls handles from request handlers).
+# These are the knobs RAY_SERVE_THROUGHPUT_OPTIMIZED=1 turns off for every Serve process; here they
+# go to the gateway's replicas alone, through the deployment's runtime_env (Serve merges its
+# env_vars over the job's). The strategies replica keeps the defaults: its composers call the engines
+# through blocking ``.result()`` from worker threads, which needs a router on a loop of its own.
+GATEWAY_RAY_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+
+
+def _runtime_env_with(env_vars: dict[str, str]) -> dict[str, Any]:
+    """The runtime_env every other deployment inherits from the job (``ray.init(runtime_env=...)``:
+    MOERGE_HOME, the offline flags), plus ``env_vars``. Serve hands a deployment that names a
+    runtime_env of its own only that one (``build_app._set_default_runtime_env``), so the job's
+    is merged in here."""
+    base = dict(ray.get_runtime_context().runtime_env or {}) if ray.is_initialized() else {}
+    base["env_vars"] = {**(base.get("env_vars") or {}), **env_vars}
+    return base
+
+
 def deployment_name(base: str) -> str:
     return "engine-" + re.sub(r"[^A-Za-z0-9_-]+", "-", base)
 
@@ -172,5 +208,6 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     g = config.gateway
     settings = {"require_keys": g.require_keys, "request_timeout_s": g.request_timeout_s}
     return serve.deployment(Gateway, name="gateway", num_replicas=g.replicas,
-                            ray_actor_options={"num_cpus": g.num_cpus},
+                            ray_actor_options={"num_cpus": g.num_cpus,
+                                               "runtime_env": _runtime_env_with(GATEWAY_RAY_ENV)},
                             max_ongoing_requests=256).bind(engines, models, strategies, names, settings)
