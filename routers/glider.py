@@ -98,10 +98,15 @@ class GliderRouter(PhatgooseRouter):
         return prompt, "none"
 
     # -- contract ----------------------------------------------------------------------------
+    @property
+    def recipe(self) -> str:
+        """The recipe of the local gates (a stored artifact holds a copy of them)."""
+        return self.local.recipe if self.local is not None else super().recipe
+
     def fit_expert(self, expert: ExpertInfo) -> Artifact:
         if self.local is not None and expert.name in self.local.experts:
             tensors = dict(self.local.gate_vectors(expert.name))
-            meta = {"local": f"reused from {self.local.name}"}
+            meta = {"local": f"reused from {self.local.name}", "recipe": self.recipe}
         else:
             fitted = super().fit_expert(expert)
             tensors, meta = dict(fitted.tensors), dict(fitted.metadata)

@@ -2,13 +2,20 @@
 
 PHATGOOSE trains, after an expert exists and on that expert's own training data, one gate vector
 v ∈ R^{d_in} per LoRA module (initialised to 0) with the forward y = W x + σ(vᵀx) · ΔW x; the base
-and the LoRA factors stay frozen and the loss is plain next-token cross-entropy. moerge trains on
-the expert's train examples as ``prompt + reference + EOS`` with the loss on every token of that
-sequence (padding excluded). Official defaults: 100 steps, AdamW lr 5e-3, constant schedule with
-6 % linear warm-up. At inference the vectors are routing keys only (see ``composer.molora``).
+and the LoRA factors stay frozen and the loss is plain next-token cross-entropy on the *target*
+tokens only (reference + EOS; prompt tokens are labelled -100), as the official code's decoder
+targets and as the zoo's experts themselves were trained. Official defaults: 100 steps, AdamW
+lr 5e-3, constant schedule with 6 % linear warm-up. Deviation: batch 32 without accumulation
+(the official effective batch is 32 × 32 = 1024; on 2 CPU cores that is ~30× the time, and
+batch 128 measured no better than 32 on the small zoo). At inference the vectors are routing keys
+only (see ``composer.molora``).
 
 Average Activation (same code base's baseline): v_e = the mean input of each LoRA module over the
-expert's training tokens; routed exactly like PHATGOOSE.
+expert's training sequences, read in the expert's own model (base + its LoRA, as the official
+code computes them), mean over each sequence's tokens then over at most 1000 sequences (the
+official cap); routed exactly like PHATGOOSE.
+
+Stored artifacts carry their ``recipe``; a stored artifact of another recipe is fitted again.
 """
 
 from __future__ import annotations
@@ -18,74 +25,114 @@ from collections.abc import Iterator
 import torch
 
 from routers.base import Artifact, ExpertInfo
-from routers.tokenwise import LoraFactors, TokenwiseRouter, load_base, read_lora_factors, require_adapter, training_texts
+from routers.tokenwise import (
+    LoraFactors,
+    TokenwiseRouter,
+    load_base,
+    read_lora_factors,
+    require_adapter,
+    training_pairs,
+)
 
 
-def _batches(texts: list[str], batch_size: int, seed: int) -> Iterator[list[str]]:
+def _batches(items: list, batch_size: int, seed: int) -> Iterator[list]:
     """Endless shuffled batches (reshuffled every epoch)."""
     gen = torch.Generator().manual_seed(seed)
     while True:
-        order = torch.randperm(len(texts), generator=gen).tolist()
+        order = torch.randperm(len(items), generator=gen).tolist()
         for i in range(0, len(order), batch_size):
-            yield [texts[j] for j in order[i : i + batch_size]]
+            yield [items[j] for j in order[i : i + batch_size]]
 
 
-def _encode(tokenizer, texts: list[str], device, max_length: int | None):
-    enc = tokenizer(
-        texts, return_tensors="pt", padding=True, truncation=max_length is not None, max_length=max_length
-    ).to(device)
-    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-    return enc["input_ids"], enc["attention_mask"], labels
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], device, max_length: int | None, loss_on: str = "answer"):
+    """(input_ids, attention_mask, labels, answer_mask) for ``prompt + answer`` rows, right-padded
+    (padding at the end leaves every real token's position and context as in an unpadded run).
+
+    ``loss_on="answer"``: labels only on the answer (reference + EOS), the prompt masked to -100 —
+    the target tokens the expert was trained to produce (the official code's decoder targets).
+    ``loss_on="sequence"``: labels on every token."""
+    if loss_on not in ("answer", "sequence"):
+        raise ValueError(f"loss_on must be 'answer' or 'sequence', not {loss_on!r}")
+    full = tokenizer([p + a for p, a in pairs])["input_ids"]
+    prompt = tokenizer([p for p, _ in pairs])["input_ids"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    for ids, p in zip(full, prompt):
+        ids = ids[:max_length] if max_length is not None else ids
+        rows.append((ids, min(len(p), len(ids) - 1)))  # at least one answer token stays labelled
+    n = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    labels = torch.full((len(rows), n), -100, dtype=torch.long)
+    answer = torch.zeros((len(rows), n), dtype=torch.bool)
+    for i, (ids, k) in enumerate(rows):
+        t = torch.tensor(ids)
+        input_ids[i, : len(ids)] = t
+        mask[i, : len(ids)] = 1
+        first = k if loss_on == "answer" else 0
+        labels[i, first : len(ids)] = t[first:]
+        answer[i, k : len(ids)] = True
+    return input_ids.to(device), mask.to(device), labels.to(device), answer.to(device)
+
+
+def _hook_lora(model: torch.nn.Module, factors: dict[str, LoraFactors], gates: dict[str, torch.Tensor] | None = None):
+    """Adds each module's ΔW x to its output (times σ(vᵀx) where ``gates`` are given); returns the
+    hook handles. The model itself is not changed."""
+    device = next(model.parameters()).device
+    on_device = {m: (f.A.to(device), f.B.to(device), f.scale) for m, f in factors.items()}
+
+    def hook(name):
+        A, B, scale = on_device[name]
+        v = gates[name] if gates is not None else None
+
+        def apply(_module, inputs, out):
+            x = inputs[0]
+            delta = ((x.float() @ A.T) @ B.T) * scale
+            if v is not None:
+                delta = torch.sigmoid(x.float() @ v).unsqueeze(-1) * delta
+            return out + delta.to(out.dtype)
+
+        return apply
+
+    return [model.get_submodule(m).register_forward_hook(hook(m)) for m in factors]
 
 
 def train_gates(
     model: torch.nn.Module,
     tokenizer,
     factors: dict[str, LoraFactors],
-    texts: list[str],
+    pairs: list[tuple[str, str]],
     steps: int = 100,
     lr: float = 5e-3,
-    batch_size: int = 8,
+    batch_size: int = 32,
     warmup: float = 0.06,
     max_length: int | None = 512,
     seed: int = 0,
+    loss_on: str = "answer",
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Train PHATGOOSE gate vectors for one expert; ``model`` is the frozen base (it is hooked
-    during training and left exactly as it was). Returns the vectors and a loss summary."""
+    """Train PHATGOOSE gate vectors for one expert on its (prompt, answer) pairs; ``model`` is the
+    frozen base (it is hooked during training and left exactly as it was). Returns the vectors
+    and a loss summary."""
     device = next(model.parameters()).device
     gates = {m: torch.zeros(f.A.shape[1], device=device, requires_grad=True) for m, f in factors.items()}
-    on_device = {m: (f.A.to(device), f.B.to(device), f.scale) for m, f in factors.items()}
-
-    def hook(name):
-        A, B, scale = on_device[name]
-        v = gates[name]
-
-        def apply(_module, inputs, out):
-            x = inputs[0]
-            sigma = torch.sigmoid(x.float() @ v).unsqueeze(-1)
-            delta = ((x.float() @ A.T) @ B.T) * scale
-            return out + (sigma * delta).to(out.dtype)
-
-        return apply
-
-    handles = [model.get_submodule(m).register_forward_hook(hook(m)) for m in factors]
+    handles = _hook_lora(model, factors, gates)
     was_training = model.training
     model.eval()  # no dropout: the base is frozen and deterministic
     try:
-        probe = _encode(tokenizer, texts[:batch_size], device, max_length)
+        probe = encode_pairs(tokenizer, pairs[:batch_size], device, max_length, loss_on)
 
         def probe_loss() -> float:
             with torch.no_grad():
                 return float(model(input_ids=probe[0], attention_mask=probe[1], labels=probe[2]).loss)
 
         before = probe_loss()
-        opt = torch.optim.AdamW(list(gates.values()), lr=lr)
+        opt = torch.optim.AdamW(list(gates.values()), lr=lr, weight_decay=0.0)
         warm = max(1, round(warmup * steps))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         losses = []
-        batches = _batches(texts, batch_size, seed)
+        batches = _batches(pairs, batch_size, seed)
         for _ in range(steps):
-            ids, mask, labels = _encode(tokenizer, next(batches), device, max_length)
+            ids, mask, labels, _ = encode_pairs(tokenizer, next(batches), device, max_length, loss_on)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -107,32 +154,46 @@ def mean_activations(
     model: torch.nn.Module,
     tokenizer,
     modules: list[str],
-    texts: list[str],
-    batch_size: int = 8,
+    pairs: list[tuple[str, str]],
+    batch_size: int = 64,
     max_length: int | None = 512,
+    expert: dict[str, LoraFactors] | None = None,
+    tokens: str = "all",
 ) -> dict[str, torch.Tensor]:
-    """Mean input of each named module over all (non-padding) tokens of ``texts``."""
+    """Mean input of each named module over ``prompt + answer`` sequences: the mean over each
+    sequence's tokens, averaged over the sequences (the official code's masked mean per example).
+    ``expert``: the LoRA factors to apply while reading (the expert's own model, as the official
+    code computes them); None reads the bare base."""
     device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
-    mask_now: list[torch.Tensor] = []
+    weights: list[torch.Tensor] = []
 
     def hook(name):
         def record(_module, inputs):
             x = inputs[0].float()
-            m = mask_now[0].to(x.dtype).unsqueeze(-1)
-            s = (x * m).reshape(-1, x.shape[-1]).sum(0)
+            s = torch.einsum("bt,btd->d", weights[0], x)
             sums[name] = sums[name] + s if name in sums else s
 
         return record
 
     handles = [model.get_submodule(m).register_forward_pre_hook(hook(m)) for m in modules]
+    handles += _hook_lora(model, expert) if expert else []
     count = 0
     try:
-        for i in range(0, len(texts), batch_size):
-            ids, mask, _ = _encode(tokenizer, texts[i : i + batch_size], device, max_length)
-            mask_now[:] = [mask]
+        for i in range(0, len(pairs), batch_size):
+            ids, mask, _, answer = encode_pairs(tokenizer, pairs[i : i + batch_size], device, max_length)
+            if tokens == "all":
+                m = mask.float()
+            elif tokens == "answer":
+                m = answer.float()
+            elif tokens == "last":
+                m = torch.zeros_like(mask, dtype=torch.float)
+                m[torch.arange(len(m)), mask.sum(1) - 1] = 1.0
+            else:
+                raise ValueError(f"tokens must be 'all', 'answer' or 'last', not {tokens!r}")
+            weights[:] = [m / m.sum(1, keepdim=True)]
             model(input_ids=ids, attention_mask=mask)
-            count += int(mask.sum())
+            count += ids.shape[0]
     finally:
         for h in handles:
             h.remove()
@@ -150,43 +211,73 @@ class PhatgooseRouter(TokenwiseRouter):
         top_k: int = 2,
         steps: int = 100,
         lr: float = 5e-3,
-        batch_size: int = 8,
+        batch_size: int = 32,
         warmup: float = 0.06,
         max_length: int | None = 512,
         max_examples: int | None = None,
         seed: int = 0,
+        loss_on: str = "answer",
     ):
         super().__init__(top_k=top_k)
         self.steps, self.lr, self.batch_size, self.warmup = steps, lr, batch_size, warmup
-        self.max_length, self.max_examples, self.seed = max_length, max_examples, seed
+        self.max_length, self.max_examples, self.seed, self.loss_on = max_length, max_examples, seed, loss_on
+
+    @property
+    def recipe(self) -> str:
+        return f"gates/loss={self.loss_on}/steps={self.steps}/lr={self.lr}/batch={self.batch_size}/warmup={self.warmup}"
+
+    def accepts_artifact(self, artifact: Artifact) -> bool:
+        return artifact.metadata.get("recipe") == self.recipe
 
     def fit_expert(self, expert: ExpertInfo) -> Artifact:
         require_adapter(expert)
         model, tokenizer = load_base(str(expert.base_path))
-        texts = training_texts(expert, tokenizer.eos_token, limit=self.max_examples)
+        pairs = training_pairs(expert, tokenizer.eos_token, limit=self.max_examples)
         factors = read_lora_factors(expert.adapter_path)
         vectors, summary = train_gates(
-            model, tokenizer, factors, texts, self.steps, self.lr, self.batch_size, self.warmup, self.max_length, self.seed
+            model, tokenizer, factors, pairs, self.steps, self.lr, self.batch_size, self.warmup, self.max_length,
+            self.seed, self.loss_on,
         )
         meta = {k: f"{v:.6f}" for k, v in summary.items()}
-        meta.update(steps=str(self.steps), lr=str(self.lr), batch_size=str(self.batch_size), loss="whole sequence")
+        meta.update(steps=str(self.steps), lr=str(self.lr), batch_size=str(self.batch_size), loss=self.loss_on,
+                    recipe=self.recipe)
         return Artifact(tensors=vectors, metadata=meta)
 
 
 class AverageActivationRouter(TokenwiseRouter):
-    """PHATGOOSE's Average-Activation baseline: v_e = mean module input over e's training data."""
+    """PHATGOOSE's Average-Activation baseline: v_e = mean module input over e's training data,
+    read in e's own model (base + e's LoRA)."""
 
     name = "average-activation"
     gate = "average-activation"
 
-    def __init__(self, top_k: int = 2, batch_size: int = 8, max_length: int | None = 512, max_examples: int | None = None):
+    def __init__(
+        self,
+        top_k: int = 2,
+        batch_size: int = 64,
+        max_length: int | None = 512,
+        max_examples: int | None = 1000,
+        with_expert: bool = True,
+        tokens: str = "all",
+    ):
         super().__init__(top_k=top_k)
         self.batch_size, self.max_length, self.max_examples = batch_size, max_length, max_examples
+        self.with_expert, self.tokens = with_expert, tokens
+
+    @property
+    def recipe(self) -> str:
+        return f"mean/{'expert' if self.with_expert else 'base'}/tokens={self.tokens}/examples={self.max_examples}"
+
+    def accepts_artifact(self, artifact: Artifact) -> bool:
+        return artifact.metadata.get("recipe") == self.recipe
 
     def fit_expert(self, expert: ExpertInfo) -> Artifact:
         require_adapter(expert)
         model, tokenizer = load_base(str(expert.base_path))
-        texts = training_texts(expert, tokenizer.eos_token, limit=self.max_examples)
-        modules = list(read_lora_factors(expert.adapter_path))
-        vectors = mean_activations(model, tokenizer, modules, texts, self.batch_size, self.max_length)
-        return Artifact(tensors=vectors, metadata={"examples": str(len(texts))})
+        pairs = training_pairs(expert, tokenizer.eos_token, limit=self.max_examples)
+        factors = read_lora_factors(expert.adapter_path)
+        vectors = mean_activations(
+            model, tokenizer, list(factors), pairs, self.batch_size, self.max_length,
+            expert=factors if self.with_expert else None, tokens=self.tokens,
+        )
+        return Artifact(tensors=vectors, metadata={"examples": str(len(pairs)), "recipe": self.recipe})

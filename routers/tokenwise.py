@@ -96,6 +96,17 @@ def training_texts(expert: ExpertInfo, eos_token: str, split: str = "train", lim
     return texts[:limit] if limit is not None else texts
 
 
+def training_pairs(
+    expert: ExpertInfo, eos_token: str, split: str = "train", limit: int | None = None
+) -> list[tuple[str, str]]:
+    """The expert's own training examples as (prompt, reference + EOS): the part the expert was
+    trained to produce is kept apart, for fitting code that puts the loss on it alone."""
+    pairs = [(e.prompt, e.reference + eos_token) for e in expert.examples if e.split == split]
+    if not pairs:
+        raise ValueError(f"expert {expert.name!r} has no {split!r} examples to fit on")
+    return pairs[:limit] if limit is not None else pairs
+
+
 def require_adapter(expert: ExpertInfo) -> None:
     if expert.kind != "adapter" or expert.adapter_path is None or expert.base_path is None:
         raise ValueError(f"expert {expert.name!r}: token-level routing needs a LoRA adapter on a known base")

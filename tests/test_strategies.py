@@ -109,6 +109,21 @@ def test_a_new_expert_is_fitted_alone(zoo_home, micro_zoo, tmp_path):
             reg.remove_expert("reverse-copy")
 
 
+def test_a_tokenwise_artifact_fitted_by_another_recipe_is_fitted_again(zoo_home):
+    """Stored gate vectors carry their recipe: the same recipe loads them, a changed one refits."""
+    params = {"max_examples": 4, "batch_size": 4}
+    first = MoE(ExpertPool(Registry()))
+    first.router("average-activation", params)
+    experts = set(first.pool.names("adapter"))
+    assert set(first.fit_seconds["average-activation:batch_size=4:max_examples=4"]) == experts
+    again = MoE(ExpertPool(Registry()))
+    again.router("average-activation", params)
+    assert again.fit_seconds["average-activation:batch_size=4:max_examples=4"] == {}
+    changed = MoE(ExpertPool(Registry()))
+    changed.router("average-activation", {**params, "max_examples": 6})
+    assert set(changed.fit_seconds["average-activation:batch_size=4:max_examples=6"]) == experts
+
+
 def test_every_named_strategy_is_listed_by_the_cli(zoo_home):
     out = subprocess.run([sys.executable, "-m", "services.cli", "strategies", "list", "--json"],
                          capture_output=True, text=True, check=True)

@@ -211,18 +211,42 @@ def test_phatgoose_trains_only_the_gates_and_lowers_the_loss(zoo):
     assert float(art.metadata["loss_after"]) < float(art.metadata["loss_before"])
 
 
-def test_average_activation_is_mean_module_input(zoo):
+@pytest.mark.parametrize("with_expert", [True, False])
+def test_average_activation_is_mean_module_input(zoo, with_expert):
+    """v = per-sequence mean of the module input, averaged over the sequences; read in the
+    expert's own model (peft's base + LoRA) by default, in the bare base on request."""
     expert = zoo[1]["double"]
-    art = AverageActivationRouter().fit_expert(expert)
-    model, tok = load_base(str(expert.base_path))
+    art = AverageActivationRouter(with_expert=with_expert).fit_expert(expert)
+    model = LlamaForCausalLM.from_pretrained(expert.base_path).eval()
+    if with_expert:
+        model = PeftModel.from_pretrained(model, expert.adapter_path).eval()
+    tok = AutoTokenizer.from_pretrained(expert.base_path)
+    name = "model.layers.1.self_attn.q_proj"
     seen = []
-    name = "model.layers.0.self_attn.q_proj"
-    handle = model.get_submodule(name).register_forward_pre_hook(lambda _m, inp: seen.append(inp[0][0]))
+    module = next(m for n, m in model.named_modules() if n.endswith(name) and hasattr(m, "weight"))
+    handle = module.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0][0].mean(0)))
     with torch.no_grad():
         for p, r in TASKS["double"]:
             model(**tok([p + r + tok.eos_token], return_tensors="pt"))
     handle.remove()
-    torch.testing.assert_close(art.tensors[name], torch.cat(seen).mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(art.tensors[name], torch.stack(seen).mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_phatgoose_gate_loss_is_on_the_answer_only(zoo):
+    """The gates train on the expert's target tokens: prompt tokens carry no label."""
+    from routers.phatgoose import encode_pairs
+
+    _, tok = load_base(str(zoo[0]))
+    pairs = [("abc ->", " ABC" + tok.eos_token), ("a longer prompt ->", " X" + tok.eos_token)]
+    ids, mask, labels, answer = encode_pairs(tok, pairs, "cpu", 512, "answer")
+    for i, (p, a) in enumerate(pairs):
+        n_prompt, n = len(tok(p)["input_ids"]), len(tok(p + a)["input_ids"])
+        assert mask[i].tolist() == [1] * n + [0] * (ids.shape[1] - n)  # right padding
+        assert (labels[i, :n_prompt] == -100).all() and (labels[i, n:] == -100).all()
+        assert torch.equal(labels[i, n_prompt:n], ids[i, n_prompt:n])
+        assert answer[i].sum() == n - n_prompt
+    _, _, all_labels, _ = encode_pairs(tok, pairs, "cpu", 512, "sequence")
+    assert torch.equal(all_labels[mask == 1], ids[mask == 1])
 
 
 def test_arrow_prototype_is_top_right_singular_vector(zoo):

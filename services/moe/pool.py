@@ -121,15 +121,20 @@ class ExpertPool:
     def fitted(self, router: Router, router_name: str, experts: list[str] | None = None,
                refit: bool = False) -> dict[str, float]:
         """Load every expert's stored artifact for ``router_name`` into ``router``, fitting (and
-        storing) the ones that have none. Returns seconds spent fitting, per fitted expert."""
+        storing) the ones that have none, or one the router does not accept (``accepts_artifact``:
+        e.g. fitted by an older recipe). Returns seconds spent fitting, per fitted expert."""
         fit_seconds: dict[str, float] = {}
         for name in experts if experts is not None else list(self.experts):
             info, rec = self.experts[name], self.records[name]
             stored = self.registry.get_artifacts(router=router_name, expert=name, version=rec.version,
                                                  kind=ROUTING_ARTIFACT)
+            artifact = None
             if stored and not refit:
                 artifact = read_artifact(self.registry.artifact_path(stored[0]) / ARTIFACT_FILE)
-            else:
+                accepts = getattr(router, "accepts_artifact", None)
+                if accepts is not None and not accepts(artifact):
+                    artifact = None  # fitted by an older recipe: fit again (it replaces the stored one)
+            if artifact is None:
                 t0 = time.perf_counter()
                 artifact = router.fit_expert(info)
                 fit_seconds[name] = time.perf_counter() - t0
