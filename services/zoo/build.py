@@ -69,6 +69,9 @@ class ZooSize:
     floors: Floors
     text_fraction: float = 0.4  # share of pre-training rows that are plain language modelling
     stop_at: float = 1.01  # expert training stops once validation accuracy reaches this (>1: never)
+    # ... or once two checks in a row reach this: a skill that plateaus just under ``stop_at``
+    # (increment sat at 38/40 from step ~150 and ran all its steps) stops there
+    plateau_at: float = 1.01
 
 
 SIZES: dict[str, ZooSize] = {
@@ -97,6 +100,7 @@ SIZES: dict[str, ZooSize] = {
         floors=Floors(own_min=0.9, base_max=0.2, foreign_max=0.3),
         text_fraction=0.0,
         stop_at=0.975,
+        plateau_at=0.95,
     ),
 }
 
@@ -132,6 +136,9 @@ class ZooManifest:
     floors: dict[str, float] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)  # floors a build missed, in words
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    # per training run ("pretrain_base", then one per expert): steps, seconds, validation checks
+    # and their seconds, the worker process that ran it
+    jobs: dict[str, dict] = field(default_factory=dict)
     suite: dict[str, str] = field(default_factory=dict)  # split name -> JSONL path (held-out splits)
     root: str = ""  # absolute folder of zoo.json; set on load, not saved
 
@@ -244,7 +251,9 @@ def build_zoo(size: str, out_dir: Path, seed: int = 0, progress: bool = True) ->
         t0 = time.perf_counter()
         tok = save_tokenizer(out_dir / "base")
         cfg = llama_config(tok, spec.hidden, spec.layers, intermediate=spec.intermediate)
-        base, _ = pretrain_base(tok, cfg, spec.pretrain, seed, spec.text_fraction, on_step=bars.phase("pretrain base", spec.pretrain.steps))
+        jobs_stats: dict[str, dict] = {"pretrain_base": {}}
+        base, _ = pretrain_base(tok, cfg, spec.pretrain, seed, spec.text_fraction,
+                                on_step=bars.phase("pretrain base", spec.pretrain.steps), stats=jobs_stats["pretrain_base"])
         base.save_pretrained(out_dir / "base")
         timings["pretrain_base"] = time.perf_counter() - t0
         base_entry = BaseEntry(BASE_NAME, "base", sum(p.numel() for p in base.parameters()))
@@ -253,21 +262,29 @@ def build_zoo(size: str, out_dir: Path, seed: int = 0, progress: bool = True) ->
         # Trained in `workers` processes of one thread each: at these sizes one training run
         # cannot keep two cores busy, two runs side by side can. Every expert is trained from the
         # saved base with its own seed, so the result does not depend on which worker ran it.
-        t0 = time.perf_counter()
+        t0, t0_epoch = time.perf_counter(), time.time()
         jobs = [*SKILLS, FULL_JOB]
+        # Longest first, so the two workers finish together (CPU seconds measured per job on the
+        # small zoo: caesar 82, dashes 75, increment 71, double 67, uppercase 55, reverse 25, the
+        # full fine-tune 19, count 16, max 12); the manifest keeps the SKILLS order.
+        run_order = sorted(jobs, key=lambda j: -_JOB_COST.get(j, 0))
         workers = _workers(len(jobs))
         if workers == 1:
             for i, job in enumerate(jobs):
                 on_step = bars.phase(_job_label(job), (spec.full if job == FULL_JOB else spec.lora).steps)
-                _train_expert(str(out_dir), size, seed, job, on_step=on_step)
+                jobs_stats[_job_name(job)] = _train_expert(str(out_dir), size, seed, job, on_step=on_step)[1]
         else:
             done = bars.advance(f"experts ({workers} processes)", len(jobs))
             ctx = multiprocessing.get_context("spawn")  # fork after torch's threads start is unsafe
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
                                      initargs=(max(1, (os.cpu_count() or 1) // workers),)) as pool:
-                for future in as_completed([pool.submit(_train_expert, str(out_dir), size, seed, job) for job in jobs]):
-                    future.result()  # a failed expert stops the build with its own error
+                for future in as_completed([pool.submit(_train_expert, str(out_dir), size, seed, job) for job in run_order]):
+                    job, stats = future.result()  # a failed expert stops the build with its own error
+                    jobs_stats[_job_name(job)] = stats
                     done()
+        for stats in jobs_stats.values():  # when each job started, in seconds into the phase
+            if "started" in stats:
+                stats["start"] = round(stats.pop("started") - t0_epoch, 1)
         experts = [_expert_entry(out_dir, spec, seed, job) for job in jobs]
         timings["experts"] = time.perf_counter() - t0
         del base
@@ -288,12 +305,20 @@ def build_zoo(size: str, out_dir: Path, seed: int = 0, progress: bool = True) ->
 
     timings["total"] = time.perf_counter() - t_all
     manifest.timings = {k: round(v, 1) for k, v in timings.items()}
+    manifest.jobs = {k: jobs_stats[k] for k in ["pretrain_base", *(_job_name(j) for j in jobs)] if k in jobs_stats}
     manifest.failures = check_floors(manifest, spec.floors)
     manifest.save(out_dir)
     return manifest
 
 
 FULL_JOB = "full"  # the job name of the full fine-tuned domain model (the others are skill names)
+# Relative cost of each job (CPU seconds on the small zoo; increment's with the plateau stop), for ordering.
+_JOB_COST = {"caesar": 82, "dashes": 75, "double": 67, "uppercase": 55, "increment": 50, "reverse": 25,
+             FULL_JOB: 19, "count": 16, "max": 12}
+
+
+def _job_name(job: str) -> str:
+    return f"domain-{MODEL_EXPERT_DOMAIN}" if job == FULL_JOB else SKILLS[job].expert_name
 
 
 def _job_label(job: str) -> str:
@@ -324,8 +349,11 @@ def _expert_data(spec: ZooSize, seed: int, job: str) -> tuple[list[Example], lis
 
 
 def _train_expert(out_dir: str, size: str, seed: int, job: str,
-                  on_step: Callable[[int, float], None] | None = None) -> str:
-    """Train one expert from the saved base and save it under ``experts/`` (runs in a worker)."""
+                  on_step: Callable[[int, float], None] | None = None) -> tuple[str, dict]:
+    """Train one expert from the saved base and save it under ``experts/`` (runs in a worker).
+    Returns the job and its training stats (steps, seconds, checks; ``wall``: load to save)."""
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    stats: dict = {"worker": os.getpid(), "started": time.time()}
     spec, root = SIZES[size], Path(out_dir)
     tok = AutoTokenizer.from_pretrained(str(root / "base"))
     base = AutoModelForCausalLM.from_pretrained(str(root / "base"))
@@ -333,16 +361,18 @@ def _train_expert(out_dir: str, size: str, seed: int, job: str,
     pairs = [(e.prompt, e.reference) for e in train]
     if job == FULL_JOB:
         model, _ = train_full(base, tok, pairs, spec.full, seed, on_step=on_step,
-                              good_enough=_passes(tok, val, spec.stop_at))
+                              good_enough=_passes(tok, val, spec.stop_at, stats, spec.plateau_at), stats=stats)
         rel = root / "experts" / f"domain-{MODEL_EXPERT_DOMAIN}"
         model.save_pretrained(rel)
         tok.save_pretrained(str(rel))
     else:
         i = list(SKILLS).index(job)
         model, _ = train_lora(base, tok, pairs, spec.lora, spec.lora_rank, spec.lora_alpha, seed + i,
-                              on_step=on_step, good_enough=_passes(tok, val, spec.stop_at))
+                              on_step=on_step, good_enough=_passes(tok, val, spec.stop_at, stats, spec.plateau_at), stats=stats)
         model.save_pretrained(root / "experts" / SKILLS[job].expert_name)
-    return job
+    stats["wall"] = round(time.perf_counter() - t0, 1)
+    stats["cpu"] = round(time.process_time() - cpu0, 1)  # CPU seconds of this process (load-independent)
+    return job, stats
 
 
 def _expert_entry(out_dir: Path, spec: ZooSize, seed: int, job: str) -> ExpertEntry:
@@ -359,9 +389,21 @@ def _expert_entry(out_dir: Path, spec: ZooSize, seed: int, job: str) -> ExpertEn
                   f"{skill.templates[0].lower()}. Tags: {', '.join(skill.tags)}.", train, val)
 
 
-def _passes(tok, validation: list[Example], threshold: float) -> Callable[[torch.nn.Module], bool]:
-    """Stop condition for expert training: every task of the validation split at ``threshold``."""
-    return lambda model: min(accuracy_by_task(model, tok, validation).values()) >= threshold
+def _passes(tok, validation: list[Example], threshold: float, stats: dict | None = None,
+            plateau: float = 1.01) -> Callable[[torch.nn.Module], bool]:
+    """Stop condition for expert training: every task of the validation split at ``threshold``,
+    or at ``plateau`` on two checks in a row. With ``stats``, each check's accuracy (the lowest
+    over the tasks) goes to ``stats["val"]``."""
+    seen: list[float] = []
+
+    def check(model: torch.nn.Module) -> bool:
+        acc = min(accuracy_by_task(model, tok, validation).values())
+        seen.append(acc)
+        if stats is not None:
+            stats["val"] = [round(a, 3) for a in seen]
+        return acc >= threshold or (len(seen) >= 2 and min(seen[-2:]) >= plateau)
+
+    return check
 
 
 def _entry(out_dir: Path, name: str, kind: str, rel: str, domains: list[str], skills: list[str],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,9 @@ class TrainSpec:
     weight_decay: float = 0.0
     check_every: int = 0  # evaluate the stop condition every N steps (0: never, run all steps)
     min_steps: int = 0
+    # >1: draw this many batches' rows at a time, sort them by length and cut them into batches
+    # (in random order), so a batch pads little; 0 or 1: plain random batches
+    sort_chunk: int = 0
 
 
 def llama_config(tok: PreTrainedTokenizerFast, hidden: int, layers: int, head_dim: int = 32,
@@ -99,12 +103,16 @@ def train_loop(
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
     good_enough: Callable[[], bool] | None = None,
+    stats: dict | None = None,
 ) -> list[float]:
     """AdamW with linear warm-up and cosine decay over random mini-batches of ``rows``.
 
     With ``good_enough`` and ``spec.check_every``, training stops at the first check (after
     ``spec.min_steps``) where it returns True: skills differ a lot in how many steps they need,
-    and a validation check spends the CPU budget where it is needed."""
+    and a validation check spends the CPU budget where it is needed. ``stats``, when given, gets
+    the steps run, the seconds spent and the number and cost of the checks."""
+    t_start = time.perf_counter()
+    checks, check_s = 0, 0.0
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
 
@@ -119,11 +127,22 @@ def train_loop(
     model.train()
     losses = []
     order: list[int] = []
+    pending: list[list[int]] = []  # batches drawn but not run yet
+    bs, chunk = spec.batch_size, max(1, spec.sort_chunk)
     for step in range(spec.steps):
-        if len(order) < spec.batch_size:  # epochs without replacement
-            order = list(range(len(rows)))
-            rng.shuffle(order)
-        batch = collate([rows[order.pop()] for _ in range(min(spec.batch_size, len(order)))], pad_id)
+        if not pending:
+            if len(order) < bs:  # epochs without replacement
+                order = list(range(len(rows)))
+                rng.shuffle(order)
+            n = min(len(order), bs * chunk)
+            take = [order.pop() for _ in range(n - n % bs if n >= bs else n)]
+            if chunk > 1:
+                take.sort(key=lambda i: len(rows[i][0]))
+            pending = [take[i : i + bs] for i in range(0, len(take), bs)]
+            if chunk > 1:
+                rng.shuffle(pending)
+            pending.reverse()  # pop() takes them in order
+        batch = collate([rows[i] for i in pending.pop()], pad_id)
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -136,10 +155,16 @@ def train_loop(
         done = step + 1
         if good_enough and spec.check_every and done >= spec.min_steps and done % spec.check_every == 0:
             model.eval()
-            if good_enough():
+            t0 = time.perf_counter()
+            passed = good_enough()
+            checks, check_s = checks + 1, check_s + time.perf_counter() - t0
+            if passed:
                 break
             model.train()
     model.eval()
+    if stats is not None:
+        stats.update(steps=len(losses), seconds=round(time.perf_counter() - t_start, 1), checks=checks,
+                     check_seconds=round(check_s, 1), final_loss=round(losses[-1], 4) if losses else None)
     return losses
 
 
@@ -150,6 +175,7 @@ def pretrain_base(
     seed: int = 0,
     text_fraction: float = 0.2,
     on_step: Callable[[int, float], None] | None = None,
+    stats: dict | None = None,
 ) -> tuple[LlamaForCausalLM, list[float]]:
     """A base that knows the prompt format and emits every character, but none of the skills."""
     torch.manual_seed(seed)
@@ -160,7 +186,7 @@ def pretrain_base(
     if n_text:
         rows += encode_texts(tok, [random_text(rng) for _ in range(n_text)])
     model = LlamaForCausalLM(config)
-    losses = train_loop(model, rows, spec, tok.pad_token_id, seed, on_step)
+    losses = train_loop(model, rows, spec, tok.pad_token_id, seed, on_step, stats=stats)
     return model, losses
 
 
@@ -179,12 +205,13 @@ def train_lora(
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
     good_enough: Callable[[torch.nn.Module], bool] | None = None,
+    stats: dict | None = None,
 ) -> tuple[PeftModel, list[float]]:
     """A LoRA on ``base`` (which it wraps in place: pass a fresh copy per expert)."""
     torch.manual_seed(seed)
     model = get_peft_model(base, lora_config(r, alpha))
     check = (lambda: good_enough(model)) if good_enough else None
-    losses = train_loop(model, encode_pairs(tok, pairs), spec, tok.pad_token_id, seed, on_step, check)
+    losses = train_loop(model, encode_pairs(tok, pairs), spec, tok.pad_token_id, seed, on_step, check, stats)
     return model, losses
 
 
@@ -196,8 +223,9 @@ def train_full(
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
     good_enough: Callable[[torch.nn.Module], bool] | None = None,
+    stats: dict | None = None,
 ) -> tuple[LlamaForCausalLM, list[float]]:
     torch.manual_seed(seed)
     check = (lambda: good_enough(base)) if good_enough else None
-    losses = train_loop(base, encode_pairs(tok, pairs), spec, tok.pad_token_id, seed, on_step, check)
+    losses = train_loop(base, encode_pairs(tok, pairs), spec, tok.pad_token_id, seed, on_step, check, stats)
     return base, losses
