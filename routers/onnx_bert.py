@@ -82,19 +82,21 @@ def export(bert: torch.nn.Module, layers: int, path: Path) -> None:
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            _Stepped(bert, layers).eval(),
-            (example, torch.zeros_like(example)),
-            dynamo=True,
-            input_names=["input_ids", "token_type_ids"],
-            output_names=["hidden_states"],
-            dynamic_shapes={"input_ids": {1: seq}, "token_type_ids": {1: seq}},
-            optimize=True,
-            verbose=False,
-        )
-    quiet.setLevel(level)
+    try:
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                _Stepped(bert, layers).eval(),
+                (example, torch.zeros_like(example)),
+                dynamo=True,
+                input_names=["input_ids", "token_type_ids"],
+                output_names=["hidden_states"],
+                dynamic_shapes={"input_ids": {1: seq}, "token_type_ids": {1: seq}},
+                optimize=True,
+                verbose=False,
+            )
+    finally:
+        quiet.setLevel(level)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
     os.close(fd)
     try:
