@@ -37,6 +37,16 @@ def moe(zoo_home):
     return MoE(ExpertPool(Registry()))
 
 
+def register_reverse_copy(micro_zoo) -> None:
+    """One more expert: a copy of skill-reverse under another name (remove it when done)."""
+    entry = micro_zoo.expert("skill-reverse")
+    with Registry() as reg:
+        reg.register_expert("reverse-copy", "adapter", micro_zoo.path_of(entry.path), base=zoo_base_name(micro_zoo),
+                            domains=["text"], skills=["reverse"],
+                            examples=[{"prompt": "Reverse the string\nabc\nAnswer: ", "reference": "cba",
+                                       "task": "reverse", "split": "train"}])
+
+
 def test_pool_holds_every_zoo_expert(moe, micro_zoo):
     assert set(moe.pool.names()) == {e.name for e in micro_zoo.experts}
     assert moe.pool.base.name == zoo_base_name(micro_zoo)
@@ -93,12 +103,7 @@ def test_a_new_expert_is_fitted_alone(zoo_home, micro_zoo, tmp_path):
     second.router("semantic")
     assert second.fit_seconds["semantic"] == {}
 
-    entry = micro_zoo.expert("skill-reverse")
-    with Registry() as reg:
-        reg.register_expert("reverse-copy", "adapter", micro_zoo.path_of(entry.path), base=zoo_base_name(micro_zoo),
-                            domains=["text"], skills=["reverse"],
-                            examples=[{"prompt": "Reverse the string\nabc\nAnswer: ", "reference": "cba",
-                                       "task": "reverse", "split": "train"}])
+    register_reverse_copy(micro_zoo)
     try:
         third = MoE(ExpertPool(Registry()))
         router = third.router("semantic")
@@ -197,12 +202,7 @@ def test_the_classifier_head_is_stored_and_reused_until_the_experts_change(zoo_h
     for p, probs in zip(prompts, expected):
         assert restored.probabilities(p) == pytest.approx(probs, abs=1e-6)
 
-    entry = micro_zoo.expert("skill-reverse")
-    with Registry() as reg:
-        reg.register_expert("reverse-copy", "adapter", micro_zoo.path_of(entry.path), base=zoo_base_name(micro_zoo),
-                            domains=["text"], skills=["reverse"],
-                            examples=[{"prompt": "Reverse the string\nabc\nAnswer: ", "reference": "cba",
-                                       "task": "reverse", "split": "train"}])
+    register_reverse_copy(micro_zoo)
     try:
         third = MoE(ExpertPool(Registry()))
         assert "reverse-copy" in third.router("classifier").labels
