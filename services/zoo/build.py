@@ -322,7 +322,7 @@ def _job_name(job: str) -> str:
 
 
 def _job_label(job: str) -> str:
-    return f"full domain-{MODEL_EXPERT_DOMAIN}" if job == FULL_JOB else f"LoRA {SKILLS[job].expert_name}"
+    return f"{'full' if job == FULL_JOB else 'LoRA'} {_job_name(job)}"
 
 
 def _workers(n_jobs: int) -> int:
@@ -362,14 +362,14 @@ def _train_expert(out_dir: str, size: str, seed: int, job: str,
     if job == FULL_JOB:
         model, _ = train_full(base, tok, pairs, spec.full, seed, on_step=on_step,
                               good_enough=_passes(tok, val, spec.stop_at, stats, spec.plateau_at), stats=stats)
-        rel = root / "experts" / f"domain-{MODEL_EXPERT_DOMAIN}"
+        rel = root / "experts" / _job_name(job)
         model.save_pretrained(rel)
         tok.save_pretrained(str(rel))
     else:
         i = list(SKILLS).index(job)
         model, _ = train_lora(base, tok, pairs, spec.lora, spec.lora_rank, spec.lora_alpha, seed + i,
                               on_step=on_step, good_enough=_passes(tok, val, spec.stop_at, stats, spec.plateau_at), stats=stats)
-        model.save_pretrained(root / "experts" / SKILLS[job].expert_name)
+        model.save_pretrained(root / "experts" / _job_name(job))
     stats["wall"] = round(time.perf_counter() - t0, 1)
     stats["cpu"] = round(time.process_time() - cpu0, 1)  # CPU seconds of this process (load-independent)
     return job, stats
@@ -378,7 +378,7 @@ def _train_expert(out_dir: str, size: str, seed: int, job: str,
 def _expert_entry(out_dir: Path, spec: ZooSize, seed: int, job: str) -> ExpertEntry:
     train, val = _expert_data(spec, seed, job)
     if job == FULL_JOB:
-        name = f"domain-{MODEL_EXPERT_DOMAIN}"
+        name = _job_name(job)
         skills = list(MODEL_EXPERT_SKILLS)
         return _entry(out_dir, name, "model", f"experts/{name}", [MODEL_EXPERT_DOMAIN], skills,
                       f"Full fine-tune of {BASE_NAME} on the {MODEL_EXPERT_DOMAIN} domain's counting skills "
