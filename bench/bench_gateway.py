@@ -9,13 +9,14 @@ Starts the same Serve application `moerge serve` deploys (local Ray, one engine 
    (422) before any lookup or engine call: the proxy and FastAPI alone. Added latency = gateway −
    direct, p50 / p99. Then requests/s at concurrency 16: gateway ÷ direct, per round and the
    median over ``--rps-rounds``, with how many requests shared each engine batch.
-   ``--direct-ingress`` adds the gateway replica's own HTTP port (Ray Serve's direct ingress).
+   ``--ingress``: how HTTP reaches the gateway (services/serving/ingress.py): ``haproxy`` (the
+   default of ``moerge serve``) or ``proxy`` (Ray Serve's Python proxy).
 2. **cold adapter** — copies of one adapter registered under new names; first-request latency ÷
    the next (warm) request's, median over copies.
 3. **load** — ``--load-requests`` requests at concurrency 32 over several experts and strategies:
    errors, lost requests, p50 / p99.
 
-    python bench/bench_gateway.py [--repeats 60] [--rps-rounds 5] [--load-requests 500] [--direct-ingress]
+    python bench/bench_gateway.py [--repeats 60] [--rps-rounds 5] [--load-requests 500] [--ingress haproxy|proxy]
 
 Uses the registry in $MOERGE_HOME (build one with `moerge zoo build --register`).
 """
@@ -34,15 +35,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# --direct-ingress: Ray Serve's direct ingress (ray/serve/_private/constants.py,
-# RAY_SERVE_ENABLE_DIRECT_INGRESS): the gateway replica runs an HTTP server of its own on a port
-# the controller hands out (30000-31000), so a client can skip the proxy's hop. Serve reads the flag
-# when it is imported, in every process (controller, proxy, replicas): set here, before the import,
-# and forwarded to the workers below. The drain period (30 s by default, for external load
-# balancers) would only slow the shutdown here.
-DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
-if "--direct-ingress" in sys.argv:
-    os.environ.update(DIRECT_INGRESS_ENV)
+# --ingress: how HTTP reaches the gateway (services/serving/ingress.py). Serve reads its switches
+# when it is imported, in every process, this one included (its handles call the engine over gRPC
+# in the high-throughput mode): set here, before the import; start_local_ray forwards them.
+from services.serving.ingress import INGRESS_ENV, ingress_env, start_local_ray  # noqa: E402
+
+INGRESS = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--ingress"), "haproxy")
+os.environ.update(ingress_env(INGRESS) if INGRESS in INGRESS_ENV else {})
 
 import httpx  # noqa: E402
 import ray  # noqa: E402
@@ -74,8 +73,8 @@ def main() -> None:
     ap.add_argument("--load-concurrency", type=int, default=32)
     ap.add_argument("--cold-copies", type=int, default=5)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: overhead, cold, load")
-    ap.add_argument("--direct-ingress", action="store_true",
-                    help="turn on Ray Serve's direct ingress and measure the gateway replica's own port too")
+    ap.add_argument("--ingress", choices=sorted(INGRESS_ENV), default="haproxy",
+                    help="how HTTP reaches the gateway (services/serving/ingress.py)")
     args = ap.parse_args()
 
     registry = Registry()
@@ -89,29 +88,16 @@ def main() -> None:
 
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_WAIT_POLICY") if k in os.environ}
     env.update({"MOERGE_HOME": str(moerge_home()), "MOERGE_DATABASE_URL": database_url()})
-    if args.direct_ingress:
-        env.update(DIRECT_INGRESS_ENV)
-    ray.init(num_cpus=8, runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_local_ray(args.ingress, env, "127.0.0.1", port, num_cpus=8)
     config = {"strategies": {"names": ["moe/semantic", "moe/classifier", "moe/skill-k3-vote"]},
               "engines": {"default": {"max_adapters_per_replica": 16}}}
     serve.run(build_app({"config": config}), name=APP_NAME, route_prefix="/")
     engine = serve.get_deployment_handle(deployment_name(base), app_name=APP_NAME)
     url = f"http://127.0.0.1:{port}"
     http = httpx.Client(base_url=url, timeout=300, limits=httpx.Limits(max_connections=64))
-    direct_http = None
-    if args.direct_ingress:
-        # the targets Serve hands load balancers (ServeInstanceDetails.target_groups)
-        groups = serve.context._get_global_client().get_serve_details().get("target_groups", [])
-        ports = [t["port"] for g in groups if g["protocol"] == "HTTP" for t in g["targets"] if t["port"] != port]
-        if not ports:
-            raise SystemExit(f"--direct-ingress: no gateway replica port among the target groups {groups}")
-        direct_http = httpx.Client(base_url=f"http://127.0.0.1:{ports[0]}", timeout=300,
-                                   limits=httpx.Limits(max_connections=64))
-        print(f"direct ingress: the gateway replica listens on port {ports[0]} (the proxy on {port})")
     print(f"Machine: {machine()}; load average at start {load_avg()}")
     print(f"Zoo base {base}, {len(adapters)} adapters; expert {expert.name}; {args.max_tokens} new tokens, greedy\n")
 
@@ -119,8 +105,8 @@ def main() -> None:
         h = engine.options(multiplexed_model_id=model_id(expert.name, expert.version, expert.id, expert.checksum))
         h.generate.remote([GenerateRequest(prompt, None, args.max_tokens)]).result()
 
-    def via(model: str, client: httpx.Client = http) -> None:
-        r = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": args.max_tokens})
+    def via(model: str) -> None:
+        r = http.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": args.max_tokens})
         if r.status_code != 200:
             raise SystemExit(f"{model}: HTTP {r.status_code} {r.text}")
 
@@ -146,7 +132,7 @@ def main() -> None:
     for _ in range(5):  # warm: expert loaded, router built, classifier trained
         direct(), via(expert.name), via("moe/semantic")
     if "overhead" not in skip:
-        overhead(args, direct, via, http_only, batch_stats, timed, expert.name, direct_http)
+        overhead(args, direct, via, http_only, batch_stats, timed, expert.name)
         print(f"load average: {load_avg()}")
     if "cold" not in skip:
         cold_adapter(args, registry, expert, base, via, timed)
@@ -162,17 +148,13 @@ def load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str, direct_http) -> None:  # noqa: ANN001
+def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str) -> None:  # noqa: ANN001
     lat = {"direct": [], "gateway expert": [], "gateway moe/semantic": [], "gateway HTTP only (422)": []}
-    if direct_http is not None:
-        lat["gateway expert, direct ingress"] = []
     for _ in range(args.repeats):
         lat["direct"].append(timed(direct))
         lat["gateway expert"].append(timed(via, expert_name))
         lat["gateway moe/semantic"].append(timed(via, "moe/semantic"))
         lat["gateway HTTP only (422)"].append(timed(http_only))
-        if direct_http is not None:
-            lat["gateway expert, direct ingress"].append(timed(via, expert_name, direct_http))
     print("| path | p50 ms | p99 ms | added p50 ms | added p99 ms |\n|---|---:|---:|---:|---:|")
     d50, d99 = statistics.median(lat["direct"]), pct(lat["direct"], 99)
     for name, values in lat.items():
@@ -186,9 +168,8 @@ def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str,
             return n / (time.perf_counter() - t0)
 
     n = args.concurrency * 8
-    paths = {"direct": direct, "gateway": lambda: via(expert_name)}
-    if direct_http is not None:
-        paths["gateway, direct ingress"] = lambda: via(expert_name, direct_http)
+    # the HTTP path alone (refused before any lookup or engine call): the ceiling of client + ingress
+    paths = {"direct": direct, "gateway": lambda: via(expert_name), "gateway HTTP only (422)": http_only}
     rps: dict[str, list[float]] = {name: [] for name in paths}
     batches: dict[str, list[float]] = {name: [] for name in paths}  # requests per engine batch, per round
     for _ in range(args.rps_rounds):  # the paths alternate: a busy machine slows them alike
@@ -203,7 +184,7 @@ def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str,
     for name in paths:
         ratios = [r / rd for r, rd in zip(rps[name], rps["direct"])]
         print(f"  {name}: {statistics.median(rps[name]):.1f} ({statistics.median(batches[name]):.1f})"
-              + ("" if name == "direct" else f", ratio to direct {statistics.median(rps[name]) / d:.2f} "
+              + ("" if name != "gateway" else f", ratio to direct {statistics.median(rps[name]) / d:.2f} "
                  f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})"))
 
 

@@ -298,6 +298,21 @@ def test_every_ray_pod_gets_the_database_url_and_the_artifact_store(chart, varia
             assert names[-2:] == ["HF_HOME", "VLLM_LOGGING_LEVEL"]  # env.extra, after the chart's own
 
 
+def test_ray_pods_carry_the_ingress_switches_moerge_serve_sets(chart):
+    """The serve config's ingress is decided where Ray starts: the chart must put in every Ray
+    pod exactly what `moerge serve` puts in a local Ray's environment."""
+    from services.serving.ingress import INGRESS_ENV
+
+    for ingress in ("haproxy", "proxy"):
+        rayservice = one(manifests(chart, {"serve": {"ingress": ingress}}), "RayService")
+        assert serve_config_v2(rayservice)["applications"][0]["args"]["config"]["ingress"] == ingress
+        for group, template in ray_pod_templates(rayservice).items():
+            for container in template["spec"]["containers"]:
+                env = env_of(container)
+                ray_serve = {k: v["value"] for k, v in env.items() if k.startswith("RAY_SERVE_")}
+                assert ray_serve == INGRESS_ENV[ingress], (ingress, group)
+
+
 def test_existing_claim_is_mounted_instead_of_a_new_one(chart):
     docs = manifests(chart, {"persistence": {"existingClaim": "shared-models"}})
     assert of_kind(docs, "PersistentVolumeClaim") == []

@@ -21,6 +21,7 @@ from ray import serve
 
 from composer.engine_protocol import GenerateRequest
 from registry.service import Registry
+from services.serving.ingress import ingress_env, start_local_ray
 from services.zoo.build import read_examples
 from services.zoo.register import register_zoo, zoo_base_name
 
@@ -60,9 +61,10 @@ def cluster(micro_zoo, tmp_path_factory) -> Iterator[Cluster]:
     shutil.copytree(micro_zoo.path_of(first.path), spare)
 
     # logical CPUs: the deployments ask for fractions; the 2 real cores are shared by all of them
-    ray.init(num_cpus=8, runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=False)
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # as `moerge serve` starts it: HAProxy on the port, straight to the gateway replicas
+    saved.update({k: os.environ.get(k) for k in ingress_env("haproxy")})
+    start_local_ray("haproxy", env, "127.0.0.1", port, num_cpus=8)
     config = {"engines": {"default": {"replicas": 2, "num_cpus": 1, "max_adapters_per_replica": 4}},
               "strategies": {"names": ["moe/semantic", "moe/classifier", "moe/skill-k3-vote"],
                              "refresh_interval_s": 0.5}}

@@ -52,24 +52,28 @@ def serve_command(
 
 
 def _serve_on_ray(cfg) -> None:
-    import ray
-    from ray import serve
-
-    from services.serving.app import APP_NAME, build_app
+    from services.serving.ingress import start_local_ray
 
     address = os.environ.get("RAY_ADDRESS")
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env.setdefault("MOERGE_HOME", str(moerge_home()))
     env.setdefault("MOERGE_DATABASE_URL", database_url())
+    if address and cfg.ingress != "proxy":
+        console.print(f"joining {address}: its processes' environment decides the ingress, not the config's "
+                      f"{cfg.ingress!r} (docs/serving.md)", highlight=False)
     with console.status("starting Ray" + (f" (joining {address})" if address else " (local)")):
-        ray.init(address=address or None, runtime_env={"env_vars": env}, include_dashboard=False,
-                 log_to_driver=False)
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        start_local_ray(cfg.ingress, env, cfg.host, cfg.port, address=address)
+    # imported once Ray is up: Serve reads the ingress switches when it is first imported
+    import ray
+    from ray import serve
+
+    from services.serving.app import APP_NAME, build_app
+
     t0 = time.perf_counter()
     with console.status("deploying the gateway, engines and strategies"):
         serve.run(build_app({"config": cfg.model_dump()}), name=APP_NAME, route_prefix="/")
-    console.print(f"[green]serving[/green] on http://{cfg.host}:{cfg.port}/v1  (deployed in "
-                  f"{time.perf_counter() - t0:.1f} s; Ctrl-C stops)", highlight=False)
+    console.print(f"[green]serving[/green] on http://{cfg.host}:{cfg.port}/v1  (ingress: {cfg.ingress}; deployed "
+                  f"in {time.perf_counter() - t0:.1f} s; Ctrl-C stops)", highlight=False)
     try:
         while True:
             time.sleep(3600)

@@ -165,11 +165,16 @@ class Gateway:
 # must be first used inside a running loop — RayBackend only calls handles from request handlers).
 # These are the knobs RAY_SERVE_THROUGHPUT_OPTIMIZED=1 turns off for every Serve process; here they
 # go to the gateway's replicas alone, through the deployment's runtime_env (Serve merges its
-# env_vars over the job's). The strategies replica keeps the defaults: its composers call the engines
-# through blocking ``.result()`` from worker threads, which needs a router on a loop of its own.
+# env_vars over the job's). The strategies replica keeps the defaults, even under the haproxy
+# ingress's RAY_SERVE_THROUGHPUT_OPTIMIZED (services/serving/ingress.py): its composers call the
+# engines through blocking ``.result()`` from worker threads, which needs a router on a loop of its own.
 GATEWAY_RAY_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+STRATEGIES_RAY_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
 }
 
 
@@ -203,7 +208,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     s = config.strategies
     names = servable_strategies(s.names)
     strategies = serve.deployment(StrategyServer, name="strategies", num_replicas=s.replicas,
-                                  ray_actor_options={"num_cpus": s.num_cpus},
+                                  ray_actor_options={"num_cpus": s.num_cpus,
+                                                     "runtime_env": _runtime_env_with(STRATEGIES_RAY_ENV)},
                                   max_ongoing_requests=64).bind(engines, models, names, s.refresh_interval_s)
     g = config.gateway
     settings = {"require_keys": g.require_keys, "request_timeout_s": g.request_timeout_s}

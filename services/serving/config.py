@@ -70,6 +70,9 @@ class StrategiesConfig(_Strict):
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # how HTTP reaches the gateway (services/serving/ingress.py); read where Ray starts, so it
+    # applies to a local Ray started by `moerge serve`, not to a cluster joined through RAY_ADDRESS
+    ingress: Literal["haproxy", "proxy"] = "haproxy"
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     engines: EnginesConfig = Field(default_factory=EnginesConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)

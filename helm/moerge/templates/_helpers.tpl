@@ -104,6 +104,22 @@ database-url
 - name: TRANSFORMERS_OFFLINE
   value: "1"
 {{- end }}
+{{- if eq (.Values.serve.ingress | default "haproxy") "haproxy" }}
+{{- /* Ray Serve's high-throughput ingress (services/serving/ingress.py, INGRESS_ENV["haproxy"]):
+     every Ray process reads these when it imports Serve, so they go in the pod specs. */}}
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+- name: RAY_SERVE_USE_GRPC_BY_DEFAULT
+  value: "1"
+- name: RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE
+  value: "1000"
+- name: RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S
+  value: "1"
+- name: RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT
+  value: "30000"
+- name: RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT
+  value: "31000"
+{{- end }}
 {{- with .Values.env.extra }}
 {{ toYaml . }}
 {{- end }}
