@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def _serve_on_ray(cfg) -> None:
         serve.run(build_app({"config": cfg.model_dump()}), name=APP_NAME, route_prefix="/")
     console.print(f"[green]serving[/green] on http://{cfg.host}:{cfg.port}/v1  (ingress: {cfg.ingress}; deployed "
                   f"in {time.perf_counter() - t0:.1f} s; Ctrl-C stops)", highlight=False)
+    _stop_on_signals()
     try:
         while True:
             time.sleep(3600)
@@ -83,6 +85,18 @@ def _serve_on_ray(cfg) -> None:
         with console.status("stopping"):
             serve.shutdown()
             ray.shutdown()
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM (docker stop, Kubernetes, systemd) stops the service as Ctrl-C does, shutting Serve
+    and the local Ray down instead of leaving their processes behind; SIGINT too when the shell
+    started this command in the background, which ignores it."""
+
+    def interrupt(signum, frame) -> None:  # noqa: ANN001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
 
 
 def _serve_in_process(cfg) -> None:
