@@ -224,6 +224,10 @@ def load(args, registry, adapters, http) -> None:  # noqa: ANN001
             code = -1
         return code, (time.perf_counter() - t0) * 1000
 
+    # each model answers once first: a strategy's first request builds its router (the classifier
+    # may train its head), a start-up cost the load test is not about (the cold part measures it)
+    for model in models:
+        ask((model, prompts[0]))
     t0 = time.perf_counter()
     with ThreadPoolExecutor(args.load_concurrency) as pool:
         results = list(pool.map(ask, jobs))
