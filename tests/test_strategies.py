@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from registry.service import Registry
-from services.moe.evaluate import evaluate
+from services.moe.evaluate import evaluate, load_suite
 from services.moe.pool import ExpertPool
 from services.moe.strategies import STRATEGIES, MoE, Strategy
 from services.zoo.register import register_zoo, zoo_base_name
@@ -84,6 +84,29 @@ def test_stitch_records_one_segment_per_step(moe):
         segments = record.provenance["segments"]
         assert len(segments) == 2
         assert record.prediction.strip() == segments[-1]["text"].strip()
+
+
+def test_a_strategy_honours_stop_and_top_p(moe):
+    """The OpenAI parameters a client sends reach every generation a strategy makes: a stop
+    string ends the answer before it, and top_p → 0 leaves only the most likely token, which
+    turns even hot sampling back into the greedy answer."""
+    prompts = [e.prompt for e in load_suite("skills", "test", 2)][:6]
+    for name in ("moe/semantic", "moe/skill-k3-vote"):
+        greedy = [c for c, _ in moe.run(name, prompts, max_new_tokens=12)]
+        answered = [(p, c) for p, c in zip(prompts, greedy) if c.text]
+        assert answered, f"{name}: no answer to cut"
+        for prompt, whole in answered:
+            stop = whole.text[-1]  # the answer is cut before this character's first occurrence
+            [(cut, _)] = moe.run(name, [prompt], max_new_tokens=12, stop=[stop])
+            assert cut.text == whole.text[: whole.text.index(stop)], name
+            assert cut.finish_reason == "stop"
+
+    def texts(**sampling) -> list[str]:
+        return [c.text for c, _ in moe.run("moe/semantic", prompts, max_new_tokens=8, seed=3, **sampling)]
+
+    greedy = texts()
+    assert texts(temperature=5.0, top_p=1e-6) == greedy
+    assert texts(temperature=5.0, top_p=1.0) != greedy  # hot sampling without the nucleus differs
 
 
 def test_vote_reports_agreement(moe):

@@ -48,16 +48,13 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
 
+    def generation(self) -> dict:
+        """The keyword arguments of ``GenerateRequest`` (and ``MoE.run``) these parameters set."""
+        return {"max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "seed": self.seed, "stop": self.stop}
+
     def request(self, prompt: str, target: str | None = None) -> GenerateRequest:
-        return GenerateRequest(
-            prompt=prompt,
-            target=target,
-            max_new_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seed=self.seed,
-            stop=self.stop,
-        )
+        return GenerateRequest(prompt=prompt, target=target, **self.generation())
 
 
 @dataclass(frozen=True)

@@ -193,14 +193,19 @@ class MoE:
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         seed: int | None = None,
+        top_p: float = 1.0,
+        stop: Sequence[str] = (),
     ) -> list[tuple[Completion, Routed]]:
-        """Route and answer every prompt; batched where the composer allows (single, mixture)."""
+        """Route and answer every prompt; batched where the composer allows (single, mixture).
+        The sampling parameters hold for every generation the strategy makes (each recruit, each
+        stitched step, the aggregator), as ``GenerateRequest`` defines them."""
         strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
         tasks = list(tasks) if tasks is not None else [None] * len(prompts)
         router = self.router(strategy.router, strategy.router_params)
         composer = self.composer(strategy)
         routed = [self.route(strategy, p, t) for p, t in zip(prompts, tasks)]
-        requests = [GenerateRequest(p, None, max_new_tokens, temperature, seed=seed) for p in prompts]
+        requests = [GenerateRequest(p, None, max_new_tokens, temperature, top_p=top_p, seed=seed, stop=tuple(stop))
+                    for p in prompts]
         if isinstance(composer, TokenwiseMixture):
             engine, _ = self.pool.mixture_engine()
             for r in routed:

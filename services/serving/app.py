@@ -85,8 +85,7 @@ class StrategyServer:
             prompts = [items[i][1] for i in idx]
             try:
                 done = await anyio.to_thread.run_sync(
-                    lambda: self.host.complete_many(name, prompts, max_new_tokens=params.max_tokens,  # noqa: B023
-                                                    temperature=params.temperature, seed=params.seed)
+                    lambda: self.host.complete_many(name, prompts, **params.generation())  # noqa: B023
                 )
             except Exception as exc:  # noqa: BLE001 - this group's callers get it; other groups go on
                 done = [exc] * len(idx)

@@ -94,44 +94,41 @@ class StrategyHost:
             raise NotFoundError(f"strategy {strategy.name} is not served here (served: {', '.join(self.names)})")
         return strategy
 
-    def complete_many(self, name: str, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
-                      seed: int | None = None) -> list[Completion]:
+    def complete_many(self, name: str, prompts: list[str], **sampling) -> list[Completion]:
         """Several prompts for one strategy in one ``MoE.run`` (routers decide per prompt; the
         engine calls are batched by expert). If an engine fails, each prompt is answered alone so
-        the fall-back applies to the prompts that need it."""
+        the fall-back applies to the prompts that need it. ``sampling``: ``MoE.run``'s
+        max_new_tokens, temperature, seed, top_p, stop."""
         strategy = self._served(name)
         with self._lock:
             moe = self.moe()
             try:
-                results = moe.run(strategy, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+                results = moe.run(strategy, prompts, **sampling)
             except EngineError:
                 results = None
         if results is None:
-            return [self.complete(name, p, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-                    for p in prompts]
+            return [self.complete(name, p, **sampling) for p in prompts]
         out = []
         for completion, routed in results:
             completion.provenance.decision_info = {**completion.provenance.decision_info, "router_ms": routed.router_ms}
             out.append(completion)
         return out
 
-    def complete(self, name: str, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-                 seed: int | None = None) -> Completion:
+    def complete(self, name: str, prompt: str, **sampling) -> Completion:
         strategy = self._served(name)
         with self._lock:
             moe = self.moe()
             try:
-                [(completion, routed)] = moe.run(strategy, [prompt], max_new_tokens=max_new_tokens,
-                                                 temperature=temperature, seed=seed)
+                [(completion, routed)] = moe.run(strategy, [prompt], **sampling)
             except EngineError as exc:
                 if strategy.level != "query" or strategy.composer != "single":
                     raise
-                completion, routed = self._fall_back(moe, strategy, prompt, exc, max_new_tokens, temperature, seed)
+                completion, routed = self._fall_back(moe, strategy, prompt, exc, sampling)
         completion.provenance.decision_info = {**completion.provenance.decision_info, "router_ms": routed.router_ms}
         return completion
 
-    def _fall_back(self, moe: MoE, strategy: Strategy, prompt: str, first: EngineError, max_new_tokens: int,
-                   temperature: float, seed: int | None) -> tuple[Completion, Routed]:
+    def _fall_back(self, moe: MoE, strategy: Strategy, prompt: str, first: EngineError,
+                   sampling: dict) -> tuple[Completion, Routed]:
         """The router's ranking, top expert failed: try the others in order."""
         from composer.engine_protocol import GenerateRequest
 
@@ -144,7 +141,7 @@ class StrategyHost:
             rest.info["fallback"] = f"{', '.join(map(str, failed))} failed on the engine; {rest.top} answered"
             try:
                 completion = moe.composer(strategy).execute(
-                    rest, GenerateRequest(prompt, None, max_new_tokens, temperature, seed=seed), moe.pool.engine
+                    rest, GenerateRequest(prompt, None, **sampling), moe.pool.engine
                 )
                 return completion, routed
             except (EngineError, ComposeError) as exc:
@@ -158,8 +155,7 @@ def backend_strategies(host: StrategyHost) -> dict:
 
     def one(name: str):
         def call(prompt: str, params) -> Completion:
-            return host.complete(name, prompt, max_new_tokens=params.max_tokens, temperature=params.temperature,
-                                 seed=params.seed)
+            return host.complete(name, prompt, **params.generation())
 
         return call
 
