@@ -32,7 +32,7 @@ def serve_command(
                                                 help="Demand API keys (`moerge keys create`). Default: the "
                                                 "config's gateway.require_keys (off for the embedded default)."),
 ) -> None:
-    """Serve every registered expert and strategy over the OpenAI-compatible API until Ctrl-C.
+    """Serve every registered expert and strategy over the OpenAI-compatible API until Ctrl-C (or SIGTERM).
 
     With Ray, a local cluster is started unless RAY_ADDRESS names one to join."""
     from services.serving.config import load_config
