@@ -30,6 +30,10 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
+# execution option of a connection whose transactions only read (see make_engine)
+READ_ONLY = "moerge_read_only"
+
+
 def make_engine(url: str | None = None) -> Engine:
     url = url or database_url()
     if not is_sqlite(url):
@@ -43,7 +47,10 @@ def make_engine(url: str | None = None) -> Engine:
     # pysqlite opens transactions lazily and only before DML, so two writers can both read, then
     # deadlock on the upgrade to a write lock ("database is locked"). Take the write lock up front
     # (BEGIN IMMEDIATE): writers queue behind each other for up to the busy timeout instead, and a
-    # duplicate registration fails on the unique constraint like it does on Postgres.
+    # duplicate registration fails on the unique constraint like it does on Postgres. A transaction
+    # that only reads (the READ_ONLY execution option: ``make_sessionmaker(read_only=True)``) takes
+    # the shared lock alone (a deferred BEGIN), so reads run beside each other and beside a writer
+    # that has not reached its commit, instead of queueing on the one write lock.
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):  # noqa: ANN001
         dbapi_connection.isolation_level = None  # let SQLAlchemy's BEGIN below be the only one
@@ -54,14 +61,17 @@ def make_engine(url: str | None = None) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):  # noqa: ANN001
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
     return engine
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+def make_sessionmaker(engine: Engine, read_only: bool = False) -> sessionmaker[Session]:
+    """Sessions on ``engine``; ``read_only``: for transactions that never write (SQLite then takes
+    no write lock for them; other databases ignore the option)."""
     # Records outlive their session (the registry hands them to callers), so keep loaded values.
-    return sessionmaker(engine, expire_on_commit=False)
+    return sessionmaker(engine.execution_options(**{READ_ONLY: True}) if read_only else engine,
+                        expire_on_commit=False)
 
 
 @contextmanager

@@ -77,6 +77,7 @@ class Registry:
         self.engine = make_engine(self.url)
         ensure_schema(self.engine)
         self._sessions = make_sessionmaker(self.engine)
+        self._read_sessions = make_sessionmaker(self.engine, read_only=True)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -91,6 +92,13 @@ class Registry:
     def session(self) -> Iterator[Session]:
         """One transaction: commits when the block ends, rolls back on an exception."""
         with session_scope(self._sessions) as session:
+            yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """One transaction that only reads: on SQLite it takes no write lock, so it neither waits
+        for a writer's transaction nor holds other readers up (registry/db.py)."""
+        with session_scope(self._read_sessions) as session:
             yield session
 
     # --- base models -----------------------------------------------------------------------------
@@ -112,14 +120,14 @@ class Registry:
         return base
 
     def get_base(self, name: str) -> BaseModel:
-        with self.session() as s:
+        with self.reading() as s:
             base = s.scalar(select(BaseModel).where(BaseModel.name == name))
         if base is None:
             raise NotFoundError(f"no base model named {name!r} (register it with `moerge base add`)")
         return base
 
     def list_bases(self) -> list[BaseModel]:
-        with self.session() as s:
+        with self.reading() as s:
             return list(s.scalars(select(BaseModel).order_by(BaseModel.name)))
 
     # --- experts ---------------------------------------------------------------------------------
@@ -273,7 +281,7 @@ class Registry:
         return str(max(numbers, default=0) + 1)
 
     def list_experts(self, kind: str | None = None, status: str | None = None) -> list[Expert]:
-        with self.session() as s:
+        with self.reading() as s:
             q = select(Expert)
             if kind is not None:
                 q = q.where(Expert.kind == kind)
@@ -283,7 +291,7 @@ class Registry:
 
     def get_expert(self, name: str, version: str | None = None) -> Expert:
         """An expert by name: the given version, or the most recently registered one."""
-        with self.session() as s:
+        with self.reading() as s:
             q = select(Expert).where(Expert.name == name)
             if version is not None:
                 q = q.where(Expert.version == str(version))
@@ -295,7 +303,7 @@ class Registry:
 
     def get_examples(self, name: str, version: str | None = None, split: str | None = None) -> list[ExpertExample]:
         expert = self.get_expert(name, version)
-        with self.session() as s:
+        with self.reading() as s:
             q = select(ExpertExample).where(ExpertExample.expert_id == expert.id)
             if split is not None:
                 q = q.where(ExpertExample.split == split)
@@ -418,7 +426,7 @@ class Registry:
     ) -> list[Artifact]:
         """Artifacts filtered by router, expert (latest version unless given) and kind."""
         expert_id = self.get_expert(expert, version).id if expert is not None else None
-        with self.session() as s:
+        with self.reading() as s:
             q = select(Artifact)
             if router is not None:
                 q = q.where(Artifact.router == router)
@@ -456,11 +464,11 @@ class Registry:
             return _keys.create_key(s, name, scope, models, rpm)
 
     def verify_key(self, plaintext: str) -> ApiKey | None:
-        with self.session() as s:
+        with self.reading() as s:
             return _keys.verify_key(s, plaintext)
 
     def list_keys(self) -> list[ApiKey]:
-        with self.session() as s:
+        with self.reading() as s:
             return _keys.list_keys(s)
 
     def revoke_key(self, name: str) -> ApiKey:
@@ -508,19 +516,19 @@ class Registry:
         return suite
 
     def get_suite(self, name: str) -> Suite:
-        with self.session() as s:
+        with self.reading() as s:
             suite = s.scalar(select(Suite).where(Suite.name == name))
         if suite is None:
             raise NotFoundError(f"no suite named {name!r} (import one with `moerge suite add`)")
         return suite
 
     def list_suites(self) -> list[Suite]:
-        with self.session() as s:
+        with self.reading() as s:
             return list(s.scalars(select(Suite).order_by(Suite.name)))
 
     def get_suite_examples(self, name: str, split: str | None = None) -> list[SuiteExample]:
         suite = self.get_suite(name)
-        with self.session() as s:
+        with self.reading() as s:
             q = select(SuiteExample).where(SuiteExample.suite_id == suite.id)
             if split is not None:
                 q = q.where(SuiteExample.split == split)
@@ -546,7 +554,7 @@ class Registry:
 
     def list_leaderboard_runs(self, suite: str | None = None, limit: int | None = None) -> list[LeaderboardRun]:
         """Runs, newest first."""
-        with self.session() as s:
+        with self.reading() as s:
             q = select(LeaderboardRun)
             if suite is not None:
                 q = q.where(LeaderboardRun.suite == suite)
@@ -557,7 +565,7 @@ class Registry:
 
     def get_leaderboard_run(self, run_id: int | None = None, suite: str | None = None) -> LeaderboardRun:
         """A run by id, or the newest one (of ``suite``, when given)."""
-        with self.session() as s:
+        with self.reading() as s:
             if run_id is not None:
                 run = s.get(LeaderboardRun, run_id)
             else:
@@ -571,7 +579,7 @@ class Registry:
         return run
 
     def get_leaderboard_results(self, run_id: int) -> list[LeaderboardResult]:
-        with self.session() as s:
+        with self.reading() as s:
             q = select(LeaderboardResult).where(LeaderboardResult.run_id == run_id)
             return list(s.scalars(q.order_by(LeaderboardResult.id)))
 

@@ -240,3 +240,29 @@ def test_sqlite_file_copy_is_consistent(tmp_path: Path) -> None:
     shutil.copy(tmp_path / "a.db", tmp_path / "b.db")
     with Registry(f"sqlite:///{tmp_path / 'b.db'}", artifact_root=tmp_path / "store") as reg:
         assert reg.get_expert("gpt").uri == "openai/gpt-4o-mini"
+
+
+def test_sqlite_reads_go_on_while_a_writer_holds_the_write_lock(tmp_path: Path) -> None:
+    """A registry read takes SQLite's shared lock only: it answers while another process is in
+    the middle of a write transaction, instead of waiting for that transaction (up to the 30 s busy
+    timeout), and the writer still commits afterwards."""
+    import sqlite3
+
+    path = tmp_path / "moerge.db"
+    with Registry(f"sqlite:///{path}", artifact_root=tmp_path / "store") as reg:
+        reg.register_expert("gpt", "external", "openai/gpt-4o-mini")
+        writer = sqlite3.connect(path, isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")  # what every registry write opens with
+        writer.execute("UPDATE experts SET description = 'edited' WHERE name = 'gpt'")
+        answers: list = []
+        reader = threading.Thread(target=lambda: answers.append(
+            ([e.name for e in reg.list_experts()], reg.get_expert("gpt").description, reg.list_keys())))
+        reader.start()
+        reader.join(timeout=5)
+        finished = not reader.is_alive()
+        writer.execute("COMMIT")
+        writer.close()
+        reader.join()
+        assert finished, "the reads waited for the writer's transaction"
+        assert answers == [(["gpt"], "", [])]  # the last committed state, not the writer's edit
+        assert reg.get_expert("gpt").description == "edited"

@@ -421,7 +421,7 @@ def create_app(backend: Backend, registry: Registry, settings: GatewaySettings |
             n_examples = len(registry.get_examples(name, expert.version))
         except NotFoundError as exc:
             raise APIError(404, str(exc), type="not_found_error", code="expert_not_found", param="name") from exc
-        with registry.session() as s:
+        with registry.reading() as s:
             versions = list(s.scalars(select(Expert.version).where(Expert.name == name).order_by(Expert.id)))
         card = ExpertCard.from_record(expert).model_dump()
         return ExpertDetail(**card, versions=versions, examples=n_examples)
@@ -442,7 +442,7 @@ def create_app(backend: Backend, registry: Registry, settings: GatewaySettings |
     @app.get("/healthz", response_model=Health, tags=["operations"])
     def healthz() -> Health:
         try:
-            with registry.session() as s:
+            with registry.reading() as s:
                 s.execute(text("SELECT 1"))
             n = len(backend.models())
         except Exception as exc:  # any failure here means "do not send traffic"

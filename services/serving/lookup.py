@@ -2,14 +2,9 @@
 
 The gateway reads the registry on every request (no cache), so an expert registered or removed by
 anyone — this gateway, the CLI, another replica — is servable, or gone, on the next request. That
-read is one indexed ``SELECT``; what it must not cost is a lock. ``registry/db.py`` opens every
-SQLite transaction with ``BEGIN IMMEDIATE`` (the database's one write lock), which is right for the
-registry's writes (writers queue instead of deadlocking) but makes every read a writer too: under
-16 concurrent requests, plus the strategies replica's refresh, the lookups queue on that lock and
-SQLite's busy handler sleeps between retries (1, 2, 5, 10, 15 ms ...). Here a read is a plain
-``SELECT`` outside any transaction — a shared lock for the statement's duration — on an engine
-of its own without that hook. Other databases (Postgres) read without locks already: the
-registry's engine is used as is.
+read is one indexed Core ``SELECT`` of six columns, in a read-only transaction (registry/db.py:
+on SQLite it takes the shared lock alone, so 16 concurrent lookups and the strategies replica's
+refresh neither queue on the write lock nor wait for a registration's transaction).
 
 The row comes back as an ``ExpertRow`` (no ORM object, no session): what ``Targets.for_expert``
 and ``direct_completion`` read from an ``Expert``.
@@ -19,10 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, bindparam, create_engine, select
-from sqlalchemy.engine import make_url
+from sqlalchemy import bindparam, select
 
-from registry.db import SQLITE_BUSY_TIMEOUT_MS
+from registry.db import READ_ONLY
 from registry.errors import NotFoundError
 from registry.models import BaseModel, Expert
 from registry.service import Registry
@@ -48,19 +42,6 @@ class ExpertRow:
         return f"{self.name}@{self.version}"
 
 
-def read_engine(registry: Registry) -> Engine:
-    """An engine whose SQLite reads take no write lock (the module doc); the registry's own
-    engine for other databases, and for SQLite databases a second engine could not open (in
-    memory, ``file:`` URIs)."""
-    url = registry.engine.url
-    database = url.database or ""
-    if make_url(url).get_backend_name() != "sqlite" or database in ("", ":memory:") or database.startswith("file:"):
-        return registry.engine
-    # pysqlite's default isolation: a BEGIN only before INSERT/UPDATE/DELETE, so a SELECT runs on
-    # its own (autocommit) and sees every commit made before it
-    return create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-
-
 _COLUMNS = (Expert.id, Expert.name, Expert.version, Expert.kind, Expert.status, Expert.checksum, BaseModel.name)
 
 
@@ -74,11 +55,10 @@ def _query(with_version: bool):
 
 class ExpertLookup:
     """``Registry.get_expert`` (the latest version, or a given one; ``NotFoundError`` if none) as one
-    lock-free ``SELECT`` returning an ``ExpertRow``. Blocking: call it in a worker thread."""
+    read-only ``SELECT`` returning an ``ExpertRow``. Blocking: call it in a worker thread."""
 
     def __init__(self, registry: Registry) -> None:
-        self.engine = read_engine(registry)
-        self._own = self.engine is not registry.engine
+        self.engine = registry.engine.execution_options(**{READ_ONLY: True})
         self._latest, self._versioned = _query(False), _query(True)
 
     def get(self, name: str, version: str | None = None) -> ExpertRow:
@@ -90,7 +70,3 @@ class ExpertLookup:
             raise NotFoundError(f"no expert {what}")
         eid, ename, eversion, kind, status, checksum, base = row
         return ExpertRow(eid, ename, eversion, kind, status, checksum, BaseRef(base) if base is not None else None)
-
-    def close(self) -> None:
-        if self._own:
-            self.engine.dispose()
