@@ -212,6 +212,23 @@ def test_hot_registration_then_removal(cluster: Cluster) -> None:
         assert h.delete("/v1/experts/zorblifier-two").status_code == 200
 
 
+def test_an_adapter_on_a_base_registered_while_serving_answers_without_a_restart(cluster: Cluster) -> None:
+    """No engine deployment exists for a base registered after start-up: its adapters run on the
+    models deployment, each on an engine of its own, and answer as they do in process."""
+    name = adapters(cluster)[2]
+    base_dir = cluster.manifest.path_of(cluster.manifest.base.path)
+    cluster.registry.register_base("late-base", base_dir)
+    adapter_dir = cluster.manifest.path_of(next(e for e in cluster.manifest.experts if e.name == name).path)
+    with httpx.Client(base_url=cluster.url, timeout=120) as h:
+        r = h.post("/v1/experts", json={"name": "late-adapter", "kind": "adapter", "path": str(adapter_dir),
+                                        "base": "late-base"})
+        assert r.status_code == 201, r.text
+        prompt, _ = zoo_prompt(cluster, name)
+        reply = client(cluster).completions.create(model="late-adapter", prompt=prompt, max_tokens=24)
+        assert reply.choices[0].text == local_greedy(cluster, name, prompt, 24)
+        assert h.delete("/v1/experts/late-adapter").status_code == 200
+
+
 def _engine_replicas(base: str) -> list[str]:
     from services.serving.app import deployment_name
 

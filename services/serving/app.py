@@ -15,7 +15,8 @@ Deployments (docs/serving.md draws them):
 
 Bases are deployed at start-up; an expert registered later on a deployed base (or a full model)
 is servable at once, and routable as soon as the strategies replica sees the registry change
-(``strategies.refresh_interval_s``). A base registered later needs a restart.
+(``strategies.refresh_interval_s``). An adapter on a base registered later is servable at once
+too, on an engine of its own in ``models``; a restart gives the base its multiplexed deployment.
 """
 
 from __future__ import annotations

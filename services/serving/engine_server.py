@@ -8,7 +8,8 @@ adapter; a replica loads one on its first request and evicts the least recently 
 removed expert's copy, still cached until evicted, is never served for another one.
 
 A deployment without a base (``base=None``) serves full-model experts that have no base model on
-the cluster: each is an engine of its own, multiplexed the same way.
+the cluster, and adapters whose base was registered after start-up (no engine deployment yet):
+each is an engine of its own (an adapter's over its base), multiplexed the same way.
 
 Engines are single-threaded: every call holds the replica's lock, in a worker thread, so the
 replica's event loop stays free to accept (and queue) requests.
@@ -138,6 +139,14 @@ class EngineServerBase:
             if expert.kind == "model":
                 self._models[mid] = build_engine(self.kind, path, target, self.engine_args)
                 return self._loaded(mid, None)
+            if expert.kind == "adapter" and expert.base is not None and self.engine is None:
+                # an adapter whose base got no engine deployment (registered after start-up):
+                # it runs on an engine of its own over that base, one base copy per adapter, until
+                # a restart deploys the base and its adapters share one engine
+                engine = build_engine(self.kind, Path(expert.base.uri), expert.base.name, self.engine_args)
+                engine.load_adapter(target, path)
+                self._models[mid] = engine
+                return self._loaded(mid, target)
         raise EngineError(f"expert {expert.ref} ({expert.kind}) cannot run on the {self.base or 'models'} deployment")
 
     def _loaded(self, mid: str, target: str | None) -> _Loaded:

@@ -91,12 +91,11 @@ class Targets:
         base = expert.base.name if expert.base is not None else None
         if base in self.engines:
             return self.engines[base], mid
-        if expert.kind == "model":
+        if expert.kind in ("model", "adapter"):
+            # a full model, or an adapter whose base was registered after start-up: the models
+            # deployment runs it on an engine of its own (a restart gives the base a deployment)
             return self.models, mid
-        raise EngineError(
-            f"expert {expert.ref}: its base {base!r} has no engine deployment on this server "
-            f"(deployed: {', '.join(sorted(self.engines)) or 'none'}); restart `moerge serve` to deploy new bases"
-        )
+        raise EngineError(f"expert {expert.ref} ({expert.kind}) has no engine deployment on this server")
 
     def for_base(self, base: str) -> Any:
         if base not in self.engines:
