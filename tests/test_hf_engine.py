@@ -187,6 +187,24 @@ def test_stop_strings(engine):
     assert short.token_ids == full.token_ids[: cut + 1]  # up to the token that completed the stop
 
 
+def test_streaming_hands_out_the_text_as_it_is_generated(engine):
+    """Pieces go out while the engine generates (one per token here: the tiny tokenizer's tokens
+    each decode to text), joined they are the answer, and a stop string never leaks out: what
+    could still become one is held back until it cannot."""
+    request = GenerateRequest(PROMPTS[1], target="a", max_new_tokens=12)
+    [whole] = engine.generate([request])
+    pieces: list[str] = []
+    result = engine.generate_streaming(request, pieces.append)
+    assert result == whole and "".join(pieces) == whole.text
+    assert len(pieces) > 1  # not the whole text at the end
+    for stop in (whole.text[4:6], whole.text[-2:], "never"):
+        cut_request = GenerateRequest(PROMPTS[1], target="a", max_new_tokens=12, stop=(stop,))
+        [expected] = engine.generate([cut_request])
+        pieces = []
+        assert engine.generate_streaming(cut_request, pieces.append) == expected
+        assert "".join(pieces) == expected.text, stop
+
+
 def test_score_equals_hand_computed_log_softmax(engine, zoo):
     tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
     models = {"a": merged_reference(zoo, "a"), None: LlamaForCausalLM.from_pretrained(zoo["base"]).eval()}

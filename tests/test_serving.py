@@ -5,6 +5,7 @@ hot registration and removal through the API; a replica killed mid-run."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import time
@@ -158,6 +159,23 @@ def test_vote_strategy_reports_agreement(cluster: Cluster) -> None:
 def test_unknown_model_is_404(cluster: Cluster) -> None:
     with pytest.raises(openai.NotFoundError):
         client(cluster).completions.create(model="no-such-expert", prompt="x", max_tokens=2)
+
+
+def test_expert_streams_as_its_engine_generates(cluster: Cluster) -> None:
+    """Through the engine deployment's streaming call: the text goes out token by token while the
+    engine generates, not in words once the answer is whole, and joins to the non-streamed answer."""
+    c = client(cluster)
+    for name in adapters(cluster):
+        prompt, _ = zoo_prompt(cluster, name)
+        text = c.completions.create(model=name, prompt=prompt, max_tokens=24).choices[0].text
+        if len(text) < 2:
+            continue
+        stream = c.completions.create(model=name, prompt=prompt, max_tokens=24, stream=True)
+        pieces = [ch.choices[0].text for ch in stream if ch.choices and ch.choices[0].text]
+        assert "".join(pieces) == text
+        assert len(pieces) > len(re.findall(r"\s*\S+\s*|\s+", text)), pieces
+        return
+    pytest.fail("no expert answered with two characters or more")
 
 
 def test_hot_registration_then_removal(cluster: Cluster) -> None:

@@ -27,7 +27,7 @@ import contextlib
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from peft import PeftModel
@@ -43,6 +43,7 @@ from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
 )
+from transformers.generation.streamers import BaseStreamer
 
 from services.engines.base import (
     EngineError,
@@ -165,8 +166,19 @@ class HFEngine:
                         results[i] = result
         return results  # type: ignore[return-value]
 
+    @torch.inference_mode()
+    def generate_streaming(self, request: GenerateRequest, emit: Callable[[str], None]) -> GenerateResult:
+        """One request, its text handed to ``emit`` in pieces while it is generated (a token's worth
+        at a time); the pieces joined equal the result's text. Blocking, like ``generate``."""
+        with self._bind(request.target) as (model, tokenizer):
+            streamer = _DeltaStreamer(tokenizer, request.stop, emit)
+            [result] = self._generate_batch(model, tokenizer, [request], streamer=streamer)
+        streamer.finish(result.text)
+        return result
+
     def _generate_batch(
-        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch: list[GenerateRequest]
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch: list[GenerateRequest],
+        streamer: BaseStreamer | None = None,
     ) -> list[GenerateResult]:
         pad_id = _pad_id(tokenizer)
         prompts = [tokenizer(r.prompt)["input_ids"] for r in batch]
@@ -184,6 +196,7 @@ class HFEngine:
             generation_config=config,
             logits_processor=LogitsProcessorList([_RowSampler(batch, self.device)]),
             stopping_criteria=StoppingCriteriaList([_RowStops(batch, prompt_len, tokenizer)]),
+            streamer=streamer,
         )
         return [
             _finish(tokenizer, request, output[row, prompt_len:].tolist(), len(prompts[row]))
@@ -334,6 +347,44 @@ class _RowSampler(LogitsProcessor):
             scores[row] = float("-inf")
             scores[row, choice] = kept
         return scores
+
+
+class _DeltaStreamer(BaseStreamer):
+    """transformers' streamer hook for one row: each new token's text goes to ``emit``, except what
+    could still change — a trailing partial character (decoded as U+FFFD) and the last
+    len(longest stop string) - 1 characters, which a stop string completed later would cut."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str], emit: Callable[[str], None]) -> None:
+        self.tokenizer, self.emit = tokenizer, emit
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.sent = ""
+        self._prompt = True  # generate() first hands over the prompt itself
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt:
+            self._prompt = False
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hits = [text.find(s) for s in self.stop if s in text]
+        if hits:  # the answer ends before the stop string; generation stops after this token
+            self._send(text[: min(hits)])
+            return
+        self._send(text[: len(text) - self.hold].rstrip("\ufffd"))
+
+    def end(self) -> None:
+        pass
+
+    def finish(self, text: str) -> None:
+        """The rest of the final text (after stop strings and limits were applied)."""
+        self._send(text)
+
+    def _send(self, text: str) -> None:
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            self.emit(text[len(self.sent) :])
+            self.sent = text
 
 
 class _RowStops(StoppingCriteria):

@@ -20,13 +20,14 @@ CLI, another replica — is servable on the next request without a restart.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import anyio
 
@@ -96,6 +97,32 @@ def direct_completion(expert: Expert, output: ExpertOutput) -> Completion:
             info={"version": expert.version, "kind": expert.kind},
         ),
     )
+
+
+T = TypeVar("T")
+
+
+async def stream_from_thread(work: Callable[[Callable[[str], None]], T]) -> AsyncIterator[str | T]:
+    """Run ``work(emit)`` in a worker thread; yield each piece it emits as it emits it, then its
+    return value. A consumer that stops early leaves the thread to finish (as a timed-out
+    ``complete`` does: the engine's lock is released when the generation ends)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    def emit(piece: str) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, piece)
+
+    def run() -> T:
+        try:
+            return work(emit)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+    future = loop.run_in_executor(None, run)
+    while (piece := await queue.get()) is not done:
+        yield piece
+    yield await future
 
 
 def is_strategy(model: str) -> bool:
@@ -175,8 +202,27 @@ class LocalBackend:
         return await anyio.to_thread.run_sync(self.run_expert, model, prompt, params, abandon_on_cancel=True)
 
     async def stream(self, model: str, prompt: str, params: SamplingParams) -> AsyncIterator[str | Completion]:
-        # hf generates a batch at a time and strategies vote or stitch whole answers, so the text
-        # is streamed once it exists: deltas of words (with their trailing space), then the record
+        """An expert on an engine that streams (hf): its text as it is generated. Strategies vote,
+        stitch or route whole answers, and external experts answer at once, so theirs is streamed
+        once it exists, in words (with their trailing space). Then the record."""
+        if is_strategy(model):
+            async for item in self.stream_whole(model, prompt, params):
+                yield item
+            return
+        streamed = False
+        async for item in stream_from_thread(lambda emit: self.run_expert(model, prompt, params, emit)):
+            if isinstance(item, Completion):
+                completion = item
+            else:
+                streamed = True
+                yield item
+        if not streamed:  # an engine that answers at once (external)
+            for piece in _WORDS.findall(completion.text):
+                yield piece
+        yield completion
+
+    async def stream_whole(self, model: str, prompt: str, params: SamplingParams) -> AsyncIterator[str | Completion]:
+        """``complete``, then its text in words (with their trailing space), then the record."""
         completion = await self.complete(model, prompt, params)
         for piece in _WORDS.findall(completion.text):
             yield piece
@@ -194,8 +240,10 @@ class LocalBackend:
 
     # -- experts (blocking; called in a worker thread, or by a strategy) ------------------------
 
-    def run_expert(self, model: str, prompt: str, params: SamplingParams) -> Completion:
-        """One expert answers alone. Blocking: call it from a thread (strategies run in one)."""
+    def run_expert(self, model: str, prompt: str, params: SamplingParams,
+                   emit: Callable[[str], None] | None = None) -> Completion:
+        """One expert answers alone. Blocking: call it from a thread (strategies run in one).
+        ``emit``: handed the text in pieces while it is generated, where the engine can."""
         name, version = split_ref(model)
         expert = self.registry.get_expert(name, version)  # NotFoundError -> 404
         if expert.status != "ready":
@@ -207,7 +255,11 @@ class LocalBackend:
             with slot.lock:
                 self._load(slot, expert)
                 target = slot.targets[expert.id] if expert.kind == "adapter" else None
-                [result] = slot.engine.generate([params.request(prompt, target)])
+                request = params.request(prompt, target)
+                if emit is not None and hasattr(slot.engine, "generate_streaming"):
+                    result = slot.engine.generate_streaming(request, emit)
+                else:
+                    [result] = slot.engine.generate([request])
             output = output_of(expert.name, result, weight=1.0)
         return direct_completion(expert, output)
 

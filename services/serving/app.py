@@ -22,6 +22,7 @@ too, on an engine of its own in ``models``; a restart gives the base its multipl
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -130,6 +131,38 @@ class RayBackend(LocalBackend):
         call = handle.options(multiplexed_model_id=mid).generate
         [result] = await acall_with_retry(lambda: call.remote([params.request(prompt)]))
         return direct_completion(expert, output_of(expert.name, result, weight=1.0))
+
+    async def stream(self, model: str, prompt: str, params: SamplingParams) -> AsyncIterator[str | Completion]:
+        """An expert on an engine deployment: its text as the engine generates it (a Serve
+        streaming call). Strategies and external experts: as ``LocalBackend`` streams them."""
+        expert = None
+        if not is_strategy(model):
+            name, version = split_ref(model)
+            expert = await anyio.to_thread.run_sync(self.lookup.get, name, version)  # 404 if unknown
+            if expert.status != "ready":
+                raise EngineError(f"expert {expert.ref} is {expert.status}, not ready to serve")
+        if expert is None or expert.kind == "external":
+            async for item in self.stream_whole(model, prompt, params):
+                yield item
+            return
+        handle, mid = self.targets.for_expert(expert)
+        call = handle.options(multiplexed_model_id=mid, stream=True).generate_stream
+        result, sent = None, False
+        try:
+            async for item in call.remote(params.request(prompt)):
+                if isinstance(item, str):
+                    sent = True
+                    yield item
+                else:
+                    result = item
+        except Exception:
+            if sent:
+                raise  # text already went out: the stream ends with an error event
+            # nothing sent yet (a replica died, say): answer as a whole, with complete's retries
+            async for item in self.stream_whole(model, prompt, params):
+                yield item
+            return
+        yield direct_completion(expert, output_of(expert.name, result, weight=1.0))
 
     async def remove_expert(self, name: str, version: str | None = None) -> list[dict]:
         # the registry row goes; replicas evict the expert's weights by LRU (its model id, which

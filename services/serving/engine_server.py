@@ -36,6 +36,7 @@ from composer.engine_protocol import (
 )
 from registry.errors import NotFoundError
 from registry.service import Registry
+from services.gateway.backend import stream_from_thread
 from services.serving.batching import PacedBatcher
 
 
@@ -217,6 +218,22 @@ class EngineServerBase:
             if engine is self.engine:
                 return await self._batcher().submit(items)
             return await anyio.to_thread.run_sync(self._locked, engine.generate, items)
+
+    async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[str | GenerateResult]:
+        """One request's text in pieces while the engine generates it, then its ``GenerateResult``
+        (a Serve streaming call: ``handle.options(stream=True)``). It runs alone, not in a batch.
+        An engine that cannot stream (vllm here) yields the whole text once."""
+        async with self._resolved() as (engine, target):
+            item = replace(request, target=target)
+            if not hasattr(engine, "generate_streaming"):
+                [result] = await anyio.to_thread.run_sync(self._locked, engine.generate, [item])
+                if result.text:
+                    yield result.text
+                yield result
+                return
+            async for piece in stream_from_thread(lambda emit: self._locked(
+                    lambda one: engine.generate_streaming(one, emit), item)):
+                yield piece
 
     def _batcher(self) -> PacedBatcher:
         if self._batches is None:
