@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--load-requests", type=int, default=500)
     ap.add_argument("--load-concurrency", type=int, default=32)
     ap.add_argument("--cold-copies", type=int, default=5)
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: overhead, cold, load")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: overhead, stream, cold, load")
     ap.add_argument("--ingress", choices=sorted(INGRESS_ENV), default="haproxy",
                     help="how HTTP reaches the gateway (services/serving/ingress.py)")
     args = ap.parse_args()
@@ -134,6 +134,8 @@ def main() -> None:
     if "overhead" not in skip:
         overhead(args, direct, via, http_only, batch_stats, timed, expert.name)
         print(f"load average: {load_avg()}")
+    if "stream" not in skip:
+        streaming(args, http, expert.name, prompt)
     if "cold" not in skip:
         cold_adapter(args, registry, expert, base, via, timed)
         print(f"load average: {load_avg()}")
@@ -187,6 +189,31 @@ def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str)
               + ("" if name != "gateway" else f", ratio to direct {statistics.median(rps[name]) / d:.2f} "
                  f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})"))
 
+
+
+def streaming(args, http: httpx.Client, model: str, prompt: str, max_tokens: int = 32) -> None:
+    """A streamed completion of one expert: time to the first text chunk and to the end, against
+    the same request not streamed; medians over ``--repeats``."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    first, last, whole, chunks = [], [], [], []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        r = http.post("/v1/completions", json=body)
+        whole.append((time.perf_counter() - t0) * 1000)
+        assert r.status_code == 200, r.text
+        t0, t_first, n = time.perf_counter(), None, 0
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: {") and '"text":"' in line and '"text":""' not in line:
+                    n += 1
+                    if t_first is None:
+                        t_first = time.perf_counter()
+        last.append((time.perf_counter() - t0) * 1000)
+        first.append(((t_first or time.perf_counter()) - t0) * 1000)
+        chunks.append(n)
+    print(f"\nstreamed {model}, up to {max_tokens} tokens: first text chunk {statistics.median(first):.1f} ms, "
+          f"end {statistics.median(last):.1f} ms ({statistics.median(chunks):.0f} text chunks); "
+          f"not streamed {statistics.median(whole):.1f} ms")
 
 
 def cold_adapter(args, registry, expert, base: str, via, timed) -> None:  # noqa: ANN001
