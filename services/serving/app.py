@@ -45,7 +45,7 @@ from services.gateway.protocol import ExpertCard
 from services.serving.batching import PacedBatcher
 from services.serving.config import ServeConfig, load_config
 from services.serving.engine_server import engine_deployment
-from services.serving.lookup import ExpertLookup
+from services.serving.lookup import ExpertLookup, ExpertRow
 from services.serving.remote import RemoteEngine, Targets, acall_with_retry
 from services.serving.strategy_host import StrategyHost, servable_strategies
 
@@ -118,13 +118,17 @@ class RayBackend(LocalBackend):
 
         return call
 
-    async def complete(self, model: str, prompt: str, params: SamplingParams) -> Completion:
-        if is_strategy(model):
-            return await super().complete(model, prompt, params)
+    async def _ready_expert(self, model: str) -> ExpertRow:
         name, version = split_ref(model)
         expert = await anyio.to_thread.run_sync(self.lookup.get, name, version)  # 404 if unknown
         if expert.status != "ready":
             raise EngineError(f"expert {expert.ref} is {expert.status}, not ready to serve")
+        return expert
+
+    async def complete(self, model: str, prompt: str, params: SamplingParams) -> Completion:
+        if is_strategy(model):
+            return await super().complete(model, prompt, params)
+        expert = await self._ready_expert(model)
         if expert.kind == "external":
             return await super().complete(model, prompt, params)  # litellm, from this replica
         handle, mid = self.targets.for_expert(expert)
@@ -135,12 +139,7 @@ class RayBackend(LocalBackend):
     async def stream(self, model: str, prompt: str, params: SamplingParams) -> AsyncIterator[str | Completion]:
         """An expert on an engine deployment: its text as the engine generates it (a Serve
         streaming call). Strategies and external experts: as ``LocalBackend`` streams them."""
-        expert = None
-        if not is_strategy(model):
-            name, version = split_ref(model)
-            expert = await anyio.to_thread.run_sync(self.lookup.get, name, version)  # 404 if unknown
-            if expert.status != "ready":
-                raise EngineError(f"expert {expert.ref} is {expert.status}, not ready to serve")
+        expert = None if is_strategy(model) else await self._ready_expert(model)
         if expert is None or expert.kind == "external":
             async for item in self.stream_whole(model, prompt, params):
                 yield item
@@ -198,9 +197,10 @@ class Gateway:
 # must be first used inside a running loop — RayBackend only calls handles from request handlers).
 # These are the knobs RAY_SERVE_THROUGHPUT_OPTIMIZED=1 turns off for every Serve process; here they
 # go to the gateway's replicas alone, through the deployment's runtime_env (Serve merges its
-# env_vars over the job's). The strategies replica keeps the defaults, even under the haproxy
-# ingress's RAY_SERVE_THROUGHPUT_OPTIMIZED (services/serving/ingress.py): its composers call the
-# engines through blocking ``.result()`` from worker threads, which needs a router on a loop of its own.
+# env_vars over the job's). The strategies replica keeps the defaults, set explicitly so that they
+# hold on a cluster started with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray's docs pair it with HAProxy;
+# services/serving/ingress.py sets its parts one by one instead): its composers call the engines
+# through blocking ``.result()`` from worker threads, which needs a router on a loop of its own.
 GATEWAY_RAY_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
