@@ -135,7 +135,7 @@ def main() -> None:
         overhead(args, direct, via, http_only, batch_stats, timed, expert.name)
         print(f"load average: {load_avg()}")
     if "stream" not in skip:
-        streaming(args, http, expert.name, prompt)
+        streaming(args, http, expert.name, prompt, batch_stats)
     if "cold" not in skip:
         cold_adapter(args, registry, expert, base, via, timed)
         print(f"load average: {load_avg()}")
@@ -191,9 +191,10 @@ def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str)
 
 
 
-def streaming(args, http: httpx.Client, model: str, prompt: str, max_tokens: int = 32) -> None:
+def streaming(args, http: httpx.Client, model: str, prompt: str, batch_stats, max_tokens: int = 32) -> None:  # noqa: ANN001
     """A streamed completion of one expert: time to the first text chunk and to the end, against
-    the same request not streamed; medians over ``--repeats``."""
+    the same request not streamed; medians over ``--repeats``. Then ``--concurrency`` clients at
+    once, streamed and not, in alternating rounds."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
     first, last, whole, chunks = [], [], [], []
     for _ in range(args.repeats):
@@ -214,6 +215,48 @@ def streaming(args, http: httpx.Client, model: str, prompt: str, max_tokens: int
     print(f"\nstreamed {model}, up to {max_tokens} tokens: first text chunk {statistics.median(first):.1f} ms, "
           f"end {statistics.median(last):.1f} ms ({statistics.median(chunks):.0f} text chunks); "
           f"not streamed {statistics.median(whole):.1f} ms")
+
+    def one(stream: bool) -> tuple[float, float]:
+        """(ms to the first text chunk, ms to the end) of one request; not streamed: both the end."""
+        t0 = time.perf_counter()
+        if not stream:
+            r = http.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            end = (time.perf_counter() - t0) * 1000
+            return end, end
+        t_first = None
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+            assert s.status_code == 200, s.read()
+            for line in s.iter_lines():
+                if t_first is None and line.startswith("data: {") and '"text":"' in line and '"text":""' not in line:
+                    t_first = time.perf_counter()
+        end = time.perf_counter()
+        return ((t_first or end) - t0) * 1000, (end - t0) * 1000
+
+    # many clients at once: streamed requests/s against the same requests not streamed, alternating
+    # rounds; how many requests shared each engine batch (streams batched with one another or not)
+    n = args.concurrency * 8
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    firsts: list[float] = []
+    per_batch: dict[bool, list[float]] = {False: [], True: []}
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        for _ in range(args.rps_rounds):
+            for stream in (False, True):
+                batch_stats(True)
+                t0 = time.perf_counter()
+                results = list(pool.map(one, [stream] * n))
+                rates[stream].append(n / (time.perf_counter() - t0))
+                stats = batch_stats(False)
+                if stats and stats["batches"]:
+                    per_batch[stream].append(stats["calls"] / stats["batches"])
+                if stream:
+                    firsts += [f for f, _ in results]
+    s_rate, w_rate = statistics.median(rates[True]), statistics.median(rates[False])
+    batches = {k: f"{statistics.median(v):.1f}" if v else "–" for k, v in per_batch.items()}
+    print(f"streamed at concurrency {args.concurrency} ({n} requests × {args.rps_rounds} rounds, medians): "
+          f"{s_rate:.1f} requests/s (requests per engine batch {batches[True]}), first text chunk p50 "
+          f"{statistics.median(firsts):.1f} ms / p99 {pct(firsts, 99):.1f} ms; not streamed {w_rate:.1f} requests/s "
+          f"({batches[False]}); streamed ÷ not streamed {s_rate / w_rate:.2f}")
 
 
 def cold_adapter(args, registry, expert, base: str, via, timed) -> None:  # noqa: ANN001

@@ -14,11 +14,13 @@ of target; the records keep ``target`` a plain field so that addition does not c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, Sequence, runtime_checkable
+from typing import Callable, Literal, Protocol, Sequence, runtime_checkable
 
 from registry.errors import MoergeError
 
 FinishReason = Literal["stop", "length"]
+# a streamed request's text goes to one of these in pieces, while it is generated
+Emit = Callable[[str], None]
 
 
 class EngineError(MoergeError):
@@ -91,6 +93,9 @@ class Engine(Protocol):
         """Loaded targets by name, each with its kind: ``"base"``, ``"adapter"`` or ``"model"``."""
         ...
 
-    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]: ...
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        """Engines that stream (``streams = True``, the hf engine) also take ``emits``: per request,
+        None or an ``Emit`` handed that request's text in pieces while it is generated."""
+        ...
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]: ...

@@ -194,15 +194,41 @@ def test_streaming_hands_out_the_text_as_it_is_generated(engine):
     request = GenerateRequest(PROMPTS[1], target="a", max_new_tokens=12)
     [whole] = engine.generate([request])
     pieces: list[str] = []
-    result = engine.generate_streaming(request, pieces.append)
+    [result] = engine.generate([request], [pieces.append])
     assert result == whole and "".join(pieces) == whole.text
     assert len(pieces) > 1  # not the whole text at the end
     for stop in (whole.text[4:6], whole.text[-2:], "never"):
         cut_request = GenerateRequest(PROMPTS[1], target="a", max_new_tokens=12, stop=(stop,))
         [expected] = engine.generate([cut_request])
         pieces = []
-        assert engine.generate_streaming(cut_request, pieces.append) == expected
+        assert engine.generate([cut_request], [pieces.append]) == [expected]
         assert "".join(pieces) == expected.text, stop
+
+
+def test_streamed_rows_share_a_batch_with_whole_ones(engine):
+    """Streams batched together and with unstreamed requests: each streamed row gets its own text
+    and nothing of its neighbours', though rows end at different steps (a stop string, a shorter
+    limit, EOS) while the batch runs on; every result equals the request's answer alone."""
+    [probe] = engine.generate([GenerateRequest(PROMPTS[1], target="a", max_new_tokens=12)])
+    requests = [
+        GenerateRequest(PROMPTS[1], target="a", max_new_tokens=12),
+        GenerateRequest(PROMPTS[1], target="a", max_new_tokens=3),  # ends first
+        GenerateRequest(PROMPTS[0], target="a", max_new_tokens=12),  # not streamed
+        GenerateRequest(PROMPTS[1], target="a", max_new_tokens=12, stop=(probe.text[4:6],)),
+        GenerateRequest(PROMPTS[0], target="b", max_new_tokens=12),  # another adapter's batch
+    ]
+    alone = [engine.generate([r])[0] for r in requests]
+    pieces: list[list[str]] = [[] for _ in requests]
+    emits = [p.append for p in pieces]
+    emits[2] = None
+    results = engine.generate(requests, emits)
+    assert results == alone
+    for row, (got, result) in enumerate(zip(pieces, results)):
+        if row == 2:
+            assert got == []
+            continue
+        assert "".join(got) == result.text, row
+    assert len(pieces[0]) > 1 and len(pieces[1]) <= 3
 
 
 def test_score_equals_hand_computed_log_softmax(engine, zoo):

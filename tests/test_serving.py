@@ -178,6 +178,29 @@ def test_expert_streams_as_its_engine_generates(cluster: Cluster) -> None:
     pytest.fail("no expert answered with two characters or more")
 
 
+def test_concurrent_streams_each_get_their_own_text(cluster: Cluster) -> None:
+    """Streams arriving together share the engine's batches, with each other and with requests
+    not streamed: every stream still joins to exactly its own answer, however long each row runs."""
+    c = client(cluster)
+    jobs = [(name, zoo_prompt(cluster, name, i=i)[0], max_tokens)
+            for name in adapters(cluster)[:3] for i in range(2) for max_tokens in (4, 24)]
+    expected = [c.completions.create(model=m, prompt=p, max_tokens=n).choices[0].text for m, p, n in jobs]
+
+    def streamed(job: tuple[str, str, int]) -> str:
+        m, p, n = job
+        stream = c.completions.create(model=m, prompt=p, max_tokens=n, stream=True)
+        return "".join(ch.choices[0].text for ch in stream if ch.choices and ch.choices[0].text)
+
+    def whole(job: tuple[str, str, int]) -> str:
+        return c.completions.create(model=job[0], prompt=job[1], max_tokens=job[2]).choices[0].text
+
+    with ThreadPoolExecutor(len(jobs) * 2) as pool:
+        streams = [pool.submit(streamed, job) for job in jobs]
+        wholes = [pool.submit(whole, job) for job in jobs]
+        assert [f.result() for f in streams] == expected
+        assert [f.result() for f in wholes] == expected
+
+
 def test_hot_registration_then_removal(cluster: Cluster) -> None:
     # a made-up skill whose examples look like nothing else: the semantic router must find it
     examples = [{"prompt": f"Zorblify the quux token number {i}", "reference": "zorb", "split": "train"}

@@ -2,6 +2,7 @@
 for engine implementations."""
 
 from composer.engine_protocol import (  # noqa: F401
+    Emit,
     Engine,
     EngineError,
     FinishReason,

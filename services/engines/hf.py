@@ -27,7 +27,7 @@ import contextlib
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from peft import PeftModel
@@ -46,6 +46,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from services.engines.base import (
+    Emit,
     EngineError,
     GenerateRequest,
     GenerateResult,
@@ -155,30 +156,32 @@ class HFEngine:
 
     # ------------------------------------------------------------------ generate
 
+    # streamed rows share batches with whole ones: ``generate(requests, emits)`` (engine servers
+    # read this flag; an engine without it answers a streamed request at once)
+    streams = True
+
     @torch.inference_mode()
-    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+    def generate(
+        self, requests: Sequence[GenerateRequest], emits: Sequence[Emit | None] | None = None
+    ) -> list[GenerateResult]:
+        """``emits``: per request, None or a function handed that request's text in pieces while it
+        is generated (a token's worth at a time; the pieces joined equal the result's text). Streamed
+        and whole requests share batches like any others. Blocking."""
+        if emits is not None and len(emits) != len(requests):
+            raise ValueError(f"{len(emits)} emits for {len(requests)} requests")
         results: list[GenerateResult | None] = [None] * len(requests)
         for target, indices in self._groups(requests):
             with self._bind(target) as (model, tokenizer):
                 for chunk in _chunks(indices, self.max_batch_size):
                     batch = [requests[i] for i in chunk]
-                    for i, result in zip(chunk, self._generate_batch(model, tokenizer, batch)):
+                    row_emits = [emits[i] for i in chunk] if emits is not None else None
+                    for i, result in zip(chunk, self._generate_batch(model, tokenizer, batch, row_emits)):
                         results[i] = result
         return results  # type: ignore[return-value]
 
-    @torch.inference_mode()
-    def generate_streaming(self, request: GenerateRequest, emit: Callable[[str], None]) -> GenerateResult:
-        """One request, its text handed to ``emit`` in pieces while it is generated (a token's worth
-        at a time); the pieces joined equal the result's text. Blocking, like ``generate``."""
-        with self._bind(request.target) as (model, tokenizer):
-            streamer = _DeltaStreamer(tokenizer, request.stop, emit)
-            [result] = self._generate_batch(model, tokenizer, [request], streamer=streamer)
-        streamer.finish(result.text)
-        return result
-
     def _generate_batch(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch: list[GenerateRequest],
-        streamer: BaseStreamer | None = None,
+        emits: Sequence[Emit | None] | None = None,
     ) -> list[GenerateResult]:
         pad_id = _pad_id(tokenizer)
         prompts = [tokenizer(r.prompt)["input_ids"] for r in batch]
@@ -190,6 +193,7 @@ class HFEngine:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=pad_id,
         )
+        streamer = _BatchStreamer(tokenizer, batch, emits) if emits and any(emits) else None
         output = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -198,10 +202,13 @@ class HFEngine:
             stopping_criteria=StoppingCriteriaList([_RowStops(batch, prompt_len, tokenizer)]),
             streamer=streamer,
         )
-        return [
+        results = [
             _finish(tokenizer, request, output[row, prompt_len:].tolist(), len(prompts[row]))
             for row, request in enumerate(batch)
         ]
+        if streamer is not None:
+            streamer.finish(results)
+        return results
 
     # ------------------------------------------------------------------ score
 
@@ -349,39 +356,66 @@ class _RowSampler(LogitsProcessor):
         return scores
 
 
-class _DeltaStreamer(BaseStreamer):
-    """transformers' streamer hook for one row: each new token's text goes to ``emit``, except what
-    could still change — a trailing partial character (decoded as U+FFFD) and the last
-    len(longest stop string) - 1 characters, which a stop string completed later would cut."""
+class _BatchStreamer(BaseStreamer):
+    """transformers' streamer hook for a batch: ``generate`` hands it the prompt first, then each
+    step's new token of every row; rows with an emit stream through their own ``_DeltaStreamer``."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str], emit: Callable[[str], None]) -> None:
-        self.tokenizer, self.emit = tokenizer, emit
-        self.stop = [s for s in stop if s]
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.ids: list[int] = []
-        self.sent = ""
-        self._prompt = True  # generate() first hands over the prompt itself
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, batch: list[GenerateRequest],
+                 emits: Sequence[Emit | None]) -> None:
+        self.rows = [(row, _DeltaStreamer(tokenizer, request, emit))
+                     for row, (request, emit) in enumerate(zip(batch, emits, strict=True)) if emit is not None]
+        self.size = len(batch)
+        self._prompt = True
 
     def put(self, value: torch.Tensor) -> None:
         if self._prompt:
             self._prompt = False
             return
-        self.ids.extend(value.reshape(-1).tolist())
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        hits = [text.find(s) for s in self.stop if s in text]
-        if hits:  # the answer ends before the stop string; generation stops after this token
-            self._send(text[: min(hits)])
-            return
-        self._send(text[: len(text) - self.hold].rstrip("\ufffd"))
+        tokens = value.reshape(self.size, -1).tolist()
+        for row, stream in self.rows:
+            stream.add(tokens[row])
 
     def end(self) -> None:
         pass
 
-    def finish(self, text: str) -> None:
-        """The rest of the final text (after stop strings and limits were applied)."""
-        self._send(text)
+    def finish(self, results: list[GenerateResult]) -> None:
+        """The rest of each streamed row's final text (after stop strings and limits were applied)."""
+        for row, stream in self.rows:
+            stream.send(results[row].text)
 
-    def _send(self, text: str) -> None:
+
+class _DeltaStreamer:
+    """One row's stream: each new token's text goes to ``emit``, except what could still change — a
+    trailing partial character (decoded as U+FFFD) and the last len(longest stop string) - 1
+    characters, which a stop string completed later would cut. Tokens after the row's end (its EOS,
+    its own token limit: the batch goes on for longer rows, padding the finished ones) are ignored."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, request: GenerateRequest, emit: Emit) -> None:
+        self.tokenizer, self.emit = tokenizer, emit
+        self.stop = [s for s in request.stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.limit = request.max_new_tokens
+        self.ids: list[int] = []
+        self.sent = ""
+        self.ended = False
+
+    def add(self, tokens: list[int]) -> None:
+        if self.ended:
+            return
+        for token in tokens:
+            self.ids.append(token)
+            if token == self.tokenizer.eos_token_id or len(self.ids) >= self.limit:
+                self.ended = True
+                break
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hits = [text.find(s) for s in self.stop if s in text]
+        if hits:  # the answer ends before the stop string; generation stops after this token
+            self.ended = True
+            self.send(text[: min(hits)])
+            return
+        self.send(text[: len(text) - self.hold].rstrip("\ufffd"))
+
+    def send(self, text: str) -> None:
         if len(text) > len(self.sent) and text.startswith(self.sent):
             self.emit(text[len(self.sent) :])
             self.sent = text

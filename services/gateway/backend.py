@@ -256,8 +256,8 @@ class LocalBackend:
                 self._load(slot, expert)
                 target = slot.targets[expert.id] if expert.kind == "adapter" else None
                 request = params.request(prompt, target)
-                if emit is not None and hasattr(slot.engine, "generate_streaming"):
-                    result = slot.engine.generate_streaming(request, emit)
+                if emit is not None and getattr(slot.engine, "streams", False):
+                    [result] = slot.engine.generate([request], [emit])
                 else:
                     [result] = slot.engine.generate([request])
             output = output_of(expert.name, result, weight=1.0)

@@ -17,10 +17,11 @@ replica's event loop stays free to accept (and queue) requests.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import anyio
 from ray import serve
 
 from composer.engine_protocol import (
+    Emit,
     EngineError,
     GenerateRequest,
     GenerateResult,
@@ -36,7 +38,6 @@ from composer.engine_protocol import (
 )
 from registry.errors import NotFoundError
 from registry.service import Registry
-from services.gateway.backend import stream_from_thread
 from services.serving.batching import PacedBatcher
 
 
@@ -84,6 +85,34 @@ class _Loaded:
                 self.server._unload(self.mid, self.token)
             except Exception:  # noqa: BLE001 - never raise from a finaliser (interpreter shutdown)
                 pass
+
+
+_END = object()  # a stream's end marker
+
+
+@dataclass
+class _Call:
+    """One caller's requests, and for a streamed one the function its pieces go to (per request;
+    None: not streamed)."""
+
+    requests: list[GenerateRequest]
+    emits: list[Emit | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.emits = self.emits or [None] * len(self.requests)
+
+    def run(self, engine: Any) -> list[GenerateResult]:
+        """``engine.generate`` (blocking). An engine that cannot stream (``streams``) hands each
+        streamed request its whole text once it has it."""
+        if not any(self.emits):
+            return engine.generate(self.requests)
+        if getattr(engine, "streams", False):
+            return engine.generate(self.requests, self.emits)
+        results = engine.generate(self.requests)
+        for emit, result in zip(self.emits, results, strict=True):
+            if emit is not None and result.text:
+                emit(result.text)
+        return results
 
 
 class EngineServerBase:
@@ -216,24 +245,32 @@ class EngineServerBase:
         async with self._resolved() as (engine, target):
             items = [replace(r, target=target) for r in requests]
             if engine is self.engine:
-                return await self._batcher().submit(items)
+                return await self._batcher().submit(_Call(items))
             return await anyio.to_thread.run_sync(self._locked, engine.generate, items)
 
     async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[str | GenerateResult]:
         """One request's text in pieces while the engine generates it, then its ``GenerateResult``
-        (a Serve streaming call: ``handle.options(stream=True)``). It runs alone, not in a batch.
-        An engine that cannot stream (vllm here) yields the whole text once."""
+        (a Serve streaming call: ``handle.options(stream=True)``). On the replica's own engine it
+        joins the next batch like any other call, so concurrent streams share engine batches. An
+        engine that cannot stream (vllm here) yields the whole text once."""
         async with self._resolved() as (engine, target):
-            item = replace(request, target=target)
-            if not hasattr(engine, "generate_streaming"):
-                [result] = await anyio.to_thread.run_sync(self._locked, engine.generate, [item])
-                if result.text:
-                    yield result.text
+            call = _Call([replace(request, target=target)], [None])
+            loop = asyncio.get_running_loop()
+            pieces: asyncio.Queue = asyncio.Queue()
+            call.emits[0] = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
+            if engine is self.engine:
+                work = asyncio.ensure_future(self._batcher().submit(call))
+            else:
+                work = asyncio.ensure_future(anyio.to_thread.run_sync(self._locked, call.run, engine))
+            # the engine thread's last piece is queued before its return wakes ``work``
+            work.add_done_callback(lambda _: pieces.put_nowait(_END))
+            try:
+                while (piece := await pieces.get()) is not _END:
+                    yield piece
+                [result] = work.result()  # the engine's error, if it failed
                 yield result
-                return
-            async for piece in stream_from_thread(lambda emit: self._locked(
-                    lambda one: engine.generate_streaming(one, emit), item)):
-                yield piece
+            finally:
+                work.cancel()  # a client gone mid-stream: its row still finishes with its batch
 
     def _batcher(self) -> PacedBatcher:
         if self._batches is None:
@@ -241,32 +278,41 @@ class EngineServerBase:
             self._batches = PacedBatcher(self._generate_together, max_calls=64, wait_s=0.002)
         return self._batches
 
-    async def _generate_together(self, calls: list[list[GenerateRequest]]) -> list[list[GenerateResult] | BaseException]:
+    async def _generate_together(self, calls: list[_Call]) -> list[list[GenerateResult] | BaseException]:
         """Concurrent calls share one engine call: the engine groups their items by target and
         batches each group (rows keep their own sampling and stops), so 16 clients of one adapter
-        cost about one batch of 16, not 16 batches of one."""
-        flat = [r for call in calls for r in call]
+        cost about one batch of 16, not 16 batches of one. Streamed calls are rows like the rest."""
+        streamed: set[int] = set()  # calls that have had text out: a rerun would send it again
+
+        def emit_of(i: int, emit: Emit | None) -> Emit | None:
+            if emit is None:
+                return None
+            return lambda piece: (streamed.add(i), emit(piece))[1]
+
+        together = _Call([r for c in calls for r in c.requests],
+                         [emit_of(i, e) for i, c in enumerate(calls) for e in c.emits])
         counts = self._batch_counts
         counts["batches"] += 1
         counts["calls"] += len(calls)
-        counts["rows"] += len(flat)
+        counts["rows"] += len(together.requests)
         try:
-            results = await anyio.to_thread.run_sync(self._locked, self.engine.generate, flat)
-        except EngineError:
+            results = await anyio.to_thread.run_sync(self._locked, together.run, self.engine)
+        except EngineError as exc:
             if len(calls) == 1:
                 raise
             # one call's expert went away (evicted, removed) mid-batch: the others must not fail
-            # with it, so each call runs alone and only the broken one reports its error
-            return [await self._generate_alone(call) for call in calls]
+            # with it, so each call runs alone and only the broken one reports its error. (The
+            # engine checks every target before it generates, so streams have rarely begun here.)
+            return [exc if i in streamed else await self._generate_alone(call) for i, call in enumerate(calls)]
         out, start = [], 0
         for call in calls:
-            out.append(results[start : start + len(call)])
-            start += len(call)
+            out.append(results[start : start + len(call.requests)])
+            start += len(call.requests)
         return out
 
-    async def _generate_alone(self, call: list[GenerateRequest]) -> list[GenerateResult] | BaseException:
+    async def _generate_alone(self, call: _Call) -> list[GenerateResult] | BaseException:
         try:
-            return await anyio.to_thread.run_sync(self._locked, self.engine.generate, call)
+            return await anyio.to_thread.run_sync(self._locked, call.run, self.engine)
         except EngineError as exc:
             return exc  # handed to that caller alone, which raises it (generate)
 
