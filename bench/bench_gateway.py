@@ -1,4 +1,4 @@
-"""Gateway overhead, cold adapters and load, on Ray Serve over a registered zoo.
+"""Gateway overhead, streaming, cold adapters and load, on Ray Serve over a registered zoo.
 
 Starts the same Serve application `moerge serve` deploys (local Ray, one engine replica), then:
 
@@ -11,9 +11,12 @@ Starts the same Serve application `moerge serve` deploys (local Ray, one engine 
    median over ``--rps-rounds``, with how many requests shared each engine batch.
    ``--ingress``: how HTTP reaches the gateway (services/serving/ingress.py): ``haproxy`` (the
    default of ``moerge serve``) or ``proxy`` (Ray Serve's Python proxy).
-2. **cold adapter** — copies of one adapter registered under new names; first-request latency ÷
+2. **stream** — one streamed completion: time to the first text chunk and to the end, against the
+   same request not streamed; then ``--concurrency`` clients at once, streamed and not in
+   alternating rounds: requests/s, first-chunk p50 / p99, requests per engine batch.
+3. **cold adapter** — copies of one adapter registered under new names; first-request latency ÷
    the next (warm) request's, median over copies.
-3. **load** — ``--load-requests`` requests at concurrency 32 over several experts and strategies:
+4. **load** — ``--load-requests`` requests at concurrency 32 over several experts and strategies:
    errors, lost requests, p50 / p99.
 
     python bench/bench_gateway.py [--repeats 60] [--rps-rounds 5] [--load-requests 500] [--ingress haproxy|proxy]

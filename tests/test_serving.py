@@ -4,15 +4,10 @@ hot registration and removal through the API; a replica killed mid-run."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import openai
@@ -20,91 +15,18 @@ import pytest
 import ray
 from ray import serve
 
-from composer.engine_protocol import GenerateRequest
-from registry.service import Registry
-from services.serving.ingress import ingress_env, start_local_ray
-from services.zoo.build import read_examples
-from services.zoo.register import register_zoo, zoo_base_name
+from tests.ray_cluster import Cluster, adapters, client, local_greedy, ray_cluster, zoo_prompt
 
 pytestmark = pytest.mark.timeout(600)
 
 
-@dataclass
-class Cluster:
-    url: str
-    registry: Registry
-    manifest: object
-    base: str
-    spare: Path  # an adapter folder not registered yet
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(micro_zoo, tmp_path_factory) -> Iterator[Cluster]:
-    from services.serving.app import APP_NAME, build_app
-
-    home = tmp_path_factory.mktemp("serve-home")
-    db = f"sqlite:///{home / 'moerge.db'}"
-    env = {"MOERGE_HOME": str(home), "MOERGE_DATABASE_URL": db, "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    registry = Registry(db, artifact_root=home / "artifacts")
-    register_zoo(micro_zoo, registry)
-    spare = home / "spare-adapter"
-    first = next(e for e in micro_zoo.experts if e.kind == "adapter")
-    shutil.copytree(micro_zoo.path_of(first.path), spare)
-
-    # logical CPUs: the deployments ask for fractions; the 2 real cores are shared by all of them
-    port = _free_port()
-    # as `moerge serve` starts it: HAProxy on the port, straight to the gateway replicas
-    saved.update({k: os.environ.get(k) for k in ingress_env("haproxy")})
-    start_local_ray("haproxy", env, "127.0.0.1", port, num_cpus=8)
     config = {"engines": {"default": {"replicas": 2, "num_cpus": 1, "max_adapters_per_replica": 4}},
               "strategies": {"names": ["moe/semantic", "moe/classifier", "moe/skill-k3-vote"],
                              "refresh_interval_s": 0.5}}
-    serve.run(build_app({"config": config}), name=APP_NAME, route_prefix="/")
-    try:
-        yield Cluster(f"http://127.0.0.1:{port}", registry, micro_zoo, zoo_base_name(micro_zoo), spare)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        registry.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def client(c: Cluster) -> openai.OpenAI:
-    return openai.OpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def zoo_prompt(c: Cluster, expert: str, split: str = "validation", i: int = 0) -> tuple[str, str]:
-    entry = next(e for e in c.manifest.experts if e.name == expert)
-    rel = entry.validation_examples if split == "validation" else entry.train_examples
-    ex = read_examples(c.manifest.path_of(rel))[i]
-    return ex.prompt, ex.reference
-
-
-def local_greedy(c: Cluster, expert: str, prompt: str, max_new: int) -> str:
-    from services.engines.hf import HFEngine
-
-    engine = HFEngine(c.manifest.path_of(c.manifest.base.path), base_name="base")
-    entry = next(e for e in c.manifest.experts if e.name == expert)
-    engine.load_adapter(expert, c.manifest.path_of(entry.path))
-    return engine.generate([GenerateRequest(prompt, expert, max_new)])[0].text
-
-
-def adapters(c: Cluster) -> list[str]:
-    return [e.name for e in c.manifest.experts if e.kind == "adapter"]
+    with ray_cluster(micro_zoo, tmp_path_factory.mktemp("serve-home"), config) as c:
+        yield c
 
 
 def test_models_lists_experts_and_strategies(cluster: Cluster) -> None:

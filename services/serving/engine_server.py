@@ -339,6 +339,10 @@ class EngineServerBase:
         with self._lock:
             return sorted([*self._targets, *self._models])
 
+    def engine_kind(self) -> str | None:
+        """The kind of this replica's base engine (``hf``, ``vllm``); None before it is built."""
+        return None if self.engine is None else self.engine.kind
+
 
 def engine_deployment(name: str, *, max_loaded: int, replicas: int, num_cpus: float, num_gpus: float):
     """A Serve deployment of ``EngineServerBase`` whose multiplexer keeps ``max_loaded`` experts."""
