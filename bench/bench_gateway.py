@@ -11,8 +11,8 @@ Starts the same Serve application `moerge serve` deploys (local Ray, one engine 
    median over ``--rps-rounds``, with how many requests shared each engine batch.
    ``--ingress``: how HTTP reaches the gateway (services/serving/ingress.py): ``haproxy`` (the
    default of ``moerge serve``) or ``proxy`` (Ray Serve's Python proxy).
-2. **stream** — one streamed completion: time to the first text chunk and to the end, against the
-   same request not streamed; then ``--concurrency`` clients at once, streamed and not in
+2. **stream** — one streamed completion, of the expert and of ``moe/semantic``: time to the first
+   text chunk and to the end, against the same request not streamed; then ``--concurrency`` clients at once, streamed and not in
    alternating rounds: requests/s, first-chunk p50 / p99, requests per engine batch.
 3. **cold adapter** — copies of one adapter registered under new names; first-request latency ÷
    the next (warm) request's, median over copies.
@@ -195,29 +195,13 @@ def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str)
 
 
 def streaming(args, http: httpx.Client, model: str, prompt: str, batch_stats, max_tokens: int = 32) -> None:  # noqa: ANN001
-    """A streamed completion of one expert: time to the first text chunk and to the end, against
-    the same request not streamed; medians over ``--repeats``. Then ``--concurrency`` clients at
-    once, streamed and not, in alternating rounds."""
+    """A streamed completion of one expert, and of ``moe/semantic`` routing to it: time to the
+    first text chunk and to the end, against the same request not streamed; medians over
+    ``--repeats``. Then ``--concurrency`` clients of the expert at once, streamed and not, in
+    alternating rounds."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-    first, last, whole, chunks = [], [], [], []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        r = http.post("/v1/completions", json=body)
-        whole.append((time.perf_counter() - t0) * 1000)
-        assert r.status_code == 200, r.text
-        t0, t_first, n = time.perf_counter(), None, 0
-        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
-            for line in s.iter_lines():
-                if line.startswith("data: {") and '"text":"' in line and '"text":""' not in line:
-                    n += 1
-                    if t_first is None:
-                        t_first = time.perf_counter()
-        last.append((time.perf_counter() - t0) * 1000)
-        first.append(((t_first or time.perf_counter()) - t0) * 1000)
-        chunks.append(n)
-    print(f"\nstreamed {model}, up to {max_tokens} tokens: first text chunk {statistics.median(first):.1f} ms, "
-          f"end {statistics.median(last):.1f} ms ({statistics.median(chunks):.0f} text chunks); "
-          f"not streamed {statistics.median(whole):.1f} ms")
+    for name in (model, "moe/semantic"):
+        stream_latency(args, http, {**body, "model": name})
 
     def one(stream: bool) -> tuple[float, float]:
         """(ms to the first text chunk, ms to the end) of one request; not streamed: both the end."""
@@ -260,6 +244,30 @@ def streaming(args, http: httpx.Client, model: str, prompt: str, batch_stats, ma
           f"{s_rate:.1f} requests/s (requests per engine batch {batches[True]}), first text chunk p50 "
           f"{statistics.median(firsts):.1f} ms / p99 {pct(firsts, 99):.1f} ms; not streamed {w_rate:.1f} requests/s "
           f"({batches[False]}); streamed ÷ not streamed {s_rate / w_rate:.2f}")
+
+
+def stream_latency(args, http: httpx.Client, body: dict) -> None:  # noqa: ANN001
+    """One request streamed: ms to the first text chunk and to the end, and not streamed."""
+    model, max_tokens = body["model"], body["max_tokens"]
+    first, last, whole, chunks = [], [], [], []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        r = http.post("/v1/completions", json=body)
+        whole.append((time.perf_counter() - t0) * 1000)
+        assert r.status_code == 200, r.text
+        t0, t_first, n = time.perf_counter(), None, 0
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: {") and '"text":"' in line and '"text":""' not in line:
+                    n += 1
+                    if t_first is None:
+                        t_first = time.perf_counter()
+        last.append((time.perf_counter() - t0) * 1000)
+        first.append(((t_first or time.perf_counter()) - t0) * 1000)
+        chunks.append(n)
+    print(f"\nstreamed {model}, up to {max_tokens} tokens: first text chunk {statistics.median(first):.1f} ms, "
+          f"end {statistics.median(last):.1f} ms ({statistics.median(chunks):.0f} text chunks); "
+          f"not streamed {statistics.median(whole):.1f} ms")
 
 
 def cold_adapter(args, registry, expert, base: str, via, timed) -> None:  # noqa: ANN001

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from composer.base import Completion, Provenance, base_target, output_of, require_targets, with_target
-from composer.engine_protocol import Engine, GenerateRequest
+from composer.engine_protocol import Engine, GenerateRequest, GenerateResult
 from routers.base import Decision
 
 
@@ -37,17 +37,23 @@ class Single:
         require_targets(engine, sorted({t for t, _, _ in plans}), "single")
         results = engine.generate([with_target(r, t) for r, (t, _, _) in zip(requests, plans)])
         return [
-            Completion(
-                text=result.text,
-                finish_reason=result.finish_reason,
-                provenance=Provenance(
-                    composer=self.name,
-                    router=decision.router,
-                    experts=[(expert, weight)],
-                    outputs=[output_of(expert, result, weight=weight)],
-                    decision_info=decision.info,
-                    info=info,
-                ),
-            )
+            answered(decision, expert, weight, result, info)
             for decision, result, (expert, weight, info) in zip(decisions, results, plans)
         ]
+
+
+def answered(decision: Decision, expert: str, weight: float, result: GenerateResult, info: dict | None = None) -> Completion:
+    """``expert``'s result as the single composer's completion for ``decision`` (also built by the
+    gateway when it streams the expert a strategy chose)."""
+    return Completion(
+        text=result.text,
+        finish_reason=result.finish_reason,
+        provenance=Provenance(
+            composer=Single.name,
+            router=decision.router,
+            experts=[(expert, weight)],
+            outputs=[output_of(expert, result, weight=weight)],
+            decision_info=decision.info,
+            info=dict(info or {}),
+        ),
+    )

@@ -54,13 +54,23 @@ def test_strategy_streams_with_provenance(cluster: Cluster) -> None:
     assert moe["strategy"] == "moe/semantic" and moe["router"] == "semantic"
     chosen = moe["experts"][0]["name"]
     assert chosen in adapters(cluster) or chosen == cluster.base
-    pieces = []
+    pieces, final = [], None
     stream = c.chat.completions.create(model="moe/semantic", messages=[{"role": "user", "content": prompt}],
                                        max_tokens=24, stream=True)
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
-    assert "".join(pieces) == whole.choices[0].message.content
+        if (chunk.model_extra or {}).get("moe"):
+            final = chunk.model_extra["moe"]
+    text = whole.choices[0].message.content
+    assert "".join(pieces) == text
+    assert final is not None and final["strategy"] == "moe/semantic"
+    assert final["experts"] == moe["experts"] and final["router"] == "semantic" and final["composer"] == "single"
+    assert final["decision"]["router_ms"] > 0
+    # one routed expert's answer: its tokens go out as the engine generates them (more pieces than
+    # words), where a voting strategy's answer can only go out once it is whole
+    if chosen != cluster.base and len(text) >= 2:
+        assert len(pieces) > len(re.findall(r"\s*\S+\s*|\s+", text)), pieces
     # the routed expert, asked directly, says the same: the strategy really ran it
     if chosen != cluster.base:
         direct = c.chat.completions.create(model=chosen, messages=[{"role": "user", "content": prompt}],

@@ -32,6 +32,7 @@ from ray.serve.handle import DeploymentHandle
 
 from composer.base import Completion, output_of
 from composer.engine_protocol import EngineError
+from composer.single import answered
 from registry.service import Registry
 from services.gateway.app import GatewaySettings, create_app
 from services.gateway.backend import (
@@ -42,6 +43,7 @@ from services.gateway.backend import (
     split_ref,
 )
 from services.gateway.protocol import ExpertCard
+from services.moe.strategies import Routed
 from services.serving.batching import PacedBatcher
 from services.serving.config import ServeConfig, load_config
 from services.serving.engine_server import engine_deployment
@@ -67,6 +69,11 @@ class StrategyServer:
 
     def names(self) -> list[str]:
         return list(self.host.names)
+
+    async def decide(self, name: str, prompt: str) -> Routed | None:
+        """The routing alone, for a strategy whose answer is one expert's (``StrategyHost.decide``):
+        the gateway streams that expert from its engine deployment itself."""
+        return await anyio.to_thread.run_sync(self.host.decide, name, prompt)
 
     async def complete(self, name: str, prompt: str, params: SamplingParams) -> Completion:
         if self._batches is None:  # on the replica's event loop, by its first request
@@ -137,9 +144,18 @@ class RayBackend(LocalBackend):
         return direct_completion(expert, output_of(expert.name, result, weight=1.0))
 
     async def stream(self, model: str, prompt: str, params: SamplingParams) -> AsyncIterator[str | Completion]:
-        """An expert on an engine deployment: its text as the engine generates it (a Serve
-        streaming call). Strategies and external experts: as ``LocalBackend`` streams them."""
-        expert = None if is_strategy(model) else await self._ready_expert(model)
+        """Text as the engine generates it (a Serve streaming call to the engine deployment), then
+        the record: for an expert, and for a strategy whose answer is one routed expert's (the
+        strategies deployment routes, this replica streams the chosen expert). Other strategies and
+        external experts: as ``LocalBackend`` streams them. Should the engine fail before any text
+        went out (a replica died, say), the request is answered whole instead, with ``complete``'s
+        retries and the strategy's fall-back to the next ranked expert."""
+        if is_strategy(model):
+            routed: Routed | None = await acall_with_retry(lambda: self.strategies.decide.remote(model, prompt))
+            chosen = None if routed is None else routed.decision.top
+            expert = None if chosen is None else await self._ready_expert(chosen)
+        else:
+            routed, expert = None, await self._ready_expert(model)
         if expert is None or expert.kind == "external":
             async for item in self.stream_whole(model, prompt, params):
                 yield item
@@ -157,11 +173,13 @@ class RayBackend(LocalBackend):
         except Exception:
             if sent:
                 raise  # text already went out: the stream ends with an error event
-            # nothing sent yet (a replica died, say): answer as a whole, with complete's retries
             async for item in self.stream_whole(model, prompt, params):
                 yield item
             return
-        yield direct_completion(expert, output_of(expert.name, result, weight=1.0))
+        if routed is None:
+            yield direct_completion(expert, output_of(expert.name, result, weight=1.0))
+        else:
+            yield answered(routed.decision, expert.name, float(routed.decision.experts[0][1]), result)
 
     async def remove_expert(self, name: str, version: str | None = None) -> list[dict]:
         # the registry row goes; replicas evict the expert's weights by LRU (its model id, which

@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from composer.base import Completion, ComposeError
 from composer.engine_protocol import EngineError
@@ -126,6 +127,18 @@ class StrategyHost:
                 completion, routed = self._fall_back(moe, strategy, prompt, exc, sampling)
         completion.provenance.decision_info = {**completion.provenance.decision_info, "router_ms": routed.router_ms}
         return completion
+
+    def decide(self, name: str, prompt: str) -> Routed | None:
+        """The router's decision alone, for a strategy whose answer is one expert's (query-level
+        routing, the single composer) — the gateway then streams that expert's generation itself,
+        token by token. None for every other strategy: they answer whole (``complete``)."""
+        strategy = self._served(name)
+        if strategy.level != "query" or strategy.composer != "single":
+            return None
+        with self._lock:
+            routed = self.moe().route(strategy, prompt)
+        info = {**routed.decision.info, "router_ms": routed.router_ms}
+        return Routed(replace(routed.decision, info=info), routed.router_ms)
 
     def _fall_back(self, moe: MoE, strategy: Strategy, prompt: str, first: EngineError,
                    sampling: dict) -> tuple[Completion, Routed]:
