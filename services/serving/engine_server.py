@@ -254,10 +254,13 @@ class EngineServerBase:
         joins the next batch like any other call, so concurrent streams share engine batches. An
         engine that cannot stream (vllm here) yields the whole text once."""
         async with self._resolved() as (engine, target):
-            call = _Call([replace(request, target=target)], [None])
             loop = asyncio.get_running_loop()
             pieces: asyncio.Queue = asyncio.Queue()
-            call.emits[0] = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+            def emit(piece: str) -> None:  # called in the engine's thread
+                loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+            call = _Call([replace(request, target=target)], [emit])
             if engine is self.engine:
                 work = asyncio.ensure_future(self._batcher().submit(call))
             else:
@@ -287,7 +290,12 @@ class EngineServerBase:
         def emit_of(i: int, emit: Emit | None) -> Emit | None:
             if emit is None:
                 return None
-            return lambda piece: (streamed.add(i), emit(piece))[1]
+
+            def tracked(piece: str) -> None:
+                streamed.add(i)
+                emit(piece)
+
+            return tracked
 
         together = _Call([r for c in calls for r in c.requests],
                          [emit_of(i, e) for i, c in enumerate(calls) for e in c.emits])
