@@ -149,6 +149,37 @@ def main() -> None:
     ray.shutdown()
 
 
+def cpu_by_process() -> dict[str, float]:
+    """CPU seconds (user + system) used so far, summed by kind of process: each Serve replica by its
+    deployment, the proxy, HAProxy, this client, and Ray's own daemons."""
+    import psutil
+
+    out: dict[str, float] = {}
+    me = os.getpid()
+    for p in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
+        try:
+            t = p.info["cpu_times"]
+            cmd = " ".join(p.info["cmdline"] or []) or p.info["name"] or "?"
+        except (psutil.Error, TypeError):
+            continue
+        if t is None:
+            continue
+        if p.info["pid"] == me:
+            key = "client (this process)"
+        elif "ServeReplica:" in cmd:
+            key = "replica " + cmd.split("ServeReplica:", 1)[1].split()[0].split(":")[-1]
+        elif cmd.startswith("ray::"):
+            key = cmd.split()[0]
+        elif "haproxy" in cmd:
+            key = "haproxy"
+        elif any(d in cmd for d in ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env")):
+            key = "ray daemons"
+        else:
+            key = "other"
+        out[key] = out.get(key, 0.0) + t.user + t.system
+    return out
+
+
 def load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -177,20 +208,37 @@ def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str)
     paths = {"direct": direct, "gateway": lambda: via(expert_name), "gateway HTTP only (422)": http_only}
     rps: dict[str, list[float]] = {name: [] for name in paths}
     batches: dict[str, list[float]] = {name: [] for name in paths}  # requests per engine batch, per round
+    busy: dict[str, list[float]] = {name: [] for name in paths}  # share of the round the engine generated
+    cpu: dict[str, list[dict[str, float]]] = {name: [] for name in paths}  # CPU ms per request, by process
     for _ in range(args.rps_rounds):  # the paths alternate: a busy machine slows them alike
         for name, fn in paths.items():
             batch_stats()
+            before, t0 = cpu_by_process(), time.perf_counter()
             rps[name].append(throughput(fn, n))
+            wall, after = time.perf_counter() - t0, cpu_by_process()
+            used = {k: (after.get(k, 0.0) - before.get(k, 0.0)) * 1000 / n for k in after}
+            used["(busy share of all cores)"] = sum(used.values()) * n / 1000 / wall / (os.cpu_count() or 1)
+            cpu[name].append(used)
             b = batch_stats()
             batches[name].append(b["calls"] / max(1, b["batches"]) if b else float("nan"))
+            busy[name].append(b.get("busy_s", float("nan")) / wall if b else float("nan"))
     d = statistics.median(rps["direct"])
     print(f"\nrequests/s at concurrency {args.concurrency} (median of {args.rps_rounds} rounds × {n}; "
-          f"requests per engine batch in brackets):")
+          f"requests per engine batch, share of the time the engine generated, in brackets):")
     for name in paths:
         ratios = [r / rd for r, rd in zip(rps[name], rps["direct"])]
-        print(f"  {name}: {statistics.median(rps[name]):.1f} ({statistics.median(batches[name]):.1f})"
+        print(f"  {name}: {statistics.median(rps[name]):.1f} ({statistics.median(batches[name]):.1f}, "
+              f"{statistics.median(busy[name]):.2f})"
               + ("" if name != "gateway" else f", ratio to direct {statistics.median(rps[name]) / d:.2f} "
                  f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})"))
+    # where the CPU went: if the cores are nearly all busy, the ratio is a CPU budget, not latency
+    groups = sorted({k for rounds in cpu.values() for used in rounds for k in used})
+    print("\nCPU ms per request by process (median of rounds):\n| process | "
+          + " | ".join(paths) + " |\n|---|" + "---:|" * len(paths))
+    for g in groups:
+        cells = [statistics.median(u.get(g, 0.0) for u in cpu[name]) for name in paths]
+        if max(cells) >= 0.05 or g.startswith("("):
+            print(f"| {g} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
 
 
 
