@@ -46,7 +46,7 @@ from services.gateway.protocol import ExpertCard
 from services.moe.strategies import Routed
 from services.serving.batching import PacedBatcher
 from services.serving.config import ServeConfig, load_config
-from services.serving.engine_server import engine_deployment
+from services.serving.engine_server import INTERNAL_LOGGING, engine_deployment
 from services.serving.lookup import ExpertLookup, ExpertRow
 from services.serving.remote import RemoteEngine, Targets, acall_with_retry
 from services.serving.strategy_host import StrategyHost, servable_strategies
@@ -127,7 +127,8 @@ class RayBackend(LocalBackend):
 
     async def _ready_expert(self, model: str) -> ExpertRow:
         name, version = split_ref(model)
-        expert = await anyio.to_thread.run_sync(self.lookup.get, name, version)  # 404 if unknown
+        # 404 if unknown; from the rows already read while the registry is unchanged (lookup.py)
+        expert = self.lookup.cached(name, version) or await anyio.to_thread.run_sync(self.lookup.get, name, version)
         if expert.status != "ready":
             raise EngineError(f"expert {expert.ref} is {expert.status}, not ready to serve")
         return expert
@@ -261,7 +262,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     strategies = serve.deployment(StrategyServer, name="strategies", num_replicas=s.replicas,
                                   ray_actor_options={"num_cpus": s.num_cpus,
                                                      "runtime_env": _runtime_env_with(STRATEGIES_RAY_ENV)},
-                                  max_ongoing_requests=64).bind(engines, models, names, s.refresh_interval_s)
+                                  max_ongoing_requests=64, logging_config=INTERNAL_LOGGING,
+                                  ).bind(engines, models, names, s.refresh_interval_s)
     g = config.gateway
     settings = {"require_keys": g.require_keys, "request_timeout_s": g.request_timeout_s}
     return serve.deployment(Gateway, name="gateway", num_replicas=g.replicas,
