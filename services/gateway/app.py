@@ -29,7 +29,7 @@ from composer.base import Completion
 from registry.errors import MoergeError, NotFoundError
 from registry.models import Expert
 from registry.service import Registry
-from services.gateway.auth import Authenticator, Principal, check_model_allowed
+from services.gateway.auth import Authenticator, Limiter, Principal, check_model_allowed
 from services.gateway.backend import Backend, SamplingParams, is_strategy
 from services.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from services.gateway.protocol import (
@@ -168,9 +168,13 @@ def _sse(payload: Any) -> str:
 # ------------------------------------------------------------------------------------- the app
 
 
-def create_app(backend: Backend, registry: Registry, settings: GatewaySettings | None = None) -> FastAPI:
+def create_app(backend: Backend, registry: Registry, settings: GatewaySettings | None = None,
+               limiter: Limiter | None = None) -> FastAPI:
+    """The gateway's FastAPI app; ``limiter`` counts the per-key rate limits (default: in this
+    process's memory; several replicas share one, services/serving/rate_limits.py)."""
     settings = settings or GatewaySettings()
-    auth = Authenticator(registry, require_keys=settings.require_keys, window_s=settings.rate_window_s)
+    auth = Authenticator(registry, require_keys=settings.require_keys, window_s=settings.rate_window_s,
+                         limiter=limiter)
     metrics = GatewayMetrics()
 
     @asynccontextmanager

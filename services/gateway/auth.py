@@ -1,8 +1,10 @@
 """Who is asking: bearer keys checked against the registry, scopes, per-key rate limits.
 
 Keys are verified through ``Registry.verify_key`` on every request (one indexed lookup of the key's
-sha256), so a revoked key stops working at once. Rate limits are a sliding one-minute window kept
-in this process's memory: with several gateway replicas each enforces the limit on its own share.
+sha256), so a revoked key stops working at once. Rate limits are a sliding one-minute window per
+key: kept in this process's memory by default (``RateLimiter``; one gateway process), and on Ray in
+one actor that every gateway replica shares (services/serving/rate_limits.py), so a key's limit
+holds however many replicas answer it.
 
 With ``require_keys=False`` (the embedded default on localhost) the ``Authorization`` header is
 ignored altogether, as vLLM does without ``--api-key``: every request is an anonymous admin.
@@ -16,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
 from fastapi import Request
@@ -50,6 +53,10 @@ class Principal:
 ANONYMOUS = Principal(name="anonymous", scope="admin")
 
 
+class Limiter(Protocol):
+    def hit(self, key_id: int, limit: int) -> float | None: ...
+
+
 class RateLimiter:
     """Sliding-window request counter per key: at most ``limit`` requests in any ``window_s``."""
 
@@ -73,10 +80,11 @@ class RateLimiter:
 
 
 class Authenticator:
-    def __init__(self, registry: Registry, require_keys: bool = True, window_s: float = 60.0) -> None:
+    def __init__(self, registry: Registry, require_keys: bool = True, window_s: float = 60.0,
+                 limiter: Limiter | None = None) -> None:
         self.registry = registry
         self.require_keys = require_keys
-        self.limiter = RateLimiter(window_s)
+        self.limiter = limiter if limiter is not None else RateLimiter(window_s)
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The principal behind an ``Authorization`` header, rate limit counted; raises ``APIError``."""

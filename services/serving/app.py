@@ -48,6 +48,7 @@ from services.serving.batching import PacedBatcher
 from services.serving.config import ServeConfig, load_config
 from services.serving.engine_server import INTERNAL_LOGGING, engine_deployment
 from services.serving.lookup import ExpertLookup, ExpertRow
+from services.serving.rate_limits import SharedRateLimiter
 from services.serving.remote import RemoteEngine, Targets, acall_with_retry
 from services.serving.strategy_host import StrategyHost, servable_strategies
 
@@ -196,9 +197,11 @@ class Gateway:
         self.registry = Registry()
         self.backend = RayBackend(self.registry, engines, models, strategies, strategy_names)
         self.settings = GatewaySettings(**settings)
+        # one set of per-key windows for every gateway replica (rate_limits.py)
+        self.limiter = SharedRateLimiter(self.settings.rate_window_s)
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.backend, self.registry, self.settings)
+        return create_app(self.backend, self.registry, self.settings, limiter=self.limiter)
 
 
 # ------------------------------------------------------------------------------------ the graph
