@@ -13,7 +13,8 @@ Starts the same Serve application `moerge serve` deploys (local Ray, one engine 
    default of ``moerge serve``) or ``proxy`` (Ray Serve's Python proxy).
 2. **stream** — one streamed completion, of the expert and of ``moe/semantic``: time to the first
    text chunk and to the end, against the same request not streamed; then ``--concurrency`` clients at once, streamed and not in
-   alternating rounds: requests/s, first-chunk p50 / p99, requests per engine batch.
+   alternating rounds: requests/s, first-chunk p50 / p99, requests per engine batch. **beside** —
+   a streamed ``moe/semantic`` request's first chunk, alone and while 8 clients ask it whole.
 3. **cold adapter** — copies of one adapter registered under new names; first-request latency ÷
    the next (warm) request's, median over copies.
 4. **load** — ``--load-requests`` requests at concurrency 32 over several experts and strategies:
@@ -75,7 +76,7 @@ def main() -> None:
     ap.add_argument("--load-requests", type=int, default=500)
     ap.add_argument("--load-concurrency", type=int, default=32)
     ap.add_argument("--cold-copies", type=int, default=5)
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: overhead, stream, cold, load")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: overhead, stream, beside, cold, load")
     ap.add_argument("--ingress", choices=sorted(INGRESS_ENV), default="haproxy",
                     help="how HTTP reaches the gateway (services/serving/ingress.py)")
     args = ap.parse_args()
@@ -139,6 +140,8 @@ def main() -> None:
         print(f"load average: {load_avg()}")
     if "stream" not in skip:
         streaming(args, http, expert.name, prompt, batch_stats)
+    if "beside" not in skip:
+        stream_beside_strategy(args, http, prompt)
     if "cold" not in skip:
         cold_adapter(args, registry, expert, base, via, timed)
         print(f"load average: {load_avg()}")
@@ -292,6 +295,46 @@ def streaming(args, http: httpx.Client, model: str, prompt: str, batch_stats, ma
           f"{s_rate:.1f} requests/s (requests per engine batch {batches[True]}), first text chunk p50 "
           f"{statistics.median(firsts):.1f} ms / p99 {pct(firsts, 99):.1f} ms; not streamed {w_rate:.1f} requests/s "
           f"({batches[False]}); streamed ÷ not streamed {s_rate / w_rate:.2f}")
+
+
+def stream_beside_strategy(args, http: httpx.Client, prompt: str, clients: int = 8, max_tokens: int = 32) -> None:  # noqa: ANN001
+    """A streamed ``moe/semantic`` request's first text chunk while ``clients`` others keep asking
+    ``moe/semantic`` whole (the strategies replica batches them and waits on the engine): median
+    and p90 over ``--repeats``, against the same stream with nobody else asking."""
+    import threading
+
+    body = {"model": "moe/semantic", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+
+    def first_chunk_ms() -> float:
+        t0, first = time.perf_counter(), None
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+            assert s.status_code == 200, s.read()
+            for line in s.iter_lines():
+                if first is None and line.startswith("data: {") and '"text":"' in line and '"text":""' not in line:
+                    first = time.perf_counter()
+        return ((first or time.perf_counter()) - t0) * 1000
+
+    alone = [first_chunk_ms() for _ in range(args.repeats)]
+    stop = threading.Event()
+
+    def ask() -> None:
+        with httpx.Client(base_url=http.base_url, timeout=300) as h:
+            while not stop.is_set():
+                assert h.post("/v1/completions", json=body).status_code == 200
+
+    others = [threading.Thread(target=ask) for _ in range(clients)]
+    for t in others:
+        t.start()
+    time.sleep(1.0)
+    try:
+        beside = [first_chunk_ms() for _ in range(args.repeats)]
+    finally:
+        stop.set()
+        for t in others:
+            t.join()
+    print(f"moe/semantic streamed, first text chunk p50 / p90 ms: alone {statistics.median(alone):.1f} / "
+          f"{pct(alone, 90):.1f}; beside {clients} clients asking it whole {statistics.median(beside):.1f} / "
+          f"{pct(beside, 90):.1f}")
 
 
 def stream_latency(args, http: httpx.Client, body: dict) -> None:  # noqa: ANN001

@@ -236,3 +236,47 @@ def test_the_classifier_head_is_stored_and_reused_until_the_experts_change(zoo_h
     finally:
         with Registry() as reg:
             reg.remove_expert("reverse-copy")
+
+
+def test_a_strategys_generation_on_a_remote_engine_does_not_hold_up_routing(zoo_home):
+    """On Ray the strategies replica answers a single-expert strategy by calling the engine
+    deployments; while that generation runs, the next request's routing (a stream's ``decide``)
+    goes ahead instead of waiting for the host's lock."""
+    import threading
+
+    from services.serving.strategy_host import StrategyHost
+
+    generating, release = threading.Event(), threading.Event()
+
+    class GatedEngine:
+        """Stands for ``RemoteEngine`` (the engine deployments): the pool's own hf engine, whose
+        ``generate`` waits until the test lets it finish."""
+
+        def __init__(self, pool) -> None:  # noqa: ANN001
+            self.inner = pool.local_engine
+
+        def targets(self):  # noqa: ANN201
+            return self.inner.targets()
+
+        def generate(self, requests, emits=None):  # noqa: ANN001, ANN201
+            generating.set()
+            assert release.wait(60)
+            return self.inner.generate(requests)
+
+    host = StrategyHost(Registry(), ["moe/semantic"], engine_factory=GatedEngine)
+    prompt = load_suite("skills", "test", 1)[0].prompt
+    host.decide("moe/semantic", prompt)  # the router built before the clock starts
+    answered: list = []
+    worker = threading.Thread(target=lambda: answered.append(host.complete("moe/semantic", prompt, max_new_tokens=4)))
+    worker.start()
+    try:
+        assert generating.wait(60)
+        decided: list = []
+        router = threading.Thread(target=lambda: decided.append(host.decide("moe/semantic", prompt)))
+        router.start()
+        router.join(10)
+        assert decided and decided[0].decision.top  # routed while the other request generates
+    finally:
+        release.set()
+        worker.join(60)
+    assert answered and answered[0].provenance.experts

@@ -200,14 +200,43 @@ class MoE:
         The sampling parameters hold for every generation the strategy makes (each recruit, each
         stitched step, the aggregator), as ``GenerateRequest`` defines them."""
         strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+        routed = self.route_many(strategy, prompts, tasks)
+        return self.answer(strategy, prompts, routed, max_new_tokens=max_new_tokens, temperature=temperature,
+                           seed=seed, top_p=top_p, stop=stop)
+
+    def route_many(self, strategy: Strategy, prompts: Sequence[str],
+                   tasks: Sequence[str | None] | None = None) -> list[Routed]:
+        """``run``'s first half: the router and the composer built (a bad composer fails before
+        any routing), then one decision per prompt."""
         tasks = list(tasks) if tasks is not None else [None] * len(prompts)
-        router = self.router(strategy.router, strategy.router_params)
+        self.router(strategy.router, strategy.router_params)
+        self.composer(strategy)
+        return [self.route(strategy, p, t) for p, t in zip(prompts, tasks)]
+
+    def answers_without_routers(self, strategy: Strategy) -> bool:
+        """Whether ``answer`` for this strategy only calls the engine (``pool.engine``), never a
+        router or an in-process model: true for the single and ensemble composers."""
+        return isinstance(self.composer(strategy), (Single, Ensemble))
+
+    def answer(
+        self,
+        strategy: Strategy,
+        prompts: Sequence[str],
+        routed: Sequence[Routed],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        top_p: float = 1.0,
+        stop: Sequence[str] = (),
+    ) -> list[tuple[Completion, Routed]]:
+        """``run``'s second half: the composer executes the decisions ``route`` made."""
         composer = self.composer(strategy)
-        routed = [self.route(strategy, p, t) for p, t in zip(prompts, tasks)]
         requests = [GenerateRequest(p, None, max_new_tokens, temperature, top_p=top_p, seed=seed, stop=tuple(stop))
                     for p in prompts]
         if isinstance(composer, TokenwiseMixture):
             engine, _ = self.pool.mixture_engine()
+            router = self.router(strategy.router, strategy.router_params)
             for r in routed:
                 self._prepare_mixture(router, r.decision)
             completions = composer.execute_batch([r.decision for r in routed], requests, engine)

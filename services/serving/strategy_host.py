@@ -101,12 +101,10 @@ class StrategyHost:
         the fall-back applies to the prompts that need it. ``sampling``: ``MoE.run``'s
         max_new_tokens, temperature, seed, top_p, stop."""
         strategy = self._served(name)
-        with self._lock:
-            moe = self.moe()
-            try:
-                results = moe.run(strategy, prompts, **sampling)
-            except EngineError:
-                results = None
+        try:
+            results = self._run(strategy, prompts, sampling)
+        except EngineError:
+            results = None
         if results is None:
             return [self.complete(name, p, **sampling) for p in prompts]
         out = []
@@ -117,16 +115,27 @@ class StrategyHost:
 
     def complete(self, name: str, prompt: str, **sampling) -> Completion:
         strategy = self._served(name)
-        with self._lock:
-            moe = self.moe()
-            try:
-                [(completion, routed)] = moe.run(strategy, [prompt], **sampling)
-            except EngineError as exc:
-                if strategy.level != "query" or strategy.composer != "single":
-                    raise
-                completion, routed = self._fall_back(moe, strategy, prompt, exc, sampling)
+        try:
+            [(completion, routed)] = self._run(strategy, [prompt], sampling)
+        except EngineError as exc:
+            if strategy.level != "query" or strategy.composer != "single":
+                raise
+            with self._lock:
+                completion, routed = self._fall_back(self.moe(), strategy, prompt, exc, sampling)
         completion.provenance.decision_info = {**completion.provenance.decision_info, "router_ms": routed.router_ms}
         return completion
+
+    def _run(self, strategy: Strategy, prompts: list[str], sampling: dict) -> list[tuple[Completion, Routed]]:
+        """``MoE.run`` under the lock, but for a strategy whose answer only calls a remote engine
+        (``engine_factory``; single and ensemble composers) the lock covers the routing alone: the
+        generation on the engine deployments then runs beside other requests' routing (a stream's
+        ``decide``, the next batch) instead of holding them for its whole length."""
+        with self._lock:
+            moe = self.moe()
+            if self._engine_factory is None or not moe.answers_without_routers(strategy):
+                return moe.run(strategy, prompts, **sampling)
+            routed = moe.route_many(strategy, prompts)
+        return moe.answer(strategy, prompts, routed, **sampling)
 
     def decide(self, name: str, prompt: str) -> Routed | None:
         """The router's decision alone, for a strategy whose answer is one expert's (query-level
