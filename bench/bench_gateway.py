@@ -20,7 +20,14 @@ Starts the same Serve application `moerge serve` deploys (local Ray, one engine 
 4. **load** — ``--load-requests`` requests at concurrency 32 over several experts and strategies:
    errors, lost requests, p50 / p99.
 
-    python bench/bench_gateway.py [--repeats 60] [--rps-rounds 5] [--load-requests 500] [--ingress haproxy|proxy]
+    python bench/bench_gateway.py [--repeats 60] [--rps-rounds 5] [--rps-requests 512] [--client async|threads]
+                                  [--load-requests 500] [--ingress haproxy|proxy]
+
+The requests/s rounds' clients (``--client``) run in this process, on the same cores as the
+service: ``async`` (the default) keeps 16 coroutines on one event loop (aiohttp; awaited handle
+calls), ``threads`` one thread per client (httpx; the handle's blocking ``.result()``), which
+spends ~2-3x the client CPU per request through the gateway. Each round also reports the CPU every
+process used per request, and how busy the engine was.
 
 Uses the registry in $MOERGE_HOME (build one with `moerge zoo build --register`).
 """
@@ -28,6 +35,7 @@ Uses the registry in $MOERGE_HOME (build one with `moerge zoo build --register`)
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import platform
 import shutil
@@ -73,10 +81,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--rps-rounds", type=int, default=5, help="rounds of the requests/s comparison (median)")
+    ap.add_argument("--rps-requests", type=int, default=512, help="requests per path in each requests/s round")
     ap.add_argument("--load-requests", type=int, default=500)
     ap.add_argument("--load-concurrency", type=int, default=32)
     ap.add_argument("--cold-copies", type=int, default=5)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: overhead, stream, beside, cold, load")
+    ap.add_argument("--client", choices=["threads", "async"], default="async",
+                    help="the requests/s rounds' clients: a thread each (blocking calls: httpx, the Serve "
+                         "handle's .result()), or coroutines on one event loop (aiohttp; awaited handle calls)")
     ap.add_argument("--ingress", choices=sorted(INGRESS_ENV), default="haproxy",
                     help="how HTTP reaches the gateway (services/serving/ingress.py)")
     args = ap.parse_args()
@@ -121,6 +133,24 @@ def main() -> None:
         if r.status_code != 422:
             raise SystemExit(f"expected 422, got HTTP {r.status_code} {r.text}")
 
+    ASYNC_BASE_URL.append(url)
+
+    async def adirect(_http) -> None:  # noqa: ANN001
+        h = engine.options(multiplexed_model_id=model_id(expert.name, expert.version, expert.id, expert.checksum))
+        await h.generate.remote([GenerateRequest(prompt, None, args.max_tokens)])
+
+    async def apost(h, body: dict, expect: int) -> None:  # noqa: ANN001
+        async with h.post("/v1/completions", json=body) as r:
+            text = await r.read()
+            if r.status != expect:
+                raise SystemExit(f"{body['model']}: HTTP {r.status} (expected {expect}) {text[:300]!r}")
+
+    async def avia(h, model: str) -> None:  # noqa: ANN001
+        await apost(h, {"model": model, "prompt": prompt, "max_tokens": args.max_tokens}, 200)
+
+    async def ahttp_only(h) -> None:  # noqa: ANN001
+        await apost(h, {"model": expert.name, "prompt": prompt, "max_tokens": 0}, 422)
+
     def batch_stats(reset: bool = True) -> dict | None:
         try:  # engines before batch_stats existed: no numbers
             return engine.batch_stats.remote(reset).result()
@@ -136,7 +166,7 @@ def main() -> None:
     for _ in range(5):  # warm: expert loaded, router built, classifier trained
         direct(), via(expert.name), via("moe/semantic")
     if "overhead" not in skip:
-        overhead(args, direct, via, http_only, batch_stats, timed, expert.name)
+        overhead(args, direct, via, http_only, batch_stats, timed, expert.name, adirect, avia, ahttp_only)
         print(f"load average: {load_avg()}")
     if "stream" not in skip:
         streaming(args, http, expert.name, prompt, batch_stats)
@@ -187,7 +217,31 @@ def load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str) -> None:  # noqa: ANN001
+async def async_throughput(fn, n: int, concurrency: int) -> float:  # noqa: ANN001
+    """requests/s of ``n`` requests by ``concurrency`` clients, each sending its next request when
+    its last is answered, all on one event loop; ``fn(http)`` is one request (an aiohttp session)."""
+    import aiohttp  # a Ray dependency; its C HTTP parser costs the client far less CPU than httpx
+
+    async with aiohttp.ClientSession(ASYNC_BASE_URL[0], timeout=aiohttp.ClientTimeout(total=300),
+                                     connector=aiohttp.TCPConnector(limit=64)) as h:
+        left = n
+
+        async def client() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await fn(h)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return n / (time.perf_counter() - t0)
+
+
+ASYNC_BASE_URL: list[str] = []  # the gateway's URL, set in main
+
+
+def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str,  # noqa: ANN001
+             adirect=None, avia=None, ahttp_only=None) -> None:  # noqa: ANN001
     lat = {"direct": [], "gateway expert": [], "gateway moe/semantic": [], "gateway HTTP only (422)": []}
     for _ in range(args.repeats):
         lat["direct"].append(timed(direct))
@@ -201,14 +255,18 @@ def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str)
         print(f"| {name} | {p50:.1f} | {p99:.1f} | {p50 - d50:+.1f} | {p99 - d99:+.1f} |")
 
     def throughput(fn, n: int) -> float:  # noqa: ANN001
+        if args.client == "async":
+            return asyncio.run(async_throughput(fn, n, args.concurrency))
         with ThreadPoolExecutor(args.concurrency) as pool:
             t0 = time.perf_counter()
             list(pool.map(lambda _: fn(), range(n)))
             return n / (time.perf_counter() - t0)
 
-    n = args.concurrency * 8
+    n = args.rps_requests
     # the HTTP path alone (refused before any lookup or engine call): the ceiling of client + ingress
     paths = {"direct": direct, "gateway": lambda: via(expert_name), "gateway HTTP only (422)": http_only}
+    if args.client == "async":  # the same three requests from one event loop (see --client)
+        paths = {"direct": adirect, "gateway": lambda h: avia(h, expert_name), "gateway HTTP only (422)": ahttp_only}
     rps: dict[str, list[float]] = {name: [] for name in paths}
     batches: dict[str, list[float]] = {name: [] for name in paths}  # requests per engine batch, per round
     busy: dict[str, list[float]] = {name: [] for name in paths}  # share of the round the engine generated
@@ -233,7 +291,8 @@ def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str)
         print(f"  {name}: {statistics.median(rps[name]):.1f} ({statistics.median(batches[name]):.1f}, "
               f"{statistics.median(busy[name]):.2f})"
               + ("" if name != "gateway" else f", ratio to direct {statistics.median(rps[name]) / d:.2f} "
-                 f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})"))
+                 f"(per round, with the gateway's requests per engine batch: "
+                 f"{', '.join(f'{r:.2f} @ {b:.1f}' for r, b in zip(ratios, batches[name]))})"))
     # where the CPU went: if the cores are nearly all busy, the ratio is a CPU budget, not latency
     groups = sorted({k for rounds in cpu.values() for used in rounds for k in used})
     print("\nCPU ms per request by process (median of rounds):\n| process | "
