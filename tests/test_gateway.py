@@ -580,3 +580,39 @@ def test_metrics(world: World) -> None:
 def test_backend_run_expert_unknown(world: World) -> None:
     with pytest.raises(NotFoundError):
         world.backend.run_expert("nobody", "x", SamplingParams())
+
+
+def test_concurrent_requests_share_the_engines_next_call(world: World) -> None:
+    """In-process, requests that wait for one base's engine run together in its next generate
+    call (adapters mixed, each with its own tokens), and each gets exactly its own answer; a
+    request that breaks its batch fails alone."""
+    from services.engines.hf import HFEngine
+
+    calls: list[int] = []
+
+    class Recording(HFEngine):
+        def generate(self, requests, emits=None):  # noqa: ANN001, ANN201
+            calls.append(len(requests))
+            if any(r.max_new_tokens == 13 for r in requests) and len(requests) > 1:
+                raise RuntimeError("a request that breaks the batch")  # the batch fails; each reruns alone
+            if len(calls) == 1:
+                time.sleep(0.5)  # the first call holds the engine while the others queue
+            return super().generate(requests, emits)
+
+    backend = LocalBackend(world.registry, engine_factory=Recording)
+    asks = [("alpha" if i % 2 else "beta", f"question {i}", SamplingParams(max_tokens=4 + i % 3)) for i in range(8)]
+    alone = [LocalBackend(world.registry).run_expert(*a).text for a in asks]
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(backend.run_expert, *asks[0])
+        time.sleep(0.2)  # the engine is loaded and busy with the first
+        rest = [pool.submit(backend.run_expert, *a) for a in asks[1:]]
+        texts = [first.result().text] + [f.result().text for f in rest]
+    assert texts == alone
+    assert calls[:2] == [1, 7], calls  # the seven that waited went in one call
+
+    calls.clear()
+    with ThreadPoolExecutor(3) as pool:
+        jobs = [pool.submit(backend.run_expert, "alpha", f"q{i}", SamplingParams(max_tokens=13 if i == 0 else 5))
+                for i in range(3)]
+        outcomes = [j.exception() or j.result().text for j in jobs]
+    assert all(isinstance(o, str) for o in outcomes[1:]), outcomes
