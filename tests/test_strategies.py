@@ -280,3 +280,40 @@ def test_a_strategys_generation_on_a_remote_engine_does_not_hold_up_routing(zoo_
         release.set()
         worker.join(60)
     assert answered and answered[0].provenance.experts
+
+
+def test_in_process_strategies_generate_on_the_servers_engines(zoo_home, moe):
+    """`moerge serve --no-ray`: strategies generate on the gateway backend's engines (``PoolEngine``),
+    one engine for the base shared with direct expert requests, and answer as the pool's own
+    engine does."""
+    import asyncio
+
+    from services.engines.hf import HFEngine
+    from services.gateway.backend import LocalBackend, PoolEngine, SamplingParams
+    from services.serving.strategy_host import StrategyHost, backend_strategies
+
+    built: list[str] = []
+
+    class Counting(HFEngine):
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            built.append(kwargs["base_name"])
+            super().__init__(*args, **kwargs)
+
+    backend = LocalBackend(Registry(), engine_factory=Counting)
+    host = StrategyHost(Registry(), ["moe/semantic", "moe/skill-k3-vote"],
+                        engine_factory=lambda pool: PoolEngine(pool, backend))
+    for name, fn in backend_strategies(host).items():
+        backend.add_strategy(name, fn)
+    prompts = [e.prompt for e in load_suite("skills", "test", 1)][:3]
+    params = SamplingParams(max_tokens=12)
+    for name in ("moe/semantic", "moe/skill-k3-vote"):
+        expected = moe.run(name, prompts, max_new_tokens=12)
+        for prompt, (want, _) in zip(prompts, expected):
+            got = asyncio.run(backend.complete(name, prompt, params))
+            assert got.text == want.text and got.provenance.experts == want.provenance.experts
+    chosen = expected[0][0].provenance.outputs[0].expert
+    assert backend.run_expert(chosen, prompts[0], params).text == moe.pool.engine.generate(
+        [params.request(prompts[0], chosen)])[0].text
+    # one engine for the base, for strategies and experts alike (full-model experts have their own)
+    assert built.count(host.moe().pool.base.name) == 1 and len(set(built)) == len(built)
+    assert host.moe().pool._engine is None  # the strategy host's pool never loaded a copy of its own

@@ -104,12 +104,16 @@ def _serve_in_process(cfg) -> None:
 
     from registry.service import Registry
     from services.gateway.app import GatewaySettings, create_app
-    from services.gateway.backend import LocalBackend
+    from services.gateway.backend import LocalBackend, PoolEngine
     from services.serving.strategy_host import StrategyHost, backend_strategies
 
     registry = Registry()
-    host = StrategyHost(registry, cfg.strategies.names, refresh_interval_s=cfg.strategies.refresh_interval_s)
-    backend = LocalBackend(registry, backend_strategies(host))
+    backend = LocalBackend(registry)
+    # strategies generate on the backend's engines: one copy of each base, batched with the rest
+    host = StrategyHost(registry, cfg.strategies.names, engine_factory=lambda pool: PoolEngine(pool, backend),
+                        refresh_interval_s=cfg.strategies.refresh_interval_s)
+    for name, fn in backend_strategies(host).items():
+        backend.add_strategy(name, fn)
     settings = GatewaySettings(require_keys=cfg.gateway.require_keys, request_timeout_s=cfg.gateway.request_timeout_s)
     console.print(f"[green]serving[/green] on http://{cfg.host}:{cfg.port}/v1 (in process; Ctrl-C stops)",
                   highlight=False)

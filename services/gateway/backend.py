@@ -14,7 +14,7 @@ registry on its database); a Ray Serve backend keeps the same methods and calls 
 
 An engine is single-threaded: each one has a lock, and every call on it (load, generate, unload)
 runs in a worker thread while holding it, so the event loop never blocks on torch. Requests that
-wait for the same engine share its next ``generate`` call (``_generate_together``): 16 clients of
+wait for the same engine share its next ``generate`` call (``_enqueue`` / ``_wait``): 16 clients of
 one base cost about one batch of 16, not 16 batches of one, as on Ray. The registry is
 read on every request (one indexed query), so an expert registered by anyone — this gateway, the
 CLI, another replica — is servable on the next request without a restart.
@@ -26,8 +26,8 @@ import asyncio
 import inspect
 import re
 import threading
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -171,16 +171,22 @@ class _Slot:
     waiting_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _generate_together(slot: _Slot, prepare: Callable[[], GenerateRequest],
-                       emit: Callable[[str], None] | None) -> Any:
-    """The result of the request ``prepare`` makes, on the slot's engine. Requests wait in
-    ``slot.waiting``; whichever thread gets the engine's lock prepares every waiting request and
-    runs them in one ``generate`` call (the engine batches them by adapter, each row with its own
-    sampling and stops), so the threads that waited meanwhile find theirs done. No thread of its
-    own and no added wait: a lone request runs at once."""
+# Requests that wait for one engine share its next generate call. A request is queued in
+# ``slot.waiting`` (``_enqueue``); whichever thread gets the engine's lock prepares every waiting
+# request and runs them in one ``generate`` call (the engine batches them by adapter, each row with
+# its own sampling and stops), so the threads that waited meanwhile find theirs done (``_wait``).
+# No thread of its own and no added wait: a lone request runs at once.
+
+
+def _enqueue(slot: _Slot, prepare: Callable[[], GenerateRequest], emit: Callable[[str], None] | None) -> _Waiting:
     mine = _Waiting(prepare, emit)
     with slot.waiting_lock:
         slot.waiting.append(mine)
+    return mine
+
+
+def _wait(slot: _Slot, mine: _Waiting) -> Any:
+    """``mine``'s result: run the waiting requests (``mine`` among them) if no one else is."""
     while not mine.done.is_set():
         with slot.lock:
             if mine.done.is_set():
@@ -364,9 +370,54 @@ class LocalBackend:
                 return params.request(prompt, slot.targets[expert.id] if expert.kind == "adapter" else None)
 
             # with whatever other requests wait for this engine
-            result = _generate_together(slot, prepare, emit)
+            result = _wait(slot, _enqueue(slot, prepare, emit))
             output = output_of(expert.name, result, weight=1.0)
         return direct_completion(expert, output)
+
+    def generate_on(self, base: Any, items: Sequence[tuple[Expert | None, GenerateRequest]]) -> list[Any]:
+        """Each request on its expert's engine (None: on ``base``, a registered base model itself),
+        waiting with every other request for those engines: all are queued before the first is
+        run, so one call's requests share batches too. Blocking. Used by ``PoolEngine``."""
+        waits = []
+        for expert, request in items:
+            if expert is None:
+                slot = self._base_slot(base)
+
+                def prepare(slot: _Slot = slot, request: GenerateRequest = request) -> GenerateRequest:
+                    self._load_base(slot, base)
+                    return replace(request, target=None)
+            else:
+                slot = self._slot_for(expert)
+
+                def prepare(slot: _Slot = slot, expert: Expert = expert,  # type: ignore[misc]
+                            request: GenerateRequest = request) -> GenerateRequest:
+                    self._load(slot, expert)
+                    return replace(request, target=slot.targets[expert.id] if expert.kind == "adapter" else None)
+            waits.append((slot, _enqueue(slot, prepare, None)))
+        return [_wait(slot, w) for slot, w in waits]
+
+    def score_on(self, base: Any, items: Sequence[tuple[Expert | None, Any]]) -> list[Any]:
+        """``generate_on`` for ``ScoreRequest``s (each under its engine's lock, not batched)."""
+        out = []
+        for expert, request in items:
+            slot = self._base_slot(base) if expert is None else self._slot_for(expert)
+            with slot.lock:
+                if expert is None:
+                    self._load_base(slot, base)
+                    target = None
+                else:
+                    self._load(slot, expert)
+                    target = slot.targets[expert.id] if expert.kind == "adapter" else None
+                [result] = slot.engine.score([replace(request, target=target)])
+            out.append(result)
+        return out
+
+    def _base_slot(self, base: Any) -> _Slot:
+        return self._slot(f"base:{base.name}")
+
+    def _load_base(self, slot: _Slot, base: Any) -> None:
+        if slot.engine is None:
+            slot.engine = self._new_engine(Path(base.uri), base_name=base.name)
 
     def _slot_for(self, expert: Expert) -> _Slot:
         if expert.kind == "adapter":
@@ -375,6 +426,9 @@ class LocalBackend:
             key = f"base:{expert.base.name}"
         else:
             key = f"model:{expert.id}"
+        return self._slot(key)
+
+    def _slot(self, key: str) -> _Slot:
         with self._slots_lock:
             slot = self._slots.get(key)
             if slot is None:
@@ -441,6 +495,43 @@ class LocalBackend:
         engine.load_model(target, expert.uri)
         [result] = engine.generate([params.request(prompt, target)])
         return output_of(expert.name, result, weight=1.0)
+
+
+class PoolEngine:
+    """The Engine protocol over a ``LocalBackend``'s engines, for one ``ExpertPool`` (a strategy
+    host's, in ``moerge serve --no-ray``): a target is an expert's name, or the base's, as on the
+    pool's own engine. Strategies' generations then wait for the same engines as the gateway's
+    direct requests and share their batches, on one copy of each base instead of two. Mixtures and
+    merges still build engines of their own (``ExpertPool.mixture_engine``, ``local_engine``)."""
+
+    kind = "local"
+
+    def __init__(self, pool: Any, backend: LocalBackend) -> None:
+        self.pool = pool
+        self.base_name = pool.base.name
+        self.backend = backend
+
+    def targets(self) -> dict[str, str]:
+        return {self.base_name: "base", **{name: info.kind for name, info in self.pool.experts.items()}}
+
+    def _expert(self, target: str | None) -> Expert | None:
+        if target is None or target == self.base_name:
+            return None
+        record = self.pool.records.get(target)
+        if record is None:
+            raise EngineError(f"{target!r} is not an expert on base {self.base_name!r}")
+        return record
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[Any]:
+        return self.backend.generate_on(self.pool.base, [(self._expert(r.target), r) for r in requests])
+
+    def score(self, requests: Sequence[Any]) -> list[Any]:
+        return self.backend.score_on(self.pool.base, [(self._expert(r.target), r) for r in requests])
+
+    def load_adapter(self, name: str, path: str) -> None:
+        raise EngineError("the server's engines load experts on demand; register the expert instead")
+
+    unload_adapter = load_model = unload_model = load_adapter
 
 
 _WORDS = re.compile(r"\s*\S+\s*|\s+")
