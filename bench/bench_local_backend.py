@@ -5,7 +5,11 @@
 against the same requests one at a time: requests/s, and how many requests each engine call held.
 Medians over ``--rounds``, the two alternating.
 
-    python bench/bench_local_backend.py [--concurrency 16] [--requests 128] [--rounds 5]
+``--strategy moe/semantic``: the same for a strategy, served the two ways ``moerge serve --no-ray``
+has wired it: on the strategy host's own engine (one request at a time under the host's lock,
+before) and on the backend's engines through ``PoolEngine`` (after), alternating.
+
+    python bench/bench_local_backend.py [--concurrency 16] [--requests 128] [--rounds 5] [--strategy NAME]
 
 Uses the registry in $MOERGE_HOME (build one with `moerge zoo build --register`).
 """
@@ -32,7 +36,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--strategy", default=None, help="a strategy to serve both ways instead of one expert")
     args = ap.parse_args()
+    if args.strategy:
+        return strategy_ways(args)
 
     registry = Registry()
     adapters = registry.list_experts(kind="adapter", status="ready")
@@ -75,6 +82,35 @@ def main() -> None:
         print(f"  {name}: {statistics.median(values):.1f} requests/s (rounds: "
               + ", ".join(f"{v:.1f}" for v in values) + ")")
     print(f"  requests per engine call with {args.concurrency} clients: {statistics.median(per_call):.1f}")
+
+
+def strategy_ways(args: argparse.Namespace) -> None:
+    from services.gateway.backend import PoolEngine
+    from services.serving.strategy_host import StrategyHost
+
+    registry = Registry()
+    backend = LocalBackend(registry)
+    ways = {
+        "own engine (before)": StrategyHost(registry, [args.strategy]),
+        "PoolEngine (after)": StrategyHost(registry, [args.strategy], engine_factory=lambda pool: PoolEngine(pool, backend)),
+    }
+    expert = registry.list_experts(kind="adapter", status="ready")[0]
+    prompts = [e.prompt for e in registry.get_examples(expert.name, expert.version, split="validation")][:16]
+    rates: dict[str, list[float]] = {name: [] for name in ways}
+    for host in ways.values():
+        for p in prompts[:4]:  # the router fitted, the engines loaded
+            host.complete(args.strategy, p, max_new_tokens=args.max_tokens)
+    for _ in range(args.rounds):
+        for name, host in ways.items():
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                t0 = time.perf_counter()
+                list(pool.map(lambda i: host.complete(args.strategy, prompts[i % len(prompts)],  # noqa: B023
+                                                      max_new_tokens=args.max_tokens), range(args.requests)))
+                rates[name].append(args.requests / (time.perf_counter() - t0))
+    print(f"{args.strategy}, {args.concurrency} clients, {args.max_tokens} new tokens:")
+    for name, values in rates.items():
+        print(f"  {name}: {statistics.median(values):.1f} requests/s (rounds: "
+              + ", ".join(f"{v:.1f}" for v in values) + ")")
 
 
 if __name__ == "__main__":
