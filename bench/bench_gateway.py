@@ -295,6 +295,8 @@ def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str,
                  f"{', '.join(f'{r:.2f} @ {b:.1f}' for r, b in zip(ratios, batches[name]))})"))
     print("  requests/s per round: " + "; ".join(f"{name} " + ", ".join(f"{r:.0f}" for r in rps[name])
                                                 for name in paths))
+    print("  engine busy per round: " + "; ".join(f"{name} " + ", ".join(f"{b:.2f}" for b in busy[name])
+                                                 for name in ("direct", "gateway")))
     # where the CPU went: if the cores are nearly all busy, the ratio is a CPU budget, not latency
     groups = sorted({k for rounds in cpu.values() for used in rounds for k in used})
     print("\nCPU ms per request by process (median of rounds):\n| process | "
