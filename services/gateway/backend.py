@@ -394,7 +394,16 @@ class LocalBackend:
                     self._load(slot, expert)
                     return replace(request, target=slot.targets[expert.id] if expert.kind == "adapter" else None)
             waits.append((slot, _enqueue(slot, prepare, None)))
-        return [_wait(slot, w) for slot, w in waits]
+        outcomes = []
+        for slot, w in waits:  # every one waited for, so none is left queued when one fails
+            try:
+                outcomes.append(_wait(slot, w))
+            except Exception as exc:  # noqa: BLE001 - raised below, after the rest are done
+                outcomes.append(exc)
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
+        return outcomes
 
     def score_on(self, base: Any, items: Sequence[tuple[Expert | None, Any]]) -> list[Any]:
         """``generate_on`` for ``ScoreRequest``s (each under its engine's lock, not batched)."""
