@@ -12,7 +12,7 @@ transaction increments, whichever process made it (https://www.sqlite.org/filefo
 "File change counter"; it is what ``PRAGMA data_version`` is built on). ``ExpertLookup`` keeps
 the rows it read with the counter they were read under and answers from them while the counter is
 unchanged: a 10-byte read of the file, on the event loop, instead of a thread hop and a
-transaction (~9 % of the gateway replica's CPU per request, measured). In WAL mode the counter is
+transaction (~9 % of the gateway replica's samples under load, py-spy). In WAL mode the counter is
 not kept up to date, so the header's format byte (offset 18: 1 = rollback journal, 2 = WAL) turns
 the cache off; so do other databases (Postgres) and in-memory ones.
 
