@@ -99,3 +99,18 @@ class Engine(Protocol):
         ...
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]: ...
+
+
+def generate_emitting(engine: Engine, requests: Sequence[GenerateRequest],
+                      emits: Sequence[Emit | None]) -> list[GenerateResult]:
+    """``engine.generate(requests)`` with each streamed request's text handed to its emit: in
+    pieces by an engine that streams (``streams``), whole once it exists by another one."""
+    if not any(emits):
+        return engine.generate(requests)
+    if getattr(engine, "streams", False):
+        return engine.generate(requests, emits)  # type: ignore[call-arg]
+    results = engine.generate(requests)
+    for emit, result in zip(emits, results, strict=True):
+        if emit is not None and result.text:
+            emit(result.text)
+    return results

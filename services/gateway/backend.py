@@ -34,7 +34,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import anyio
 
 from composer.base import Completion, ExpertOutput, Provenance, output_of
-from composer.engine_protocol import EngineError, GenerateRequest
+from composer.engine_protocol import EngineError, GenerateRequest, generate_emitting
 from registry.errors import MoergeError, NotFoundError
 from registry.models import Expert
 from registry.service import Registry
@@ -234,9 +234,8 @@ def _run_waiting(slot: _Slot, batch: list[_Waiting]) -> None:
 
 
 def _generate(engine: Any, batch: list[_Waiting]) -> list[Any]:
-    """``engine.generate`` of the batch's requests; an engine that streams (``streams``) hands each
-    streamed request its text in pieces, another one its whole text once it has it."""
-    requests: list[Any] = [w.request for w in batch]
+    """``engine.generate`` of the batch's requests, each streamed one's text to its emit (and the
+    request marked as having streamed)."""
 
     def emit_of(w: _Waiting) -> Callable[[str], None] | None:
         if w.emit is None:
@@ -248,16 +247,7 @@ def _generate(engine: Any, batch: list[_Waiting]) -> list[Any]:
 
         return emit
 
-    emits = [emit_of(w) for w in batch]
-    if not any(emits):
-        return engine.generate(requests)
-    if getattr(engine, "streams", False):
-        return engine.generate(requests, emits)
-    results = engine.generate(requests)
-    for emit, result in zip(emits, results, strict=True):
-        if emit is not None and result.text:
-            emit(result.text)
-    return results
+    return generate_emitting(engine, [w.request for w in batch], [emit_of(w) for w in batch])
 
 
 class LocalBackend:

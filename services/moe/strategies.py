@@ -218,22 +218,13 @@ class MoE:
         router or an in-process model: true for the single and ensemble composers."""
         return isinstance(self.composer(strategy), (Single, Ensemble))
 
-    def answer(
-        self,
-        strategy: Strategy,
-        prompts: Sequence[str],
-        routed: Sequence[Routed],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        seed: int | None = None,
-        top_p: float = 1.0,
-        stop: Sequence[str] = (),
-    ) -> list[tuple[Completion, Routed]]:
-        """``run``'s second half: the composer executes the decisions ``route`` made."""
+    def answer(self, strategy: Strategy, prompts: Sequence[str], routed: Sequence[Routed],
+               **sampling) -> list[tuple[Completion, Routed]]:
+        """``run``'s second half: the composer executes the decisions ``route`` made. ``sampling``:
+        ``run``'s keywords (``GenerateRequest``'s fields)."""
         composer = self.composer(strategy)
-        requests = [GenerateRequest(p, None, max_new_tokens, temperature, top_p=top_p, seed=seed, stop=tuple(stop))
-                    for p in prompts]
+        sampling["stop"] = tuple(sampling.get("stop", ()))
+        requests = [GenerateRequest(p, None, **sampling) for p in prompts]
         if isinstance(composer, TokenwiseMixture):
             engine, _ = self.pool.mixture_engine()
             router = self.router(strategy.router, strategy.router_params)

@@ -36,6 +36,7 @@ from composer.engine_protocol import (
     GenerateResult,
     ScoreRequest,
     ScoreResult,
+    generate_emitting,
 )
 from registry.errors import NotFoundError
 from registry.service import Registry
@@ -103,17 +104,8 @@ class _Call:
         self.emits = self.emits or [None] * len(self.requests)
 
     def run(self, engine: Any) -> list[GenerateResult]:
-        """``engine.generate`` (blocking). An engine that cannot stream (``streams``) hands each
-        streamed request its whole text once it has it."""
-        if not any(self.emits):
-            return engine.generate(self.requests)
-        if getattr(engine, "streams", False):
-            return engine.generate(self.requests, self.emits)
-        results = engine.generate(self.requests)
-        for emit, result in zip(self.emits, results, strict=True):
-            if emit is not None and result.text:
-                emit(result.text)
-        return results
+        """``engine.generate`` (blocking), streamed requests' text to their emits."""
+        return generate_emitting(engine, self.requests, self.emits)
 
 
 class EngineServerBase:
