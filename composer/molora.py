@@ -31,14 +31,16 @@ Typical use by an engine (the mixture stays installed; each batch activates its 
 
 ``glider`` reads the ``phatgoose`` vectors when an expert has no ``glider`` vectors of its own.
 
-How it runs: layers that read the same tensor (q/k/v, gate/up) form a ``_Group`` that computes
-the LayerNorm, the gate and the top-k once for all of them. For few tokens (a decode step) it then
-multiplies the input with every member's and expert's A at once and each layer adds its
-p-weighted B product in one kernel; the unpicked experts cost work but weigh 0. For many tokens
-(a prompt's prefill) each layer goes expert by expert over just the tokens routed there, k/N of
-that work. All paths compute the formula above; their floats differ in the last bits from one
-another and from a per-module evaluation (the 1/√d is folded into the keys, the softmax is taken
-over the top-k logits), which is below what greedy decoding notices but not bit-exact.
+How it runs: layers that read the same tensor (q/k/v, gate/up) form a ``_Group`` that routes
+the tokens once for all of them. On CPU without autograd (how the engines generate) that is one
+numba kernel (``composer/molora_kernels.py``): LayerNorm, gate, top-k and softmax per token; then
+each layer adds only its picked experts' products to its base output, one more kernel call (k/N
+of the dense work, and two calls instead of some ten PyTorch ops). Elsewhere (autograd, GPUs) the
+group computes the gate with PyTorch ops, multiplies the input with every member's and expert's A
+at once, and each layer adds its p-weighted B product in one ``addmm_``; the unpicked experts cost
+work but weigh 0. Both paths compute the formula above; their floats differ in the last bits from
+each other and from a per-module evaluation (the 1/√d is folded into the keys, the softmax is
+taken over the top-k logits), which is below what greedy decoding notices but not bit-exact.
 """
 
 from __future__ import annotations
@@ -49,10 +51,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from composer import molora_kernels
 from routers.base import MixtureSpec
 from routers.tokenwise import LoraFactors, read_lora_factors
 
@@ -90,10 +94,20 @@ _SHARED_INPUT = (
 )
 
 
-# Below this many tokens per expert on average (tokens × k / N), one dense product over all the
-# experts beats gathering each expert's tokens: a decode step of batch 16, top-2 of 8, has 4. A
-# prompt's prefill has hundreds, and there the per-expert products do k/N of the dense work.
-_SPARSE_MIN_ROWS = 32
+# CPU inference routes and multiplies through the numba kernels; False forces the PyTorch path
+# everywhere (the tests compare the two).
+_USE_KERNELS = True
+
+
+@dataclass
+class _KernelStack:
+    """A group's stack as the CPU kernels read it: float32 numpy arrays sharing no memory with the
+    model (built once per configuration)."""
+
+    keys: np.ndarray  # [G, N, d_in] routing vectors, as in _Stack.keys_t
+    A: list[np.ndarray]  # per member [N, R, d_in], scale folded in
+    B: list[np.ndarray]  # per member [N, R, d_out]
+    present: np.ndarray  # [G, N] bool
 
 
 @dataclass
@@ -107,16 +121,16 @@ class _Stack:
     index: dict[str, int]  # member module name -> row g; members with none of the experts are absent
     shape: tuple[int, int, int]  # (G, N, R)
     present: torch.Tensor | None  # [G, N] bool: experts that adapt each member (None: all)
+    kernel: _KernelStack | None  # the same for the CPU kernels (None off CPU)
 
 
 @dataclass
 class _Routed:
     """One input's routing for a whole group (T tokens)."""
 
-    x: torch.Tensor  # [T, d_in] the input in fp32
     p: torch.Tensor  # [T, G, N] mixture weights, zero outside the top-k
-    top: tuple[torch.Tensor, torch.Tensor] | None  # (expert [T, G, k], weight [T, G, k]); None: k = N
-    ah: torch.Tensor | None  # [T, G, N*R] p-weighted A h of every expert (dense), or None (sparse)
+    ah: torch.Tensor | None  # PyTorch path: [T, G, N*R] p-weighted A h of every expert
+    picked: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # kernel path: x [T, d_in], idx / w [T, G, k]
 
 
 class _Group:
@@ -166,17 +180,26 @@ class _Group:
                 Bg[i, : f.rank] = f.B.to(dev).T
                 keys[g, i] = m._vector(cfg.gate, e).to(dev)
                 present[g, i] = True
-            B.append(Bg.reshape(N * R, m.out_features))
+            B.append(Bg)
         if cfg.gate in _STANDARDISED:
             # LN(h)·LN(v)/√d: the 1/√d is folded into the keys once instead of scaling every token
             keys = F.layer_norm(keys, (d_in,), eps=_LN_EPS) / math.sqrt(d_in)
+        kernel = None
+        if dev.type == "cpu":
+            kernel = _KernelStack(
+                keys=keys.detach().numpy().copy(),
+                A=[a.detach().numpy().copy() for a in A],
+                B=[b.detach().numpy().copy() for b in B],
+                present=present.numpy().copy(),
+            )
         return _Stack(
             keys_t=keys.reshape(G * N, d_in).T.contiguous(),
             A_t=A.reshape(G * N * R, d_in).T.contiguous(),
-            B=B,
+            B=[b.reshape(N * R, b.shape[-1]) for b in B],
             index={m.name: g for g, m in enumerate(members)},
             shape=(G, N, R),
             present=None if bool(present.all()) else present,
+            kernel=kernel,
         )
 
     def route(self, h: torch.Tensor, cfg: _Config, stack: _Stack) -> _Routed:
@@ -188,21 +211,42 @@ class _Group:
             return c[3]
         x = h.reshape(-1, h.shape[-1]).float()  # routing math in fp32 (no copy when already fp32)
         G, N, R = stack.shape
-        p, top = self._gate(h.shape[0], x, cfg, stack)
-        ah = None
-        # the by-expert path writes into slices of its buffers (out=), which autograd refuses
-        if top is None or torch.is_grad_enabled() or x.shape[0] * top[0].shape[-1] < _SPARSE_MIN_ROWS * N:
+        # the kernels write into numpy views of their outputs, which autograd cannot follow
+        if stack.kernel is not None and _USE_KERNELS and not torch.is_grad_enabled():
+            routed = self._route_kernel(h.shape[0], x, cfg, stack)
+        else:
+            p = self._gate(h.shape[0], x, cfg, stack)
             ah = ((x @ stack.A_t).view(-1, G, N, R) * p.unsqueeze(-1)).view(-1, G, N * R)
+            routed = _Routed(p, ah, None)
         if cfg.stats is not None:
-            cfg.stats.add_group(tuple(stack.index), p)
-        routed = _Routed(x, p, top, ah)
+            cfg.stats.add_group(tuple(stack.index), routed.p)
         self._cache = (h, version, cfg, routed)
         return routed
 
     @staticmethod
-    def _gate(rows: int, x: torch.Tensor, cfg: _Config, stack: _Stack):
-        """Mixture weights p [T, G, N] (zero outside each member's top-k, the kept ones sum to 1)
-        and the top-k as (expert, weight), each [T, G, k]; None for the latter when k = N."""
+    def _route_kernel(rows: int, x: torch.Tensor, cfg: _Config, stack: _Stack) -> _Routed:
+        """_gate's routing, every token in one kernel call, which also keeps each member's top-k
+        (expert, weight) pairs for the products."""
+        ks = stack.kernel
+        G, N, _ = stack.shape
+        T = x.shape[0]
+        k = min(cfg.top_k, N)
+        bias, seq = np.zeros((0, N), dtype=np.float32), 1
+        if cfg.gate == "glider" and cfg.alpha != 0.0 and cfg.global_scores is not None:
+            bias = (cfg.alpha * cfg.global_scores).cpu().numpy()  # [queries, N]
+            # a query's rows are consecutive (num_return_sequences / beams expand the batch row-wise)
+            seq = T // bias.shape[0]
+        xn = x.contiguous().numpy()
+        idx = np.empty((T, G, k), dtype=np.int64)
+        w = np.empty((T, G, k), dtype=np.float32)
+        p = torch.empty(T, G, N)
+        molora_kernels.route(xn, ks.keys, cfg.gate in _STANDARDISED, _LN_EPS, cfg.temperature, bias, seq,
+                             ks.present, k, idx, w, p.numpy())
+        return _Routed(p, None, (xn, idx, w))
+
+    @staticmethod
+    def _gate(rows: int, x: torch.Tensor, cfg: _Config, stack: _Stack) -> torch.Tensor:
+        """Mixture weights p [T, G, N]: zero outside each member's top-k, the kept ones sum to 1."""
         G, N, _ = stack.shape
         if cfg.gate in _STANDARDISED:
             z = F.layer_norm(x, (x.shape[-1],), eps=_LN_EPS) @ stack.keys_t  # keys carry the 1/√d
@@ -222,34 +266,10 @@ class _Group:
             z = z.masked_fill(~stack.present, float("-inf"))
         k = min(cfg.top_k, N)
         if k == N:
-            return torch.softmax(z, dim=-1), None
+            return torch.softmax(z, dim=-1)
         # softmax restricted to the top-k logits == top-k of the softmax, renormalised
         top, idx = z.topk(k, dim=-1)
-        w = torch.softmax(top, dim=-1)
-        return torch.zeros_like(z).scatter_(-1, idx, w), (idx, w)
-
-
-def _by_expert(routed: _Routed, g: int, stack: _Stack, B: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """y [T, d_out] + Σ_e p_e B_e A_e x for member g, over each token's k experts only: expert by
-    expert, the tokens routed to it gathered, its two products, the result added back per row.
-    Adds into y in place when y is fp32 (a fresh base output; this path runs without autograd)."""
-    _, N, R = stack.shape
-    idx, w = routed.top[0][:, g].reshape(-1), routed.top[1][:, g].reshape(-1, 1)  # pair i = t * k + j
-    order = idx.argsort(stable=True)
-    counts = torch.bincount(idx, minlength=N).tolist()
-    token, w = order // routed.top[0].shape[-1], w[order]
-    acc = y if y.dtype == torch.float32 else torch.zeros(y.shape, device=y.device)
-    buf = acc.new_empty(max(counts), acc.shape[1])  # one expert's rows at a time: stays in cache
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            rows = token[start : start + n]
-            col = (g * N + e) * R
-            ah = routed.x.index_select(0, rows) @ stack.A_t[:, col : col + R]
-            torch.mm(ah.mul_(w[start : start + n]), B[e * R : (e + 1) * R], out=buf[:n])
-            acc.index_add_(0, rows, buf[:n])
-            start += n
-    return acc if acc is y else y + acc.to(y.dtype)
+        return torch.zeros_like(z).scatter_(-1, idx, torch.softmax(top, dim=-1))
 
 
 def _version(h: torch.Tensor) -> int | None:
@@ -300,7 +320,7 @@ class MoLoRALinear(nn.Module):
 
     def gate_weights(self, h: torch.Tensor, cfg: _Config, stack: _Stack) -> torch.Tensor:
         """Per-token mixture weights [..., N] in fp32: zero outside the top-k, kept ones sum to 1."""
-        p, _ = _Group._gate(h.shape[0], h.reshape(-1, h.shape[-1]).float(), cfg, stack)
+        p = _Group._gate(h.shape[0], h.reshape(-1, h.shape[-1]).float(), cfg, stack)
         return p[:, stack.index[self.name]].reshape(*h.shape[:-1], stack.shape[1])
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -314,12 +334,16 @@ class MoLoRALinear(nn.Module):
         routed = self.group.route(h, cfg, stack)
         g = stack.index[self.name]
         flat = y.reshape(-1, y.shape[-1])
-        if routed.ah is not None:  # dense: all experts in one product, the unpicked ones weigh 0
-            delta = routed.ah[:, g]
-            if flat.dtype == torch.float32:  # y += delta @ B in one kernel, into the fresh base output
-                return flat.addmm_(delta, stack.B[g]).view(y.shape)
-            return (flat + (delta @ stack.B[g]).to(flat.dtype)).view(y.shape)
-        return _by_expert(routed, g, stack, stack.B[g], flat).view(y.shape)
+        if routed.picked is not None:  # kernel: each token's picked experts only
+            x, idx, w = routed.picked
+            in_place = flat.dtype == torch.float32 and flat.is_contiguous()  # the fresh base output
+            acc = flat if in_place else torch.zeros(flat.shape)
+            molora_kernels.add_products(acc.numpy(), x, stack.kernel.A[g], stack.kernel.B[g], idx, w, g)
+            return y if in_place else (flat + acc.to(flat.dtype)).view(y.shape)
+        delta = routed.ah[:, g]  # all experts in one product, the unpicked ones weigh 0
+        if flat.dtype == torch.float32:  # y += delta @ B in one kernel, into the fresh base output
+            return flat.addmm_(delta, stack.B[g]).view(y.shape)
+        return (flat + (delta @ stack.B[g]).to(flat.dtype)).view(y.shape)
 
 
 @dataclass

@@ -303,17 +303,82 @@ def test_generation_with_kv_cache_and_left_padding(zoo, model, batch, phatgoose)
     assert sum(stats.per_expert().values()) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_expert_by_expert_prefill_equals_the_dense_product(zoo, model, batch, phatgoose, monkeypatch):
-    """Long inputs go expert by expert over only their routed tokens; short ones (decode steps)
-    take one dense product over every expert. Both must give the same mixture."""
+@pytest.mark.parametrize(
+    ("gate", "top_k", "extra"),
+    [
+        ("phatgoose", 2, {}),
+        ("arrow", 1, {}),
+        ("phatgoose", 3, {"temperature": 0.5}),  # k = N: a plain softmax
+        ("glider", 2, {"alpha": 0.7}),  # a per-row global term
+    ],
+)
+def test_cpu_kernels_equal_the_pytorch_path(zoo, model, batch, gate, top_k, extra, monkeypatch):
+    """CPU inference routes and multiplies in numba kernels, everything else (autograd, GPUs) with
+    PyTorch ops: the same mixture weights and the same outputs, prefill and decode steps, here with
+    an expert that adapts only the MLPs (never picked where it is absent)."""
     import composer.molora as molora
+    import composer.molora_kernels as kernels
 
-    mix = install(model, zoo, phatgoose)
-    spec = MixtureSpec("phatgoose", list(zoo[1]), "phatgoose", top_k=2)
-    with mix.routing(spec):
-        monkeypatch.setattr(molora, "_SPARSE_MIN_ROWS", 10**9)  # always dense
-        dense = logits(model, batch)
-        monkeypatch.setattr(molora, "_SPARSE_MIN_ROWS", 0)  # always expert by expert
-        sparse = logits(model, batch)
-    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(dense, logits(model, batch))  # the mixture was active: it changed the output
+    mix = MoLoRA(model)
+    gen = torch.Generator().manual_seed(0)
+    for name in zoo[1]:
+        factors = read_lora_factors(zoo[1][name].adapter_path)
+        if name == "double":
+            factors = {m: f for m, f in factors.items() if ".mlp." in m}
+        kind = "phatgoose" if gate == "glider" else gate
+        mix.add_expert(name, factors, {kind: {m: torch.randn(f.A.shape[1], generator=gen) for m, f in factors.items()}})
+    names = list(zoo[1])
+    spec = MixtureSpec("t", names, gate, top_k=top_k, **extra)
+    if gate == "glider":
+        spec = [MixtureSpec("t", names, gate, top_k=top_k, global_scores=dict(zip(names, g)), **extra)
+                for g in ((0.1, 0.9, 0.3), (0.8, 0.1, 0.5))]
+    calls = []
+    route = kernels.route
+    monkeypatch.setattr(kernels, "route", lambda *a: calls.append(1) or route(*a))
+
+    def run():
+        with mix.routing(spec) as stats:
+            out = logits(model, batch), model.generate(**batch, max_new_tokens=6, do_sample=False)
+        return out, stats.per_module()
+
+    (kernel_logits, kernel_tokens), kernel_stats = run()
+    assert calls  # the kernels ran
+    monkeypatch.setattr(molora, "_USE_KERNELS", False)
+    calls.clear()
+    (torch_logits, torch_tokens), torch_stats = run()
+    assert not calls
+    torch.testing.assert_close(kernel_logits, torch_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(kernel_tokens, torch_tokens)
+    for module, per_expert in torch_stats.items():
+        assert kernel_stats[module] == pytest.approx(per_expert, abs=1e-5)
+        if ".mlp." not in module:
+            assert per_expert["double"] == 0.0 == kernel_stats[module]["double"]
+    mix.uninstall()
+    assert not torch.equal(kernel_logits, logits(model, batch))  # the mixture was active: it changed the output
+
+
+@pytest.mark.parametrize("rank", [1, 5, 8])
+def test_add_products_kernel_is_the_sparse_lora_sum(rank):
+    """The kernel adds Σ_j w_j B_e (A_e x) over each token's picked experts only, for any rank
+    (it works four rows at a time, so ranks that are no multiple of four take its tail loops)."""
+    import numpy as np
+
+    from composer.molora_kernels import add_products
+
+    rng = np.random.default_rng(rank)
+    T, G, N, k, d_in, d_out = 7, 2, 5, 2, 12, 9
+    x = rng.standard_normal((T, d_in)).astype(np.float32)
+    A = rng.standard_normal((N, rank, d_in)).astype(np.float32)
+    B = rng.standard_normal((N, rank, d_out)).astype(np.float32)
+    idx = np.stack([rng.choice(N, size=(G, k), replace=False) for _ in range(T)]).astype(np.int64)
+    w = rng.random((T, G, k)).astype(np.float32)
+    w[0, 1, 1] = 0.0  # a zero weight adds nothing
+    y0 = rng.standard_normal((T, d_out)).astype(np.float32)
+    y = y0.copy()
+    add_products(y, x, A, B, idx, w, 1)
+    want = y0.astype(np.float64)
+    for t in range(T):
+        for j in range(k):
+            e = idx[t, 1, j]
+            want[t] += w[t, 1, j] * (B[e].T.astype(np.float64) @ (A[e].astype(np.float64) @ x[t]))
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
