@@ -271,6 +271,7 @@ def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str,
     batches: dict[str, list[float]] = {name: [] for name in paths}  # requests per engine batch, per round
     busy: dict[str, list[float]] = {name: [] for name in paths}  # share of the round the engine generated
     cpu: dict[str, list[dict[str, float]]] = {name: [] for name in paths}  # CPU ms per request, by process
+    sizes: dict[str, list[list[int]]] = {name: [] for name in paths}  # calls per engine batch, in order
     for _ in range(args.rps_rounds):  # the paths alternate: a busy machine slows them alike
         for name, fn in paths.items():
             batch_stats()
@@ -281,6 +282,7 @@ def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str,
             used["(busy share of all cores)"] = sum(used.values()) * n / 1000 / wall / (os.cpu_count() or 1)
             cpu[name].append(used)
             b = batch_stats()
+            sizes[name].append((b or {}).get("sizes", []))
             batches[name].append(b["calls"] / max(1, b["batches"]) if b else float("nan"))
             busy[name].append(b.get("busy_s", float("nan")) / wall if b else float("nan"))
     d = statistics.median(rps["direct"])
@@ -295,6 +297,9 @@ def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str,
                  f"{', '.join(f'{r:.2f} @ {b:.1f}' for r, b in zip(ratios, batches[name]))})"))
     print("  requests/s per round: " + "; ".join(f"{name} " + ", ".join(f"{r:.0f}" for r in rps[name])
                                                 for name in paths))
+    for name in ("direct", "gateway"):  # 16 closed-loop clients form cohorts that take turns
+        print(f"  engine batch sizes, {name}, first 24 batches of each round: "
+              + " | ".join(" ".join(map(str, round_sizes[:24])) for round_sizes in sizes[name]))
     print("  engine busy per round: " + "; ".join(f"{name} " + ", ".join(f"{b:.2f}" for b in busy[name])
                                                  for name in ("direct", "gateway")))
     # where the CPU went: if the cores are nearly all busy, the ratio is a CPU budget, not latency

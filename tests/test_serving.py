@@ -15,6 +15,7 @@ import pytest
 import ray
 from ray import serve
 
+from services.serving.app import APP_NAME, deployment_name
 from tests.ray_cluster import Cluster, adapters, client, local_greedy, ray_cluster, zoo_prompt
 
 pytestmark = pytest.mark.timeout(600)
@@ -131,6 +132,24 @@ def test_concurrent_streams_each_get_their_own_text(cluster: Cluster) -> None:
         wholes = [pool.submit(whole, job) for job in jobs]
         assert [f.result() for f in streams] == expected
         assert [f.result() for f in wholes] == expected
+
+
+def test_concurrent_requests_share_engine_batches(cluster: Cluster) -> None:
+    """Requests for one expert that arrive together run as few engine batches, and the engine's
+    batch_stats account for every one of them (benchmarks read these numbers)."""
+    engine = serve.get_deployment_handle(deployment_name(cluster.base), app_name=APP_NAME)
+    name = adapters(cluster)[0]
+    prompt, _ = zoo_prompt(cluster, name)
+    c = client(cluster)
+    c.completions.create(model=name, prompt=prompt, max_tokens=4)  # loaded before counting
+    engine.batch_stats.remote(True).result()
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(lambda _: c.completions.create(model=name, prompt=prompt, max_tokens=4).choices[0].text,
+                              range(8)))
+    stats = engine.batch_stats.remote(True).result()
+    assert len(set(texts)) == 1  # greedy: one answer, whatever batch each row ran in
+    assert stats["calls"] == 8 and sum(stats["sizes"]) == 8 and len(stats["sizes"]) == stats["batches"]
+    assert stats["batches"] < 8 and stats["busy_s"] > 0
 
 
 def test_hot_registration_then_removal(cluster: Cluster) -> None:
@@ -287,3 +306,4 @@ def test_paced_batcher_batches_at_the_pace_of_the_work() -> None:
         assert seen[-1] == [3]
 
     asyncio.run(main())
+

@@ -90,6 +90,11 @@ class _Loaded:
 
 
 _END = object()  # a stream's end marker
+_SIZES_KEPT = 64  # batch_stats' ``sizes``: the first batches since the last reset
+
+
+def _fresh_batch_counts() -> dict[str, Any]:
+    return {"batches": 0, "calls": 0, "rows": 0, "busy_s": 0.0, "sizes": []}
 
 
 @dataclass
@@ -126,7 +131,7 @@ class EngineServerBase:
         self._deferred: dict[str, int] = {}  # model id -> load token to drop once unused
         self._use_lock = threading.Lock()
         # batches the engine ran for ``generate`` (batch_stats): how many calls each one held
-        self._batch_counts = {"batches": 0, "calls": 0, "rows": 0, "busy_s": 0.0}
+        self._batch_counts = _fresh_batch_counts()
         self._batches: PacedBatcher | None = None
         self.engine = None
         if base is not None:
@@ -296,6 +301,8 @@ class EngineServerBase:
         counts["batches"] += 1
         counts["calls"] += len(calls)
         counts["rows"] += len(together.requests)
+        if len(counts["sizes"]) < _SIZES_KEPT:
+            counts["sizes"].append(len(calls))
         began = time.perf_counter()
         try:
             results = await anyio.to_thread.run_sync(self._locked, together.run, self.engine)
@@ -329,14 +336,15 @@ class EngineServerBase:
         with self._lock:
             return fn(items)
 
-    def batch_stats(self, reset: bool = False) -> dict[str, int]:
+    def batch_stats(self, reset: bool = False) -> dict[str, Any]:
         """Batches run on the engine for ``generate`` since start (or the last reset), with the
         calls and rows they held: calls ÷ batches is how many concurrent requests shared one engine
         call (benchmarks read it); ``busy_s``: seconds spent generating them, which ÷ the wall time
-        is how busy the engine was."""
+        is how busy the engine was; ``sizes``: calls per batch of the first 64 batches, in order
+        (closed-loop clients settle into cohorts that take turns: the sequence shows them)."""
         out = dict(self._batch_counts)
         if reset:
-            self._batch_counts = {"batches": 0, "calls": 0, "rows": 0, "busy_s": 0.0}
+            self._batch_counts = _fresh_batch_counts()
         return out
 
     def loaded(self) -> list[str]:
