@@ -9,18 +9,27 @@ its base output in one more. Both read plain float32 arrays (``Tensor.numpy()`` 
 and release the GIL. ``composer/molora.py`` uses them for CPU inference and keeps its PyTorch path
 for autograd and other devices; the tests compare the two.
 
-Compiled on first use (about 2 s) and cached next to this file by numba.
+Compiled on first use (about 1.5 s) and cached by numba next to this file, or in its user-wide
+cache where this folder is read-only; where neither can be written, compiled in every process.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numba
 import numpy as np
 
 
-@numba.njit(cache=True, fastmath=True, nogil=True)
+def _compiled(fn: Callable) -> Callable:
+    try:
+        return numba.njit(cache=True, fastmath=True, nogil=True)(fn)
+    except RuntimeError:  # numba found no writable cache location (a read-only install)
+        return numba.njit(fastmath=True, nogil=True)(fn)
+
+
+@_compiled
 def route(x, keys, standardise, eps, temperature, bias, seq, present, k, idx, w, p):  # pragma: no cover - compiled
     """Top-k mixture weights of every token for every member of a group.
 
@@ -86,7 +95,7 @@ def route(x, keys, standardise, eps, temperature, bias, seq, present, k, idx, w,
                 p[t, g, idx[t, g, j]] += w[t, g, j]
 
 
-@numba.njit(cache=True, fastmath=True, nogil=True)
+@_compiled
 def add_products(y, x, A, B, idx, w, g):  # pragma: no cover - compiled
     """y [T, d_out] += Σ_j w[t, g, j] · B_e (A_e x_t), e = idx[t, g, j]: member g's picked experts
     only. A [N, R, d_in] (scale folded in), B [N, R, d_out].

@@ -382,3 +382,33 @@ def test_add_products_kernel_is_the_sparse_lora_sum(rank):
             e = idx[t, 1, j]
             want[t] += w[t, 1, j] * (B[e].T.astype(np.float64) @ (A[e].astype(np.float64) @ x[t]))
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+
+
+def test_kernels_compile_without_a_writable_cache(monkeypatch):
+    """A read-only install where numba can write no cache still gets the kernels (compiled in
+    each process instead of loaded from the cache)."""
+    import importlib
+
+    import numba
+    import numpy as np
+
+    import composer.molora_kernels as kernels
+
+    njit = numba.njit
+
+    def no_cache_location(*args, **kwargs):
+        if kwargs.get("cache"):
+            raise RuntimeError("cannot cache function: no locator available")  # what numba raises
+        return njit(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", no_cache_location)
+    try:
+        fresh = importlib.reload(kernels)
+        y = np.zeros((1, 2), np.float32)
+        fresh.add_products(y, np.ones((1, 2), np.float32), np.ones((1, 1, 2), np.float32),
+                           np.ones((1, 1, 2), np.float32), np.zeros((1, 1, 1), np.int64),
+                           np.ones((1, 1, 1), np.float32), 0)
+        assert y.tolist() == [[2.0, 2.0]]
+    finally:
+        monkeypatch.undo()
+        importlib.reload(kernels)
