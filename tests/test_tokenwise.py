@@ -412,3 +412,19 @@ def test_kernels_compile_without_a_writable_cache(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(kernels)
+
+
+def test_cpu_kernels_serve_a_bfloat16_model(zoo, batch, phatgoose, monkeypatch):
+    """A base loaded in bfloat16: the kernels route and multiply in float32 and add into the
+    bfloat16 outputs, as the PyTorch path does."""
+    import composer.molora as molora
+
+    model = LlamaForCausalLM.from_pretrained(zoo[0], dtype=torch.bfloat16).eval()
+    mix = install(model, zoo, phatgoose)
+    spec = MixtureSpec("phatgoose", list(zoo[1]), "phatgoose", top_k=2)
+    with mix.routing(spec):
+        kernel = logits(model, batch)
+        monkeypatch.setattr(molora, "_USE_KERNELS", False)
+        reference = logits(model, batch)
+    assert kernel.dtype == torch.bfloat16
+    torch.testing.assert_close(kernel.float(), reference.float(), rtol=2e-2, atol=2e-2)
