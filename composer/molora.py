@@ -213,7 +213,7 @@ class _Group:
         G, N, R = stack.shape
         # the kernels write into numpy views of their outputs, which autograd cannot follow
         if stack.kernel is not None and _USE_KERNELS and not torch.is_grad_enabled():
-            routed = self._route_kernel(h.shape[0], x, cfg, stack)
+            routed = self._route_kernel(x, cfg, stack)
         else:
             p = self._gate(h.shape[0], x, cfg, stack)
             ah = ((x @ stack.A_t).view(-1, G, N, R) * p.unsqueeze(-1)).view(-1, G, N * R)
@@ -224,7 +224,7 @@ class _Group:
         return routed
 
     @staticmethod
-    def _route_kernel(rows: int, x: torch.Tensor, cfg: _Config, stack: _Stack) -> _Routed:
+    def _route_kernel(x: torch.Tensor, cfg: _Config, stack: _Stack) -> _Routed:
         """_gate's routing, every token in one kernel call, which also keeps each member's top-k
         (expert, weight) pairs for the products."""
         ks = stack.kernel
@@ -234,7 +234,8 @@ class _Group:
         bias, seq = np.zeros((0, N), dtype=np.float32), 1
         if cfg.gate == "glider" and cfg.alpha != 0.0 and cfg.global_scores is not None:
             bias = (cfg.alpha * cfg.global_scores).cpu().numpy()  # [queries, N]
-            # a query's rows are consecutive (num_return_sequences / beams expand the batch row-wise)
+            # a query's tokens are consecutive: its batch row's, or its rows' where
+            # num_return_sequences / beams expanded the batch row-wise (as _gate's repeat_interleave)
             seq = T // bias.shape[0]
         xn = x.contiguous().numpy()
         idx = np.empty((T, G, k), dtype=np.int64)
@@ -336,10 +337,13 @@ class MoLoRALinear(nn.Module):
         flat = y.reshape(-1, y.shape[-1])
         if routed.picked is not None:  # kernel: each token's picked experts only
             x, idx, w = routed.picked
-            in_place = flat.dtype == torch.float32 and flat.is_contiguous()  # the fresh base output
-            acc = flat if in_place else torch.zeros(flat.shape)
-            molora_kernels.add_products(acc.numpy(), x, stack.kernel.A[g], stack.kernel.B[g], idx, w, g)
-            return y if in_place else (flat + acc.to(flat.dtype)).view(y.shape)
+            A, B = stack.kernel.A[g], stack.kernel.B[g]
+            if flat.dtype == torch.float32 and flat.is_contiguous():  # into the fresh base output
+                molora_kernels.add_products(flat.numpy(), x, A, B, idx, w, g)
+                return flat.view(y.shape)
+            acc = torch.zeros(flat.shape)
+            molora_kernels.add_products(acc.numpy(), x, A, B, idx, w, g)
+            return (flat + acc.to(flat.dtype)).view(y.shape)
         delta = routed.ah[:, g]  # all experts in one product, the unpicked ones weigh 0
         if flat.dtype == torch.float32:  # y += delta @ B in one kernel, into the fresh base output
             return flat.addmm_(delta, stack.B[g]).view(y.shape)
