@@ -306,4 +306,3 @@ def test_paced_batcher_batches_at_the_pace_of_the_work() -> None:
         assert seen[-1] == [3]
 
     asyncio.run(main())
-

@@ -360,7 +360,8 @@ def test_cpu_kernels_equal_the_pytorch_path(zoo, model, batch, gate, top_k, extr
 @pytest.mark.parametrize("rank", [1, 5, 8])
 def test_add_products_kernel_is_the_sparse_lora_sum(rank):
     """The kernel adds Σ_j w_j B_e (A_e x) over each token's picked experts only, for any rank
-    (it works four rows at a time, so ranks that are no multiple of four take its tail loops)."""
+    and any number of tokens per expert (it works two tokens and four rows per pass: odd counts
+    and ranks that are no multiple of four take its tail paths)."""
     import numpy as np
 
     from composer.molora_kernels import add_products
