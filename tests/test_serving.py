@@ -136,20 +136,34 @@ def test_concurrent_streams_each_get_their_own_text(cluster: Cluster) -> None:
 
 def test_concurrent_requests_share_engine_batches(cluster: Cluster) -> None:
     """Requests for one expert that arrive together run as few engine batches, and the engine's
-    batch_stats account for every one of them (benchmarks read these numbers)."""
+    batch_stats account for every one of them (benchmarks read these numbers). Each replica
+    counts its own batches, so the test reads every replica's."""
     engine = serve.get_deployment_handle(deployment_name(cluster.base), app_name=APP_NAME)
+    replicas = len(_engine_replicas(cluster.base))
+
+    def every_replica_stats() -> list[dict]:
+        seen: dict[str, dict] = {}  # the first answer of each replica: reading resets its counts
+        for _ in range(200):
+            stats = engine.batch_stats.remote(True).result()
+            seen.setdefault(stats["replica"], stats)
+            if len(seen) == replicas:
+                return list(seen.values())
+        raise AssertionError(f"batch_stats reached {len(seen)} of {replicas} replicas")
+
     name = adapters(cluster)[0]
     prompt, _ = zoo_prompt(cluster, name)
     c = client(cluster)
     c.completions.create(model=name, prompt=prompt, max_tokens=4)  # loaded before counting
-    engine.batch_stats.remote(True).result()
+    every_replica_stats()
     with ThreadPoolExecutor(8) as pool:
         texts = list(pool.map(lambda _: c.completions.create(model=name, prompt=prompt, max_tokens=4).choices[0].text,
                               range(8)))
-    stats = engine.batch_stats.remote(True).result()
+    stats = every_replica_stats()
     assert len(set(texts)) == 1  # greedy: one answer, whatever batch each row ran in
-    assert stats["calls"] == 8 and sum(stats["sizes"]) == 8 and len(stats["sizes"]) == stats["batches"]
-    assert stats["batches"] < 8 and stats["busy_s"] > 0
+    calls, batches = (sum(s[k] for s in stats) for k in ("calls", "batches"))
+    assert calls == 8 and sum(s["busy_s"] for s in stats) > 0
+    assert all(len(s["sizes"]) == s["batches"] and sum(s["sizes"]) == s["calls"] for s in stats)
+    assert batches < 8  # they shared batches
 
 
 def test_hot_registration_then_removal(cluster: Cluster) -> None:

