@@ -101,8 +101,8 @@ _USE_KERNELS = True
 
 @dataclass
 class _KernelStack:
-    """A group's stack as the CPU kernels read it: float32 numpy arrays sharing no memory with the
-    model (built once per configuration)."""
+    """A group's stack as the CPU kernels read it: float32 numpy views of the stacked tensors
+    ``_Group._build`` makes (no copies; built once per configuration)."""
 
     keys: np.ndarray  # [G, N, d_in] routing vectors, as in _Stack.keys_t
     A: list[np.ndarray]  # per member [N, R, d_in], scale folded in
@@ -187,10 +187,10 @@ class _Group:
         kernel = None
         if dev.type == "cpu":
             kernel = _KernelStack(
-                keys=keys.detach().numpy().copy(),
-                A=[a.detach().numpy().copy() for a in A],
-                B=[b.detach().numpy().copy() for b in B],
-                present=present.numpy().copy(),
+                keys=keys.detach().numpy(),
+                A=[a.detach().numpy() for a in A],
+                B=[b.detach().numpy() for b in B],  # the same memory as _Stack.B
+                present=present.numpy(),
             )
         return _Stack(
             keys_t=keys.reshape(G * N, d_in).T.contiguous(),
