@@ -4,6 +4,7 @@ application deployed with a given config behind HAProxy, and helpers to talk to 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 from collections.abc import Iterator
@@ -28,8 +29,23 @@ class Cluster:
     spare: Path  # an adapter folder not registered yet
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
+def free_port() -> int:
+    """A port free now for a server that binds it a little later (HAProxy, ``moerge serve``).
+
+    Drawn below Linux's ephemeral range (32768-60999 by default) and above Ray's worker ports
+    (10002-19999): a port from the ephemeral range can be taken, between this check and the
+    server's bind, by the local end of any outgoing connection, and Ray opens many while it
+    starts (a CI run failed on exactly that: "cannot bind socket (Address already in use)")."""
+    draw = random.Random()
+    for _ in range(100):
+        port = draw.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # the whole range busy: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -49,22 +65,25 @@ def ray_cluster(micro_zoo, home: Path, config: dict) -> Iterator[Cluster]:  # no
            "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     saved = {k: os.environ.get(k) for k in env}
+    saved.update({k: os.environ.get(k) for k in ingress_env("haproxy")})
     os.environ.update(env)
     registry = Registry(db, artifact_root=home / "artifacts")
-    register_zoo(micro_zoo, registry)
-    spare = home / "spare-adapter"
-    first = next(e for e in micro_zoo.experts if e.kind == "adapter")
-    shutil.copytree(micro_zoo.path_of(first.path), spare)
-
-    # logical CPUs: the deployments ask for fractions; the 2 real cores are shared by all of them
-    port = _free_port()
-    saved.update({k: os.environ.get(k) for k in ingress_env("haproxy")})
-    start_local_ray("haproxy", env, "127.0.0.1", port, num_cpus=8)
-    serve.run(build_app({"config": config}), name=APP_NAME, route_prefix="/")
+    # everything from here on is undone however it ends, a failed start included: a cluster left
+    # running, or this environment left set, would fail the tests that come after
     try:
+        register_zoo(micro_zoo, registry)
+        spare = home / "spare-adapter"
+        first = next(e for e in micro_zoo.experts if e.kind == "adapter")
+        shutil.copytree(micro_zoo.path_of(first.path), spare)
+
+        # logical CPUs: the deployments ask for fractions; the 2 real cores are shared by all of them
+        port = free_port()
+        start_local_ray("haproxy", env, "127.0.0.1", port, num_cpus=8)
+        serve.run(build_app({"config": config}), name=APP_NAME, route_prefix="/")
         yield Cluster(f"http://127.0.0.1:{port}", registry, micro_zoo, zoo_base_name(micro_zoo), spare)
     finally:
-        serve.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
         ray.shutdown()
         registry.close()
         for k, v in saved.items():

@@ -18,14 +18,9 @@ import pytest
 
 from registry.service import Registry
 from services.zoo.register import register_zoo
+from tests.ray_cluster import free_port
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -48,7 +43,7 @@ def test_moerge_serve_answers_through_haproxy_and_stops_on_sigterm(micro_zoo, tm
     registry.close()
     config = tmp_path / "serve.yaml"
     config.write_text("strategies: {names: [moe/semantic]}\n")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MOERGE_HOME": str(home), "MOERGE_DATABASE_URL": db, "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     moerge = shutil.which("moerge", path=os.path.dirname(sys.executable)) or "moerge"
