@@ -129,9 +129,10 @@ class Completion:
                 "composer": p.composer,
                 "router": p.router,
                 "experts": [{"name": n, "weight": w} for n, w in p.experts],
-                "outputs": [asdict(o) for o in p.outputs],
-                "agreement": asdict(p.agreement) if p.agreement is not None else None,
-                "segments": [asdict(s) for s in p.segments],
+                # shallow copies (these dataclasses are flat): jsonable copies what they hold
+                "outputs": [dict(vars(o)) for o in p.outputs],
+                "agreement": dict(vars(p.agreement)) if p.agreement is not None else None,
+                "segments": [dict(vars(s)) for s in p.segments],
                 "usage": {
                     "prompt_tokens": self.prompt_tokens,
                     "completion_tokens": self.completion_tokens,
@@ -147,7 +148,17 @@ class Completion:
 def jsonable(value: Any) -> Any:
     """``value`` made JSON-safe: tensors and numpy values become lists / numbers, paths strings,
     non-finite floats ``None``, anything else unknown its ``str``."""
-    if value is None or isinstance(value, (bool, int, str)):
+    # exact types first: every gateway response's provenance goes through here
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is float:
+        return value if math.isfinite(value) else None
+    if kind is dict:
+        return {k if type(k) is str else str(k): jsonable(v) for k, v in value.items()}
+    if kind is list:
+        return [jsonable(v) for v in value]
+    if isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None

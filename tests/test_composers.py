@@ -427,3 +427,43 @@ def test_completion_dict_is_plain_json():
     d = Decision("r", [("a", 1.0)], {"tensor": torch.tensor([0.25, 0.75]), "path": Path("/x"), "nan": float("nan")})
     payload = Single().execute(d, REQUEST, eng).to_dict()
     assert json.loads(json.dumps(payload))["decision"] == {"tensor": [0.25, 0.75], "path": "/x", "nan": None}
+
+
+def test_provenance_json_is_plain_and_detached() -> None:
+    """A completion's ``to_dict`` (every gateway response's ``moe`` object) holds plain JSON only,
+    whatever the provenance carries, and copies rather than shares the provenance's containers."""
+    import numpy as np
+
+    from composer.base import Agreement, Completion, ExpertOutput, Provenance, Segment, jsonable
+
+    votes = {"a": 2.0, "b": float("nan")}
+    done = Completion(
+        text="a",
+        finish_reason="stop",
+        provenance=Provenance(
+            composer="vote",
+            router="r",
+            experts=[("e1", 0.5), ("e2", float("inf"))],
+            outputs=[ExpertOutput(expert="e1", text="a", weight=float("-inf"), prompt_tokens=3, completion_tokens=1)],
+            agreement=Agreement(entropy_bits=1.0, winner_share=0.5, distinct=2, votes=votes, method="vote"),
+            segments=[Segment(expert="e1", text="a", step=0)],
+            decision_info={"scores": torch.tensor([0.25, 0.75]), 3: np.float32(0.5), "path": Path("/x"),
+                           "pair": (1, {2}), "seg": Segment(expert="e2", text="b", step=1)},
+            info={"nested": {"deep": [float("nan"), True, None]}},
+        ),
+    )
+    payload = done.to_dict()
+    assert json.loads(json.dumps(payload, allow_nan=False)) == payload  # strict JSON: no NaN or inf left
+    assert payload["experts"] == [{"name": "e1", "weight": 0.5}, {"name": "e2", "weight": None}]
+    assert payload["outputs"][0]["weight"] is None and payload["outputs"][0]["completion_tokens"] == 1
+    assert payload["agreement"]["votes"] == {"a": 2.0, "b": None}
+    assert payload["segments"] == [{"expert": "e1", "text": "a", "step": 0, "instruction": "", "prompt": "",
+                                    "weight": 1.0}]
+    assert payload["decision"] == {"scores": [0.25, 0.75], "3": 0.5, "path": "/x", "pair": [1, [2]],
+                                   "seg": {"expert": "e2", "text": "b", "step": 1, "instruction": "", "prompt": "",
+                                           "weight": 1.0}}
+    assert payload["info"] == {"nested": {"deep": [None, True, None]}}
+    payload["agreement"]["votes"]["c"] = 1.0
+    payload["info"]["nested"]["deep"].append(1)
+    assert "c" not in votes and len(done.provenance.info["nested"]["deep"]) == 3
+    assert jsonable(float("nan")) is None and jsonable(True) is True and jsonable(7) == 7
