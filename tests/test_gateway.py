@@ -246,7 +246,7 @@ def test_litellm_completion(world: World) -> None:
 def test_provenance_direct_expert(world: World) -> None:
     with http(world, world.admin) as h:
         r = h.post("/v1/chat/completions", json=CHAT)
-    assert r.status_code == 200
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     assert r.headers["x-moe-strategy"] == "direct"
     assert r.headers["x-moe-experts"] == "alpha:1"
     assert r.headers["x-moe-router-ms"] == "0.000"

@@ -160,6 +160,12 @@ def _json_error(err: APIError) -> JSONResponse:
     return JSONResponse(err.body().model_dump(), status_code=err.status, headers=err.headers)
 
 
+def _json_response(model: Any, headers: dict[str, str]) -> Response:
+    """A response model's JSON, serialised by pydantic in one step (no intermediate dict for
+    ``json.dumps`` to walk again): the answer of every completion request."""
+    return Response(model.model_dump_json(), media_type="application/json", headers=headers)
+
+
 def _sse(payload: Any) -> str:
     data = payload.model_dump_json() if hasattr(payload, "model_dump_json") else json.dumps(payload)
     return f"data: {data}\n\n"
@@ -368,7 +374,7 @@ def create_app(backend: Backend, registry: Registry, settings: GatewaySettings |
             usage=usage_of(completion),
             moe=moe_object(body.model, completion),
         )
-        return JSONResponse(response.model_dump(mode="json"), headers=moe_headers(body.model, completion))
+        return _json_response(response, headers=moe_headers(body.model, completion))
 
     @app.post("/v1/completions", response_model=CompletionResponse, tags=["completions"])
     async def completions(
@@ -386,7 +392,7 @@ def create_app(backend: Backend, registry: Registry, settings: GatewaySettings |
             usage=usage_of(completion),
             moe=moe_object(body.model, completion),
         )
-        return JSONResponse(response.model_dump(mode="json"), headers=moe_headers(body.model, completion))
+        return _json_response(response, headers=moe_headers(body.model, completion))
 
     # -- models --------------------------------------------------------------------------------
 

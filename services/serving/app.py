@@ -107,6 +107,9 @@ class StrategyServer:
 # ------------------------------------------------------------------------------------ backend
 
 
+_CALLS_KEPT = 4096
+
+
 class RayBackend(LocalBackend):
     """``LocalBackend``'s registry side (models, registration, removal, external experts) with the
     engines and strategies behind Ray Serve handles."""
@@ -117,8 +120,20 @@ class RayBackend(LocalBackend):
         self.lookup = ExpertLookup(registry)  # the per-request read, without SQLite's write lock
         self.targets = Targets(engines, models)
         self.strategies = strategies
+        self._calls: dict[tuple[str, str], Any] = {}  # _generate_call's
         for name in strategy_names:
             self.add_strategy(name, self._strategy_call(name))
+
+    def _generate_call(self, handle: DeploymentHandle, mid: str) -> Any:
+        """``handle.options(multiplexed_model_id=mid).generate``, made once per expert: ``options``
+        builds a new handle each time, a cost every request would pay again."""
+        key = (handle.deployment_name, mid)
+        call = self._calls.get(key)
+        if call is None:
+            if len(self._calls) >= _CALLS_KEPT:  # experts come and go: start over, rarely
+                self._calls.clear()
+            call = self._calls[key] = handle.options(multiplexed_model_id=mid).generate
+        return call
 
     def _strategy_call(self, name: str):
         async def call(prompt: str, params: SamplingParams) -> Completion:
@@ -140,8 +155,7 @@ class RayBackend(LocalBackend):
         expert = await self._ready_expert(model)
         if expert.kind == "external":
             return await super().complete(model, prompt, params)  # litellm, from this replica
-        handle, mid = self.targets.for_expert(expert)
-        call = handle.options(multiplexed_model_id=mid).generate
+        call = self._generate_call(*self.targets.for_expert(expert))
         [result] = await acall_with_retry(lambda: call.remote([params.request(prompt)]))
         return direct_completion(expert, output_of(expert.name, result, weight=1.0))
 
