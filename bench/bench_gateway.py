@@ -20,14 +20,19 @@ Starts the same Serve application `moerge serve` deploys (local Ray, one engine 
 4. **load** — ``--load-requests`` requests at concurrency 32 over several experts and strategies:
    errors, lost requests, p50 / p99.
 
-    python bench/bench_gateway.py [--repeats 60] [--rps-rounds 5] [--rps-requests 512] [--client async|threads]
-                                  [--load-requests 500] [--ingress haproxy|proxy]
+    python bench/bench_gateway.py [--repeats 60] [--rps-rounds 5] [--rps-requests 512]
+                                  [--client async|threads|wrk] [--load-requests 500]
+                                  [--ingress haproxy|proxy] [--gateway-replicas 1]
 
-The requests/s rounds' clients (``--client``) run in this process, on the same cores as the
-service: ``async`` (the default) keeps 16 coroutines on one event loop (aiohttp; awaited handle
+The requests/s rounds' clients (``--client``) run on the same cores as the service: ``async``
+(the default) keeps 16 coroutines on one event loop in this process (aiohttp; awaited handle
 calls), ``threads`` one thread per client (httpx; the handle's blocking ``.result()``), which
-spends ~2-3x the client CPU per request through the gateway. Each round also reports the CPU every
-process used per request, and how busy the engine was.
+spends ~2-3x the client CPU per request through the gateway, and ``wrk`` sends the HTTP paths'
+requests with wrk (Debian package ``wrk``: C, ~0.06 ms of CPU per request against aiohttp's
+~0.5) while the direct path stays on awaited handle calls. Each round also reports the CPU every
+process used per request, and how busy the engine was; the ratio is given both as the ratio of
+the paths' medians and as the median of each round's own ratio (the two paths of a round run
+back to back, so a drifting machine moves both).
 
 Uses the registry in $MOERGE_HOME (build one with `moerge zoo build --register`).
 """
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import os
 import platform
 import shutil
@@ -86,11 +92,13 @@ def main() -> None:
     ap.add_argument("--load-concurrency", type=int, default=32)
     ap.add_argument("--cold-copies", type=int, default=5)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: overhead, stream, beside, cold, load")
-    ap.add_argument("--client", choices=["threads", "async"], default="async",
+    ap.add_argument("--client", choices=["threads", "async", "wrk"], default="async",
                     help="the requests/s rounds' clients: a thread each (blocking calls: httpx, the Serve "
-                         "handle's .result()), or coroutines on one event loop (aiohttp; awaited handle calls)")
+                         "handle's .result()), coroutines on one event loop (aiohttp; awaited handle calls), "
+                         "or wrk for the HTTP paths (a C load generator; the direct path as with async)")
     ap.add_argument("--ingress", choices=sorted(INGRESS_ENV), default="haproxy",
                     help="how HTTP reaches the gateway (services/serving/ingress.py)")
+    ap.add_argument("--gateway-replicas", type=int, default=1, help="replicas of the gateway deployment")
     args = ap.parse_args()
 
     registry = Registry()
@@ -109,7 +117,8 @@ def main() -> None:
         port = s.getsockname()[1]
     start_local_ray(args.ingress, env, "127.0.0.1", port, num_cpus=8)
     config = {"strategies": {"names": ["moe/semantic", "moe/classifier", "moe/skill-k3-vote"]},
-              "engines": {"default": {"max_adapters_per_replica": 16}}}
+              "engines": {"default": {"max_adapters_per_replica": 16}},
+              "gateway": {"replicas": args.gateway_replicas}}
     serve.run(build_app({"config": config}), name=APP_NAME, route_prefix="/")
     engine = serve.get_deployment_handle(deployment_name(base), app_name=APP_NAME)
     url = f"http://127.0.0.1:{port}"
@@ -166,7 +175,7 @@ def main() -> None:
     for _ in range(5):  # warm: expert loaded, router built, classifier trained
         direct(), via(expert.name), via("moe/semantic")
     if "overhead" not in skip:
-        overhead(args, direct, via, http_only, batch_stats, timed, expert.name, adirect, avia, ahttp_only)
+        overhead(args, direct, via, http_only, batch_stats, timed, expert.name, adirect, avia, ahttp_only, prompt)
         print(f"load average: {load_avg()}")
     if "stream" not in skip:
         streaming(args, http, expert.name, prompt, batch_stats)
@@ -240,8 +249,46 @@ async def async_throughput(fn, n: int, concurrency: int) -> float:  # noqa: ANN0
 ASYNC_BASE_URL: list[str] = []  # the gateway's URL, set in main
 
 
+class WrkPath:
+    """One POST to /v1/completions, sent by wrk (Debian package ``wrk``): ``concurrency`` keep-alive
+    connections on one thread, each sending its next request when its last is answered, as the
+    async clients do. Its CPU per request is ~0.06 ms against aiohttp's ~0.5 ms (a real client
+    would not share the service's cores at all)."""
+
+    def __init__(self, url: str, body: dict, expect: int) -> None:
+        import json
+
+        if shutil.which("wrk") is None:
+            raise SystemExit("--client wrk needs wrk on PATH (Debian: apt-get install wrk)")
+        self.url, self.expect = url + "/v1/completions", expect
+        self.script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)  # noqa: SIM115
+        self.script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n'
+                          'wrk.headers["Content-Type"] = "application/json"\n')
+        self.script.close()
+        atexit.register(os.unlink, self.script.name)
+
+    def run(self, seconds: float, concurrency: int) -> tuple[float, int, float]:
+        """requests/s, requests answered, wrk's CPU ms (user + system)."""
+        import re
+        import subprocess
+
+        proc = subprocess.Popen(["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "60s",
+                                 "-s", self.script.name, self.url], stdout=subprocess.PIPE, text=True)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        if status != 0:
+            raise SystemExit(f"wrk failed ({status}):\n{out}")
+        sent = int(re.search(r"(\d+) requests in", out).group(1))
+        refused = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        refused = int(refused.group(1)) if refused else 0
+        if (self.expect == 200 and refused) or (self.expect != 200 and refused != sent):
+            raise SystemExit(f"wrk: {refused} of {sent} responses were not HTTP {self.expect}:\n{out}")
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        return rps, sent, (usage.ru_utime + usage.ru_stime) * 1000
+
+
 def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str,  # noqa: ANN001
-             adirect=None, avia=None, ahttp_only=None) -> None:  # noqa: ANN001
+             adirect=None, avia=None, ahttp_only=None, prompt: str = "") -> None:  # noqa: ANN001
     lat = {"direct": [], "gateway expert": [], "gateway moe/semantic": [], "gateway HTTP only (422)": []}
     for _ in range(args.repeats):
         lat["direct"].append(timed(direct))
@@ -254,19 +301,28 @@ def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str,
         p50, p99 = statistics.median(values), pct(values, 99)
         print(f"| {name} | {p50:.1f} | {p99:.1f} | {p50 - d50:+.1f} | {p99 - d99:+.1f} |")
 
-    def throughput(fn, n: int) -> float:  # noqa: ANN001
-        if args.client == "async":
-            return asyncio.run(async_throughput(fn, n, args.concurrency))
+    last_rps = [0.0]  # the round's direct requests/s: a wrk run lasts about as long as n requests took
+
+    def throughput(fn, n: int) -> tuple[float, int, float]:  # noqa: ANN001
+        """requests/s, requests sent, and the CPU ms a client process outside this one used."""
+        if isinstance(fn, WrkPath):
+            return fn.run(max(2.0, n / max(last_rps[0], 1.0)), args.concurrency)
+        if args.client in ("async", "wrk"):
+            return asyncio.run(async_throughput(fn, n, args.concurrency)), n, 0.0
         with ThreadPoolExecutor(args.concurrency) as pool:
             t0 = time.perf_counter()
             list(pool.map(lambda _: fn(), range(n)))
-            return n / (time.perf_counter() - t0)
+            return n / (time.perf_counter() - t0), n, 0.0
 
     n = args.rps_requests
     # the HTTP path alone (refused before any lookup or engine call): the ceiling of client + ingress
     paths = {"direct": direct, "gateway": lambda: via(expert_name), "gateway HTTP only (422)": http_only}
     if args.client == "async":  # the same three requests from one event loop (see --client)
         paths = {"direct": adirect, "gateway": lambda h: avia(h, expert_name), "gateway HTTP only (422)": ahttp_only}
+    if args.client == "wrk":  # the HTTP paths by a C client, whose own CPU per request is ~1/10 of aiohttp's
+        body = {"model": expert_name, "prompt": prompt, "max_tokens": args.max_tokens}
+        paths = {"direct": adirect, "gateway": WrkPath(ASYNC_BASE_URL[0], body, 200),
+                 "gateway HTTP only (422)": WrkPath(ASYNC_BASE_URL[0], {**body, "max_tokens": 0}, 422)}
     rps: dict[str, list[float]] = {name: [] for name in paths}
     batches: dict[str, list[float]] = {name: [] for name in paths}  # requests per engine batch, per round
     busy: dict[str, list[float]] = {name: [] for name in paths}  # share of the round the engine generated
@@ -276,10 +332,15 @@ def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str,
         for name, fn in paths.items():
             batch_stats()
             before, t0 = cpu_by_process(), time.perf_counter()
-            rps[name].append(throughput(fn, n))
+            r, sent, client_ms = throughput(fn, n)
+            rps[name].append(r)
+            if name == "direct":
+                last_rps[0] = r
             wall, after = time.perf_counter() - t0, cpu_by_process()
-            used = {k: (after.get(k, 0.0) - before.get(k, 0.0)) * 1000 / n for k in after}
-            used["(busy share of all cores)"] = sum(used.values()) * n / 1000 / wall / (os.cpu_count() or 1)
+            used = {k: (after.get(k, 0.0) - before.get(k, 0.0)) * 1000 / sent for k in after}
+            if client_ms:
+                used["client (wrk)"] = client_ms / sent
+            used["(busy share of all cores)"] = sum(used.values()) * sent / 1000 / wall / (os.cpu_count() or 1)
             cpu[name].append(used)
             b = batch_stats()
             sizes[name].append((b or {}).get("sizes", []))
@@ -292,7 +353,8 @@ def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str,
         ratios = [r / rd for r, rd in zip(rps[name], rps["direct"])]
         print(f"  {name}: {statistics.median(rps[name]):.1f} ({statistics.median(batches[name]):.1f}, "
               f"{statistics.median(busy[name]):.2f})"
-              + ("" if name != "gateway" else f", ratio to direct {statistics.median(rps[name]) / d:.2f} "
+              + ("" if name != "gateway" else f", ratio to direct {statistics.median(rps[name]) / d:.2f}, "
+                 f"median of the rounds' own ratios {statistics.median(ratios):.2f} "
                  f"(per round, with the gateway's requests per engine batch: "
                  f"{', '.join(f'{r:.2f} @ {b:.1f}' for r, b in zip(ratios, batches[name]))})"))
     print("  requests/s per round: " + "; ".join(f"{name} " + ", ".join(f"{r:.0f}" for r in rps[name])
