@@ -162,3 +162,127 @@ def test_micro_zoo_checkpoints_load(micro_zoo):
     AutoTokenizer.from_pretrained(str(micro_zoo.path_of(full.path)))
     with torch.no_grad():
         assert not torch.equal(model.lm_head.weight, base.lm_head.weight)
+
+
+@pytest.mark.slow
+def test_micro_zoo_records_its_machine(micro_zoo):
+    import torch
+
+    machine = micro_zoo.machine
+    assert machine["cpu"] and machine["cores"] >= 1
+    assert machine["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["packages"]["torch"] == torch.__version__
+    assert {"transformers", "peft", "tokenizers"} <= set(machine["packages"])
+
+
+# ---------------------------------------------------------------- floors gate registration
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOERGE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MOERGE_DATABASE_URL", raising=False)
+    monkeypatch.delenv("MOERGE_ARTIFACTS", raising=False)
+    return tmp_path / "home"
+
+
+def _registered_experts() -> list[str]:
+    from registry.service import Registry
+
+    with Registry() as registry:
+        return [e.name for e in registry.list_experts()]
+
+
+@pytest.mark.slow
+def test_build_below_a_floor_exits_non_zero_and_registers_nothing(micro_zoo, home, monkeypatch):
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    import services.zoo.build as build
+    from services.cli import app
+
+    missed = dataclasses.replace(micro_zoo, failures=["skill-max scores 40% on its own skill max (min 90%)"])
+    monkeypatch.setattr(build, "build_zoo", lambda *a, **k: missed)
+    result = CliRunner().invoke(app, ["zoo", "build", "--size", "micro", "--register"])
+    assert result.exit_code == 1, result.output
+    assert "floors: 1 missed" in result.output and "skill-max scores 40%" in result.output
+    assert _registered_experts() == []
+
+    monkeypatch.setattr(build, "build_zoo", lambda *a, **k: micro_zoo)
+    result = CliRunner().invoke(app, ["zoo", "build", "--size", "micro"])
+    assert result.exit_code == 0, result.output
+    assert "floors: every floor held" in result.output
+
+
+@pytest.mark.slow
+def test_register_refuses_a_zoo_that_missed_floors(micro_zoo, home, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from services.cli import app
+    from services.zoo.build import ZooManifest
+
+    copy = tmp_path / "zoo"
+    shutil.copytree(micro_zoo.root, copy)
+    manifest = ZooManifest.load(copy)
+    manifest.failures = ["skill-max scores 40% on its own skill max (min 90%)"]
+    manifest.save(copy)
+    result = CliRunner().invoke(app, ["zoo", "register", str(copy)])
+    assert result.exit_code == 1 and "missed 1 floor" in result.output and "--below-floors" in result.output
+    assert _registered_experts() == []
+    result = CliRunner().invoke(app, ["zoo", "register", str(copy), "--below-floors"])
+    assert result.exit_code == 0, result.output
+    assert set(_registered_experts()) == {e.name for e in manifest.experts}
+
+
+# ---------------------------------------------------------------- training reaches a check
+
+
+def _tiny_rows_and_model():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    rows = [([1, 2, 3, 4], [1, 2, 3, 4]), ([5, 6, 7], [5, 6, 7])] * 4
+    return LlamaForCausalLM(cfg), rows
+
+
+def test_training_goes_past_its_cycle_until_the_check_passes():
+    from services.zoo.train import TrainSpec, train_loop
+
+    model, rows = _tiny_rows_and_model()
+    spec = TrainSpec(steps=10, lr=1e-3, batch_size=4, warmup=2, check_every=5, max_steps=30)
+    calls = []
+    stats: dict = {}
+    losses = train_loop(model, rows, spec, pad_id=0, good_enough=lambda: calls.append(1) or len(calls) == 3, stats=stats)
+    assert len(losses) == 15 and stats["steps"] == 15 and stats["passed"] is True and stats["checks"] == 3
+
+
+def test_training_stops_at_its_budget_and_says_the_check_failed(monkeypatch):
+    import torch
+
+    from services.zoo.train import TrainSpec, train_loop
+
+    model, rows = _tiny_rows_and_model()
+    spec = TrainSpec(steps=10, lr=1e-3, batch_size=4, warmup=2, check_every=5, max_steps=30)
+    lrs = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    stats: dict = {}
+    losses = train_loop(model, rows, spec, pad_id=0, good_enough=lambda: False, stats=stats)
+    assert len(losses) == 30 and stats["passed"] is False and stats["checks"] == 6
+    # each cycle after the warm-up starts again at the peak rate and decays
+    assert lrs[2] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3) and lrs[18] == pytest.approx(1e-3)
+    assert lrs[9] < lrs[5] < lrs[2]
+    # without a check the cycle is the whole run
+    model, rows = _tiny_rows_and_model()
+    assert len(train_loop(model, rows, spec, pad_id=0)) == 10

@@ -45,11 +45,15 @@ def build(
     size: str = typer.Option("small", "--size", help="micro (tests, < 1 min) or small (the benchmark zoo)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default $MOERGE_HOME/zoo/<size>)."),
     seed: int = typer.Option(0, "--seed", help="Seed for data and initialisation."),
-    register: bool = typer.Option(False, "--register", help="Register the base and every expert (with examples) in the registry."),
+    register: bool = typer.Option(False, "--register", help="Register the base and every expert (with examples) in the registry; only when every floor held."),
 ) -> None:
-    """Train the zoo on the CPU and print every model's score on every skill."""
+    """Train the zoo on the CPU and print every model's score on every skill.
+
+    Exits 1, naming each expert and floor, when a floor still fails after the training budget; such
+    a zoo is written (to look at) but not registered."""
     from registry.config import moerge_home
     from registry.errors import MoergeError
+    from services.machine import describe
     from services.zoo.build import SIZES, build_zoo
 
     if size not in SIZES:
@@ -58,21 +62,44 @@ def build(
     manifest = build_zoo(size, out_dir, seed=seed, progress=True)
     console.print(outcomes_table(manifest))
     console.print("timings (s): " + ", ".join(f"{k} {v}" for k, v in manifest.timings.items()))
-    for f in manifest.failures:
-        console.print(f"[yellow]below target:[/yellow] {f}")
+    console.print(f"trained on: {describe(manifest.machine)}", highlight=False)
     console.print(f"zoo written to {Path(manifest.root) / manifest.MANIFEST}")
+    _print_floors(manifest)
+    if manifest.failures:
+        raise typer.Exit(1)
     if register:
         _register(manifest)
+
+
+def _print_floors(manifest) -> None:
+    """The one line that says whether every floor held, then each miss on its own line."""
+    if not manifest.failures:
+        f = manifest.floors
+        console.print(f"[bold green]floors: every floor held[/bold green] (seed {manifest.seed}: "
+                      f"{len(manifest.experts)} experts ≥ {f['own_min']:.0%} on their own skills, "
+                      f"≤ {f['foreign_max']:.0%} on the others; the base ≤ {f['base_max']:.0%})", highlight=False)
+        return
+    console.print(f"[bold red]floors: {len(manifest.failures)} missed[/bold red]; "
+                  "the zoo is not registered", highlight=False)
+    for f in manifest.failures:
+        console.print(f"[red]below floor:[/red] {f}", highlight=False)
 
 
 @zoo_app.command("register")
 def register_cmd(
     path: Path = typer.Argument(..., help="A built zoo: its folder or its zoo.json.", exists=True),
+    below_floors: bool = typer.Option(False, "--below-floors", help="Register it even though its build missed floors."),
 ) -> None:
-    """Register an already built zoo (base, experts, examples) in the registry."""
+    """Register an already built zoo (base, experts, examples) in the registry. A zoo whose build
+    missed a floor is refused unless --below-floors says so."""
+    from registry.errors import MoergeError
     from services.zoo.build import ZooManifest
 
-    _register(ZooManifest.load(path))
+    manifest = ZooManifest.load(path)
+    if manifest.failures and not below_floors:
+        raise MoergeError(f"this zoo missed {len(manifest.failures)} floor(s) when it was built "
+                          f"({manifest.failures[0]}); rebuild it, or pass --below-floors to register it anyway")
+    _register(manifest)
 
 
 def _register(manifest) -> None:

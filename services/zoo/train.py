@@ -26,7 +26,7 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class TrainSpec:
-    steps: int  # the most steps; with ``check_every`` training stops earlier once good enough
+    steps: int  # one learning-rate cycle; with ``check_every`` training stops earlier once good enough
     lr: float
     batch_size: int = 64
     warmup: int = 20
@@ -36,6 +36,15 @@ class TrainSpec:
     # >1: draw this many batches' rows at a time, sort them by length and cut them into batches
     # (in random order), so a batch pads little; 0 or 1: plain random batches
     sort_chunk: int = 0
+    # the budget: a run whose check still fails after ``steps`` goes on, with a new cosine cycle
+    # (a warm restart), up to this many steps in all (0: ``steps``). Float32 sums run in another
+    # order on another CPU, so the same seed needs more steps on one machine than on another: the
+    # check decides when a model is done, the budget only bounds the time.
+    max_steps: int = 0
+
+    @property
+    def budget(self) -> int:
+        return max(self.steps, self.max_steps)
 
 
 def llama_config(tok: PreTrainedTokenizerFast, hidden: int, layers: int, head_dim: int = 32,
@@ -109,17 +118,21 @@ def train_loop(
 
     With ``good_enough`` and ``spec.check_every``, training stops at the first check (after
     ``spec.min_steps``) where it returns True: skills differ a lot in how many steps they need,
-    and a validation check spends the CPU budget where it is needed. ``stats``, when given, gets
-    the steps run, the seconds spent and the number and cost of the checks."""
+    and a validation check spends the CPU budget where it is needed. A run that has not passed by
+    ``spec.steps`` restarts the cosine cycle and goes on, up to ``spec.budget`` steps. ``stats``,
+    when given, gets the steps run, whether the last check passed, the seconds spent and the
+    number and cost of the checks."""
     t_start = time.perf_counter()
     checks, check_s = 0, 0.0
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
 
+    cycle = max(1, spec.steps - spec.warmup)
+
     def lr_at(step: int) -> float:
         if step < spec.warmup:
             return (step + 1) / spec.warmup
-        t = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
+        t = ((step - spec.warmup) % cycle) / cycle  # 0 again at each restart
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
@@ -129,7 +142,8 @@ def train_loop(
     order: list[int] = []
     pending: list[list[int]] = []  # batches drawn but not run yet
     bs, chunk = spec.batch_size, max(1, spec.sort_chunk)
-    for step in range(spec.steps):
+    passed = None  # the last check's verdict (None: no check ran)
+    for step in range(spec.budget if good_enough and spec.check_every else spec.steps):
         if not pending:
             if len(order) < bs:  # epochs without replacement
                 order = list(range(len(rows)))
@@ -163,7 +177,7 @@ def train_loop(
             model.train()
     model.eval()
     if stats is not None:
-        stats.update(steps=len(losses), seconds=round(time.perf_counter() - t_start, 1), checks=checks,
+        stats.update(steps=len(losses), passed=passed, seconds=round(time.perf_counter() - t_start, 1), checks=checks,
                      check_seconds=round(check_s, 1), final_loss=round(losses[-1], 4) if losses else None)
     return losses
 
@@ -176,8 +190,10 @@ def pretrain_base(
     text_fraction: float = 0.2,
     on_step: Callable[[int, float], None] | None = None,
     stats: dict | None = None,
+    good_enough: Callable[[torch.nn.Module], bool] | None = None,
 ) -> tuple[LlamaForCausalLM, list[float]]:
-    """A base that knows the prompt format and emits every character, but none of the skills."""
+    """A base that knows the prompt format and emits every character, but none of the skills.
+    ``good_enough`` (with ``spec.check_every``) stops pre-training once the base passes it."""
     torch.manual_seed(seed)
     rng = random.Random(f"{seed}:pretrain")
     n = spec.steps * spec.batch_size
@@ -186,7 +202,8 @@ def pretrain_base(
     if n_text:
         rows += encode_texts(tok, [random_text(rng) for _ in range(n_text)])
     model = LlamaForCausalLM(config)
-    losses = train_loop(model, rows, spec, tok.pad_token_id, seed, on_step, stats=stats)
+    check = (lambda: good_enough(model)) if good_enough else None
+    losses = train_loop(model, rows, spec, tok.pad_token_id, seed, on_step, check, stats)
     return model, losses
 
 
