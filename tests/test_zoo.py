@@ -221,6 +221,7 @@ def test_register_refuses_a_zoo_that_missed_floors(micro_zoo, home, tmp_path):
 
     from typer.testing import CliRunner
 
+    from registry.errors import MoergeError
     from services.cli import app
     from services.zoo.build import ZooManifest
 
@@ -230,7 +231,9 @@ def test_register_refuses_a_zoo_that_missed_floors(micro_zoo, home, tmp_path):
     manifest.failures = ["skill-max scores 40% on its own skill max (min 90%)"]
     manifest.save(copy)
     result = CliRunner().invoke(app, ["zoo", "register", str(copy)])
-    assert result.exit_code == 1 and "missed 1 floor" in result.output and "--below-floors" in result.output
+    # the CLI's entry point prints a MoergeError as one red line and exits 1
+    assert result.exit_code == 1 and isinstance(result.exception, MoergeError)
+    assert "missed 1 floor" in str(result.exception) and "--below-floors" in str(result.exception)
     assert _registered_experts() == []
     result = CliRunner().invoke(app, ["zoo", "register", str(copy), "--below-floors"])
     assert result.exit_code == 0, result.output
@@ -280,9 +283,9 @@ def test_training_stops_at_its_budget_and_says_the_check_failed(monkeypatch):
     stats: dict = {}
     losses = train_loop(model, rows, spec, pad_id=0, good_enough=lambda: False, stats=stats)
     assert len(losses) == 30 and stats["passed"] is False and stats["checks"] == 6
-    # each cycle after the warm-up starts again at the peak rate and decays
-    assert lrs[2] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3) and lrs[18] == pytest.approx(1e-3)
-    assert lrs[9] < lrs[5] < lrs[2]
+    # each cycle after the warm-up starts again, at half the last one's peak, and decays
+    assert lrs[2] == pytest.approx(1e-3) and lrs[10] == pytest.approx(5e-4) and lrs[18] == pytest.approx(2.5e-4)
+    assert lrs[9] < lrs[5] < lrs[2] and lrs[17] < lrs[13] < lrs[10]
     # without a check the cycle is the whole run
     model, rows = _tiny_rows_and_model()
     assert len(train_loop(model, rows, spec, pad_id=0)) == 10

@@ -37,7 +37,7 @@ class TrainSpec:
     # (in random order), so a batch pads little; 0 or 1: plain random batches
     sort_chunk: int = 0
     # the budget: a run whose check still fails after ``steps`` goes on, with a new cosine cycle
-    # (a warm restart), up to this many steps in all (0: ``steps``). Float32 sums run in another
+    # (a warm restart at half the last peak), up to this many steps in all (0: ``steps``). Float32 sums run in another
     # order on another CPU, so the same seed needs more steps on one machine than on another: the
     # check decides when a model is done, the budget only bounds the time.
     max_steps: int = 0
@@ -132,8 +132,10 @@ def train_loop(
     def lr_at(step: int) -> float:
         if step < spec.warmup:
             return (step + 1) / spec.warmup
-        t = ((step - spec.warmup) % cycle) / cycle  # 0 again at each restart
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+        restarts, pos = divmod(step - spec.warmup, cycle)
+        # each restart peaks at half the last one: a restart at the full rate threw away what the
+        # run had learnt (measured: caesar's validation 0.79 -> 0.39 within 30 steps of a restart)
+        return 0.5**restarts * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * pos / cycle)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     rng = random.Random(seed)
