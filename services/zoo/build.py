@@ -33,7 +33,7 @@ from transformers.utils import logging as hf_logging
 
 from services.machine import machine_record
 from services.zoo.evaluate import accuracy_by_task
-from services.zoo.skills import SKILLS, Example, generic_validation, make_split
+from services.zoo.skills import SKILLS, Example, make_split
 from services.zoo.tokenizer import save_tokenizer
 from services.zoo.train import TrainSpec, llama_config, pretrain_base, train_full, train_lora
 
@@ -73,11 +73,6 @@ class ZooSize:
     # ... or once two checks in a row reach this: a skill that plateaus just under ``stop_at``
     # (increment sat at 38/40 from step ~150 and ran all its steps) stops there
     plateau_at: float = 1.01
-    # pre-training stops once the base reaches ``base_stop_at`` on each of these generic tasks
-    # (``pretrain.check_every``; empty: no check, ``pretrain.steps`` steps)
-    base_check: tuple[str, ...] = ()
-    base_stop_at: float = 1.01
-    base_check_n: int = 100  # prompts per generic task in the base's check
 
 
 SIZES: dict[str, ZooSize] = {
@@ -94,30 +89,23 @@ SIZES: dict[str, ZooSize] = {
         floors=Floors(own_min=0.0, base_max=0.2, foreign_max=0.3, best_own_min=0.25),
         text_fraction=0.0,
     ),
-    # The benchmark zoo. Every run trains until its check passes, within a budget of 3x the fixed
-    # step counts it once had. The base learns to copy in a sudden transition (measured: loss
-    # 3.1 -> 0.5 between steps ~400 and ~800, copy accuracy 5% -> 90%), whose step moves with the
-    # seed and with the CPU's float32 rounding: a fixed 650 steps stopped inside it (loss 1.7 with
-    # AVX-512, 2.0 with AVX2, where three LoRA experts then ended at 38-68%). Its cosine cycle is
-    # the whole budget, so the rate is still high when the transition comes.
+    # The benchmark zoo. An expert that has not passed its validation check after its cycle goes
+    # on with warm restarts, up to 3x the cycle (TrainSpec.max_steps): on AVX2 the same seed gave
+    # three LoRA experts still at 33-75% validation after 360 steps. The base still pre-trains a
+    # fixed 650 steps: see docs/zoo.md for why that is the open part.
     "small": ZooSize(
         hidden=128, layers=2, intermediate=384,
-        pretrain=TrainSpec(steps=1950, lr=3e-3, batch_size=64, warmup=30, check_every=50, min_steps=600),
+        pretrain=TrainSpec(steps=650, lr=3e-3, batch_size=64, warmup=30),
         lora=TrainSpec(steps=360, lr=4e-3, batch_size=64, warmup=15, check_every=30, min_steps=60,
                        max_steps=1080),
         lora_rank=32, lora_alpha=64,
         full=TrainSpec(steps=500, lr=3e-3, batch_size=64, warmup=10, check_every=50, min_steps=100,
                        max_steps=1500),
-        # 200 validation items per skill (a check costs ~0.4 s): with 40, and with 100, a dashes
-        # expert stopped at 39/40 and at 98/100 and then scored 88% on the test split (91% on 300
-        # test items): a smaller validation split's draw of inputs was easier than the test's
-        n_test=60, n_validation=200,
+        n_test=60, n_validation=40,
         floors=Floors(own_min=0.9, base_max=0.2, foreign_max=0.3),
         text_fraction=0.0,
         stop_at=0.975,
         plateau_at=0.95,
-        base_check=("repeat", "copy"),
-        base_stop_at=0.9,
     ),
 }
 
@@ -272,13 +260,8 @@ def build_zoo(size: str, out_dir: Path, seed: int = 0, progress: bool = True) ->
         tok = save_tokenizer(out_dir / "base")
         cfg = llama_config(tok, spec.hidden, spec.layers, intermediate=spec.intermediate)
         jobs_stats: dict[str, dict] = {"pretrain_base": {}}
-        base_check = None
-        if spec.base_check:
-            base_check = _passes(tok, generic_validation(spec.base_check, spec.base_check_n, seed), spec.base_stop_at,
-                                 jobs_stats["pretrain_base"])
         base, _ = pretrain_base(tok, cfg, spec.pretrain, seed, spec.text_fraction,
-                                on_step=bars.phase("pretrain base", spec.pretrain.budget), stats=jobs_stats["pretrain_base"],
-                                good_enough=base_check)
+                                on_step=bars.phase("pretrain base", spec.pretrain.steps), stats=jobs_stats["pretrain_base"])
         base.save_pretrained(out_dir / "base")
         timings["pretrain_base"] = time.perf_counter() - t0
         base_entry = BaseEntry(BASE_NAME, "base", sum(p.numel() for p in base.parameters()))
@@ -416,7 +399,7 @@ def _expert_entry(out_dir: Path, spec: ZooSize, seed: int, job: str) -> ExpertEn
 
 def _passes(tok, validation: list[Example], threshold: float, stats: dict | None = None,
             plateau: float = 1.01) -> Callable[[torch.nn.Module], bool]:
-    """Stop condition of a training run: every task of the validation examples at ``threshold``,
+    """Stop condition for expert training: every task of the validation split at ``threshold``,
     or at ``plateau`` on two checks in a row. With ``stats``, each check's accuracy (the lowest
     over the tasks) goes to ``stats["val"]``."""
     seen: list[float] = []

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import string
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 LOWER = string.ascii_lowercase
@@ -266,21 +266,6 @@ def generic_example(rng: random.Random) -> tuple[str, str]:
     task = rng.choices(tasks, weights=[t.weight for t in tasks])[0]
     x = task.generate(rng)
     return format_prompt(rng.choice(task.templates), x), task.apply(x)
-
-
-def generic_validation(tasks: Sequence[str], n: int, seed: int) -> list["Example"]:
-    """Examples of generic (pre-training) tasks, ``n`` per task, for the base's stop check. They
-    come from a random stream of their own; the generators' inputs are random letter strings, so
-    an input the base was trained on is possible but rare."""
-    rng = random.Random(f"{seed}:generic-validation")
-    out = []
-    for name in tasks:
-        task = GENERIC_TASKS[name]
-        for _ in range(n):
-            x, instruction = task.generate(rng), rng.choice(task.templates)
-            out.append(Example(format_prompt(instruction, x), task.apply(x), name, "validation", (name,),
-                               "generic", instruction, x))
-    return out
 
 
 def random_text(rng: random.Random, lo: int = 16, hi: int = 48) -> str:

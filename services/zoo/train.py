@@ -192,10 +192,8 @@ def pretrain_base(
     text_fraction: float = 0.2,
     on_step: Callable[[int, float], None] | None = None,
     stats: dict | None = None,
-    good_enough: Callable[[torch.nn.Module], bool] | None = None,
 ) -> tuple[LlamaForCausalLM, list[float]]:
-    """A base that knows the prompt format and emits every character, but none of the skills.
-    ``good_enough`` (with ``spec.check_every``) stops pre-training once the base passes it."""
+    """A base that knows the prompt format and emits every character, but none of the skills."""
     torch.manual_seed(seed)
     rng = random.Random(f"{seed}:pretrain")
     n = spec.steps * spec.batch_size
@@ -204,8 +202,7 @@ def pretrain_base(
     if n_text:
         rows += encode_texts(tok, [random_text(rng) for _ in range(n_text)])
     model = LlamaForCausalLM(config)
-    check = (lambda: good_enough(model)) if good_enough else None
-    losses = train_loop(model, rows, spec, tok.pad_token_id, seed, on_step, check, stats)
+    losses = train_loop(model, rows, spec, tok.pad_token_id, seed, on_step, stats=stats)
     return model, losses
 
 
