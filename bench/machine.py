@@ -7,9 +7,11 @@ import platform
 
 import torch
 
+from services.machine import cpu_model
+
 
 def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = cpu_model()
     cores = len(os.sched_getaffinity(0))
     return (f"{cpu}, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"python {platform.python_version()}")

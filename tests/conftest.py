@@ -20,3 +20,12 @@ def micro_zoo(tmp_path_factory):
     from services.zoo.build import build_zoo
 
     return build_zoo("micro", tmp_path_factory.mktemp("zoo") / "micro", seed=0, progress=False)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An embedded home folder (SQLite registry, artifact store) of this test's own."""
+    monkeypatch.setenv("MOERGE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MOERGE_DATABASE_URL", raising=False)
+    monkeypatch.delenv("MOERGE_ARTIFACTS", raising=False)
+    return tmp_path / "home"

@@ -13,14 +13,6 @@ from services.cli import app, main
 from tests.factories import make_tiny_base, make_tiny_lora
 
 
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("MOERGE_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MOERGE_DATABASE_URL", raising=False)
-    monkeypatch.delenv("MOERGE_ARTIFACTS", raising=False)
-    return tmp_path / "home"
-
-
 def run(*args: str) -> str:
     result = CliRunner().invoke(app, list(args), catch_exceptions=False)
     assert result.exit_code == 0, result.output

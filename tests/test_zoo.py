@@ -178,14 +178,6 @@ def test_micro_zoo_records_its_machine(micro_zoo):
 # ---------------------------------------------------------------- floors gate registration
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOERGE_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MOERGE_DATABASE_URL", raising=False)
-    monkeypatch.delenv("MOERGE_ARTIFACTS", raising=False)
-    return tmp_path / "home"
-
-
 def _registered_experts() -> list[str]:
     from registry.service import Registry
 
