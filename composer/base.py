@@ -45,6 +45,7 @@ class ExpertOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"
+    prompt_rule: str = "raw"  # how the request became this call's prompt (GenerateResult.prompt_rule)
 
 
 @dataclass
@@ -102,6 +103,13 @@ class Completion:
     def completion_tokens(self) -> int:
         return sum(o.completion_tokens for o in self.provenance.outputs)
 
+    @property
+    def prompt_rule(self) -> str:
+        """How the request became the prompt: one rule, or the calls' rules joined by "," where
+        they differ (a strategy over experts with and without a chat template)."""
+        rules = list(dict.fromkeys(o.prompt_rule for o in self.provenance.outputs))
+        return ",".join(rules) if rules else "raw"
+
     # -- short cuts into the provenance
     @property
     def experts(self) -> list[tuple[str, float]]:
@@ -126,6 +134,7 @@ class Completion:
             {
                 "text": self.text,
                 "finish_reason": self.finish_reason,
+                "prompt_rule": self.prompt_rule,
                 "composer": p.composer,
                 "router": p.router,
                 "experts": [{"name": n, "weight": w} for n, w in p.experts],
@@ -222,6 +231,7 @@ def output_of(expert: str, result: GenerateResult, *, weight: float = 0.0, role:
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
         finish_reason=result.finish_reason,
+        prompt_rule=getattr(result, "prompt_rule", "raw"),
     )
 
 
@@ -250,5 +260,14 @@ def require_targets(engine: Engine, names: Iterable[str], what: str) -> None:
 
 
 def with_target(request: GenerateRequest, target: str | None, prompt: str | None = None) -> GenerateRequest:
-    return replace(request, target=target, prompt=request.prompt if prompt is None else prompt)
+    """``request`` for ``target``; with ``prompt``, a new text to answer (a stitched step, an
+    aggregator's brief). In a chat, that text becomes the last user turn, after the system message
+    and the history before it, so the next expert gets it through its own chat template."""
+    if prompt is None:
+        return replace(request, target=target)
+    messages = request.messages
+    if messages:
+        last_user = max((i for i, (role, _) in enumerate(messages) if role == "user"), default=len(messages))
+        messages = (*messages[:last_user], ("user", prompt))
+    return replace(request, target=target, prompt=prompt, messages=messages)
 

@@ -19,6 +19,10 @@ from typing import Callable, Literal, Protocol, Sequence, runtime_checkable
 from registry.errors import MoergeError
 
 FinishReason = Literal["stop", "length"]
+# how a request became the model's prompt: ``chat_template``, the conversation rendered by the
+# target's own chat template; ``last_user_message``, a chat whose target has no template, so its
+# last user turn went raw; ``raw``, a completion prompt as given
+PromptRule = Literal["raw", "chat_template", "last_user_message"]
 # a streamed request's text goes to one of these in pieces, while it is generated
 Emit = Callable[[str], None]
 
@@ -28,15 +32,60 @@ class EngineError(MoergeError):
     a request it cannot score. The message names the target and what to do."""
 
 
+class RequestError(EngineError):
+    """The request itself cannot be served as asked, on any replica (the gateway answers 400 with
+    ``code`` and ``param``), as opposed to an engine that cannot serve right now."""
+
+    code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self):  # keeps ``param`` across processes (Ray)
+        return type(self), (str(self), self.param)
+
+
+class ContextLengthError(RequestError):
+    """The rendered prompt plus the tokens asked for do not fit the model's context."""
+
+    code = "context_length_exceeded"
+
+
+class UnsupportedParameterError(RequestError):
+    """A parameter this engine cannot honour: refused, never ignored."""
+
+    code = "unsupported_parameter"
+
+
+class ChatTemplateError(RequestError):
+    """The model's chat template refuses the conversation (roles out of order, say)."""
+
+    code = "invalid_messages"
+
+
 @dataclass(frozen=True)
 class GenerateRequest:
-    prompt: str
+    prompt: str  # the text routers read; what the model gets unless ``messages`` is rendered
     target: str | None = None  # adapter name, model name, or None for the base
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None  # sampled items with the same seed give the same text
     stop: tuple[str, ...] = ()  # stop strings; the text ends before the first one found
+    # a chat: ((role, content), …). The engine renders it with the target's chat template (a
+    # final assistant turn is continued, not closed); a target without a template gets ``prompt``,
+    # which the gateway sets to the last user turn
+    messages: tuple[tuple[str, str], ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # besides the model's own end tokens
+    ignore_eos: bool = False  # run on past the model's end tokens (stop_token_ids still stop)
+    skip_special_tokens: bool = True  # leave special tokens out of the text
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # CTRL's: logits of tokens in prompt or completion / by it
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times the token's count in the completion
+    presence_penalty: float = 0.0  # OpenAI's: minus this once a token is in the completion
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -45,8 +94,25 @@ class GenerateRequest:
             raise EngineError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise EngineError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise EngineError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise EngineError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if isinstance(self.stop, str):  # a single stop string is a common slip
             object.__setattr__(self, "stop", (self.stop,))
+        # hashable tuples, whatever came in (lists from JSON, {"role", "content"} dicts, a bias dict)
+        messages = tuple((m["role"], m["content"]) if isinstance(m, dict) else tuple(m) for m in self.messages)
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "messages", messages)
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.repetition_penalty != 1.0 or self.frequency_penalty or self.presence_penalty or self.logit_bias)
 
 
 @dataclass
@@ -56,6 +122,7 @@ class GenerateResult:
     prompt_tokens: int
     completion_tokens: int  # len(token_ids)
     finish_reason: FinishReason  # "stop": EOS or a stop string; "length": max_new_tokens reached
+    prompt_rule: PromptRule = "raw"  # how the request became the model's prompt
 
 
 @dataclass(frozen=True)

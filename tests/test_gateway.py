@@ -444,11 +444,12 @@ def test_malformed_requests(world: World) -> None:
         assert_error(post("/v1/chat/completions", json={**CHAT, "temperature": -1}), 422)
         assert_error(post("/v1/chat/completions", json={**CHAT, "max_tokens": 0}), 422)
         assert_error(post("/v1/completions", json={"model": "alpha", "prompt": ["a", "b"]}), 422)
-        assert_error(post("/v1/chat/completions", json={**CHAT, "n": 2}), 400, code="unsupported")
+        assert_error(post("/v1/chat/completions", json={**CHAT, "n": 2}), 400, code="unsupported_parameter")
         assert_error(post("/v1/completions", json={"model": "alpha", "prompt": "x", "echo": True}), 400)
         assert_error(post("/v1/chat/completions", json={**CHAT, "max_tokens": 100_000}), 400)
+        # the tiny Llama has no chat template: its prompt is the last user turn, and there is none
         no_user = {**CHAT, "messages": [{"role": "system", "content": "hi"}]}
-        err = assert_error(post("/v1/chat/completions", json=no_user), 400)
+        err = assert_error(post("/v1/chat/completions", json=no_user), 400, code="invalid_request")
         assert err["param"] == "messages"
     with pytest.raises(openai.BadRequestError):
         client(world).chat.completions.create(model="alpha", messages=CHAT["messages"], n=3)
@@ -460,7 +461,14 @@ def test_prompt_too_long(world: World) -> None:
         body = {**CHAT, "messages": [{"role": "user", "content": long}]}
         assert_error(h.post("/v1/chat/completions", json=body), 413, code="prompt_too_long")
         assert_error(h.post("/v1/completions", json={"model": "alpha", "prompt": long, "stream": True}), 413)
-        ok = {**CHAT, "messages": [{"role": "user", "content": "x" * 500}], "max_tokens": 1}
+        # under the gateway's limit, over the model's context (the tiny Llama's is 128 tokens)
+        over = {**CHAT, "messages": [{"role": "user", "content": "x" * 500}], "max_tokens": 1}
+        err = assert_error(h.post("/v1/chat/completions", json=over), 400, code="context_length_exceeded")
+        assert "context is 128 tokens" in err["message"] and err["param"] == "messages"
+        err = assert_error(h.post("/v1/completions", json={"model": "alpha", "prompt": "x" * 120, "max_tokens": 20}),
+                           400, code="context_length_exceeded")
+        assert err["param"] == "prompt"
+        ok = {**CHAT, "messages": [{"role": "user", "content": "x" * 120}], "max_tokens": 1}
         assert h.post("/v1/chat/completions", json=ok).status_code == 200
 
 

@@ -2,8 +2,10 @@
 
 A target is a litellm model string: a provider model (``anthropic/claude-…``, ``gpt-4o-mini``) whose
 key litellm reads from the environment, or ``openai/<model>`` on any OpenAI-compatible server
-(another moerge gateway, a vLLM server) given ``api_base``. The prompt goes out as one user
-message, as is: moerge's gateway and most servers treat that as the raw prompt.
+(another moerge gateway, a vLLM server) given ``api_base``. A chat goes out as its messages, as
+they came; a completion prompt as one user message. OpenAI's own parameters go with them
+(``frequency_penalty``, ``presence_penalty``, ``logit_bias``); vLLM's extensions, which a provider
+API has not, are refused (``UnsupportedParameterError``), never dropped.
 
 What a remote API cannot give: token ids (``GenerateResult.token_ids`` is empty and
 ``completion_tokens`` is the provider's usage count) and log-likelihoods of a given continuation
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from composer.engine_protocol import UnsupportedParameterError
 from services.engines.base import (
     EngineError,
     GenerateRequest,
@@ -91,15 +94,30 @@ class ExternalEngine:
     def _complete(self, model: str, request: GenerateRequest) -> GenerateResult:
         import litellm
 
+        refused = _provider_unsupported(request)
+        if refused is not None:
+            raise UnsupportedParameterError(
+                f"{refused!r} is not part of the provider API that external model {model!r} is called "
+                "through; leave it out, or ask a local expert", refused)
+
+        messages = [{"role": role, "content": content} for role, content in request.messages]
+        extra: dict[str, Any] = {}
+        if request.frequency_penalty:
+            extra["frequency_penalty"] = request.frequency_penalty
+        if request.presence_penalty:
+            extra["presence_penalty"] = request.presence_penalty
+        if request.logit_bias:  # token ids of the provider's tokenizer, as OpenAI's API takes them
+            extra["logit_bias"] = {str(t): b for t, b in request.logit_bias}
         try:
             reply = litellm.completion(
                 model=model,
-                messages=[{"role": "user", "content": request.prompt}],
+                messages=messages or [{"role": "user", "content": request.prompt}],
                 max_tokens=request.max_new_tokens,
                 temperature=request.temperature,
                 top_p=request.top_p,
                 seed=request.seed,
                 stop=list(request.stop) or None,
+                **extra,
                 **self._call_kwargs,
             )
         except Exception as exc:  # providers raise many classes; all mean "this call failed"
@@ -112,6 +130,8 @@ class ExternalEngine:
             prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
             completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
             finish_reason="length" if choice.finish_reason == "length" else "stop",
+            # the provider applies its own template to the messages
+            prompt_rule="chat_template" if messages else "raw",
         )
 
     # ------------------------------------------------------------------ score
@@ -133,3 +153,20 @@ class ExternalEngine:
         if model is None:
             raise EngineError(f"target {target!r} is not loaded on this engine (loaded: {sorted(self.targets())})")
         return model
+
+
+def _provider_unsupported(request: GenerateRequest) -> str | None:
+    """The first of vLLM's extensions a request sets, which provider APIs do not have."""
+    if request.top_k:
+        return "top_k"
+    if request.min_p:
+        return "min_p"
+    if request.repetition_penalty != 1.0:
+        return "repetition_penalty"
+    if request.stop_token_ids:
+        return "stop_token_ids"
+    if request.ignore_eos:
+        return "ignore_eos"
+    if not request.skip_special_tokens:
+        return "skip_special_tokens"
+    return None

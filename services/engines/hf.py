@@ -12,7 +12,7 @@ Adapters are applied in one of two ways (``adapter_mode``):
 - ``"unmerged"``: peft's LoRA layers run beside the base weights (``set_adapter``); no weights
   change, at the price of the extra low-rank matmuls on every step.
 
-Sampling is done per row with the request's own ``torch.Generator`` (see ``_RowSampler``), so a
+Sampling is done per row with the request's own ``torch.Generator`` (see ``_RowLogits``), so a
 sampled completion depends on its seed only, not on what else was in the batch, and the engine
 never touches torch's global RNG.
 
@@ -53,6 +53,7 @@ from services.engines.base import (
     ScoreRequest,
     ScoreResult,
 )
+from services.engines.prompting import check_context, context_length, end_token_ids, render, stop_ids
 
 ADAPTER_MODES = ("merge", "unmerged")
 
@@ -79,12 +80,15 @@ class HFEngine:
         self.dtype = dtype
         self.adapter_mode = adapter_mode
         self.max_batch_size = max_batch_size
+        self._base_path = Path(base_path)
         self._base: PreTrainedModel = self._load_causal_lm(base_path)
         self._tokenizer = _load_tokenizer(base_path)
         self._peft: PeftModel | None = None  # created when the first adapter is loaded
         self._adapters: dict[str, str] = {}  # name -> folder it came from
         self._models: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
         self._merged: str | None = None  # adapter currently merged into the base weights
+        # (tuner layer, [(base parameter, its value before the merge)]) of the merged adapter
+        self._snapshot: list[tuple[BaseTunerLayer, list[tuple[torch.nn.Parameter, torch.Tensor]]]] = []
 
     @property
     def base_model(self) -> PreTrainedModel:
@@ -110,8 +114,24 @@ class HFEngine:
             else:
                 self._peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            self._drop_partial(name)
             raise EngineError(f"adapter {name!r} from {path} does not load on this base: {exc}") from exc
         self._adapters[name] = str(path)
+
+    def _drop_partial(self, name: str) -> None:
+        """A load that failed half-way (a wrong shape) leaves layers injected under ``name``:
+        remove them, so the other adapters and the base run exactly as before."""
+        if self._peft is None:
+            # the first adapter: peft injected its layers into the base before failing, and left
+            # no wrapper to remove them with; load the base again
+            if any(isinstance(m, BaseTunerLayer) for m in self._base.modules()):
+                self._base = self._load_causal_lm(self._base_path)
+            return
+        if name not in self._peft.peft_config:
+            return
+        if name in self._peft.active_adapters:
+            self._peft.set_adapter(next(iter(self._adapters)))
+        self._peft.delete_adapter(name)
 
     def unload_adapter(self, name: str) -> None:
         if name not in self._adapters:
@@ -184,27 +204,36 @@ class HFEngine:
         emits: Sequence[Emit | None] | None = None,
     ) -> list[GenerateResult]:
         pad_id = _pad_id(tokenizer)
-        prompts = [tokenizer(r.prompt)["input_ids"] for r in batch]
+        rendered = [render(tokenizer, r) for r in batch]
+        context = context_length(getattr(model, "config", None))
+        for (ids, _), r in zip(rendered, batch):
+            check_context(len(ids), r, context)
+        prompts = [ids for ids, _ in rendered]
+        ends = end_token_ids(tokenizer, getattr(model, "generation_config", None))
+        stops = [stop_ids(r, ends) for r in batch]
         input_ids, attention_mask = _pad(prompts, pad_id, left=True, device=self.device)
         prompt_len = input_ids.shape[1]
         config = GenerationConfig(
-            do_sample=False,  # sampling happens per row in _RowSampler; greedy picks its choice
+            do_sample=False,  # sampling happens per row in _RowLogits; greedy picks its choice
             max_new_tokens=max(r.max_new_tokens for r in batch),
-            eos_token_id=tokenizer.eos_token_id,
+            # no end token of generate's own: each row ends on its own stop ids (_RowStops), which
+            # differ per row (ignore_eos, stop_token_ids); an empty list also keeps generate from
+            # filling in the model's generation_config eos
+            eos_token_id=[],
             pad_token_id=pad_id,
         )
-        streamer = _BatchStreamer(tokenizer, batch, emits) if emits and any(emits) else None
+        streamer = _BatchStreamer(tokenizer, batch, emits, stops) if emits and any(emits) else None
         output = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             generation_config=config,
-            logits_processor=LogitsProcessorList([_RowSampler(batch, self.device)]),
-            stopping_criteria=StoppingCriteriaList([_RowStops(batch, prompt_len, tokenizer)]),
+            logits_processor=LogitsProcessorList([_RowLogits(batch, prompts, prompt_len, self.device)]),
+            stopping_criteria=StoppingCriteriaList([_RowStops(batch, prompt_len, tokenizer, stops)]),
             streamer=streamer,
         )
         results = [
-            _finish(tokenizer, request, output[row, prompt_len:].tolist(), len(prompts[row]))
-            for row, request in enumerate(batch)
+            _finish(tokenizer, request, output[row, prompt_len:].tolist(), len(prompts[row]), stops[row], rule)
+            for row, (request, (_, rule)) in enumerate(zip(batch, rendered))
         ]
         if streamer is not None:
             streamer.finish(results)
@@ -293,22 +322,41 @@ class HFEngine:
                 if self._merged != target:
                     self._unmerge()
                     self._peft.set_adapter(target)
-                    self._peft.base_model.merge_adapter(adapter_names=[target])
-                    self._merged = target
+                    self._merge(target)
             else:
                 self._peft.set_adapter(target)
             yield self._peft, self._tokenizer
         else:
             raise EngineError(f"target {target!r} is not loaded on this engine (loaded: {sorted(self.targets())})")
 
+    @torch.no_grad()
+    def _merge(self, target: str) -> None:
+        """Merge ``target`` into the base weights with peft's own merge (which knows DoRA, lora
+        biases, fan-in-fan-out layers), after keeping a copy of every base parameter it is about to
+        change: ``_unmerge`` puts those copies back. Subtracting the delta again instead would
+        leave float rounding behind on every switch, and for DoRA it needs peft's cached weight
+        norms, which a failed or out-of-mode unmerge loses (the delta then stays in the shared
+        base). The copy costs the touched layers' weights once more while an adapter is merged."""
+        assert self._peft is not None
+        self._snapshot = []
+        for module in self._peft.modules():
+            if isinstance(module, BaseTunerLayer) and _holds(module, target):
+                base = module.get_base_layer()
+                self._snapshot.append((module, [(p, p.detach().clone()) for p in base.parameters(recurse=False)]))
+        self._merged = target
+        self._peft.base_model.merge_adapter(adapter_names=[target])
+
+    @torch.no_grad()
     def _unmerge(self) -> None:
-        if self._merged is not None:
-            assert self._peft is not None
-            # only the merged layers: peft's unmerge_adapter warns for every layer of other adapters
-            for module in self._peft.modules():
-                if isinstance(module, BaseTunerLayer) and module.merged:
-                    module.unmerge()
-            self._merged = None
+        if self._merged is None:
+            return
+        for module, params in self._snapshot:
+            for param, kept in params:
+                param.copy_(kept)
+            module.merged_adapters.clear()
+            getattr(module, "_caches", {}).pop(f"{self._merged}-weight_norm", None)  # DoRA's
+        self._snapshot = []
+        self._merged = None
 
     def _check_free(self, name: str) -> None:
         if not name or name == self.base_name or name in self._adapters or name in self._models:
@@ -322,37 +370,66 @@ class HFEngine:
 # ---------------------------------------------------------------------- decoding helpers
 
 
-class _RowSampler(LogitsProcessor):
-    """Temperature / top-p sampling per row, each row with its own seeded generator.
+class _RowLogits(LogitsProcessor):
+    """Each row's own logit rules, in vLLM's order: ``logit_bias``; the repetition penalty (over
+    the prompt and the completion), frequency and presence penalties (over the completion); then,
+    for a sampled row, temperature, ``min_p``, ``top_k``, ``top_p`` and a draw from the row's own
+    seeded generator.
 
-    The chosen token's logit is kept and every other one set to -inf, so the surrounding greedy
-    ``generate`` picks it. Rows with temperature 0 pass through untouched (greedy).
+    A sampled row keeps only its drawn token (every other logit -inf), so the surrounding greedy
+    ``generate`` picks it; a greedy row gets its biased and penalised logits, whose argmax it takes.
+    Rows without any of these pass through untouched.
     """
 
-    def __init__(self, batch: list[GenerateRequest], device: torch.device) -> None:
-        self.rows: list[tuple[int, float, float, torch.Generator]] = []
+    def __init__(self, batch: list[GenerateRequest], prompts: list[list[int]], prompt_len: int,
+                 device: torch.device) -> None:
+        self.prompt_len = prompt_len
+        self.rows: list[tuple[int, GenerateRequest, torch.Tensor | None, torch.Generator | None]] = []
         for row, r in enumerate(batch):
+            if r.temperature <= 0 and not r.penalised:
+                continue
+            gen = None
             if r.temperature > 0:
                 gen = torch.Generator(device=device)
                 if r.seed is None:
                     gen.seed()  # fresh entropy, not torch's global RNG
                 else:
                     gen.manual_seed(r.seed)
-                self.rows.append((row, r.temperature, r.top_p, gen))
+            seen = torch.tensor(prompts[row], dtype=torch.long, device=device) if r.repetition_penalty != 1.0 else None
+            self.rows.append((row, r, seen, gen))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for row, temperature, top_p, gen in self.rows:
-            probs = torch.softmax(scores[row].float() / temperature, dim=-1)
-            if top_p < 1.0:
+        for row, r, prompt_ids, gen in self.rows:
+            logits = scores[row].float()
+            if r.logit_bias:
+                ids = torch.tensor([t for t, _ in r.logit_bias], device=logits.device)
+                logits[ids] += torch.tensor([b for _, b in r.logit_bias], device=logits.device)
+            completion = input_ids[row, self.prompt_len :]
+            if prompt_ids is not None:
+                seen = torch.unique(torch.cat([prompt_ids, completion]))
+                picked = logits[seen]
+                logits[seen] = torch.where(picked > 0, picked / r.repetition_penalty, picked * r.repetition_penalty)
+            if r.frequency_penalty or r.presence_penalty:
+                counts = torch.bincount(completion, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+                logits -= r.frequency_penalty * counts + r.presence_penalty * (counts > 0).to(logits.dtype)
+            if gen is None:
+                scores[row] = logits.to(scores.dtype)
+                continue
+            probs = torch.softmax(logits / r.temperature, dim=-1)
+            if r.min_p > 0:
+                probs[probs < r.min_p * probs.max()] = 0.0
+            if 0 < r.top_k < probs.shape[-1]:
+                probs[probs < probs.topk(r.top_k).values[-1]] = 0.0
+            if r.top_p < 1.0:
                 sorted_probs, order = probs.sort(descending=True)
+                sorted_probs /= sorted_probs.sum()
                 # keep the smallest prefix whose mass reaches top_p (always the top token)
-                drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+                drop = sorted_probs.cumsum(-1) - sorted_probs >= r.top_p
                 sorted_probs[drop] = 0.0
                 probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
             choice = torch.multinomial(probs, 1, generator=gen)
-            kept = scores[row, choice].clone()
             scores[row] = float("-inf")
-            scores[row, choice] = kept
+            scores[row, choice] = 0.0
         return scores
 
 
@@ -361,8 +438,8 @@ class _BatchStreamer(BaseStreamer):
     step's new token of every row; rows with an emit stream through their own ``_DeltaStreamer``."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, batch: list[GenerateRequest],
-                 emits: Sequence[Emit | None]) -> None:
-        self.rows = [(row, _DeltaStreamer(tokenizer, request, emit))
+                 emits: Sequence[Emit | None], stops: Sequence[frozenset[int]]) -> None:
+        self.rows = [(row, _DeltaStreamer(tokenizer, request, emit, stops[row]))
                      for row, (request, emit) in enumerate(zip(batch, emits, strict=True)) if emit is not None]
         self.size = len(batch)
         self._prompt = True
@@ -390,8 +467,10 @@ class _DeltaStreamer:
     characters, which a stop string completed later would cut. Tokens after the row's end (its EOS,
     its own token limit: the batch goes on for longer rows, padding the finished ones) are ignored."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, request: GenerateRequest, emit: Emit) -> None:
-        self.tokenizer, self.emit = tokenizer, emit
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, request: GenerateRequest, emit: Emit,
+                 ends: frozenset[int]) -> None:
+        self.tokenizer, self.emit, self.ends = tokenizer, emit, ends
+        self.skip_special = request.skip_special_tokens
         self.stop = [s for s in request.stop if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.limit = request.max_new_tokens
@@ -403,11 +482,14 @@ class _DeltaStreamer:
         if self.ended:
             return
         for token in tokens:
-            self.ids.append(token)
-            if token == self.tokenizer.eos_token_id or len(self.ids) >= self.limit:
+            if token in self.ends:  # never part of the text (``_finish``)
                 self.ended = True
                 break
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            self.ids.append(token)
+            if len(self.ids) >= self.limit:
+                self.ended = True
+                break
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special)
         hits = [text.find(s) for s in self.stop if s in text]
         if hits:  # the answer ends before the stop string; generation stops after this token
             self.ended = True
@@ -422,40 +504,59 @@ class _DeltaStreamer:
 
 
 class _RowStops(StoppingCriteria):
-    """Per-row stop: the row's own max_new_tokens, or one of its stop strings in the completion."""
+    """Per-row stop: one of the row's stop ids (the model's end tokens, its stop_token_ids), its
+    own max_new_tokens, or one of its stop strings in the completion."""
 
-    def __init__(self, batch: list[GenerateRequest], prompt_len: int, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, batch: list[GenerateRequest], prompt_len: int, tokenizer: PreTrainedTokenizerBase,
+                 ends: Sequence[frozenset[int]]) -> None:
         self.limits = [r.max_new_tokens for r in batch]
         self.stops = [r.stop for r in batch]
+        self.skip_special = [r.skip_special_tokens for r in batch]
+        self.ends = ends
+        self.done = [False] * len(batch)
         self.prompt_len = prompt_len
         self.tokenizer = tokenizer
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         produced = input_ids.shape[1] - self.prompt_len
-        done = [produced >= limit for limit in self.limits]
+        last = input_ids[:, -1].tolist()
         for row, stops in enumerate(self.stops):
-            if stops and not done[row]:
-                text = self.tokenizer.decode(input_ids[row, self.prompt_len :], skip_special_tokens=True)
-                done[row] = any(s in text for s in stops)
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+            if self.done[row]:  # sticky: the rows after an end are padding
+                continue
+            text_stop = bool(stops) and any(
+                s in self.tokenizer.decode(input_ids[row, self.prompt_len :], skip_special_tokens=self.skip_special[row])
+                for s in stops
+            )
+            self.done[row] = produced >= self.limits[row] or last[row] in self.ends[row] or text_stop
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
 
 def _finish(
-    tokenizer: PreTrainedTokenizerBase, request: GenerateRequest, produced: list[int], prompt_tokens: int
+    tokenizer: PreTrainedTokenizerBase, request: GenerateRequest, produced: list[int], prompt_tokens: int,
+    ends: frozenset[int], rule: str = "raw",
 ) -> GenerateResult:
     ids = produced[: request.max_new_tokens]
     reason = "length"
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in ids:
-        ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
+    end = next((i for i, token in enumerate(ids) if token in ends), None)
+    if end is not None:
+        ids = ids[: end + 1]
         reason = "stop"
-    text = tokenizer.decode(ids, skip_special_tokens=True)
+    skip = request.skip_special_tokens
+
+    def text_of(tokens: list[int]) -> str:
+        # the end token itself is never part of the text (vLLM's rule), special or not
+        if tokens and reason == "stop" and tokens[-1] in ends:
+            tokens = tokens[:-1]
+        return tokenizer.decode(tokens, skip_special_tokens=skip)
+
+    text = text_of(ids)
     hits = [text.find(s) for s in request.stop if s and s in text]
     if hits:
         text = text[: min(hits)]
         reason = "stop"
         # keep the tokens up to the one that completed the stop string
         for n in range(1, len(ids) + 1):
-            if any(s in tokenizer.decode(ids[:n], skip_special_tokens=True) for s in request.stop if s):
+            if any(s in tokenizer.decode(ids[:n], skip_special_tokens=skip) for s in request.stop if s):
                 ids = ids[:n]
                 break
     return GenerateResult(
@@ -464,7 +565,13 @@ def _finish(
         prompt_tokens=prompt_tokens,
         completion_tokens=len(ids),
         finish_reason=reason,  # type: ignore[arg-type]
+        prompt_rule=rule,  # type: ignore[arg-type]
     )
+
+
+def _holds(module: BaseTunerLayer, adapter: str) -> bool:
+    """Whether this tuner layer has weights of ``adapter`` (LoRA's A matrices, or an embedding's)."""
+    return any(adapter in getattr(module, attr, {}) for attr in ("lora_A", "lora_embedding_A"))
 
 
 def _pad(

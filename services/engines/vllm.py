@@ -35,6 +35,7 @@ from services.engines.base import (
     ScoreRequest,
     ScoreResult,
 )
+from services.engines.prompting import check_context, render
 
 if TYPE_CHECKING:
     from vllm import LLM, RequestOutput, SamplingParams
@@ -146,16 +147,24 @@ class VLLMEngine:
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
         if not requests:
             return []
+        from vllm.inputs import TokensPrompt
+
         loras = [self._lora_for(r.target) for r in requests]
+        # the prompt ids come from the same rendering as the hf engine's (prompting.render): the
+        # chat template where the request is a chat, else the prompt as the tokenizer encodes it
+        rendered = [render(self._tokenizer, r) for r in requests]
+        context = self._llm.llm_engine.model_config.max_model_len
+        for (ids, _), r in zip(rendered, requests):
+            check_context(len(ids), r, context)
         outputs = self._llm.generate(
-            [r.prompt for r in requests],
+            [TokensPrompt(prompt_token_ids=ids) for ids, _ in rendered],
             [_sampling_params(r) for r in requests],
             lora_request=loras,
             use_tqdm=False,
         )
-        return [self._result(output) for output in outputs]
+        return [self._result(output, rule) for output, (_, rule) in zip(outputs, rendered)]
 
-    def _result(self, output: RequestOutput) -> GenerateResult:
+    def _result(self, output: RequestOutput, rule: str) -> GenerateResult:
         completion = output.outputs[0]
         ids = list(completion.token_ids)
         return GenerateResult(
@@ -164,6 +173,7 @@ class VLLMEngine:
             prompt_tokens=len(output.prompt_token_ids or ()),
             completion_tokens=len(ids),
             finish_reason="length" if completion.finish_reason == "length" else "stop",
+            prompt_rule=rule,  # type: ignore[arg-type]
         )
 
     # ------------------------------------------------------------------ score
@@ -238,12 +248,22 @@ class VLLMEngine:
 def _sampling_params(request: GenerateRequest) -> SamplingParams:
     from vllm import SamplingParams
 
+    # vLLM adds the model's generation_config eos ids to the stop tokens itself (unless ignore_eos)
     return SamplingParams(
         max_tokens=request.max_new_tokens,
         temperature=request.temperature,  # vLLM samples greedily at 0
         top_p=request.top_p,
+        top_k=request.top_k,  # 0: off
+        min_p=request.min_p,
         seed=request.seed,
         stop=list(request.stop) or None,
+        stop_token_ids=list(request.stop_token_ids) or None,
+        ignore_eos=request.ignore_eos,
+        skip_special_tokens=request.skip_special_tokens,
+        repetition_penalty=request.repetition_penalty,
+        frequency_penalty=request.frequency_penalty,
+        presence_penalty=request.presence_penalty,
+        logit_bias=dict(request.logit_bias) or None,
     )
 
 

@@ -26,6 +26,7 @@ from sqlalchemy import select, text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from composer.base import Completion
+from composer.engine_protocol import RequestError
 from registry.errors import MoergeError, NotFoundError
 from registry.models import Expert
 from registry.service import Registry
@@ -92,18 +93,21 @@ class GatewaySettings:
 # ------------------------------------------------------------------------------------- helpers
 
 
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """The prompt a chat request becomes: the last user message's text, as is.
+def chat_prompt(messages: list[ChatMessage]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """What a chat request becomes: the text routers read, and the conversation.
 
-    moerge's experts are completion models that take raw prompts (a zoo skill's own format), so no
-    chat template is applied and earlier turns and system messages are not sent to them.
+    The whole conversation (system, history, an assistant turn to continue) goes to every engine
+    call, which renders it with its target's chat template (``services.engines.prompting``). The
+    text routers read is the last user turn: that is also what a model without a chat template
+    gets, raw (the response's ``prompt_rule`` says which rule applied). OpenAI's ``developer`` role
+    is the system role of chat templates.
     """
-    for message in reversed(messages):
-        if message.role == "user":
-            if message.has_non_text():
-                raise APIError(400, "only text content parts are supported", param="messages")
-            return message.text()
-    raise APIError(400, "messages holds no user message (the prompt is the last user message)", param="messages")
+    for message in messages:
+        if message.has_non_text():
+            raise APIError(400, "only text content parts are supported", param="messages")
+    conversation = tuple(("system" if m.role == "developer" else m.role, m.text()) for m in messages)
+    users = [m.text() for m in messages if m.role == "user"]
+    return (users[-1] if users else conversation[-1][1]), conversation
 
 
 def router_ms(completion: Completion) -> float | None:
@@ -127,6 +131,7 @@ def moe_object(model: str, completion: Completion) -> dict[str, Any]:
 def moe_headers(model: str, completion: Completion | None = None) -> dict[str, str]:
     headers = {"x-moe-strategy": model if is_strategy(model) else "direct"}
     if completion is not None:
+        headers["x-moe-prompt-rule"] = completion.prompt_rule
         headers["x-moe-experts"] = ",".join(f"{name}:{weight:.4g}" for name, weight in completion.experts)
         ms = router_ms(completion)
         if ms is not None:
@@ -147,6 +152,8 @@ def backend_error(exc: BaseException, model: str) -> APIError:
         return APIError(504, f"{model!r} did not answer in time", type="timeout_error", code="request_timeout")
     if isinstance(exc, NotFoundError):
         return APIError(404, f"model {model!r} not found: {exc}", code="model_not_found", param="model")
+    if isinstance(exc, RequestError):  # the request cannot be served as asked, anywhere
+        return APIError(400, str(exc), code=exc.code, param=exc.param)
     if isinstance(exc, MoergeError):  # EngineError, ComposeError: the model exists but cannot answer now
         return APIError(503, str(exc), type="service_unavailable_error", code="engine_unavailable")
     raise exc
@@ -243,16 +250,19 @@ def create_app(backend: Backend, registry: Registry, settings: GatewaySettings |
 
     # -- completions ---------------------------------------------------------------------------
 
-    def prepare(body: ChatCompletionRequest | CompletionRequest, prompt: str, principal: Principal) -> SamplingParams:
+    def prepare(body: ChatCompletionRequest | CompletionRequest, prompt: str, principal: Principal,
+                messages: tuple[tuple[str, str], ...] = ()) -> SamplingParams:
         """Everything checked before the backend is asked; the sampling parameters."""
         unsupported = body.unsupported()
         if unsupported is not None:
-            raise APIError(400, f"{unsupported!r} is not supported by moerge", code="unsupported", param=unsupported)
+            raise APIError(400, f"{unsupported!r} is not supported by moerge", code="unsupported_parameter",
+                           param=unsupported)
         check_model_allowed(principal, body.model)
-        if len(prompt) > settings.max_prompt_chars:
+        chars = sum(len(content) for _, content in messages) if messages else len(prompt)
+        if chars > settings.max_prompt_chars:
             raise APIError(
                 413,
-                f"the prompt has {len(prompt)} characters; the limit is {settings.max_prompt_chars}",
+                f"the prompt has {chars} characters; the limit is {settings.max_prompt_chars}",
                 code="prompt_too_long",
                 param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
             )
@@ -267,6 +277,16 @@ def create_app(backend: Backend, registry: Registry, settings: GatewaySettings |
             top_p=1.0 if body.top_p is None else body.top_p,
             seed=body.seed,
             stop=tuple(body.stop_list),
+            messages=messages,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            skip_special_tokens=body.skip_special_tokens,
+            top_k=max(0, body.top_k or 0),
+            min_p=body.min_p or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            logit_bias=tuple((int(t), float(b)) for t, b in (body.logit_bias or {}).items()),
         )
 
     async def complete(request: Request, model: str, prompt: str, params: SamplingParams) -> Completion:
@@ -358,8 +378,8 @@ def create_app(backend: Backend, registry: Registry, settings: GatewaySettings |
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, principal: Principal = Depends(auth.user)
     ) -> Response:
-        prompt = chat_prompt(body.messages)
-        params = prepare(body, prompt, principal)
+        prompt, messages = chat_prompt(body.messages)
+        params = prepare(body, prompt, principal, messages)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return await stream(request, body.model, prompt, params, chat=True, include_usage=include_usage)

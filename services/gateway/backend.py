@@ -27,7 +27,7 @@ import inspect
 import re
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -45,16 +45,31 @@ STRATEGY_PREFIX = "moe/"
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How to answer a request: the sampling parameters, and for a chat the conversation itself
+    (``messages``), which every engine call the request makes renders with its target's template.
+    The ``prompt`` handed beside these is what routers read: a chat's last user turn."""
+
     max_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content); () for a completion prompt
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def generation(self) -> dict:
         """The keyword arguments of ``GenerateRequest`` (and ``MoE.run``) these parameters set."""
-        return {"max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "seed": self.seed, "stop": self.stop}
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["max_new_tokens"] = d.pop("max_tokens")
+        return d
 
     def request(self, prompt: str, target: str | None = None) -> GenerateRequest:
         return GenerateRequest(prompt=prompt, target=target, **self.generation())

@@ -189,20 +189,15 @@ class MoE:
         strategy: Strategy | str,
         prompts: Sequence[str],
         tasks: Sequence[str | None] | None = None,
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        seed: int | None = None,
-        top_p: float = 1.0,
-        stop: Sequence[str] = (),
+        **sampling,
     ) -> list[tuple[Completion, Routed]]:
         """Route and answer every prompt; batched where the composer allows (single, mixture).
-        The sampling parameters hold for every generation the strategy makes (each recruit, each
-        stitched step, the aggregator), as ``GenerateRequest`` defines them."""
+        ``sampling``: ``GenerateRequest``'s fields (max_new_tokens, temperature, seed, top_p, stop,
+        messages, …); they hold for every generation the strategy makes (each recruit, each
+        stitched step, the aggregator)."""
         strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
         routed = self.route_many(strategy, prompts, tasks)
-        return self.answer(strategy, prompts, routed, max_new_tokens=max_new_tokens, temperature=temperature,
-                           seed=seed, top_p=top_p, stop=stop)
+        return self.answer(strategy, prompts, routed, **sampling)
 
     def route_many(self, strategy: Strategy, prompts: Sequence[str],
                    tasks: Sequence[str | None] | None = None) -> list[Routed]:

@@ -1,0 +1,95 @@
+"""From a request to the token ids a model sees, and the tokens that end its answer.
+
+Both local engines (hf, vllm) go through here, so the same request gives the same prompt ids and
+the same end tokens on either, as transformers and vLLM themselves define them:
+
+- A chat (``GenerateRequest.messages``) is rendered by the target tokenizer's own chat template
+  (``apply_chat_template(..., add_generation_prompt=True)``; a final assistant turn is continued
+  with ``continue_final_message``) and tokenised without adding special tokens, because the
+  template writes them itself (what ``apply_chat_template(tokenize=True)`` and vLLM's chat do).
+  A tokenizer without a template gets ``prompt``: the last user turn, raw.
+- A completion prompt is tokenised as ``tokenizer(prompt)`` does (BOS where the tokenizer adds one).
+- The end tokens are every ``eos_token_id`` of the model's generation_config (an int or a list:
+  Qwen and Llama 3 chat models end turns with a token that is not the tokenizer's EOS) and the
+  tokenizer's own EOS, which is what vLLM stops on too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from composer.engine_protocol import (
+    ChatTemplateError,
+    ContextLengthError,
+    GenerateRequest,
+    PromptRule,
+    RequestError,
+)
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render(tokenizer: Any, request: GenerateRequest) -> tuple[list[int], PromptRule]:
+    """The prompt's token ids and the rule that made them."""
+    if request.messages and has_chat_template(tokenizer):
+        messages = [{"role": role, "content": content} for role, content in request.messages]
+        prefill = messages[-1]["role"] == "assistant"
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=not prefill, continue_final_message=prefill
+            )
+        except Exception as exc:  # jinja2's TemplateError, or a template's own raise_exception
+            raise ChatTemplateError(f"the model's chat template refuses these messages: {exc}", "messages") from exc
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"]), "chat_template"
+    if request.messages and not any(role == "user" for role, _ in request.messages):
+        raise RequestError("messages holds no user message, and this model has no chat template to render "
+                           "the others with (its prompt is the last user message)", "messages")
+    rule: PromptRule = "last_user_message" if request.messages else "raw"
+    return list(tokenizer(request.prompt)["input_ids"]), rule
+
+
+def end_token_ids(tokenizer: Any, generation_config: Any = None) -> tuple[int, ...]:
+    """The model's own end tokens: generation_config's ``eos_token_id`` (int or list) and the
+    tokenizer's EOS, in that order, without repeats."""
+    found: list[int] = []
+    configured = getattr(generation_config, "eos_token_id", None)
+    for token in [*_ids(configured), *_ids(getattr(tokenizer, "eos_token_id", None))]:
+        if token not in found:
+            found.append(token)
+    return tuple(found)
+
+
+def stop_ids(request: GenerateRequest, ends: tuple[int, ...]) -> frozenset[int]:
+    """What ends this request's answer: the model's end tokens (unless ``ignore_eos``) and its own
+    ``stop_token_ids``."""
+    return frozenset(request.stop_token_ids) | (frozenset() if request.ignore_eos else frozenset(ends))
+
+
+def check_context(prompt_tokens: int, request: GenerateRequest, context: int | None) -> None:
+    """A prompt that cannot fit with the tokens asked for is refused, as vLLM's server does."""
+    if context and prompt_tokens + request.max_new_tokens > context:
+        raise ContextLengthError(
+            f"this model's context is {context} tokens; the prompt has {prompt_tokens} and "
+            f"{request.max_new_tokens} more were asked for (max_tokens). Shorten the prompt or ask for fewer.",
+            "messages" if request.messages else "prompt",
+        )
+
+
+def context_length(config: Any) -> int | None:
+    """The model's context in tokens, from its config (what vLLM takes as max_model_len)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _ids(value: Any) -> Iterable[int]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)

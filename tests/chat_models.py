@@ -1,0 +1,97 @@
+"""Tiny real chat models for tests, in the shape people download them: a random Qwen2 (GQA, tied
+embeddings) with a byte-level BPE tokenizer trained here on local text, a Qwen-style chat
+template, and a ``generation_config.json`` whose eos list holds both ``<|im_end|>`` and
+``<|endoftext|>``, as Qwen2.5-Instruct's does. Built in about a second, offline.
+
+The models are random, so tests drive the cases they need through the request itself
+(``logit_bias`` to make a given token come next, ``ignore_eos`` to run on).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+
+# Qwen2.5-Instruct's template, shortened: a default system turn when the conversation has none
+QWEN_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if loop.first and message['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def _corpus() -> list[str]:
+    """Local text to train the BPE on: this repository's own docs and sources."""
+    root = Path(__file__).resolve().parent.parent
+    files = sorted(root.glob("docs/*.md")) + sorted(root.glob("services/gateway/*.py"))
+    return [f.read_text(errors="ignore") for f in files]
+
+
+def make_bpe_tokenizer(chat_template: str | None = QWEN_TEMPLATE, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[ENDOFTEXT, IM_START, IM_END],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(_corpus(), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=IM_END, pad_token=ENDOFTEXT,
+                                  additional_special_tokens=[IM_START])
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    return tok
+
+
+def make_qwen_chat_model(directory: Path, seed: int = 0, chat_template: str | None = QWEN_TEMPLATE,
+                         eos_list: bool = True) -> Path:
+    """A Qwen2-architecture chat model folder: config, weights, tokenizer with its template,
+    generation_config.json (eos ``[<|im_end|>, <|endoftext|>]`` when ``eos_list``)."""
+    tok = make_bpe_tokenizer(chat_template)
+    im_end, endoftext = tok.convert_tokens_to_ids([IM_END, ENDOFTEXT])
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=im_end, pad_token_id=endoftext,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tok.save_pretrained(str(directory))
+    eos = [im_end, endoftext] if eos_list else im_end
+    GenerationConfig(eos_token_id=eos, pad_token_id=endoftext, bos_token_id=None).save_pretrained(directory)
+    return directory
+
+
+def token_id(directory: Path, token: str) -> int:
+    vocab = json.loads((Path(directory) / "tokenizer.json").read_text())["model"]["vocab"]
+    added = {t["content"]: t["id"] for t in json.loads((Path(directory) / "tokenizer.json").read_text())["added_tokens"]}
+    return added.get(token, vocab.get(token))
+
+
+def make_chat_lora(base_dir: Path, directory: Path, seed: int = 1, scale: float = 0.3, **lora_kwargs) -> Path:
+    """A peft adapter on ``base_dir`` with random (non-zero) weights; ``lora_kwargs`` go to
+    ``LoraConfig`` (``use_dora``, ``rank_pattern``, ``use_rslora``, ``modules_to_save``, …)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = Qwen2ForCausalLM.from_pretrained(base_dir)
+    cfg = LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0,
+                        **lora_kwargs})
+    model = get_peft_model(base, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:  # A, B and DoRA's magnitude: all away from their no-op init
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    return directory

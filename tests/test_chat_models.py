@@ -1,0 +1,333 @@
+"""Real chat models end to end on the hf engine and the gateway: a tiny random Qwen2 (GQA, tied
+embeddings) with a byte-level BPE tokenizer, a chat template and generation_config's eos list
+(tests/chat_models.py), and peft adapters of every kind on it.
+
+The reference is what transformers itself does with the same folder: ``apply_chat_template`` then
+``generate``, with the model's own generation_config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from composer.engine_protocol import ContextLengthError, GenerateRequest, RequestError  # noqa: E402
+from services.engines.hf import HFEngine  # noqa: E402
+from tests.chat_models import (  # noqa: E402
+    ENDOFTEXT,
+    IM_END,
+    make_chat_lora,
+    make_qwen_chat_model,
+    token_id,
+)
+
+SYSTEM = ("system", "You answer in one word.")
+HISTORY = (("user", "Name a colour"), ("assistant", "Blue."))
+QUESTION = ("user", "Name a fruit")
+CONVERSATION = (SYSTEM, *HISTORY, QUESTION)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory) -> Path:
+    return make_qwen_chat_model(tmp_path_factory.mktemp("qwen") / "qwen-chat")
+
+
+@pytest.fixture(scope="module")
+def adapters(qwen: Path, tmp_path_factory) -> dict[str, Path]:
+    """One adapter of each kind peft makes, with random non-zero weights."""
+    root = tmp_path_factory.mktemp("adapters")
+    kinds = {
+        "plain": {},
+        "dora": {"use_dora": True},
+        "patterned": {"target_modules": "all-linear", "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"v_proj": 32}},
+        "rslora": {"target_modules": ["gate_proj", "up_proj", "down_proj"], "use_rslora": True},
+        "saves": {"modules_to_save": ["norm"]},  # (an adapter name ending in "norm" would clash with it in peft)
+    }
+    return {name: make_chat_lora(qwen, root / name, seed=i + 1, **kw) for i, (name, kw) in enumerate(kinds.items())}
+
+
+def reference(folder: Path, messages, max_new_tokens: int = 12, adapter: Path | None = None, **generate_kwargs):
+    """transformers' own answer: the chat template, then greedy ``generate`` with the model's
+    generation_config (its eos list)."""
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    chat = [{"role": r, "content": c} for r, c in messages]
+    inputs = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
+    ids = out[0, inputs["input_ids"].shape[1] :].tolist()
+    return ids, inputs["input_ids"].shape[1], tok
+
+
+def chat(messages=CONVERSATION, **kw) -> GenerateRequest:
+    last_user = ([c for r, c in messages if r == "user"] or [""])[-1]
+    return GenerateRequest(last_user, messages=messages, **{"max_new_tokens": 12, **kw})
+
+
+# ------------------------------------------------------------------------------------- prompts
+
+
+def test_chat_equals_transformers_on_the_chat_template(qwen: Path) -> None:
+    engine = HFEngine(qwen)
+    [result] = engine.generate([chat()])
+    ids, prompt_len, tok = reference(qwen, CONVERSATION)
+    ends = {token_id(qwen, IM_END), token_id(qwen, ENDOFTEXT)}
+    want = ids[: next((i + 1 for i, t in enumerate(ids) if t in ends), len(ids))]
+    assert result.prompt_rule == "chat_template"
+    assert result.prompt_tokens == prompt_len
+    assert result.token_ids == want
+    assert result.text == tok.decode([t for t in want if t not in ends], skip_special_tokens=True)
+
+
+def test_history_and_system_change_the_prompt(qwen: Path) -> None:
+    engine = HFEngine(qwen)
+    whole, alone, other_system = engine.generate(
+        [chat(), chat((QUESTION,)), chat((("system", "Answer at length."), *HISTORY, QUESTION))]
+    )
+    assert whole.prompt_tokens > alone.prompt_tokens
+    assert whole.prompt_tokens != other_system.prompt_tokens
+    assert len({whole.prompt_tokens, alone.prompt_tokens, other_system.prompt_tokens}) == 3
+
+
+def test_an_assistant_prefill_is_continued(qwen: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(qwen)
+    prefill = (*CONVERSATION, ("assistant", "Apple"))
+    [result] = HFEngine(qwen).generate([chat(prefill)])
+    rendered = tok.apply_chat_template([{"role": r, "content": c} for r, c in prefill], tokenize=False,
+                                       continue_final_message=True)
+    assert rendered.endswith("<|im_start|>assistant\nApple")
+    assert result.prompt_tokens == len(tok(rendered, add_special_tokens=False)["input_ids"])
+
+
+def test_a_model_without_template_gets_the_last_user_turn(tmp_path: Path) -> None:
+    folder = make_qwen_chat_model(tmp_path / "no-template", chat_template=None)
+    engine = HFEngine(folder)
+    [with_history, raw] = engine.generate([chat(), GenerateRequest(QUESTION[1], max_new_tokens=12)])
+    assert with_history.prompt_rule == "last_user_message"
+    assert (with_history.token_ids, with_history.prompt_tokens) == (raw.token_ids, raw.prompt_tokens)
+    with pytest.raises(RequestError, match="no user message"):
+        engine.generate([chat((SYSTEM,))])
+
+
+def test_a_prompt_over_the_context_is_refused(qwen: Path) -> None:
+    with pytest.raises(ContextLengthError, match="context is 256 tokens"):
+        HFEngine(qwen).generate([chat(max_new_tokens=250)])
+
+
+# ------------------------------------------------------------------------------------- stops
+
+
+def test_stops_on_every_eos_of_generation_config(qwen: Path) -> None:
+    """<|endoftext|> is in generation_config's eos list, not the tokenizer's EOS (<|im_end|>)."""
+    engine = HFEngine(qwen)
+    endoftext, im_end = token_id(qwen, ENDOFTEXT), token_id(qwen, IM_END)
+    for end in (endoftext, im_end):
+        [r] = engine.generate([chat(logit_bias=((end, 100.0),))])
+        assert (r.token_ids, r.finish_reason, r.text) == ([end], "stop", "")
+    [r] = engine.generate([chat(logit_bias=((endoftext, 100.0),), ignore_eos=True, max_new_tokens=5)])
+    assert (r.token_ids, r.finish_reason) == ([endoftext] * 5, "length")
+    [r] = engine.generate([chat(logit_bias=((endoftext, 100.0),), ignore_eos=True, max_new_tokens=3,
+                                skip_special_tokens=False)])
+    assert r.text == ENDOFTEXT * 3
+
+
+def test_stop_token_ids_and_stop_strings(qwen: Path) -> None:
+    engine = HFEngine(qwen)
+    [free] = engine.generate([chat(ignore_eos=True, max_new_tokens=8)])
+    assert free.finish_reason == "length"
+    stop_at = free.token_ids[3]
+    first = free.token_ids.index(stop_at)
+    [r] = engine.generate([chat(ignore_eos=True, max_new_tokens=8, stop_token_ids=(stop_at,))])
+    assert (r.token_ids, r.finish_reason) == (free.token_ids[: first + 1], "stop")
+
+
+# ------------------------------------------------------------------------------------- sampling
+
+
+def test_penalties_and_bias_change_greedy_as_vllm_defines_them(qwen: Path) -> None:
+    """A step-by-step reference: logit_bias, then repetition (prompt + completion), frequency and
+    presence (completion) penalties, then the argmax."""
+    tok = AutoTokenizer.from_pretrained(qwen)
+    model = AutoModelForCausalLM.from_pretrained(qwen).eval()
+    bias_token = tok.convert_tokens_to_ids(tok.tokenize(" the"))[0]
+    params = {"repetition_penalty": 1.3, "frequency_penalty": 0.7, "presence_penalty": 0.4,
+              "logit_bias": ((bias_token, 0.8),)}
+    prompt = tok.apply_chat_template([{"role": r, "content": c} for r, c in CONVERSATION], tokenize=False,
+                                     add_generation_prompt=True)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(10):
+            logits = model(torch.tensor([ids + out])).logits[0, -1].float()
+            logits[bias_token] += 0.8
+            seen = torch.tensor(sorted(set(ids + out)))
+            picked = logits[seen]
+            logits[seen] = torch.where(picked > 0, picked / 1.3, picked * 1.3)
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
+            logits -= 0.7 * counts + 0.4 * (counts > 0).float()
+            out.append(int(logits.argmax()))
+    [r] = HFEngine(qwen).generate([chat(max_new_tokens=10, ignore_eos=True, **params)])
+    [plain] = HFEngine(qwen).generate([chat(max_new_tokens=10, ignore_eos=True)])
+    assert r.token_ids == out
+    assert r.token_ids != plain.token_ids
+
+
+def test_top_k_one_is_greedy_and_sampling_is_seeded(qwen: Path) -> None:
+    engine = HFEngine(qwen)
+    greedy, top1, a, b = engine.generate([
+        chat(ignore_eos=True),
+        chat(ignore_eos=True, temperature=1.5, top_k=1, seed=3),
+        chat(ignore_eos=True, temperature=1.5, min_p=0.05, seed=3),
+        chat(ignore_eos=True, temperature=1.5, min_p=0.05, seed=3),
+    ])
+    assert top1.token_ids == greedy.token_ids
+    assert a.token_ids == b.token_ids
+
+
+# ------------------------------------------------------------------------------------- adapters
+
+
+def _base_state(engine: HFEngine) -> dict[str, torch.Tensor]:
+    model = engine._peft.get_base_model() if engine._peft is not None else engine._base
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" not in k
+            and "modules_to_save" not in k}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    def plain(k: str) -> str:
+        return k.replace(".base_layer", "").replace(".original_module", "")
+
+    pa, pb = {plain(k): v for k, v in a.items()}, {plain(k): v for k, v in b.items()}
+    return pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+@pytest.mark.parametrize("mode", ["merge", "unmerged"])
+def test_every_adapter_kind_answers_as_peft_and_the_base_stays_bit_identical(
+    qwen: Path, adapters: dict[str, Path], mode: str
+) -> None:
+    engine = HFEngine(qwen, adapter_mode=mode)
+    before = _base_state(engine)
+    [base_answer] = engine.generate([chat(ignore_eos=True)])
+    for name, folder in adapters.items():
+        engine.load_adapter(name, folder)
+    for _ in range(2):  # switch through every adapter twice: merges and unmerges in turn
+        answers = engine.generate([chat(ignore_eos=True, target=name) for name in adapters])
+    for (name, folder), answer in zip(adapters.items(), answers):
+        ids, _, _ = reference(qwen, CONVERSATION, adapter=folder, eos_token_id=None)
+        assert answer.token_ids == ids, name
+    [again] = engine.generate([chat(ignore_eos=True)])
+    assert again.token_ids == base_answer.token_ids
+    assert _same(_base_state(engine), before)
+    for name in adapters:
+        engine.unload_adapter(name)
+    assert _same(_base_state(engine), before)
+
+
+def test_a_failed_adapter_load_leaves_the_engine_as_it_was(qwen: Path, adapters: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    other = make_qwen_chat_model(tmp_path / "other")  # same architecture, other vocabulary size? no: other weights
+    wrong = make_chat_lora(other, tmp_path / "wrong-shape", r=8)
+    cfg = (wrong / "adapter_config.json").read_text()
+    # a wrong shape: the adapter's weights say rank 8, its config says rank 4
+    (wrong / "adapter_config.json").write_text(cfg.replace('"r": 8', '"r": 4'))
+    for first in (True, False):
+        engine = HFEngine(qwen)
+        if not first:
+            engine.load_adapter("plain", adapters["plain"])
+        before = _base_state(engine)
+        answers = engine.generate([chat(ignore_eos=True)] + ([] if first else [chat(ignore_eos=True, target="plain")]))
+        with pytest.raises(Exception, match="does not load"):
+            engine.load_adapter("wrong", wrong)
+        assert "wrong" not in engine.targets()
+        assert _same(_base_state(engine), before)
+        again = engine.generate([chat(ignore_eos=True)] + ([] if first else [chat(ignore_eos=True, target="plain")]))
+        assert [a.token_ids for a in again] == [a.token_ids for a in answers]
+
+
+# ------------------------------------------------------------------------------------- gateway
+
+
+@pytest.fixture(scope="module")
+def gateway(qwen: Path, adapters: dict[str, Path], tmp_path_factory):
+    """The gateway over real HTTP, its registry holding the Qwen base and every adapter kind."""
+    from registry.service import Registry
+    from services.gateway import GatewaySettings, LocalBackend, create_app
+    from tests.servers import serve
+
+    root = tmp_path_factory.mktemp("chat-gateway")
+    registry = Registry(f"sqlite:///{root / 'registry.db'}", artifact_root=root / "store")
+    registry.register_base("qwen-tiny", qwen)
+    for name, folder in adapters.items():
+        registry.register_expert(name, "adapter", folder, base="qwen-tiny", description=f"{name} adapter")
+    with serve(create_app(LocalBackend(registry), registry, GatewaySettings(require_keys=False))) as url:
+        yield url
+    registry.close()
+
+
+def _client(url: str):
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_gateway_chat_through_the_openai_client_equals_transformers(gateway: str, qwen: Path,
+                                                                     adapters: dict[str, Path]) -> None:
+    messages = [{"role": r, "content": c} for r, c in CONVERSATION]
+    for model, adapter in (("plain", adapters["plain"]), ("dora", adapters["dora"])):
+        raw = _client(gateway).chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=12)
+        reply = raw.parse()
+        ids, prompt_len, tok = reference(qwen, CONVERSATION, adapter=adapter)
+        ends = {token_id(qwen, IM_END), token_id(qwen, ENDOFTEXT)}
+        want = ids[: next((i for i, t in enumerate(ids) if t in ends), len(ids))]
+        assert reply.choices[0].message.content == tok.decode(want, skip_special_tokens=True)
+        assert reply.usage.prompt_tokens == prompt_len
+        assert raw.headers["x-moe-prompt-rule"] == "chat_template"
+        assert reply.model_extra["moe"]["prompt_rule"] == "chat_template"
+
+
+def test_gateway_stops_on_generation_config_eos_and_honours_the_parameters(gateway: str, qwen: Path) -> None:
+    import openai
+
+    client = _client(gateway)
+    messages = [{"role": "user", "content": "Hello"}]
+    endoftext = token_id(qwen, ENDOFTEXT)
+    reply = client.chat.completions.create(model="plain", messages=messages, max_tokens=20,
+                                           logit_bias={str(endoftext): 100})
+    assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == ("", "stop")
+    assert reply.usage.completion_tokens == 1
+    reply = client.chat.completions.create(model="plain", messages=messages, max_tokens=4,
+                                           logit_bias={str(endoftext): 100}, extra_body={"ignore_eos": True})
+    assert (reply.choices[0].finish_reason, reply.usage.completion_tokens) == ("length", 4)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="plain", messages=messages, max_tokens=250)
+    assert info.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="plain", messages=messages, logprobs=True)
+    assert info.value.code == "unsupported_parameter"
+
+
+def test_after_a_dora_adapter_served_the_others_answer_as_before(gateway: str) -> None:
+    client = _client(gateway)
+    messages = [{"role": r, "content": c} for r, c in CONVERSATION]
+    others = ["plain", "patterned", "rslora", "saves"]
+
+    def answers() -> list[str]:
+        return [client.chat.completions.create(model=m, messages=messages, max_tokens=8,
+                                               extra_body={"ignore_eos": True}).choices[0].message.content
+                for m in others]
+
+    before = answers()
+    for _ in range(3):
+        client.chat.completions.create(model="dora", messages=messages, max_tokens=8)
+    assert answers() == before
