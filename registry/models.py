@@ -9,7 +9,20 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Literal
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -68,6 +81,8 @@ class BaseModel(Base):
     uri: Mapped[str] = mapped_column(String(1024))  # local folder with config.json + safetensors
     architecture: Mapped[str] = mapped_column(String(128), default="")
     checksum: Mapped[str] = mapped_column(String(64), default="")
+    # the folder's own code (auto_map, .py files) may run: an explicit opt-in at registration
+    trust_remote_code: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     def __repr__(self) -> str:

@@ -46,6 +46,7 @@ from registry.models import (
 from registry.validation import (
     Limits,
     SourceFile,
+    check_base_name,
     check_external,
     check_labels,
     check_name,
@@ -103,21 +104,48 @@ class Registry:
 
     # --- base models -----------------------------------------------------------------------------
 
-    def register_base(self, name: str, path: str | os.PathLike) -> BaseModel:
-        """Record a base model folder (config.json + safetensors). Its files are not copied."""
-        check_name(name, "base model name")
+    def register_base(self, name: str, path: str | os.PathLike, trust_remote_code: bool = False) -> BaseModel:
+        """Record a base model folder (config.json, safetensors, a tokenizer). Its files are not
+        copied. ``name`` may be a hub id (``Qwen/Qwen2.5-7B-Instruct``). A base that brings its own
+        code is refused unless ``trust_remote_code`` (then every engine loading it runs that code)."""
+        check_base_name(name)
         folder = Path(path).expanduser().resolve()
-        info = inspect_base(folder)
+        info = inspect_base(folder, trust_remote_code=trust_remote_code)
         with self.session() as s:
             if s.scalar(select(BaseModel.id).where(BaseModel.name == name)) is not None:
                 raise RegistrationError(f"base model {name!r} is already registered")
-            base = BaseModel(name=name, uri=str(folder), architecture=info.architecture, checksum=info.fingerprint)
+            base = BaseModel(name=name, uri=str(folder), architecture=info.architecture, checksum=info.fingerprint,
+                             trust_remote_code=bool(trust_remote_code and info.remote_code))
             s.add(base)
             try:
                 s.flush()
             except IntegrityError:
                 raise RegistrationError(f"base model {name!r} is already registered") from None
         return base
+
+    def remove_base(self, name: str, cascade: bool = False) -> tuple[BaseModel, list[Expert]]:
+        """Remove a base model's record (its folder stays: it was never copied). Refused while
+        experts are built on it, unless ``cascade``, which removes those experts first, every
+        version, with their files. Returns the base and the experts removed."""
+        with self.reading() as s:
+            base = s.scalar(select(BaseModel).where(BaseModel.name == name))
+            if base is None:
+                raise NotFoundError(f"no base model named {name!r}")
+            users = sorted({e.name for e in s.scalars(select(Expert).where(Expert.base_model_id == base.id))})
+        if users and not cascade:
+            raise RegistrationError(
+                f"base model {name!r} is used by {len(users)} expert(s) ({', '.join(users)}); remove them "
+                "first, or remove the base with --cascade to remove them too"
+            )
+        removed = [e for user in users for e in self.remove_expert(user)]
+        with self.session() as s:
+            row = s.scalar(select(BaseModel).where(BaseModel.name == name))
+            if row is None:
+                raise NotFoundError(f"no base model named {name!r}")
+            if s.scalar(select(Expert.id).where(Expert.base_model_id == row.id)) is not None:
+                raise RegistrationError(f"base model {name!r} got a new expert while it was being removed; try again")
+            s.delete(row)
+        return base, removed
 
     def get_base(self, name: str) -> BaseModel:
         with self.reading() as s:

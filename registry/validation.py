@@ -11,6 +11,7 @@ import json
 import os
 import re
 import stat
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -24,12 +25,19 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# base models may be named as hub ids are: "Qwen/Qwen2.5-7B-Instruct"
+BASE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 # litellm model strings: provider/model, e.g. openai/gpt-4o-mini, bedrock/anthropic.claude-v2:1
 EXTERNAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[^\s]{1,250}$")
 
 # Formats that unpickle on load (arbitrary code execution). Refused by name, never opened.
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib", ".dill"}
+# What the transformers Trainer leaves beside a checkpoint: its state, not the model's. Skipped
+# (never copied, never opened), so a Trainer output folder registers as it is.
+TRAINER_LEFTOVERS = re.compile(r"^(training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)$")
+# Files of a tokenizer, one of which a base must have (tokenizer.json, SentencePiece, BPE vocab).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tiktoken.model")
 # What an expert folder may hold besides extension-less text files (LICENSE, NOTICE).
 ALLOWED_SUFFIXES = {".safetensors", ".json", ".txt", ".md", ".model", ".jinja", ".tiktoken"}
 
@@ -64,6 +72,7 @@ class SourceFile:
 class BaseInfo:
     architecture: str
     fingerprint: str
+    remote_code: bool = False  # config.json's auto_map, or .py files: the model runs code of its own
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,15 @@ def check_name(name: str, what: str = "expert name") -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise RegistrationError(
             f"invalid {what} {name!r}: use letters, digits, '.', '_' or '-' (at most 128, no '/')"
+        )
+    return name
+
+
+def check_base_name(name: str) -> str:
+    if not isinstance(name, str) or not BASE_NAME_RE.match(name):
+        raise RegistrationError(
+            f"invalid base model name {name!r}: use letters, digits, '.', '_' or '-', with at most one '/' "
+            "as hub ids have (\"Qwen/Qwen2.5-7B-Instruct\")"
         )
     return name
 
@@ -122,15 +140,19 @@ def check_labels(values, what: str) -> list[str]:  # noqa: ANN001
 def scan_source(source: str | os.PathLike, limits: Limits) -> tuple[Path, list[SourceFile]]:
     """List the files of an expert folder, refusing anything unsafe or unexpected.
 
-    Hidden entries (.git, .gitattributes, .cache) are skipped. A symlink is followed only when its
-    target stays inside the folder; pickled weights and unknown file types are refused.
+    Hidden entries (.git, .gitattributes, .cache) and a Trainer's leftovers (``training_args.bin``,
+    ``optimizer.pt``, …) are skipped. A symlink is followed only when its target stays inside the
+    folder, or, for a Hugging Face cache snapshot (``models--org--name/snapshots/<revision>``),
+    inside that model's cache folder, where the snapshot's files point into ``blobs/``. Pickled
+    weights and unknown file types are refused.
     """
     given = Path(source).expanduser()
     if not given.exists():
         raise RegistrationError(f"source {str(source)!r} does not exist")
-    root = given.resolve()
-    if not root.is_dir():
+    if not given.is_dir():
         raise RegistrationError(f"source {str(source)!r} is not a directory (expected an expert folder)")
+    root = given.resolve()
+    links_may_reach = hf_cache_repo(root) or root
 
     files: list[SourceFile] = []
     total = 0
@@ -140,14 +162,14 @@ def scan_source(source: str | os.PathLike, limits: Limits) -> tuple[Path, list[S
         # os.walk lists symlinked folders among dirnames but never enters them: check them here.
         for d in list(dirnames):
             if (here / d).is_symlink():
-                _inside(root, here / d)
+                _inside(links_may_reach, here / d, root)
                 raise RegistrationError(f"{(here / d).relative_to(root)} is a symlinked folder: copy it in instead")
         for fname in sorted(filenames):
-            if fname.startswith("."):
+            if fname.startswith(".") or (here == root and TRAINER_LEFTOVERS.match(fname)):
                 continue
             entry = here / fname
             rel = PurePosixPath(entry.relative_to(root).as_posix())
-            target = _inside(root, entry) if entry.is_symlink() else entry
+            target = _inside(links_may_reach, entry, root) if entry.is_symlink() else entry
             suffix = entry.suffix.lower()
             if suffix in PICKLE_SUFFIXES or target.suffix.lower() in PICKLE_SUFFIXES:
                 raise RegistrationError(
@@ -173,11 +195,20 @@ def scan_source(source: str | os.PathLike, limits: Limits) -> tuple[Path, list[S
     return root, files
 
 
-def _inside(root: Path, link: Path) -> Path:
+def _inside(allowed: Path, link: Path, root: Path) -> Path:
     target = link.resolve()
-    if not target.is_relative_to(root):
-        raise RegistrationError(f"{link.relative_to(root)} is a symlink that escapes the source folder")
+    if not target.is_relative_to(allowed):
+        where = "the model's cache folder" if allowed != root else "the source folder"
+        raise RegistrationError(f"{link.relative_to(root)} is a symlink that escapes {where}")
     return target
+
+
+def hf_cache_repo(folder: Path) -> Path | None:
+    """The model's cache folder (``…/models--org--name``) when ``folder`` is one of its snapshots
+    (``…/models--org--name/snapshots/<revision>``), else None."""
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent
+    return None
 
 
 def _human(n: int) -> str:
@@ -230,8 +261,12 @@ def _weight_files(folder: Path, present: set[str], label: str) -> list[str]:
 # --- base models ---------------------------------------------------------------------------------
 
 
-def inspect_base(path: str | os.PathLike) -> BaseInfo:
-    """A base model folder: config.json + safetensors weights. Only headers are read.
+def inspect_base(path: str | os.PathLike, trust_remote_code: bool = False) -> BaseInfo:
+    """A base model folder: config.json, safetensors weights and a tokenizer. Only headers are read.
+
+    A model that brings its own code (``auto_map`` in config.json, ``.py`` files) is refused unless
+    ``trust_remote_code`` says its code may run: transformers would otherwise stop at an interactive
+    prompt, or refuse, on every machine that loads it.
 
     The fingerprint is a sha256 of config.json and the safetensors headers: cheap for multi-GB
     bases, and it changes whenever the architecture or a tensor's shape or dtype does.
@@ -244,6 +279,20 @@ def inspect_base(path: str | os.PathLike) -> BaseInfo:
     if "config.json" not in present:
         raise RegistrationError(f"{label} has no config.json")
     config = _read_json(folder / "config.json", f"{label}: config.json")
+    if not any(name in present for name in TOKENIZER_FILES) and not any(p.endswith(".tiktoken") for p in present):
+        raise RegistrationError(
+            f"{label} has no tokenizer ({', '.join(TOKENIZER_FILES)}): copy in the tokenizer files of the "
+            "model it came from (tokenizer.save_pretrained(folder))"
+        )
+    code = sorted(p for p in present if p.endswith(".py"))
+    remote_code = bool(config.get("auto_map")) or bool(code)
+    if remote_code and not trust_remote_code:
+        what = "config.json has an auto_map" + (f" and the folder holds {', '.join(code)}" if code else "") \
+            if config.get("auto_map") else f"the folder holds {', '.join(code)}"
+        raise RegistrationError(
+            f"{label} runs code of its own ({what}); register it with --trust-remote-code if you trust "
+            "that code, since every engine that loads this base will run it"
+        )
     digest = hashlib.sha256((folder / "config.json").read_bytes())
     for shard in _weight_files(folder, present, label):
         safetensors_shapes(folder / shard, f"{label}: {shard}")
@@ -251,7 +300,7 @@ def inspect_base(path: str | os.PathLike) -> BaseInfo:
             head = f.read(8)
             digest.update(head + f.read(int.from_bytes(head, "little")))
     arch = config.get("architectures") or [config.get("model_type", "")]
-    return BaseInfo(architecture=str(arch[0] if arch else ""), fingerprint=digest.hexdigest())
+    return BaseInfo(architecture=str(arch[0] if arch else ""), fingerprint=digest.hexdigest(), remote_code=remote_code)
 
 
 def base_weight_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
@@ -351,10 +400,35 @@ def validate_adapter(root: Path, files: list[SourceFile], base_name: str, base_p
             has_b.add(module)
     if not has_a:
         raise RegistrationError("adapter_model.safetensors holds no LoRA tensors")
+    _warn_other_base(config.get("base_model_name_or_path"), base_name, base_path)
     if has_a != has_b:
         odd = sorted(has_a ^ has_b)[0]
         raise RegistrationError(f"adapter module {odd} has only one of its LoRA factors (A and B go together)")
     return AdapterInfo(rank=rank, target_modules=targets, modules=has_a)
+
+
+class RegistrationWarning(UserWarning):
+    """Registered, but something looks off (the CLI and the admin API show these)."""
+
+
+def _warn_other_base(named: Any, base_name: str, base_path: str) -> None:
+    """The adapter says it was trained on another model than the base it is registered on. The
+    shapes fit (checked above), so it loads; it may still answer badly on a different base."""
+    if not isinstance(named, str) or not named:
+        return
+    def tail(x: str) -> str:
+        return x.rstrip("/").rsplit("/", 1)[-1].lower()
+
+    base_folder = Path(base_path)
+    known = {base_name.lower(), tail(base_name), tail(str(base_folder)), str(base_folder).lower()}
+    cache = hf_cache_repo(base_folder)  # …/models--Qwen--Qwen2.5-7B/snapshots/<rev>: Qwen/Qwen2.5-7B
+    if cache is not None:
+        hub_id = cache.name.removeprefix("models--").replace("--", "/")
+        known |= {hub_id.lower(), tail(hub_id)}
+    if named.lower() not in known and tail(named) not in known:
+        warnings.warn(RegistrationWarning(
+            f"adapter_config.json says the adapter was trained on {named!r}, not on base {base_name!r} "
+            f"({base_path}); the shapes fit, but its answers may not"), stacklevel=4)
 
 
 def _find(key: str, shapes: dict[str, list[int]]) -> str | None:

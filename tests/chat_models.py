@@ -58,7 +58,8 @@ def make_qwen_chat_model(directory: Path, seed: int = 0, chat_template: str | No
     tok = make_bpe_tokenizer(chat_template)
     im_end, endoftext = tok.convert_tokens_to_ids([IM_END, ENDOFTEXT])
     config = Qwen2Config(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        # head_dim 32: the smallest vLLM's CPU attention kernels take
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         tie_word_embeddings=True, bos_token_id=None, eos_token_id=im_end, pad_token_id=endoftext,
     )

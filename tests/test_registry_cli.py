@@ -63,10 +63,10 @@ def test_keys_create_and_list(home: Path) -> None:
 
 
 def test_db_upgrade_downgrade(home: Path) -> None:
-    assert "revision 0002" in run("db", "upgrade")
+    assert "revision 0003" in run("db", "upgrade")
     assert "revision 0001" in run("db", "downgrade", "0001")
     assert "base (empty)" in run("db", "downgrade", "base")
-    assert "revision 0002" in run("db", "upgrade", "--revision", "head")
+    assert "revision 0003" in run("db", "upgrade", "--revision", "head")
 
 
 def test_error_prints_one_red_line_and_exits_1(home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
@@ -85,3 +85,27 @@ def test_error_prints_one_red_line_and_exits_1(home: Path, monkeypatch: pytest.M
 def test_every_command_has_help(command: list[str]) -> None:
     result = CliRunner().invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_base_add_with_a_hub_id_and_remove(home: Path, tmp_path: Path) -> None:
+    base = make_tiny_base(tmp_path / "base")
+    lora = make_tiny_lora(base, tmp_path / "lora")
+    assert "registered base meta/tiny" in run("base", "add", "meta/tiny", str(base))
+    run("register", str(lora), "--name", "a", "--base", "meta/tiny")
+    refused = CliRunner().invoke(app, ["base", "remove", "meta/tiny"])
+    assert refused.exit_code == 1 and "used by 1 expert(s) (a)" in str(refused.exception)
+    assert "--cascade" in str(refused.exception)
+    assert "meta/tiny" in run("base", "list")
+    out = run("base", "remove", "meta/tiny", "--cascade")
+    assert "removed base meta/tiny" in out and "a@1" in out
+    assert "meta/tiny" not in run("base", "list") and base.is_dir()
+
+
+def test_register_prints_the_registrations_warnings(home: Path, tmp_path: Path) -> None:
+    base = make_tiny_base(tmp_path / "base")
+    lora = make_tiny_lora(base, tmp_path / "lora")
+    config = json.loads((lora / "adapter_config.json").read_text())
+    (lora / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/other-model"}))
+    run("base", "add", "tiny", str(base))
+    out = run("register", str(lora), "--name", "a", "--base", "tiny")
+    assert "warning:" in out and "'org/other-model'" in out and "registered a version 1" in out

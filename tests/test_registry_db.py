@@ -38,12 +38,35 @@ def test_migrations_up_down_up(db_url: str) -> None:
     assert tables(db_url) == set()
     db.upgrade(db_url)
     assert tables(db_url) == TABLES
-    assert db.current_revision(db_url) == db.head_revision() == "0002"
+    assert db.current_revision(db_url) == db.head_revision() == "0003"
     db.downgrade(db_url, "base")
     assert tables(db_url) == set()
     assert db.current_revision(db_url) is None
     db.upgrade(db_url)
     assert tables(db_url) == TABLES
+
+
+def test_trust_remote_code_migration_keeps_the_bases(db_url: str, tmp_path: Path) -> None:
+    """0003 adds base_models.trust_remote_code (false for the bases already there) and drops it."""
+    db.upgrade(db_url, "0002")
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO base_models (name, uri, architecture, checksum, created_at) "
+                              "VALUES ('old', '/models/old', 'LlamaForCausalLM', 'c', CURRENT_TIMESTAMP)"))
+    finally:
+        engine.dispose()
+    db.upgrade(db_url)
+    with Registry(db_url, artifact_root=tmp_path / "store") as reg:
+        assert reg.get_base("old").trust_remote_code is False
+    db.downgrade(db_url, "0002")
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT name FROM base_models")).scalars().all() == ["old"]
+            assert "trust_remote_code" not in {c["name"] for c in inspect(conn).get_columns("base_models")}
+    finally:
+        engine.dispose()
 
 
 def test_leaderboard_migration_goes_down_to_0001_and_up_again(db_url: str, tmp_path: Path) -> None:
@@ -58,7 +81,7 @@ def test_leaderboard_migration_goes_down_to_0001_and_up_again(db_url: str, tmp_p
     finally:
         engine.dispose()
     db.upgrade(db_url)
-    assert tables(db_url) == TABLES and db.current_revision(db_url) == "0002"
+    assert tables(db_url) == TABLES and db.current_revision(db_url) == "0003"
     with Registry(db_url, artifact_root=tmp_path / "store") as reg:
         reg.add_suite("s", [{"line": 1, "prompt": "p", "reference": "r", "split": "test"}])
         reg.add_leaderboard_run({"suite": "s", "splits": ["test"]}, [

@@ -8,6 +8,9 @@ They read the database and artifact store from MOERGE_DATABASE_URL / MOERGE_HOME
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -35,6 +38,19 @@ def _registry():  # noqa: ANN202 - imported lazily: `moerge --help` should not o
     return Registry()
 
 
+@contextmanager
+def _shown_warnings() -> Iterator[None]:
+    """A registration's warnings (registry.validation.RegistrationWarning), printed as such."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for w in caught:
+                if type(w.message).__name__ == "RegistrationWarning":
+                    console.print(f"[yellow]warning:[/yellow] {w.message}", highlight=False)
+
+
 @app.command("register")
 def register(
     source: Annotated[str, typer.Argument(help="Adapter or model folder, or a litellm model string (openai/gpt-4o-mini) for --kind external.")],
@@ -49,7 +65,7 @@ def register(
     cost: Annotated[Optional[float], typer.Option("--cost", help="Cost per 1k tokens (for the leaderboard).")] = None,
 ) -> None:
     """Register an expert: validate it, copy its files into the artifact store, record it."""
-    with _registry() as reg:
+    with _registry() as reg, _shown_warnings():
         expert = reg.register_expert(
             name,
             kind,
@@ -72,13 +88,27 @@ def register(
 
 @base_app.command("add")
 def base_add(
-    name: Annotated[str, typer.Argument(help="Name to register the base model under.")],
-    path: Annotated[Path, typer.Argument(help="Folder with config.json and safetensors weights.")],
+    name: Annotated[str, typer.Argument(help="Name to register the base model under; a hub id such as Qwen/Qwen2.5-7B-Instruct is fine.")],
+    path: Annotated[Path, typer.Argument(help="Folder with config.json, safetensors weights and a tokenizer (an HF cache snapshot folder works).")],
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="The model brings its own code (config.json auto_map, .py files) and you allow every engine to run it.")] = False,
 ) -> None:
     """Register a base model folder (its files stay where they are)."""
     with _registry() as reg:
-        base = reg.register_base(name, path)
-    console.print(f"registered base [bold]{base.name}[/bold] ({base.architecture}) at {base.uri}", highlight=False)
+        base = reg.register_base(name, path, trust_remote_code=trust_remote_code)
+    code = " (runs its own code: --trust-remote-code)" if base.trust_remote_code else ""
+    console.print(f"registered base [bold]{base.name}[/bold] ({base.architecture}) at {base.uri}{code}", highlight=False)
+
+
+@base_app.command("remove")
+def base_remove(
+    name: Annotated[str, typer.Argument(help="The base model's name.")],
+    cascade: Annotated[bool, typer.Option("--cascade", help="Remove the experts built on it too (every version, with their files).")] = False,
+) -> None:
+    """Remove a base model's record; its folder is left alone. Refused while experts use it, unless --cascade."""
+    with _registry() as reg:
+        base, removed = reg.remove_base(name, cascade=cascade)
+    also = f", and {len(removed)} expert version(s) built on it: {', '.join(e.ref for e in removed)}" if removed else ""
+    console.print(f"removed base [bold]{base.name}[/bold]{also}", highlight=False)
 
 
 @base_app.command("list")

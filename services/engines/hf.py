@@ -72,6 +72,7 @@ class HFEngine:
         dtype: torch.dtype = torch.float32,
         adapter_mode: str = "merge",
         max_batch_size: int = 32,
+        trust_remote_code: bool = False,
     ) -> None:
         if adapter_mode not in ADAPTER_MODES:
             raise EngineError(f"adapter_mode must be one of {ADAPTER_MODES}, got {adapter_mode!r}")
@@ -80,9 +81,11 @@ class HFEngine:
         self.dtype = dtype
         self.adapter_mode = adapter_mode
         self.max_batch_size = max_batch_size
+        # explicit either way: left unset, transformers asks on stdin whether to run a model's code
+        self.trust_remote_code = trust_remote_code
         self._base_path = Path(base_path)
         self._base: PreTrainedModel = self._load_causal_lm(base_path)
-        self._tokenizer = _load_tokenizer(base_path)
+        self._tokenizer = _load_tokenizer(base_path, trust_remote_code)
         self._peft: PeftModel | None = None  # created when the first adapter is loaded
         self._adapters: dict[str, str] = {}  # name -> folder it came from
         self._models: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
@@ -155,7 +158,7 @@ class HFEngine:
             model = self._load_causal_lm(path)
         except (OSError, ValueError) as exc:
             raise EngineError(f"model {name!r} from {path} does not load: {exc}") from exc
-        tokenizer = _load_tokenizer(path) if _has_tokenizer(Path(path)) else self._tokenizer
+        tokenizer = _load_tokenizer(path, self.trust_remote_code) if _has_tokenizer(Path(path)) else self._tokenizer
         self._models[name] = (model, tokenizer)
 
     def unload_model(self, name: str) -> None:
@@ -363,7 +366,7 @@ class HFEngine:
             raise EngineError(f"target name {name!r} is empty or already taken on this engine; unload it first")
 
     def _load_causal_lm(self, path: str | Path) -> PreTrainedModel:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype, trust_remote_code=self.trust_remote_code)
         return model.to(self.device).eval()
 
 
@@ -547,7 +550,9 @@ def _finish(
         # the end token itself is never part of the text (vLLM's rule), special or not
         if tokens and reason == "stop" and tokens[-1] in ends:
             tokens = tokens[:-1]
-        return tokenizer.decode(tokens, skip_special_tokens=skip)
+        # a byte-level BPE answer cut inside a character ends in the replacement character: vLLM's
+        # incremental detokenizer holds those bytes back, and so does the stream (_DeltaStreamer)
+        return tokenizer.decode(tokens, skip_special_tokens=skip).rstrip("\ufffd")
 
     text = text_of(ids)
     hits = [text.find(s) for s in request.stop if s and s in text]
@@ -604,8 +609,8 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
-def _load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+def _load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise EngineError(f"no usable tokenizer in {path}: {exc}") from exc

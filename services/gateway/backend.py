@@ -431,7 +431,8 @@ class LocalBackend:
 
     def _load_base(self, slot: _Slot, base: Any) -> None:
         if slot.engine is None:
-            slot.engine = self._new_engine(Path(base.uri), base_name=base.name)
+            slot.engine = self._new_engine(Path(base.uri), base_name=base.name,
+                                           trust_remote_code=bool(getattr(base, "trust_remote_code", False)))
 
     def _slot_for(self, expert: Expert) -> _Slot:
         if expert.kind == "adapter":
@@ -454,7 +455,8 @@ class LocalBackend:
         if slot.engine is None:
             if expert.kind == "adapter":
                 assert expert.base is not None
-                slot.engine = self._new_engine(Path(expert.base.uri), base_name=expert.base.name)
+                slot.engine = self._new_engine(Path(expert.base.uri), base_name=expert.base.name,
+                                               trust_remote_code=bool(expert.base.trust_remote_code))
             else:
                 slot.engine = self._new_engine(self._path(expert), base_name=f"expert{expert.id}")
                 slot.targets[expert.id] = slot.engine.base_name
@@ -464,14 +466,15 @@ class LocalBackend:
             slot.engine.load_adapter(target, self._path(expert))
             slot.targets[expert.id] = target
 
-    def _new_engine(self, path: Path, base_name: str) -> Any:
+    def _new_engine(self, path: Path, base_name: str, trust_remote_code: bool = False) -> Any:
         factory = self._engine_factory
         if factory is None:
             from services.engines.hf import HFEngine  # torch loads only when an engine is needed
 
             factory = HFEngine
         try:
-            return factory(path, base_name=base_name, **self._engine_kwargs)
+            kwargs = {**self._engine_kwargs, **({"trust_remote_code": True} if trust_remote_code else {})}
+            return factory(path, base_name=base_name, **kwargs)
         except MoergeError:
             raise
         except (OSError, ValueError, RuntimeError) as exc:

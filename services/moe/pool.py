@@ -96,7 +96,8 @@ class ExpertPool:
         """Every expert of the pool on one hf engine in this process (adapters on the base, models
         by name). Merges need it even when ``engine`` is remote: merged adapters live on this disk."""
         if self._engine is None:
-            engine = HFEngine(self.base_path, base_name=self.base.name, max_batch_size=self.max_batch_size)
+            engine = HFEngine(self.base_path, base_name=self.base.name, max_batch_size=self.max_batch_size,
+                              trust_remote_code=bool(self.base.trust_remote_code))
             for name, info in self.experts.items():
                 if info.kind == "adapter":
                     engine.load_adapter(name, info.adapter_path)
@@ -111,7 +112,7 @@ class ExpertPool:
             from composer.molora import MoLoRA
 
             engine = HFEngine(self.base_path, base_name=self.base.name, adapter_mode="unmerged",
-                              max_batch_size=self.max_batch_size)
+                              max_batch_size=self.max_batch_size, trust_remote_code=bool(self.base.trust_remote_code))
             self._molora = MoLoRA(engine.base_model)
             self._mixture_engine = engine
         return self._mixture_engine, self._molora

@@ -269,7 +269,10 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         cfg = config.engines.for_base(base.name)
         deployment = engine_deployment(deployment_name(base.name), max_loaded=cfg.max_adapters_per_replica,
                                        replicas=cfg.replicas, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
-        engines[base.name] = deployment.bind(base.name, cfg.engine, cfg.engine_args)
+        # the registry's opt-in for the base's own code, never a prompt (transformers and vLLM
+        # both take the flag; False makes a base with an auto_map fail clearly instead)
+        engine_args = {**cfg.engine_args, "trust_remote_code": bool(base.trust_remote_code)}
+        engines[base.name] = deployment.bind(base.name, cfg.engine, engine_args)
     m = config.models
     models = engine_deployment("models", max_loaded=m.max_models_per_replica, replicas=m.replicas,
                                num_cpus=m.num_cpus, num_gpus=m.num_gpus).bind(None, config.engines.default.engine,
