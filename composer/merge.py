@@ -190,7 +190,7 @@ def _build(
 
     ranks = [model.peft_config[n].r for n in names]
     if any(model.peft_config[n].rank_pattern for n in names):
-        ranks = [max(model.peft_config[n].r, *model.peft_config[n].rank_pattern.values()) for n in names]
+        ranks = [max([model.peft_config[n].r, *model.peft_config[n].rank_pattern.values()]) for n in names]
     rank = sum(ranks) if combination_type == "cat" else (svd_rank or sum(ranks))
     if combination_type != "cat":
         # the SVD keeps at most min(d_out, d_in) directions in any module

@@ -331,3 +331,38 @@ def test_after_a_dora_adapter_served_the_others_answer_as_before(gateway: str) -
     for _ in range(3):
         client.chat.completions.create(model="dora", messages=messages, max_tokens=8)
     assert answers() == before
+
+
+# ------------------------------------------------------------------------------------- strategies
+
+
+def test_strategies_answer_over_unusual_experts_and_say_whom_they_left_out(qwen: Path, adapters: dict[str, Path],
+                                                                          tmp_path: Path, monkeypatch) -> None:
+    """An expert without examples, a DoRA adapter, one with modules_to_save: example-based routers
+    and token-level mixtures leave out what they cannot use, and answer with the rest."""
+    from registry.service import Registry
+    from services.moe.pool import ExpertPool
+    from services.moe.strategies import MoE
+
+    monkeypatch.setenv("MOERGE_HOME", str(tmp_path / "home"))
+    registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}", artifact_root=tmp_path / "store")
+    registry.register_base("qwen-tiny", qwen)
+    topics = {"plain": "colours", "dora": "fruit", "patterned": "rivers", "rslora": "numbers", "saves": "trees"}
+    for name, folder in adapters.items():
+        examples = [{"prompt": f"Tell me about {topics[name]} number {i}", "reference": f"{topics[name]} {i}",
+                     "task": topics[name], "split": split} for i, split in ((i, "train" if i < 6 else "validation")
+                                                                           for i in range(8))]
+        registry.register_expert(name, "adapter", folder, base="qwen-tiny", examples=examples)
+    registry.register_expert("silent", "adapter", adapters["plain"], base="qwen-tiny")  # no examples at all
+    moe = MoE(ExpertPool(registry))
+    messages = (("system", "Be brief."), ("user", "Tell me about fruit number 3"))
+    for strategy, left in (("moe/semantic", {"silent"}), ("moe/glider", {"silent", "dora", "saves"}),
+                           ("moe/ties", set())):
+        [(completion, routed)] = moe.run(strategy, ["Tell me about fruit number 3"], max_new_tokens=6,
+                                         messages=messages)
+        assert completion.finish_reason in ("stop", "length")
+        assert completion.prompt_rule == "chat_template", strategy
+        assert set(completion.provenance.info.get("left_out", {})) == left, strategy
+        used = {name for name, _ in completion.experts}
+        assert not used & left, strategy
+    registry.close()

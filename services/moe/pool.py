@@ -12,6 +12,7 @@ router is stored is loaded, not fitted again, so a newly registered expert costs
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,6 +28,8 @@ from services.engines.hf import HFEngine
 ROUTING_ARTIFACT = "routing"
 ARTIFACT_FILE = "routing.safetensors"  # inside the artifact's folder in the store
 HEAD_ARTIFACT = "head"  # a router's own artifact over all its experts (expert_id NULL)
+
+log = logging.getLogger("moerge.moe")
 
 
 class ExpertPool:
@@ -120,10 +123,14 @@ class ExpertPool:
     # ------------------------------------------------------------------ routing artifacts
 
     def fitted(self, router: Router, router_name: str, experts: list[str] | None = None,
-               refit: bool = False) -> dict[str, float]:
+               refit: bool = False, left_out: dict[str, str] | None = None) -> dict[str, float]:
         """Load every expert's stored artifact for ``router_name`` into ``router``, fitting (and
         storing) the ones that have none, or one the router does not accept (``accepts_artifact``:
-        e.g. fitted by an older recipe). Returns seconds spent fitting, per fitted expert."""
+        e.g. fitted by an older recipe). Returns seconds spent fitting, per fitted expert.
+
+        An expert the router cannot use (no examples for an example-based router; an adapter a
+        token-level mixture cannot express, such as DoRA) is left out, with a warning, and its
+        reason goes to ``left_out``: one unusual expert never stops a whole strategy."""
         fit_seconds: dict[str, float] = {}
         for name in experts if experts is not None else list(self.experts):
             info, rec = self.experts[name], self.records[name]
@@ -135,13 +142,18 @@ class ExpertPool:
                 accepts = getattr(router, "accepts_artifact", None)
                 if accepts is not None and not accepts(artifact):
                     artifact = None  # fitted by an older recipe: fit again (it replaces the stored one)
-            if artifact is None:
-                t0 = time.perf_counter()
-                artifact = router.fit_expert(info)
-                fit_seconds[name] = time.perf_counter() - t0
-                self.registry.add_artifact(router_name, ROUTING_ARTIFACT, artifact_bytes(artifact), expert=name,
-                                           version=rec.version, filename=ARTIFACT_FILE)
-            router.load_expert(info, artifact)
+            try:
+                if artifact is None:
+                    t0 = time.perf_counter()
+                    artifact = router.fit_expert(info)
+                    fit_seconds[name] = time.perf_counter() - t0
+                    self.registry.add_artifact(router_name, ROUTING_ARTIFACT, artifact_bytes(artifact), expert=name,
+                                               version=rec.version, filename=ARTIFACT_FILE)
+                router.load_expert(info, artifact)
+            except ValueError as exc:  # what routers raise for an expert they cannot take
+                log.warning("router %s leaves out expert %s: %s", router_name, name, exc)
+                if left_out is not None:
+                    left_out[name] = str(exc)
         return fit_seconds
 
     def restore_head(self, router, router_name: str) -> bool:

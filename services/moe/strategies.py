@@ -104,6 +104,8 @@ class MoE:
         self._composers: dict[str, object] = {}
         self.fit_seconds: dict[str, dict[str, float]] = {}
         self._mixture_experts: set[str] = set()
+        # router name -> {expert: why the router left it out}; reported in each answer's provenance
+        self.left_out: dict[str, dict[str, str]] = {}
 
     # ------------------------------------------------------------------ routers
 
@@ -132,7 +134,12 @@ class MoE:
         if cls is None:
             raise NotFoundError(f"unknown router {name!r}")
         router = cls(**params)
-        self.fit_seconds[key] = self.pool.fitted(router, name, experts)
+        left_out: dict[str, str] = {}
+        self.fit_seconds[key] = self.pool.fitted(router, name, experts, left_out=left_out)
+        if experts and len(left_out) == len(experts):
+            raise ComposeError(f"router {name!r} can use none of the experts: "
+                               + "; ".join(f"{n}: {why}" for n, why in left_out.items()))
+        self.left_out[name] = left_out
         if hasattr(router, "retrain"):  # the classifier's head over every expert: stored, or trained here
             t0 = time.perf_counter()
             if not self.pool.restore_head(router, name):
@@ -231,6 +238,12 @@ class MoE:
         else:
             engine = self.pool.local_engine if isinstance(composer, Merged) else self.pool.engine
             completions = [composer.execute(r.decision, q, engine) for r, q in zip(routed, requests)]
+        left_out = {**self.left_out.get(strategy.router, {})}
+        if strategy.router == "glider":  # its local part is PHATGOOSE's
+            left_out = {**self.left_out.get("phatgoose", {}), **left_out}
+        if left_out:
+            for completion in completions:
+                completion.provenance.info.setdefault("left_out", left_out)
         return list(zip(completions, routed))
 
     # ------------------------------------------------------------------ validation results
