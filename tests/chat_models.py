@@ -14,7 +14,14 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GenerationConfig,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
@@ -27,6 +34,23 @@ QWEN_TEMPLATE = (
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+# Mistral-Instruct's: BOS once, [INST] … [/INST] per user turn, the system prompt before the
+# last user turn's text, EOS after each assistant turn
+MISTRAL_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set system = none %}"
+    "{%- set loop_messages = messages %}{%- endif %}"
+    "{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system is not none %}{{- '[INST] ' + system + '\n\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}"
+    "{%- else %}{{- raise_exception('Only user and assistant roles after an optional system message') }}"
+    "{%- endif %}{%- endfor %}"
 )
 
 
@@ -95,4 +119,30 @@ def make_chat_lora(base_dir: Path, directory: Path, seed: int = 1, scale: float 
                 p.add_(torch.randn(p.shape, generator=gen) * scale)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
+    return directory
+
+
+def make_mistral_chat_model(directory: Path, seed: int = 0) -> Path:
+    """A Mistral-architecture instruct model folder: sliding-window attention, BOS <s>, EOS </s>,
+    the Mistral template; generation_config's eos is </s> alone (an int, as Mistral ships it)."""
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(_corpus(), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = MISTRAL_TEMPLATE
+    bos, eos = tok.convert_tokens_to_ids(["<s>", "</s>"])
+    config = MistralConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=256, sliding_window=128,
+        tie_word_embeddings=False, bos_token_id=bos, eos_token_id=eos, pad_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tok.save_pretrained(str(directory))
+    GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(directory)
     return directory

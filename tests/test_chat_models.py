@@ -90,6 +90,28 @@ def test_chat_equals_transformers_on_the_chat_template(qwen: Path) -> None:
     assert result.text == tok.decode([t for t in want if t not in ends], skip_special_tokens=True)
 
 
+def test_a_mistral_chat_model_equals_transformers_too(tmp_path: Path) -> None:
+    """A second family: BOS written by the template (not added again), no pad token, a system
+    prompt folded into the last user turn, and a template that refuses a role out of place."""
+    from composer.engine_protocol import ChatTemplateError
+    from tests.chat_models import make_mistral_chat_model
+
+    folder = make_mistral_chat_model(tmp_path / "mistral")
+    engine = HFEngine(folder)
+    second_turn = (SYSTEM, *HISTORY, QUESTION)
+    results = engine.generate([chat(second_turn, max_new_tokens=10), chat((QUESTION,), max_new_tokens=10)])
+    for result, messages in zip(results, (second_turn, (QUESTION,))):
+        ids, prompt_len, tok = reference(folder, messages, max_new_tokens=10)
+        eos = tok.eos_token_id
+        want = ids[: ids.index(eos) + 1] if eos in ids else ids
+        assert (result.token_ids, result.prompt_tokens, result.prompt_rule) == (want, prompt_len, "chat_template")
+        rendered = tok.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
+                                           add_generation_prompt=True)
+        assert rendered.count("<s>") == 1  # the template's BOS, not one more from the tokenizer
+    with pytest.raises(ChatTemplateError, match="Only user and assistant roles"):
+        engine.generate([chat((QUESTION, ("system", "late system prompt"), QUESTION))])
+
+
 def test_history_and_system_change_the_prompt(qwen: Path) -> None:
     engine = HFEngine(qwen)
     whole, alone, other_system = engine.generate(
@@ -365,4 +387,28 @@ def test_strategies_answer_over_unusual_experts_and_say_whom_they_left_out(qwen:
         assert set(completion.provenance.info.get("left_out", {})) == left, strategy
         used = {name for name, _ in completion.experts}
         assert not used & left, strategy
+    registry.close()
+
+
+def test_the_admin_api_refuses_what_the_served_engine_cannot_serve(qwen: Path, adapters: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    """The Ray gateway's backend knows the serve config (vLLM for this base): POST /v1/experts of
+    a DoRA or modules_to_save adapter is refused, and leaves nothing behind."""
+    import anyio
+
+    from registry.errors import RegistrationError
+    from registry.service import Registry
+    from services.gateway import LocalBackend
+
+    registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}", artifact_root=tmp_path / "store")
+    registry.register_base("qwen-tiny", qwen)
+    backend = LocalBackend(registry, engine_for_base=lambda base: ("vllm", {"max_lora_rank": 64}))
+    for name, why in (("dora", "does not serve DoRA"), ("saves", r"modules_to_save \(norm\)")):
+        spec = {"name": name, "kind": "adapter", "source": str(adapters[name]), "base": "qwen-tiny"}
+        with pytest.raises(RegistrationError, match=why):
+            anyio.run(backend.register_expert, spec)
+    anyio.run(backend.register_expert, {"name": "plain", "kind": "adapter", "source": str(adapters["plain"]),
+                                        "base": "qwen-tiny"})
+    assert [e.name for e in registry.list_experts()] == ["plain"]
+    assert sorted(p.name for p in (tmp_path / "store" / "experts").iterdir()) == ["plain"]
     registry.close()

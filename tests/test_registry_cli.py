@@ -109,3 +109,25 @@ def test_register_prints_the_registrations_warnings(home: Path, tmp_path: Path) 
     run("base", "add", "tiny", str(base))
     out = run("register", str(lora), "--name", "a", "--base", "tiny")
     assert "warning:" in out and "'org/other-model'" in out and "registered a version 1" in out
+
+
+def test_register_refuses_what_the_configured_engine_cannot_serve(home: Path, tmp_path: Path) -> None:
+    """With the serve config the cluster runs (vLLM for this base, max_lora_rank 8), a rank-16 and a
+    DoRA adapter are refused at registration, naming what refuses; the hf engine takes both."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    base = make_tiny_base(tmp_path / "base")
+    big = make_tiny_lora(base, tmp_path / "r16", r=16)
+    dora = tmp_path / "dora"
+    get_peft_model(LlamaForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
+                   ).save_pretrained(dora)
+    config = tmp_path / "serve.yaml"
+    config.write_text("engines:\n  bases:\n    tiny: {engine: vllm, engine_args: {max_lora_rank: 8}}\n")
+    run("base", "add", "tiny", str(base))
+    for folder, why in ((big, "rank 16 is above the vllm engine's max_lora_rank 8"), (dora, "does not serve DoRA")):
+        result = CliRunner().invoke(app, ["register", str(folder), "--name", "x", "--base", "tiny",
+                                          "--serve-config", str(config)])
+        assert result.exit_code == 1 and why in str(result.exception), result.output
+    assert "x" not in run("experts", "list").split("experts", 1)[1]
+    run("register", str(dora), "--name", "x", "--base", "tiny")  # no serve config: the hf engine serves it

@@ -63,8 +63,16 @@ def register(
     description: Annotated[str, typer.Option("--description", help="One or two sentences on what it is good at.")] = "",
     examples: Annotated[Optional[Path], typer.Option("--examples", help="JSONL of {prompt, reference?, task?, split?} rows.")] = None,
     cost: Annotated[Optional[float], typer.Option("--cost", help="Cost per 1k tokens (for the leaderboard).")] = None,
+    serve_config: Annotated[Optional[Path], typer.Option("--serve-config", envvar="MOERGE_SERVE_CONFIG", help="The serve config the cluster runs with: an adapter its base's engine cannot serve (vLLM and DoRA, a rank above max_lora_rank) is refused now, not at serve time.")] = None,
 ) -> None:
     """Register an expert: validate it, copy its files into the artifact store, record it."""
+    if serve_config is not None and kind == "adapter" and base:
+        from services.gateway.backend import check_servable
+        from services.serving.config import load_config
+
+        engines = load_config(serve_config).engines
+        check_servable({"name": name, "kind": kind, "base": base, "source": source},
+                       lambda b: (engines.for_base(b).engine, engines.for_base(b).engine_args))
     with _registry() as reg, _shown_warnings():
         expert = reg.register_expert(
             name,

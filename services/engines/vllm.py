@@ -35,6 +35,7 @@ from services.engines.base import (
     ScoreRequest,
     ScoreResult,
 )
+from services.engines.compat import refusal
 from services.engines.prompting import check_context, render
 
 if TYPE_CHECKING:
@@ -111,6 +112,9 @@ class VLLMEngine:
                 f"adapter {name!r} has LoRA rank {rank}, above this engine's max_lora_rank "
                 f"{self.max_lora_rank}; start the engine with max_lora_rank >= {rank}"
             )
+        why = refusal("vllm", {"max_lora_rank": self.max_lora_rank}, path)
+        if why is not None:
+            raise EngineError(f"adapter {name!r}: {why}")
         lora_id = next(self._ids)
         request = LoRARequest(f"{name}#{lora_id}", lora_id, str(path.resolve()))
         try:

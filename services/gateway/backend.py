@@ -35,7 +35,7 @@ import anyio
 
 from composer.base import Completion, ExpertOutput, Provenance, output_of
 from composer.engine_protocol import EngineError, GenerateRequest, generate_emitting
-from registry.errors import MoergeError, NotFoundError
+from registry.errors import MoergeError, NotFoundError, RegistrationError
 from registry.models import Expert
 from registry.service import Registry
 from services.gateway.protocol import ExpertCard
@@ -140,6 +140,21 @@ async def stream_from_thread(work: Callable[[Callable[[str], None]], T]) -> Asyn
     while (piece := await queue.get()) is not done:
         yield piece
     yield await future
+
+
+def check_servable(spec: dict, engine_for_base: Callable[[str], tuple[str, dict[str, Any]]]) -> None:
+    """Refuse (``RegistrationError``) an adapter registration that the engine serving its base
+    cannot serve, naming what refuses; before the registry writes anything."""
+    from services.engines.compat import refusal
+
+    base, source = spec.get("base"), spec.get("source")
+    if spec.get("kind", "adapter") != "adapter" or not base or not source:
+        return
+    engine, args = engine_for_base(str(base))
+    why = refusal(engine, args, Path(str(source)).expanduser())
+    if why is not None:
+        raise RegistrationError(f"expert {spec.get('name')!r} cannot be served on base {base!r}: "
+                                f"the {engine} engine configured for it refuses it: {why}")
 
 
 def is_strategy(model: str) -> bool:
@@ -275,8 +290,13 @@ class LocalBackend:
         *,
         engine_factory: Callable[..., Any] | None = None,
         engine_kwargs: dict[str, Any] | None = None,
+        engine_for_base: Callable[[str], tuple[str, dict[str, Any]]] | None = None,
     ) -> None:
+        """``engine_for_base``: base name -> (engine kind, engine args) it is served with, where
+        that is not this process's hf engine (the Ray backend's serve config): a registration
+        the engine could not serve is refused up front (``services.engines.compat``)."""
         self.registry = registry
+        self._engine_for_base = engine_for_base
         self._strategies: dict[str, Strategy] = {}
         for name, fn in (strategies or {}).items():
             self.add_strategy(name, fn)
@@ -346,6 +366,8 @@ class LocalBackend:
         yield completion
 
     async def register_expert(self, spec: dict) -> dict:
+        if self._engine_for_base is not None:
+            check_servable(spec, self._engine_for_base)
         expert = await anyio.to_thread.run_sync(lambda: self.registry.register_expert(**spec))
         # nothing to warm: the next request for it loads it (see run_expert)
         return ExpertCard.from_record(expert).model_dump(mode="json")

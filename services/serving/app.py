@@ -45,7 +45,7 @@ from services.gateway.backend import (
 from services.gateway.protocol import ExpertCard
 from services.moe.strategies import Routed
 from services.serving.batching import PacedBatcher
-from services.serving.config import ServeConfig, load_config
+from services.serving.config import EnginesConfig, ServeConfig, load_config
 from services.serving.engine_server import INTERNAL_LOGGING, engine_deployment
 from services.serving.lookup import ExpertLookup, ExpertRow
 from services.serving.rate_limits import SharedRateLimiter
@@ -115,8 +115,9 @@ class RayBackend(LocalBackend):
     engines and strategies behind Ray Serve handles."""
 
     def __init__(self, registry: Registry, engines: dict[str, DeploymentHandle], models: DeploymentHandle,
-                 strategies: DeploymentHandle, strategy_names: list[str]) -> None:
-        super().__init__(registry)
+                 strategies: DeploymentHandle, strategy_names: list[str],
+                 engine_for_base: Any = None) -> None:
+        super().__init__(registry, engine_for_base=engine_for_base)
         self.lookup = ExpertLookup(registry)  # the per-request read, without SQLite's write lock
         self.targets = Targets(engines, models)
         self.strategies = strategies
@@ -207,9 +208,16 @@ class RayBackend(LocalBackend):
 @serve.ingress()
 class Gateway:
     def __init__(self, engines: dict[str, DeploymentHandle], models: DeploymentHandle, strategies: DeploymentHandle,
-                 strategy_names: list[str], settings: dict[str, Any]) -> None:
+                 strategy_names: list[str], settings: dict[str, Any], engines_config: dict[str, Any] | None = None) -> None:
         self.registry = Registry()
-        self.backend = RayBackend(self.registry, engines, models, strategies, strategy_names)
+        served = EnginesConfig.model_validate(engines_config or {})
+
+        def engine_for_base(base: str) -> tuple[str, dict[str, Any]]:
+            cfg = served.for_base(base)
+            return cfg.engine, cfg.engine_args
+
+        self.backend = RayBackend(self.registry, engines, models, strategies, strategy_names,
+                                  engine_for_base=engine_for_base)
         self.settings = GatewaySettings(**settings)
         # one set of per-key windows for every gateway replica (rate_limits.py)
         self.limiter = SharedRateLimiter(self.settings.rate_window_s)
@@ -289,4 +297,5 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     return serve.deployment(Gateway, name="gateway", num_replicas=g.replicas,
                             ray_actor_options={"num_cpus": g.num_cpus,
                                                "runtime_env": _runtime_env_with(GATEWAY_RAY_ENV)},
-                            max_ongoing_requests=256).bind(engines, models, strategies, names, settings)
+                            max_ongoing_requests=256).bind(engines, models, strategies, names, settings,
+                                                           config.engines.model_dump())
