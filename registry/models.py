@@ -110,6 +110,10 @@ class Expert(Base):
     checksum: Mapped[str] = mapped_column(String(64), default="")  # sha256 over the stored files
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     cost_per_1k_tokens: Mapped[float | None] = mapped_column(Float)
+    # external experts: the server to call (None: the provider's own) and the NAME of the
+    # environment variable holding its key (None: litellm's provider default); never the key itself
+    api_base: Mapped[str | None] = mapped_column(String(1024))
+    api_key_env: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 

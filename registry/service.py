@@ -47,6 +47,7 @@ from registry.validation import (
     Limits,
     SourceFile,
     check_base_name,
+    check_connection,
     check_external,
     check_labels,
     check_name,
@@ -173,13 +174,17 @@ class Registry:
         examples: str | os.PathLike | list[dict] | None = None,
         cost: float | None = None,
         status: str = "ready",
+        api_base: str | None = None,
+        api_key_env: str | None = None,
     ) -> Expert:
         """Validate, store and record an expert; returns its record.
 
         ``source``: a peft LoRA folder (adapter), a Hugging Face model folder (model) or a litellm
         model string such as ``openai/gpt-4o-mini`` (external). ``version`` defaults to the next
         integer for ``name``. ``status`` is ``ready`` unless the caller still has to fit routing
-        artifacts (then ``pending``, and ``set_status`` once they are stored).
+        artifacts (then ``pending``, and ``set_status`` once they are stored). ``api_base`` and
+        ``api_key_env`` (external experts only): the server to call, and the name of the
+        environment variable that holds the key on the machines that call it.
         """
         # 1. validate everything; nothing is written yet
         check_name(name)
@@ -203,6 +208,9 @@ class Registry:
             raise RegistrationError("an adapter expert needs --base: the registered base model it was trained on")
         if kind == "external" and base_row is not None:
             raise RegistrationError("an external expert has no base model")
+        if kind != "external" and (api_base or api_key_env):
+            raise RegistrationError("api_base and api_key_env are for external experts only")
+        check_connection(api_base, api_key_env)
 
         if kind == "external":
             uri, files, source_label = check_external(str(source)), [], str(source)
@@ -239,6 +247,8 @@ class Registry:
                         description=description,
                         rows=rows,
                         cost=None if cost is None else float(cost),
+                        api_base=api_base,
+                        api_key_env=api_key_env,
                         status=status,
                         checksum=checksum,
                         size=size,
@@ -285,6 +295,8 @@ class Registry:
                     checksum=fields["checksum"],
                     size_bytes=fields["size"],
                     cost_per_1k_tokens=fields["cost"],
+                    api_base=fields.get("api_base"),
+                    api_key_env=fields.get("api_key_env"),
                 )
                 expert.examples = [
                     ExpertExample(prompt=r.prompt, reference=r.reference, task=r.task, split=r.split) for r in rows

@@ -124,6 +124,24 @@ def check_external(source: str) -> str:
     return source
 
 
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# what a key looks like, so that one pasted where its variable's name belongs is refused
+SECRET_RE = re.compile(r"^(sk-|sk_|mk-|ghp_|xox|AIza)|^[A-Za-z0-9+/=_-]{32,}$")
+
+
+def check_connection(api_base: str | None, api_key_env: str | None) -> None:
+    """An external expert's ``api_base`` (an http(s) URL) and ``api_key_env`` (the NAME of an
+    environment variable; the registry never stores a secret)."""
+    if api_base is not None and not re.match(r"^https?://[^\s/]+(/\S*)?$", str(api_base)):
+        raise RegistrationError(f"api_base {api_base!r} is not an http(s) URL such as http://10.0.0.5:8000/v1")
+    if api_key_env is not None:
+        if SECRET_RE.match(str(api_key_env)) and not str(api_key_env).isupper():
+            raise RegistrationError("api_key_env takes the name of the environment variable that holds the key "
+                                    "(such as OPENAI_API_KEY), never the key itself")
+        if not ENV_NAME_RE.match(str(api_key_env)):
+            raise RegistrationError(f"api_key_env {api_key_env!r} is not an environment variable name")
+
+
 def check_labels(values, what: str) -> list[str]:  # noqa: ANN001
     out = []
     for v in values or ():

@@ -412,3 +412,55 @@ def test_the_admin_api_refuses_what_the_served_engine_cannot_serve(qwen: Path, a
     assert [e.name for e in registry.list_experts()] == ["plain"]
     assert sorted(p.name for p in (tmp_path / "store" / "experts").iterdir()) == ["plain"]
     registry.close()
+
+
+# ------------------------------------------------------------------------------------- devices
+
+
+def test_device_and_dtype_reach_the_engines(qwen: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
+    import torch
+
+    from composer.engine_protocol import EngineError
+    from registry.service import Registry
+    from services.engines.devices import resolve_device, resolve_dtype
+    from services.gateway import LocalBackend
+    from services.gateway.backend import SamplingParams
+
+    assert (resolve_device("auto"), resolve_dtype("auto")) == (
+        (torch.device("cuda"), resolve_dtype("auto")) if torch.cuda.is_available() else (torch.device("cpu"), torch.float32))
+    engine = HFEngine(qwen, dtype="bfloat16")
+    assert {p.dtype for p in engine.base_model.parameters()} == {torch.bfloat16}
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineError, match="no CUDA device"):
+            HFEngine(qwen, device="cuda")
+    with pytest.raises(EngineError, match="dtype 'float8'"):
+        HFEngine(qwen, dtype="float8")
+    registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}", artifact_root=tmp_path / "store")
+    registry.register_base("qwen-tiny", qwen)
+    registry.register_expert("plain", "adapter", adapters["plain"], base="qwen-tiny")
+    # what `moerge serve --no-ray` builds from the serve config's engine_args for this base
+    backend = LocalBackend(registry, engine_for_base=lambda base: ("hf", {"dtype": "bfloat16"}))
+    done = backend.run_expert("plain", "Hello", SamplingParams(max_tokens=3, messages=(("user", "Hello"),)))
+    assert done.outputs[0].prompt_rule == "chat_template"
+    [slot] = backend._slots.values()
+    assert slot.engine.dtype == torch.bfloat16
+    registry.close()
+
+
+def test_cli_generate_chats_through_the_template(qwen: Path, adapters: dict[str, Path], home: Path) -> None:
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    run("base", "add", "Qwen/tiny-chat", str(qwen))
+    run("register", str(adapters["plain"]), "--name", "plain", "--base", "Qwen/tiny-chat")
+    out = run("generate", "Name a fruit", "--expert", "plain", "--chat", "--system", "Be brief.", "-n", "4",
+              "--usage", "--dtype", "bfloat16")
+    assert "prompt_rule=chat_template" in out
+    raw = run("generate", "Name a fruit", "--expert", "plain", "-n", "4", "--usage")
+    assert "prompt_rule=raw" in raw

@@ -152,3 +152,17 @@ def test_an_adapter_trained_on_another_model_is_registered_with_a_warning(regist
     registry.register_base("qwen", qwen)
     with pytest.warns(RegistrationWarning, match="trained on 'meta-llama/Llama-3.2-1B', not on base 'qwen'"):
         registry.register_expert("x", "adapter", folder, base="qwen")
+
+
+def test_an_external_experts_connection_is_checked_and_never_holds_a_key(registry: Registry, lora: Path) -> None:
+    e = registry.register_expert("gpt", "external", "openai/gpt-4o-mini", api_base="http://10.0.0.5:8000/v1",
+                                 api_key_env="TEAM_OPENAI_KEY")
+    assert (e.api_base, e.api_key_env) == ("http://10.0.0.5:8000/v1", "TEAM_OPENAI_KEY")
+    for kwargs, why in (({"api_key_env": "sk-proj-abcdefghijklmnop"}, "never the key itself"),
+                        ({"api_key_env": "my key"}, "not an environment variable name"),
+                        ({"api_base": "10.0.0.5:8000"}, "not an http"),):
+        with pytest.raises(RegistrationError, match=why):
+            registry.register_expert("gpt", "external", "openai/gpt-4o-mini", **kwargs)
+    with pytest.raises(RegistrationError, match="external experts only"):
+        registry.register_expert("x", "model", lora, api_base="http://h/v1")
+    assert rows(registry) == (0, 1)

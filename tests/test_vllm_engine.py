@@ -286,3 +286,24 @@ def test_gateway_serves_an_external_expert_through_the_engine(gateway, hf, promp
         assert done.provenance.info["kind"] == "external"
     finally:
         registry.remove_expert("remote-reverse")
+
+
+def test_an_external_expert_with_its_own_api_base_and_key_variable(gateway, hf, prompts, monkeypatch):
+    """The registry keeps the expert's server and the NAME of its key's variable; the key is read
+    where the call is made, and a missing one is a clear error."""
+    url, registry = gateway
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("REMOTE_GATEWAY_KEY", "not-checked")
+    registry.register_expert("remote-upper", "external", "openai/skill-uppercase", api_base=f"{url}/v1",
+                             api_key_env="REMOTE_GATEWAY_KEY")
+    try:
+        params = SamplingParams(max_tokens=MAX_NEW)
+        done = LocalBackend(registry).run_expert("remote-upper", prompts[4], params)
+        [expected] = hf.generate([params.request(prompts[4], "skill-uppercase")])
+        assert done.text == expected.text
+        monkeypatch.delenv("REMOTE_GATEWAY_KEY")
+        with pytest.raises(EngineError, match=r"\$REMOTE_GATEWAY_KEY, which is not set"):
+            LocalBackend(registry).run_expert("remote-upper", prompts[4], params)
+    finally:
+        registry.remove_expert("remote-upper")

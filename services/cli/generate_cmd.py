@@ -14,41 +14,39 @@ console = Console()
 
 @app.command("generate")
 def generate(
-    prompt: str = typer.Argument(..., help="The prompt, sent as is (zoo experts expect their skill's format)."),
+    prompt: str = typer.Argument(..., help="The prompt: sent as is, or as a user message with --chat."),
     expert: str = typer.Option(..., "--expert", "-e", help="Registered expert name."),
     version: Optional[str] = typer.Option(None, help="Expert version (default: the latest)."),
+    chat: bool = typer.Option(False, "--chat", help="Send the prompt as a user message through the model's chat "
+                              "template (its last user turn, raw, where it has none)."),
+    system: Optional[str] = typer.Option(None, "--system", help="With --chat: a system message before it."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy; above 0 samples."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling mass."),
     seed: Optional[int] = typer.Option(None, help="Seed for sampled generation (reproducible per seed)."),
-    show_usage: bool = typer.Option(False, "--usage", help="Also print token counts and the finish reason."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N, or auto (CUDA when present)."),
+    dtype: str = typer.Option("auto", help="float32, bfloat16, float16, or auto (bfloat16 on CUDA, else float32)."),
+    show_usage: bool = typer.Option(False, "--usage", help="Also print token counts, the finish reason and the prompt rule."),
 ) -> None:
     """Generate a completion with one expert, on the hf engine (adapters load on their base)."""
-    import litellm
-
     from registry.service import Registry
     from services.engines.base import GenerateRequest
     from services.engines.loader import hf_engine_for
+    from services.gateway.backend import external_engine_for
 
+    messages = ((("system", system),) if system else ()) + (("user", prompt),) if chat else ()
     with Registry() as registry:
         record = registry.get_expert(expert, version)
         if record.kind == "external":
-            reply = litellm.completion(
-                model=record.uri,
-                messages=[{"role": "user", "content": prompt}],
-                max_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed,
-            )
-            console.print(reply.choices[0].message.content, highlight=False, markup=False)
-            return
-        engine, target = hf_engine_for(registry, record)
-    request = GenerateRequest(prompt, target, max_new_tokens, temperature, top_p, seed)
+            engine, target = external_engine_for(record), "external"
+            engine.load_model(target, record.uri)
+        else:
+            engine, target = hf_engine_for(registry, record, device=device, dtype=dtype)
+    request = GenerateRequest(prompt, target, max_new_tokens, temperature, top_p, seed, messages=messages)
     result = engine.generate([request])[0]
     console.print(result.text, highlight=False, markup=False)
     if show_usage:
         console.print(
             f"[dim]prompt_tokens={result.prompt_tokens} completion_tokens={result.completion_tokens} "
-            f"finish_reason={result.finish_reason}[/dim]"
+            f"finish_reason={result.finish_reason} prompt_rule={result.prompt_rule}[/dim]"
         )

@@ -63,6 +63,8 @@ def register(
     description: Annotated[str, typer.Option("--description", help="One or two sentences on what it is good at.")] = "",
     examples: Annotated[Optional[Path], typer.Option("--examples", help="JSONL of {prompt, reference?, task?, split?} rows.")] = None,
     cost: Annotated[Optional[float], typer.Option("--cost", help="Cost per 1k tokens (for the leaderboard).")] = None,
+    api_base: Annotated[Optional[str], typer.Option("--api-base", help="External experts: the OpenAI-compatible server to call (http://host:port/v1).")] = None,
+    api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="External experts: the NAME of the environment variable that holds the key (the key itself is never stored).")] = None,
     serve_config: Annotated[Optional[Path], typer.Option("--serve-config", envvar="MOERGE_SERVE_CONFIG", help="The serve config the cluster runs with: an adapter its base's engine cannot serve (vLLM and DoRA, a rank above max_lora_rank) is refused now, not at serve time.")] = None,
 ) -> None:
     """Register an expert: validate it, copy its files into the artifact store, record it."""
@@ -85,6 +87,8 @@ def register(
             description=description,
             examples=examples,
             cost=cost,
+            api_base=api_base,
+            api_key_env=api_key_env,
         )
         n_examples = len(reg.get_examples(expert.name, expert.version))
     console.print(
@@ -183,6 +187,8 @@ def experts_show(
         "skills": e.skills,
         "description": e.description,
         "cost_per_1k_tokens": e.cost_per_1k_tokens,
+        "api_base": e.api_base,
+        "api_key_env": e.api_key_env,
         "checksum": e.checksum,
         "size_bytes": e.size_bytes,
         "examples": splits,

@@ -108,7 +108,18 @@ def _serve_in_process(cfg) -> None:
     from services.serving.strategy_host import StrategyHost, backend_strategies
 
     registry = Registry()
-    backend = LocalBackend(registry)
+    engines = cfg.engines
+
+    def engine_for_base(base: str) -> tuple[str, dict]:
+        return engines.for_base(base).engine, engines.for_base(base).engine_args
+
+    for base in registry.list_bases():
+        if engines.for_base(base.name).engine != "hf":
+            console.print(f"[yellow]base {base.name}: --no-ray serves it on the hf engine[/yellow] (the config's "
+                          f"{engines.for_base(base.name).engine!r} engine runs on Ray)", highlight=False)
+    # the serve config's engine_args (device, dtype, adapter_mode, max_batch_size) hold here too
+    backend = LocalBackend(registry, engine_kwargs=_hf_args(engines.default.engine_args),
+                           engine_for_base=lambda base: ("hf", _hf_args(engine_for_base(base)[1])))
     # strategies generate on the backend's engines: one copy of each base, batched with the rest
     host = StrategyHost(registry, cfg.strategies.names, engine_factory=lambda pool: PoolEngine(pool, backend),
                         refresh_interval_s=cfg.strategies.refresh_interval_s)
@@ -118,3 +129,11 @@ def _serve_in_process(cfg) -> None:
     console.print(f"[green]serving[/green] on http://{cfg.host}:{cfg.port}/v1 (in process; Ctrl-C stops)",
                   highlight=False)
     uvicorn.run(create_app(backend, registry, settings), host=cfg.host, port=cfg.port, log_level="warning")
+
+
+HF_ENGINE_ARGS = ("device", "dtype", "adapter_mode", "max_batch_size")
+
+
+def _hf_args(engine_args: dict) -> dict:
+    """The engine_args the in-process hf engine takes (others are vLLM's, for Ray)."""
+    return {k: v for k, v in engine_args.items() if k in HF_ENGINE_ARGS}

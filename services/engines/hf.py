@@ -53,6 +53,7 @@ from services.engines.base import (
     ScoreRequest,
     ScoreResult,
 )
+from services.engines.devices import resolve_device, resolve_dtype
 from services.engines.prompting import check_context, context_length, end_token_ids, render, stop_ids
 
 ADAPTER_MODES = ("merge", "unmerged")
@@ -68,8 +69,8 @@ class HFEngine:
         base_path: str | Path,
         *,
         base_name: str = "base",
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
         adapter_mode: str = "merge",
         max_batch_size: int = 32,
         trust_remote_code: bool = False,
@@ -77,8 +78,9 @@ class HFEngine:
         if adapter_mode not in ADAPTER_MODES:
             raise EngineError(f"adapter_mode must be one of {ADAPTER_MODES}, got {adapter_mode!r}")
         self.base_name = base_name
-        self.device = torch.device(device)
-        self.dtype = dtype
+        # "auto": CUDA in bfloat16 where there is a GPU, else the CPU in float32 (devices.py)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.adapter_mode = adapter_mode
         self.max_batch_size = max_batch_size
         # explicit either way: left unset, transformers asks on stdin whether to run a model's code

@@ -495,7 +495,8 @@ class LocalBackend:
 
             factory = HFEngine
         try:
-            kwargs = {**self._engine_kwargs, **({"trust_remote_code": True} if trust_remote_code else {})}
+            per_base = self._engine_for_base(base_name)[1] if self._engine_for_base is not None else {}
+            kwargs = {**self._engine_kwargs, **per_base, **({"trust_remote_code": True} if trust_remote_code else {})}
             return factory(path, base_name=base_name, **kwargs)
         except MoergeError:
             raise
@@ -525,15 +526,29 @@ class LocalBackend:
                         slot.engine.unload_adapter(target)
 
     def _run_external(self, expert: Expert, prompt: str, params: SamplingParams) -> ExpertOutput:
-        # litellm loads only when an external expert is asked for
-        from services.engines.external import ExternalEngine
-
+        # litellm loads only when an external expert is asked for (external_engine_for imports it);
         # the engine holds only the target -> model string map, so one per call costs nothing
-        engine = ExternalEngine()
+        engine = external_engine_for(expert)
         target = f"expert{expert.id}"  # the row id, as for adapters: never clashes with the base's name
         engine.load_model(target, expert.uri)
         [result] = engine.generate([params.request(prompt, target)])
         return output_of(expert.name, result, weight=1.0)
+
+
+def external_engine_for(expert: Expert) -> Any:
+    """An ``ExternalEngine`` with the expert's own connection: its ``api_base``, and the key read
+    from the environment variable it names (where this process runs, at call time)."""
+    import os
+
+    from services.engines.external import ExternalEngine
+
+    key = None
+    if expert.api_key_env:
+        key = os.environ.get(expert.api_key_env)
+        if not key:
+            raise EngineError(f"external expert {expert.ref} takes its key from ${expert.api_key_env}, "
+                              "which is not set on this server")
+    return ExternalEngine(api_base=expert.api_base, api_key=key)
 
 
 class PoolEngine:

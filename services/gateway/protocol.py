@@ -353,6 +353,8 @@ class ExpertCreateRequest(BaseModel):
     description: str = ""
     examples: list[ExpertExampleIn] = Field(default_factory=list)
     cost: float | None = Field(default=None, ge=0.0)
+    api_base: str | None = None  # external experts: the server to call
+    api_key_env: str | None = None  # external experts: the NAME of the variable holding the key
 
     def registry_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``Registry.register_expert``."""
@@ -367,6 +369,8 @@ class ExpertCreateRequest(BaseModel):
             "description": self.description,
             "examples": [e.model_dump() for e in self.examples] or None,
             "cost": self.cost,
+            "api_base": self.api_base,
+            "api_key_env": self.api_key_env,
         }
 
 
@@ -384,6 +388,8 @@ class ExpertCard(BaseModel):
     checksum: str = ""
     size_bytes: int = 0
     cost_per_1k_tokens: float | None = None
+    api_base: str | None = None  # external experts
+    api_key_env: str | None = None  # external experts: the variable's name, never the key
     created_at: datetime | None = None
 
     @classmethod
@@ -402,6 +408,8 @@ class ExpertCard(BaseModel):
             checksum=expert.checksum or "",
             size_bytes=expert.size_bytes or 0,
             cost_per_1k_tokens=expert.cost_per_1k_tokens,
+            api_base=getattr(expert, "api_base", None),
+            api_key_env=getattr(expert, "api_key_env", None),
             created_at=expert.created_at,
         )
 
