@@ -317,3 +317,31 @@ def test_in_process_strategies_generate_on_the_servers_engines(zoo_home, moe):
     # one engine for the base, for strategies and experts alike (full-model experts have their own)
     assert built.count(host.moe().pool.base.name) == 1 and len(set(built)) == len(built)
     assert host.moe().pool._engine is None  # the strategy host's pool never loaded a copy of its own
+
+
+def test_cli_eval_takes_a_registered_suite(zoo_home, micro_zoo, tmp_path):
+    """A suite added for the leaderboard is a suite for `moerge eval` too; the oracle scores what
+    it scores on the same queries of the built-in suite."""
+    from services.zoo.build import read_examples
+
+    test = read_examples(micro_zoo.path_of(micro_zoo.suite["test"]))
+    picked = [e for e in test if e.task in ("reverse", "uppercase")][:6]
+    rows = tmp_path / "mine.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": e.prompt, "reference": e.reference, "task": e.task,
+                                        "split": "held-out"}) + "\n" for e in picked))
+    added = subprocess.run([sys.executable, "-m", "services.cli", "suite", "add", "mine", str(rows)],
+                           capture_output=True, text=True)
+    assert added.returncode == 0, added.stderr
+    out = subprocess.run([sys.executable, "-m", "services.cli", "eval", "--strategy", "moe/oracle", "--suite", "mine",
+                          "--split", "held-out", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout[: out.stdout.rindex("accuracy=")])
+    assert report["n"] == len(picked) and report["suite"] == "mine"
+    want = [e.reference for e in picked]
+    assert [r["reference"] for r in report["records"]] == want
+    moe = MoE(ExpertPool(Registry()))
+    alone = [moe.run("moe/oracle", [e.prompt], [e.task], max_new_tokens=len(e.reference) + 4)[0][0].text for e in picked]
+    assert [r["prediction"] for r in report["records"]] == alone
+    bad = subprocess.run([sys.executable, "-m", "services.cli", "eval", "--strategy", "moe/oracle", "--suite", "nope"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "nope" in bad.stderr

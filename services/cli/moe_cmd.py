@@ -75,8 +75,8 @@ def route(
 @app.command("eval")
 def eval_strategy(
     strategy: str = typer.Option(..., "--strategy", "-s", help="Strategy (moe/…) or expert:<name> for one expert alone."),
-    split: str = typer.Option("test", help="test | paraphrase | composition | validation."),
-    suite: str = typer.Option("skills", help="Suite name (built in: skills)."),
+    split: str = typer.Option("test", help="The split: test | paraphrase | composition | validation for skills; a user suite's own."),
+    suite: str = typer.Option("skills", help="Suite name: the built-in skills, or one added with `moerge suite add`."),
     n_per_task: Optional[int] = typer.Option(None, "--n-per-task", min=1, help="Examples per task (default per split)."),
     seed: int = typer.Option(0, help="Suite and router seed: the same seed reproduces the same numbers."),
     base: Optional[str] = typer.Option(None, help="Base model whose experts to use."),

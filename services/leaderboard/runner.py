@@ -368,12 +368,13 @@ class LeaderboardRunner:
         return sum(self.rates.get(n, self.default_cost) * w for (n, _), w in zip(experts, weights)) / total
 
     def _max_new(self, queries: dict[str, list[Query]]) -> dict[str, int]:
-        """A split's generation budget, as ``evaluate`` sets it: the longest reference + 4 (the zoo's
-        tokens are characters); ``contains`` queries get ``max_new_tokens``."""
+        """A split's generation budget, as ``evaluate`` sets it: the longest exact-match reference
+        in the base's own tokens, plus 4; ``contains`` queries get ``max_new_tokens``."""
         out = {}
         for split, qs in queries.items():
-            budgets = [len(q.reference) + 4 if q.metric == "exact_match" else self.max_new_tokens
-                       for q in qs if q.metric != "multiple_choice"]
+            exact = [q.reference for q in qs if q.metric == "exact_match"]
+            budgets = ([self.pool.token_budget(exact)] if exact else []) + [
+                self.max_new_tokens for q in qs if q.metric == "contains"]
             out[split] = max(budgets, default=1)
         return out
 
@@ -388,7 +389,8 @@ class LeaderboardRunner:
             self.moe.router(strategy.router, strategy.router_params)
             self.moe.composer(strategy)
             if first is not None:
-                self.moe.run(strategy, [first.prompt], [first.task], max_new_tokens=len(first.reference) + 4)
+                self.moe.run(strategy, [first.prompt], [first.task],
+                             max_new_tokens=self.pool.token_budget([first.reference]))
 
     def _rewind(self, strategy: Strategy) -> None:
         router = self.moe.router(strategy.router, strategy.router_params)

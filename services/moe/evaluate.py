@@ -23,12 +23,30 @@ SUITES = ("skills",)
 DEFAULT_PER_TASK = {"test": 25, "paraphrase": 25, "composition": 20, "validation": 16}
 
 
-def load_suite(suite: str, split: str, n_per_task: int | None = None, seed: int = 0) -> list[Example]:
+def load_suite(suite: str, split: str, n_per_task: int | None = None, seed: int = 0,
+               registry=None) -> list[Example]:  # noqa: ANN001
+    """A split's queries: the built-in skills suite drawn from ``seed``, or a suite registered with
+    ``moerge suite add`` (exact-match and contains queries; ``n_per_task`` takes the
+    leaderboard's seeded sample of each task)."""
     if suite not in SUITES:
-        raise NotFoundError(f"unknown suite {suite!r}; built in: {', '.join(SUITES)}")
+        if registry is None:
+            raise NotFoundError(f"unknown suite {suite!r}; built in: {', '.join(SUITES)}")
+        from services.leaderboard.suites import load_queries  # the leaderboard's own reading of it
+
+        [queries] = load_queries(registry, suite, [split], n_per_task, seed).values()
+        if any(q.metric == "multiple_choice" for q in queries):
+            raise NotFoundError(f"suite {suite!r}/{split} has multiple-choice queries, which are scored by "
+                                "log-likelihood: run them with `moerge leaderboard run`")
+        return [Example(q.prompt, q.reference, q.task, q.split, (), "", metric=q.metric) for q in queries]
     if split not in SPLITS or split == "train":
         raise NotFoundError(f"unknown split {split!r}; evaluate on one of test, paraphrase, composition, validation")
     return make_split(split, n_per_task or DEFAULT_PER_TASK.get(split, 25), seed)
+
+
+def is_correct(example: Example, prediction: str) -> bool:
+    if example.metric == "contains":
+        return example.reference.strip().lower() in prediction.lower()
+    return exact_match(prediction, example.reference)
 
 
 @dataclass
@@ -94,8 +112,10 @@ def evaluate(
 
             pool = ExpertPool(Registry())
         moe = MoE(pool, seed=seed)
-    examples = load_suite(suite, split, n_per_task, seed)
-    max_new = max(len(e.reference) for e in examples) + 4  # character-level tokens, plus EOS slack
+    examples = load_suite(suite, split, n_per_task, seed, registry=moe.pool.registry)
+    if not examples:
+        raise NotFoundError(f"suite {suite!r} has no queries in split {split!r}")
+    max_new = moe.pool.token_budget(e.reference for e in examples)
     t0 = time.perf_counter()
     name = strategy.name if isinstance(strategy, Strategy) else strategy
     if name.startswith("expert:"):
@@ -153,7 +173,7 @@ def strategy_records(moe: MoE, strategy: Strategy, examples: list[Example], max_
                 reference=ex.reference,
                 task=ex.task,
                 prediction=completion.text,
-                correct=exact_match(completion.text, ex.reference),
+                correct=is_correct(ex, completion.text),
                 experts=experts,
                 router_ms=routed.router_ms,
                 routing_correct=routing_ok,
@@ -177,7 +197,7 @@ def _expert_alone(moe: MoE, expert: str, examples: list[Example], max_new: int) 
             reference=e.reference,
             task=e.task,
             prediction=r.text,
-            correct=exact_match(r.text, e.reference),
+            correct=is_correct(e, r.text),
             experts=[(expert, 1.0)],
             router_ms=0.0,
             routing_correct=None,

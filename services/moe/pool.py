@@ -58,6 +58,7 @@ class ExpertPool:
         self._engine: HFEngine | None = None
         self._mixture_engine: HFEngine | None = None
         self._molora = None
+        self._tokenizer = None  # the base's, for token budgets
 
     def _info(self, rec) -> ExpertInfo:
         examples = tuple(
@@ -83,6 +84,17 @@ class ExpertPool:
 
     def adapters(self) -> dict[str, Path]:
         return {n: e.adapter_path for n, e in self.experts.items() if e.kind == "adapter" and e.adapter_path}
+
+    def token_budget(self, references, slack: int = 4) -> int:
+        """Tokens to generate for answers like ``references``: the longest one in the base's own
+        tokens, plus ``slack`` (the end token, and a little room)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                str(self.base_path), trust_remote_code=bool(self.base.trust_remote_code))
+        lengths = [len(self._tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references]
+        return max(lengths, default=0) + slack
 
     # ------------------------------------------------------------------ engines
 

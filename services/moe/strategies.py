@@ -260,8 +260,8 @@ class MoE:
 
     def validation_correctness(self, expert: ExpertInfo, examples: Sequence[ExpertExample]) -> list[bool]:
         """Exact match of ``expert`` on ``examples`` (Symbolic-MoE profiles, best-single)."""
-        longest = max((len(e.reference) for e in examples), default=8)
-        requests = [GenerateRequest(e.prompt, expert.name, longest + 4) for e in examples]
+        budget = self.pool.token_budget(e.reference for e in examples)
+        requests = [GenerateRequest(e.prompt, expert.name, budget) for e in examples]
         results = self.pool.engine.generate(requests)
         return [exact_match(r.text, e.reference) for r, e in zip(results, examples)]
 

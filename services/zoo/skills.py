@@ -308,6 +308,7 @@ class Example:
     domain: str
     instruction: str = ""
     input: str = ""
+    metric: str = "exact_match"  # a user suite's query may be scored by "contains" (services.moe.evaluate)
 
     def to_json(self) -> dict:
         return {
