@@ -36,8 +36,9 @@ def refusal(engine: str, engine_args: dict[str, Any], adapter_dir: str | Path) -
         return None
     if config.get("use_dora"):
         return "vLLM does not serve DoRA adapters (use_dora); serve this base with the hf engine"
-    if config.get("modules_to_save"):
-        return (f"vLLM does not serve adapters with modules_to_save ({', '.join(config['modules_to_save'])}); "
+    saved = [m for m in config.get("modules_to_save") or () if m not in ("classifier", "score")]
+    if saved:  # vLLM's peft_helper takes a classification head only
+        return (f"vLLM does not serve adapters with modules_to_save ({', '.join(saved)}); "
                 "serve this base with the hf engine")
     if config.get("lora_bias"):
         return "vLLM does not serve LoRA adapters with a bias (lora_bias); serve this base with the hf engine"
