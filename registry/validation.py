@@ -327,6 +327,12 @@ def base_weight_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
     shapes: dict[str, list[int]] = {}
     for shard in _weight_files(folder, present, f"base model {str(path)!r}"):
         shapes.update(safetensors_shapes(folder / shard, f"base model {str(path)!r}: {shard}"))
+    # tied embeddings (Qwen2 0.5B, Gemma, …): the checkpoint stores the embedding only, and the
+    # output layer an adapter may target is that same matrix
+    config = _read_json(folder / "config.json", "config.json") if "config.json" in present else {}
+    embedding = next((k for k in shapes if k.endswith(("embed_tokens.weight", "wte.weight"))), None)
+    if config.get("tie_word_embeddings", True) and embedding and not any(k.endswith("lm_head.weight") for k in shapes):
+        shapes["lm_head.weight"] = shapes[embedding]
     return shapes
 
 
@@ -451,6 +457,7 @@ def _warn_other_base(named: Any, base_name: str, base_path: str) -> None:
 
 def _find(key: str, shapes: dict[str, list[int]]) -> str | None:
     """The base tensor a peft key refers to (checkpoints differ on a leading ``model.``)."""
+    key = key.replace(".base_layer.", ".")  # peft's save_embedding_layers copies of a wrapped layer
     for candidate in (key, f"model.{key}", key.removeprefix("model.")):
         if candidate in shapes:
             return candidate

@@ -48,6 +48,7 @@ def adapters(qwen: Path, tmp_path_factory) -> dict[str, Path]:
         "patterned": {"target_modules": "all-linear", "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"v_proj": 32}},
         "rslora": {"target_modules": ["gate_proj", "up_proj", "down_proj"], "use_rslora": True},
         "saves": {"modules_to_save": ["norm"]},  # (an adapter name ending in "norm" would clash with it in peft)
+        "tied-head": {"target_modules": ["q_proj", "lm_head"]},  # the output layer is the tied embedding
     }
     return {name: make_chat_lora(qwen, root / name, seed=i + 1, **kw) for i, (name, kw) in enumerate(kinds.items())}
 
@@ -369,7 +370,8 @@ def test_strategies_answer_over_unusual_experts_and_say_whom_they_left_out(qwen:
     monkeypatch.setenv("MOERGE_HOME", str(tmp_path / "home"))
     registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}", artifact_root=tmp_path / "store")
     registry.register_base("qwen-tiny", qwen)
-    topics = {"plain": "colours", "dora": "fruit", "patterned": "rivers", "rslora": "numbers", "saves": "trees"}
+    topics = {"plain": "colours", "dora": "fruit", "patterned": "rivers", "rslora": "numbers", "saves": "trees",
+              "tied-head": "birds"}
     for name, folder in adapters.items():
         examples = [{"prompt": f"Tell me about {topics[name]} number {i}", "reference": f"{topics[name]} {i}",
                      "task": topics[name], "split": split} for i, split in ((i, "train" if i < 6 else "validation")

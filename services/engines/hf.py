@@ -94,6 +94,7 @@ class HFEngine:
         self._merged: str | None = None  # adapter currently merged into the base weights
         # (tuner layer, [(base parameter, its value before the merge)]) of the merged adapter
         self._snapshot: list[tuple[BaseTunerLayer, list[tuple[torch.nn.Parameter, torch.Tensor]]]] = []
+        self._unmergeable: set[str] = set()  # adapters on a tied output layer: never merged
 
     @property
     def base_model(self) -> PreTrainedModel:
@@ -122,6 +123,16 @@ class HFEngine:
             self._drop_partial(name)
             raise EngineError(f"adapter {name!r} from {path} does not load on this base: {exc}") from exc
         self._adapters[name] = str(path)
+        if self._touches_tied_weights(name):
+            # merged into the embedding matrix (its own LoRA, or a tied output layer's), it would
+            # change the other use of that matrix as well: it runs unmerged, as peft runs it
+            self._unmergeable.add(name)
+
+    def _touches_tied_weights(self, name: str) -> bool:
+        assert self._peft is not None
+        embedding = self._peft.get_input_embeddings().weight
+        return any(isinstance(m, BaseTunerLayer) and _holds(m, name) and m.get_base_layer().weight is embedding
+                   for m in self._peft.modules())
 
     def _drop_partial(self, name: str) -> None:
         """A load that failed half-way (a wrong shape) leaves layers injected under ``name``:
@@ -152,6 +163,7 @@ class HFEngine:
                 self._peft.set_adapter(next(n for n in self._adapters if n != name))
             self._peft.delete_adapter(name)
         del self._adapters[name]
+        self._unmergeable.discard(name)
 
     def load_model(self, name: str, path: str | Path) -> None:
         """Load a full-model expert (a ``from_pretrained`` folder); its own tokenizer if it has one."""
@@ -323,12 +335,13 @@ class HFEngine:
             yield self._models[target]
         elif target in self._adapters:
             assert self._peft is not None
-            if self.adapter_mode == "merge":
+            if self.adapter_mode == "merge" and target not in self._unmergeable:
                 if self._merged != target:
                     self._unmerge()
                     self._peft.set_adapter(target)
                     self._merge(target)
             else:
+                self._unmerge()
                 self._peft.set_adapter(target)
             yield self._peft, self._tokenizer
         else:
