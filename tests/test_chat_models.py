@@ -317,6 +317,8 @@ def test_gateway_chat_through_the_openai_client_equals_transformers(gateway: str
         assert reply.usage.prompt_tokens == prompt_len
         assert raw.headers["x-moe-prompt-rule"] == "chat_template"
         assert reply.model_extra["moe"]["prompt_rule"] == "chat_template"
+        stream = _client(gateway).chat.completions.create(model=model, messages=messages, max_tokens=12, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reply.choices[0].message.content
 
 
 def test_gateway_stops_on_generation_config_eos_and_honours_the_parameters(gateway: str, qwen: Path) -> None:
