@@ -100,6 +100,9 @@ class GenerateRequest:
             raise EngineError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise EngineError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):  # OpenAI's and vLLM's range
+            if not -2 <= getattr(self, name) <= 2:
+                raise EngineError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if isinstance(self.stop, str):  # a single stop string is a common slip
             object.__setattr__(self, "stop", (self.stop,))
         # hashable tuples, whatever came in (lists from JSON, {"role", "content"} dicts, a bias dict)
@@ -109,6 +112,8 @@ class GenerateRequest:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
+        if any(not -100 <= b <= 100 for _, b in self.logit_bias):
+            raise EngineError("logit_bias values must be in [-100, 100]")
 
     @property
     def penalised(self) -> bool:

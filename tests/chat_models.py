@@ -86,6 +86,7 @@ def make_qwen_chat_model(directory: Path, seed: int = 0, chat_template: str | No
         vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         tie_word_embeddings=True, bos_token_id=None, eos_token_id=im_end, pad_token_id=endoftext,
+        initializer_range=0.2,  # peaked logits: a random model that does not repeat one token forever
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
@@ -93,7 +94,10 @@ def make_qwen_chat_model(directory: Path, seed: int = 0, chat_template: str | No
     model.save_pretrained(directory)
     tok.save_pretrained(str(directory))
     eos = [im_end, endoftext] if eos_list else im_end
-    GenerationConfig(eos_token_id=eos, pad_token_id=endoftext, bos_token_id=None).save_pretrained(directory)
+    # sampling defaults as Qwen2.5-Instruct ships them (its repetition_penalty is 1.05; 1.2 here, so
+    # that applying it changes this model's greedy answer): moerge's engines must not apply them
+    GenerationConfig(eos_token_id=eos, pad_token_id=endoftext, bos_token_id=None, do_sample=True, temperature=0.7,
+                     top_p=0.8, top_k=20, repetition_penalty=1.2).save_pretrained(directory)
     return directory
 
 

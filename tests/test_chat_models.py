@@ -65,10 +65,20 @@ def reference(folder: Path, messages, max_new_tokens: int = 12, adapter: Path | 
     model.eval()
     chat = [{"role": r, "content": c} for r, c in messages]
     inputs = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    # greedy, without the model's own sampling defaults (its repetition_penalty 1.05): a request
+    # to moerge says what it wants, as vLLM's SamplingParams do
+    generate_kwargs = {"repetition_penalty": 1.0, "top_k": None, "top_p": None, "temperature": None,
+                       **generate_kwargs}
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
     ids = out[0, inputs["input_ids"].shape[1] :].tolist()
     return ids, inputs["input_ids"].shape[1], tok
+
+
+def text_of(tok, ids: list[int]) -> str:
+    """The text an engine gives for ``ids``: decoded without special tokens, and without the bytes
+    of a character cut off at the end (vLLM's incremental detokenizer holds those back)."""
+    return tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
 
 
 def chat(messages=CONVERSATION, **kw) -> GenerateRequest:
@@ -88,7 +98,7 @@ def test_chat_equals_transformers_on_the_chat_template(qwen: Path) -> None:
     assert result.prompt_rule == "chat_template"
     assert result.prompt_tokens == prompt_len
     assert result.token_ids == want
-    assert result.text == tok.decode([t for t in want if t not in ends], skip_special_tokens=True)
+    assert result.text == text_of(tok, [t for t in want if t not in ends])
 
 
 def test_a_mistral_chat_model_equals_transformers_too(tmp_path: Path) -> None:
@@ -184,8 +194,8 @@ def test_penalties_and_bias_change_greedy_as_vllm_defines_them(qwen: Path) -> No
     tok = AutoTokenizer.from_pretrained(qwen)
     model = AutoModelForCausalLM.from_pretrained(qwen).eval()
     bias_token = tok.convert_tokens_to_ids(tok.tokenize(" the"))[0]
-    params = {"repetition_penalty": 1.3, "frequency_penalty": 0.7, "presence_penalty": 0.4,
-              "logit_bias": ((bias_token, 0.8),)}
+    params = {"repetition_penalty": 1.3, "frequency_penalty": 2.0, "presence_penalty": 1.5,
+              "logit_bias": ((bias_token, 12.0),)}
     prompt = tok.apply_chat_template([{"role": r, "content": c} for r, c in CONVERSATION], tokenize=False,
                                      add_generation_prompt=True)
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -193,17 +203,31 @@ def test_penalties_and_bias_change_greedy_as_vllm_defines_them(qwen: Path) -> No
     with torch.inference_mode():
         for _ in range(10):
             logits = model(torch.tensor([ids + out])).logits[0, -1].float()
-            logits[bias_token] += 0.8
+            logits[bias_token] += 12.0
             seen = torch.tensor(sorted(set(ids + out)))
             picked = logits[seen]
             logits[seen] = torch.where(picked > 0, picked / 1.3, picked * 1.3)
             counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
-            logits -= 0.7 * counts + 0.4 * (counts > 0).float()
+            logits -= 2.0 * counts + 1.5 * (counts > 0).float()
             out.append(int(logits.argmax()))
     [r] = HFEngine(qwen).generate([chat(max_new_tokens=10, ignore_eos=True, **params)])
     [plain] = HFEngine(qwen).generate([chat(max_new_tokens=10, ignore_eos=True)])
     assert r.token_ids == out
     assert r.token_ids != plain.token_ids
+
+
+def test_the_models_own_sampling_defaults_are_not_applied(qwen: Path) -> None:
+    """generation_config.json says repetition_penalty 1.2: a greedy request without one is not
+    penalised (transformers' generate would fill it in), one that asks for 1.2 is."""
+    engine = HFEngine(qwen)
+    plain, asked = engine.generate([chat(ignore_eos=True, max_new_tokens=16),
+                                    chat(ignore_eos=True, max_new_tokens=16, repetition_penalty=1.2)])
+    ids, _, _ = reference(qwen, CONVERSATION, max_new_tokens=16, eos_token_id=None)
+    penalised, _, _ = reference(qwen, CONVERSATION, max_new_tokens=16, eos_token_id=None, repetition_penalty=1.2)
+    assert plain.token_ids == ids and asked.token_ids == penalised
+    assert ids != penalised  # the penalty matters on this model: the test can tell them apart
+    with pytest.raises(RequestError, match="outside this model's vocabulary"):
+        engine.generate([chat(logit_bias=((10**6, 1.0),))])
 
 
 def test_top_k_one_is_greedy_and_sampling_is_seeded(qwen: Path) -> None:
@@ -313,7 +337,7 @@ def test_gateway_chat_through_the_openai_client_equals_transformers(gateway: str
         ids, prompt_len, tok = reference(qwen, CONVERSATION, adapter=adapter)
         ends = {token_id(qwen, IM_END), token_id(qwen, ENDOFTEXT)}
         want = ids[: next((i for i, t in enumerate(ids) if t in ends), len(ids))]
-        assert reply.choices[0].message.content == tok.decode(want, skip_special_tokens=True)
+        assert reply.choices[0].message.content == text_of(tok, want)
         assert reply.usage.prompt_tokens == prompt_len
         assert raw.headers["x-moe-prompt-rule"] == "chat_template"
         assert reply.model_extra["moe"]["prompt_rule"] == "chat_template"

@@ -54,7 +54,14 @@ from services.engines.base import (
     ScoreResult,
 )
 from services.engines.devices import resolve_device, resolve_dtype
-from services.engines.prompting import check_context, context_length, end_token_ids, render, stop_ids
+from services.engines.prompting import (
+    check_context,
+    check_logit_bias,
+    context_length,
+    end_token_ids,
+    render,
+    stop_ids,
+)
 
 ADAPTER_MODES = ("merge", "unmerged")
 
@@ -223,8 +230,10 @@ class HFEngine:
         pad_id = _pad_id(tokenizer)
         rendered = [render(tokenizer, r) for r in batch]
         context = context_length(getattr(model, "config", None))
+        vocab = model.get_output_embeddings().weight.shape[0]
         for (ids, _), r in zip(rendered, batch):
             check_context(len(ids), r, context)
+            check_logit_bias(r, vocab)
         prompts = [ids for ids, _ in rendered]
         ends = end_token_ids(tokenizer, getattr(model, "generation_config", None))
         stops = [stop_ids(r, ends) for r in batch]
@@ -240,14 +249,15 @@ class HFEngine:
             pad_token_id=pad_id,
         )
         streamer = _BatchStreamer(tokenizer, batch, emits, stops) if emits and any(emits) else None
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=config,
-            logits_processor=LogitsProcessorList([_RowLogits(batch, prompts, prompt_len, self.device)]),
-            stopping_criteria=StoppingCriteriaList([_RowStops(batch, prompt_len, tokenizer, stops)]),
-            streamer=streamer,
-        )
+        with _without_model_defaults(model):
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=config,
+                logits_processor=LogitsProcessorList([_RowLogits(batch, prompts, prompt_len, self.device)]),
+                stopping_criteria=StoppingCriteriaList([_RowStops(batch, prompt_len, tokenizer, stops)]),
+                streamer=streamer,
+            )
         results = [
             _finish(tokenizer, request, output[row, prompt_len:].tolist(), len(prompts[row]), stops[row], rule)
             for row, (request, (_, rule)) in enumerate(zip(batch, rendered))
@@ -587,6 +597,22 @@ def _finish(
         finish_reason=reason,  # type: ignore[arg-type]
         prompt_rule=rule,  # type: ignore[arg-type]
     )
+
+
+@contextlib.contextmanager
+def _without_model_defaults(model: torch.nn.Module) -> Iterator[None]:
+    """``generate`` fills every field our config leaves unset from the model's own
+    generation_config.json (Qwen2.5-Instruct's repetition_penalty 1.05, top_k 20, …), even for
+    greedy decoding. A request says what it wants, as vLLM's ``SamplingParams`` do, so the hf and
+    vllm engines answer alike: the model's defaults are set aside while it generates (its eos
+    list is read before, by ``end_token_ids``)."""
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    kept = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = kept
 
 
 def _holds(module: BaseTunerLayer, adapter: str) -> bool:

@@ -78,6 +78,13 @@ def check_context(prompt_tokens: int, request: GenerateRequest, context: int | N
         )
 
 
+def check_logit_bias(request: GenerateRequest, vocab_size: int) -> None:
+    bad = [t for t, _ in request.logit_bias if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"logit_bias names token ids outside this model's vocabulary of {vocab_size}: "
+                           f"{', '.join(map(str, bad[:5]))}", "logit_bias")
+
+
 def context_length(config: Any) -> int | None:
     """The model's context in tokens, from its config (what vLLM takes as max_model_len)."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):

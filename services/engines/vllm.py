@@ -36,7 +36,7 @@ from services.engines.base import (
     ScoreResult,
 )
 from services.engines.compat import refusal
-from services.engines.prompting import check_context, render
+from services.engines.prompting import check_context, check_logit_bias, render
 
 if TYPE_CHECKING:
     from vllm import LLM, RequestOutput, SamplingParams
@@ -157,9 +157,11 @@ class VLLMEngine:
         # the prompt ids come from the same rendering as the hf engine's (prompting.render): the
         # chat template where the request is a chat, else the prompt as the tokenizer encodes it
         rendered = [render(self._tokenizer, r) for r in requests]
-        context = self._llm.llm_engine.model_config.max_model_len
+        model_config = self._llm.llm_engine.model_config
+        context, vocab = model_config.max_model_len, model_config.get_vocab_size()
         for (ids, _), r in zip(rendered, requests):
             check_context(len(ids), r, context)
+            check_logit_bias(r, vocab)
         outputs = self._llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids, _ in rendered],
             [_sampling_params(r) for r in requests],
