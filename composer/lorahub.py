@@ -71,8 +71,8 @@ class LoraHubObjective:
         self.configs, self.states = load_factor_states(self.paths)
         self.l1 = l1
         self.batch_size = batch_size
-        self.tokenizer = AutoTokenizer.from_pretrained(str(base_path))
-        base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(base_path), trust_remote_code=False)
+        base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32, trust_remote_code=False)
         self.model = PeftModel.from_pretrained(base, str(self.paths[0]), adapter_name=SLOT, is_trainable=False)
         self.model.eval()
         self.rows = [self._encode(p, r, append_eos) for p, r in examples]

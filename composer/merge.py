@@ -179,7 +179,8 @@ def _build(
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+    # never the base's own code (nor a prompt asking to run it): a remote-code base fails here, clearly
+    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32, trust_remote_code=False)
     names = [f"e{i}" for i in range(len(paths))]
     try:
         model = PeftModel.from_pretrained(base, str(paths[0]), adapter_name=names[0], is_trainable=False)

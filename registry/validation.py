@@ -424,15 +424,16 @@ def validate_adapter(root: Path, files: list[SourceFile], base_name: str, base_p
             has_b.add(module)
     if not has_a:
         raise RegistrationError("adapter_model.safetensors holds no LoRA tensors")
-    _warn_other_base(config.get("base_model_name_or_path"), base_name, base_path)
     if has_a != has_b:
         odd = sorted(has_a ^ has_b)[0]
         raise RegistrationError(f"adapter module {odd} has only one of its LoRA factors (A and B go together)")
+    _warn_other_base(config.get("base_model_name_or_path"), base_name, base_path)  # only once accepted
     return AdapterInfo(rank=rank, target_modules=targets, modules=has_a)
 
 
 class RegistrationWarning(UserWarning):
-    """Registered, but something looks off (the CLI and the admin API show these)."""
+    """Registered, but something looks off: ``moerge register`` prints these, and the admin API
+    returns them in the card's ``warnings``."""
 
 
 def _warn_other_base(named: Any, base_name: str, base_path: str) -> None:
@@ -493,6 +494,12 @@ def validate_model(root: Path, files: list[SourceFile]) -> str:
     config = _read_json(by_rel["config.json"].path, "config.json")
     if not config.get("model_type") and not config.get("architectures"):
         raise RegistrationError("config.json names neither model_type nor architectures")
+    code = sorted(rel for rel in by_rel if rel.endswith(".py"))
+    if config.get("auto_map") or code:
+        raise RegistrationError(
+            "the model runs code of its own (" + ("config.json has an auto_map" if config.get("auto_map")
+                                                  else ", ".join(code)) + "); full-model experts must be "
+            "architectures transformers ships (register a base with --trust-remote-code for such code)")
     for shard in _weight_files(root, set(by_rel), "model folder"):
         safetensors_shapes(by_rel[shard].path, shard)
     arch = config.get("architectures") or [config.get("model_type")]

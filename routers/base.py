@@ -17,6 +17,11 @@ from typing import Protocol, runtime_checkable
 import torch
 
 
+class ExpertUnusable(ValueError):
+    """This router (or composer) cannot use this expert: no examples to fit on, an adapter kind
+    it cannot express. The strategy leaves the expert out and says so; other errors still fail."""
+
+
 @dataclass(frozen=True)
 class ExpertExample:
     prompt: str

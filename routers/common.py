@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from routers.base import Artifact, BaseRouter, Decision, ExpertExample, ExpertInfo
+from routers.base import Artifact, BaseRouter, Decision, ExpertExample, ExpertInfo, ExpertUnusable
 from routers.embedder import Embedder, get_embedder
 
 # Runs an expert on examples and says which answers were correct (services/ passes one that drives
@@ -132,5 +132,5 @@ class EmbeddingRouter(QueryRouter):
     def train_prompts(self, expert: ExpertInfo, limit: int | None) -> list[str]:
         prompts = expert.prompts("train", limit=limit)
         if not prompts:
-            raise ValueError(f"{self.name}: expert {expert.name!r} has no train examples")
+            raise ExpertUnusable(f"{self.name}: expert {expert.name!r} has no train examples")
         return prompts

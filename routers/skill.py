@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from routers.base import Artifact, Decision, ExpertExample, ExpertInfo, RouteRequest
+from routers.base import Artifact, Decision, ExpertExample, ExpertInfo, ExpertUnusable, RouteRequest
 from routers.common import EmbeddingRouter, EvaluateFn, dumps, expert_tasks, validation_set
 from routers.embedder import Embedder
 
@@ -102,7 +102,7 @@ class SkillRouter(EmbeddingRouter):
             raise ValueError("skill router: fit_expert needs an evaluate_fn(expert, examples) -> [bool]")
         examples = validation_set(expert, self.validation_examples)
         if not examples:
-            raise ValueError(f"skill router: no validation examples to profile {expert.name!r}")
+            raise ExpertUnusable(f"skill router: no validation examples to profile {expert.name!r}")
         correct = [bool(c) for c in self.evaluate_fn(expert, examples)]
         if len(correct) != len(examples):
             raise ValueError("skill router: evaluate_fn returned a different number of results")

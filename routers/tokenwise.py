@@ -23,7 +23,7 @@ from peft import LoraConfig
 from peft.utils import load_peft_weights
 from peft.utils.other import get_pattern_key
 
-from routers.base import Artifact, BaseRouter, ExpertInfo, MixtureSpec, RouteRequest
+from routers.base import Artifact, BaseRouter, ExpertInfo, ExpertUnusable, MixtureSpec, RouteRequest
 
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -45,14 +45,14 @@ def read_lora_factors(adapter_path: str | Path, device: str | torch.device = "cp
     """LoRA factors of a peft adapter folder (safetensors), keyed by the base model's module name."""
     config = LoraConfig.from_pretrained(str(adapter_path))
     if getattr(config, "use_dora", False):
-        raise ValueError(f"{adapter_path}: DoRA adapters are not supported by the MoLoRA mixture")
+        raise ExpertUnusable(f"{adapter_path}: DoRA adapters are not supported by the MoLoRA mixture")
     if getattr(config, "lora_bias", False):
-        raise ValueError(f"{adapter_path}: LoRA adapters with a bias are not supported by the MoLoRA mixture")
+        raise ExpertUnusable(f"{adapter_path}: LoRA adapters with a bias are not supported by the MoLoRA mixture")
     if getattr(config, "fan_in_fan_out", False):
-        raise ValueError(f"{adapter_path}: fan_in_fan_out (Conv1D) adapters are not supported")
+        raise ExpertUnusable(f"{adapter_path}: fan_in_fan_out (Conv1D) adapters are not supported")
     if getattr(config, "modules_to_save", None):
         # a mixture combines LoRA deltas; the adapter's own copies of whole modules have no place in it
-        raise ValueError(f"{adapter_path}: adapters with modules_to_save ({', '.join(config.modules_to_save)}) "
+        raise ExpertUnusable(f"{adapter_path}: adapters with modules_to_save ({', '.join(config.modules_to_save)}) "
                          "are not supported by the MoLoRA mixture")
     weights = load_peft_weights(str(adapter_path), device=str(device))
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -60,7 +60,7 @@ def read_lora_factors(adapter_path: str | Path, device: str | torch.device = "cp
         m = _LORA_KEY.match(key)
         if m is None:
             if "lora_embedding" in key or "lora_magnitude" in key:
-                raise ValueError(f"{adapter_path}: unsupported LoRA tensor {key}")
+                raise ExpertUnusable(f"{adapter_path}: unsupported LoRA tensor {key}")
             continue  # modules_to_save etc. are not part of a LoRA mixture
         parts.setdefault(m["module"], {})[m["which"]] = tensor.float()
     out: dict[str, LoraFactors] = {}
@@ -85,8 +85,8 @@ def load_base(base_path: str):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=False)  # never a base's own code
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=False)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
@@ -96,7 +96,7 @@ def training_texts(expert: ExpertInfo, eos_token: str, split: str = "train", lim
     """The expert's own training sequences: prompt + reference + EOS."""
     texts = [e.prompt + e.reference + eos_token for e in expert.examples if e.split == split]
     if not texts:
-        raise ValueError(f"expert {expert.name!r} has no {split!r} examples to fit on")
+        raise ExpertUnusable(f"expert {expert.name!r} has no {split!r} examples to fit on")
     return texts[:limit] if limit is not None else texts
 
 
@@ -107,13 +107,13 @@ def training_pairs(
     trained to produce is kept apart, for fitting code that puts the loss on it alone."""
     pairs = [(e.prompt, e.reference + eos_token) for e in expert.examples if e.split == split]
     if not pairs:
-        raise ValueError(f"expert {expert.name!r} has no {split!r} examples to fit on")
+        raise ExpertUnusable(f"expert {expert.name!r} has no {split!r} examples to fit on")
     return pairs[:limit] if limit is not None else pairs
 
 
 def require_adapter(expert: ExpertInfo) -> None:
     if expert.kind != "adapter" or expert.adapter_path is None or expert.base_path is None:
-        raise ValueError(f"expert {expert.name!r}: token-level routing needs a LoRA adapter on a known base")
+        raise ExpertUnusable(f"expert {expert.name!r}: token-level routing needs a LoRA adapter on a known base")
 
 
 class TokenwiseRouter(BaseRouter):

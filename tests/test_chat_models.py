@@ -407,7 +407,7 @@ def test_strategies_answer_over_unusual_experts_and_say_whom_they_left_out(qwen:
     moe = MoE(ExpertPool(registry))
     messages = (("system", "Be brief."), ("user", "Tell me about fruit number 3"))
     for strategy, left in (("moe/semantic", {"silent"}), ("moe/glider", {"silent", "dora", "saves"}),
-                           ("moe/ties", set())):
+                           ("moe/ties", {"dora", "saves"})):
         [(completion, routed)] = moe.run(strategy, ["Tell me about fruit number 3"], max_new_tokens=6,
                                          messages=messages)
         assert completion.finish_reason in ("stop", "length")
@@ -492,3 +492,25 @@ def test_cli_generate_chats_through_the_template(qwen: Path, adapters: dict[str,
     assert "prompt_rule=chat_template" in out
     raw = run("generate", "Name a fruit", "--expert", "plain", "-n", "4", "--usage")
     assert "prompt_rule=raw" in raw
+
+
+def test_the_admin_api_returns_a_registrations_warnings(qwen: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    import anyio
+
+    from registry.service import Registry
+    from services.gateway import LocalBackend
+
+    folder = Path(shutil.copytree(adapters["plain"], tmp_path / "other"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/else"}))
+    registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}", artifact_root=tmp_path / "store")
+    registry.register_base("qwen-tiny", qwen)
+    backend = LocalBackend(registry)
+    for name in ("a", "b"):  # every registration's warning, not only the process's first
+        card = anyio.run(backend.register_expert, {"name": name, "kind": "adapter", "source": str(folder),
+                                                    "base": "qwen-tiny"})
+        assert len(card["warnings"]) == 1 and "'org/else'" in card["warnings"][0]
+    registry.close()

@@ -295,6 +295,7 @@ def test_an_external_expert_with_its_own_api_base_and_key_variable(gateway, hf, 
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setenv("REMOTE_GATEWAY_KEY", "not-checked")
+    monkeypatch.setenv("MOERGE_EXTERNAL_KEY_VARS", "OTHER_KEY, REMOTE_GATEWAY_KEY")
     registry.register_expert("remote-upper", "external", "openai/skill-uppercase", api_base=f"{url}/v1",
                              api_key_env="REMOTE_GATEWAY_KEY")
     try:
@@ -304,6 +305,11 @@ def test_an_external_expert_with_its_own_api_base_and_key_variable(gateway, hf, 
         assert done.text == expected.text
         monkeypatch.delenv("REMOTE_GATEWAY_KEY")
         with pytest.raises(EngineError, match=r"\$REMOTE_GATEWAY_KEY, which is not set"):
+            LocalBackend(registry).run_expert("remote-upper", prompts[4], params)
+        # a variable the operator did not list is never read, set or not
+        monkeypatch.setenv("REMOTE_GATEWAY_KEY", "not-checked")
+        monkeypatch.setenv("MOERGE_EXTERNAL_KEY_VARS", "OTHER_KEY")
+        with pytest.raises(EngineError, match="does not let external experts read"):
             LocalBackend(registry).run_expert("remote-upper", prompts[4], params)
     finally:
         registry.remove_expert("remote-upper")

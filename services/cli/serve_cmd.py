@@ -56,7 +56,9 @@ def _serve_on_ray(cfg) -> None:
     from services.serving.ingress import start_local_ray
 
     address = os.environ.get("RAY_ADDRESS")
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    # external experts' key variables go along, and only those the operator listed
+    key_vars = [v.strip() for v in os.environ.get("MOERGE_EXTERNAL_KEY_VARS", "").split(",") if v.strip()]
+    env = {k: os.environ[k] for k in (*FORWARDED_ENV, "MOERGE_EXTERNAL_KEY_VARS", *key_vars) if k in os.environ}
     env.setdefault("MOERGE_HOME", str(moerge_home()))
     env.setdefault("MOERGE_DATABASE_URL", database_url())
     if address and cfg.ingress != "proxy":
@@ -104,7 +106,7 @@ def _serve_in_process(cfg) -> None:
 
     from registry.service import Registry
     from services.gateway.app import GatewaySettings, create_app
-    from services.gateway.backend import LocalBackend, PoolEngine
+    from services.gateway.backend import LocalBackend, PoolEngine, hf_engine_args
     from services.serving.strategy_host import StrategyHost, backend_strategies
 
     registry = Registry()
@@ -118,8 +120,8 @@ def _serve_in_process(cfg) -> None:
             console.print(f"[yellow]base {base.name}: --no-ray serves it on the hf engine[/yellow] (the config's "
                           f"{engines.for_base(base.name).engine!r} engine runs on Ray)", highlight=False)
     # the serve config's engine_args (device, dtype, adapter_mode, max_batch_size) hold here too
-    backend = LocalBackend(registry, engine_kwargs=_hf_args(engines.default.engine_args),
-                           engine_for_base=lambda base: ("hf", _hf_args(engine_for_base(base)[1])))
+    backend = LocalBackend(registry, engine_kwargs=hf_engine_args(engines.default.engine_args),
+                           engine_for_base=lambda base: ("hf", engine_for_base(base)[1]))
     # strategies generate on the backend's engines: one copy of each base, batched with the rest
     host = StrategyHost(registry, cfg.strategies.names, engine_factory=lambda pool: PoolEngine(pool, backend),
                         refresh_interval_s=cfg.strategies.refresh_interval_s)
@@ -130,10 +132,3 @@ def _serve_in_process(cfg) -> None:
                   highlight=False)
     uvicorn.run(create_app(backend, registry, settings), host=cfg.host, port=cfg.port, log_level="warning")
 
-
-HF_ENGINE_ARGS = ("device", "dtype", "adapter_mode", "max_batch_size")
-
-
-def _hf_args(engine_args: dict) -> dict:
-    """The engine_args the in-process hf engine takes (others are vLLM's, for Ray)."""
-    return {k: v for k, v in engine_args.items() if k in HF_ENGINE_ARGS}

@@ -1,9 +1,9 @@
 """Which adapters an engine can serve, decided from the adapter's folder before it is loaded.
 
 vLLM serves plain LoRA (any rank up to the engine's ``max_lora_rank``, rsLoRA, rank and alpha
-patterns) but not DoRA, nor adapters that carry whole modules of their own (``modules_to_save``)
-or train the embeddings: it would refuse them only when a request first asks for one, long after
-the registration said yes. The registration paths (``moerge register --serve-config``, the Ray
+patterns) but not DoRA, LoRA biases, nor adapters that carry whole modules of their own
+(``modules_to_save``, but for a classification head): its ``PEFTHelper`` refuses them, and only
+when a request first asks for one, long after the registration said yes. The registration paths (``moerge register --serve-config``, the Ray
 gateway's ``POST /v1/experts``) and ``VLLMEngine.load_adapter`` ask here instead, and name what
 refuses. The hf engine (transformers + peft) serves every kind peft makes.
 """

@@ -176,10 +176,11 @@ class HFEngine:
         """Load a full-model expert (a ``from_pretrained`` folder); its own tokenizer if it has one."""
         self._check_free(name)
         try:
-            model = self._load_causal_lm(path)
+            # a base's trust in its own code is not a full model's: experts never run their code
+            model = self._load_causal_lm(path, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise EngineError(f"model {name!r} from {path} does not load: {exc}") from exc
-        tokenizer = _load_tokenizer(path, self.trust_remote_code) if _has_tokenizer(Path(path)) else self._tokenizer
+        tokenizer = _load_tokenizer(path) if _has_tokenizer(Path(path)) else self._tokenizer
         self._models[name] = (model, tokenizer)
 
     def unload_model(self, name: str) -> None:
@@ -364,13 +365,14 @@ class HFEngine:
         change: ``_unmerge`` puts those copies back. Subtracting the delta again instead would
         leave float rounding behind on every switch, and for DoRA it needs peft's cached weight
         norms, which a failed or out-of-mode unmerge loses (the delta then stays in the shared
-        base). The copy costs the touched layers' weights once more while an adapter is merged."""
+        base). The copy costs the touched layers' weights once more while an adapter is merged: in
+        host memory (pinned) for a GPU engine, so a base that fits its GPU still does."""
         assert self._peft is not None
         self._snapshot = []
         for module in self._peft.modules():
             if isinstance(module, BaseTunerLayer) and _holds(module, target):
                 base = module.get_base_layer()
-                self._snapshot.append((module, [(p, p.detach().clone()) for p in base.parameters(recurse=False)]))
+                self._snapshot.append((module, [(p, _kept(p)) for p in base.parameters(recurse=False)]))
         self._merged = target
         self._peft.base_model.merge_adapter(adapter_names=[target])
 
@@ -390,8 +392,9 @@ class HFEngine:
         if not name or name == self.base_name or name in self._adapters or name in self._models:
             raise EngineError(f"target name {name!r} is empty or already taken on this engine; unload it first")
 
-    def _load_causal_lm(self, path: str | Path) -> PreTrainedModel:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+    def _load_causal_lm(self, path: str | Path, trust_remote_code: bool | None = None) -> PreTrainedModel:
+        trust = self.trust_remote_code if trust_remote_code is None else trust_remote_code
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype, trust_remote_code=trust)
         return model.to(self.device).eval()
 
 
@@ -613,6 +616,13 @@ def _without_model_defaults(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         inner.generation_config = kept
+
+
+def _kept(param: torch.Tensor) -> torch.Tensor:
+    """A copy of ``param`` to put back later: on the host for a GPU tensor."""
+    if param.device.type == "cuda":
+        return param.detach().to("cpu", copy=True).pin_memory()
+    return param.detach().clone()
 
 
 def _holds(module: BaseTunerLayer, adapter: str) -> bool:

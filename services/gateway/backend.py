@@ -142,6 +142,14 @@ async def stream_from_thread(work: Callable[[Callable[[str], None]], T]) -> Asyn
     yield await future
 
 
+HF_ENGINE_ARGS = ("device", "dtype", "adapter_mode", "max_batch_size")
+
+
+def hf_engine_args(engine_args: dict) -> dict:
+    """The engine_args the in-process hf engine takes (the others are vLLM's, for Ray)."""
+    return {k: v for k, v in engine_args.items() if k in HF_ENGINE_ARGS}
+
+
 def check_servable(spec: dict, engine_for_base: Callable[[str], tuple[str, dict[str, Any]]]) -> None:
     """Refuse (``RegistrationError``) an adapter registration that the engine serving its base
     cannot serve, naming what refuses; before the registry writes anything."""
@@ -368,9 +376,17 @@ class LocalBackend:
     async def register_expert(self, spec: dict) -> dict:
         if self._engine_for_base is not None:
             check_servable(spec, self._engine_for_base)
-        expert = await anyio.to_thread.run_sync(lambda: self.registry.register_expert(**spec))
+        def register() -> tuple[Expert, list[str]]:
+            import warnings
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")  # every registration's, not only a process's first
+                expert = self.registry.register_expert(**spec)
+            return expert, [str(w.message) for w in caught if type(w.message).__name__ == "RegistrationWarning"]
+
+        expert, said = await anyio.to_thread.run_sync(register)
         # nothing to warm: the next request for it loads it (see run_expert)
-        return ExpertCard.from_record(expert).model_dump(mode="json")
+        return {**ExpertCard.from_record(expert).model_dump(mode="json"), **({"warnings": said} if said else {})}
 
     async def remove_expert(self, name: str, version: str | None = None) -> list[dict]:
         removed = await anyio.to_thread.run_sync(self.registry.remove_expert, name, version)
@@ -496,6 +512,8 @@ class LocalBackend:
             factory = HFEngine
         try:
             per_base = self._engine_for_base(base_name)[1] if self._engine_for_base is not None else {}
+            if self._engine_factory is None:  # the hf engine takes its own arguments only
+                per_base = hf_engine_args(per_base)
             kwargs = {**self._engine_kwargs, **per_base, **({"trust_remote_code": True} if trust_remote_code else {})}
             return factory(path, base_name=base_name, **kwargs)
         except MoergeError:
@@ -535,19 +553,38 @@ class LocalBackend:
         return output_of(expert.name, result, weight=1.0)
 
 
+# the variables external experts may read their keys from: the server's operator lists them, so
+# that no registration can have the server send another secret of its environment to a host
+EXTERNAL_KEY_VARS = "MOERGE_EXTERNAL_KEY_VARS"
+
+
+def external_key_vars() -> set[str]:
+    import os
+
+    return {v.strip() for v in os.environ.get(EXTERNAL_KEY_VARS, "").split(",") if v.strip()}
+
+
 def external_engine_for(expert: Expert) -> Any:
     """An ``ExternalEngine`` with the expert's own connection: its ``api_base``, and the key read
-    from the environment variable it names (where this process runs, at call time)."""
+    from the environment variable it names (where this process runs, at call time). That variable
+    must be one the server lists in MOERGE_EXTERNAL_KEY_VARS. An expert with its own ``api_base``
+    and no key variable calls it without a key: the provider key litellm would otherwise take
+    from the environment (OPENAI_API_KEY) never goes to a registered host."""
     import os
 
     from services.engines.external import ExternalEngine
 
     key = None
     if expert.api_key_env:
+        if expert.api_key_env not in external_key_vars():
+            raise EngineError(f"external expert {expert.ref} takes its key from ${expert.api_key_env}, which this "
+                              f"server does not let external experts read: list it in {EXTERNAL_KEY_VARS}")
         key = os.environ.get(expert.api_key_env)
         if not key:
             raise EngineError(f"external expert {expert.ref} takes its key from ${expert.api_key_env}, "
                               "which is not set on this server")
+    elif expert.api_base:
+        key = "no-key"  # litellm's openai provider needs one; not the environment's
     return ExternalEngine(api_base=expert.api_base, api_key=key)
 
 

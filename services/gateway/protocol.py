@@ -391,6 +391,7 @@ class ExpertCard(BaseModel):
     api_base: str | None = None  # external experts
     api_key_env: str | None = None  # external experts: the variable's name, never the key
     created_at: datetime | None = None
+    warnings: list[str] = Field(default_factory=list)  # POST /v1/experts: what looked off, though accepted
 
     @classmethod
     def from_record(cls, expert: Any) -> ExpertCard:

@@ -401,7 +401,8 @@ class LeaderboardRunner:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.pool.base_path))
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.pool.base_path),
+                                                            trust_remote_code=bool(self.pool.base.trust_remote_code))
         return self._tokenizer
 
 

@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from registry.errors import MoergeError, NotFoundError
 from registry.service import Registry
-from routers.base import Artifact, ExpertExample, ExpertInfo, Router
+from routers.base import Artifact, ExpertExample, ExpertInfo, ExpertUnusable, Router
 from services.engines.hf import HFEngine
 
 ROUTING_ARTIFACT = "routing"
@@ -162,7 +162,7 @@ class ExpertPool:
                     self.registry.add_artifact(router_name, ROUTING_ARTIFACT, artifact_bytes(artifact), expert=name,
                                                version=rec.version, filename=ARTIFACT_FILE)
                 router.load_expert(info, artifact)
-            except ValueError as exc:  # what routers raise for an expert they cannot take
+            except ExpertUnusable as exc:  # what routers raise for an expert they cannot take
                 log.warning("router %s leaves out expert %s: %s", router_name, name, exc)
                 if left_out is not None:
                     left_out[name] = str(exc)

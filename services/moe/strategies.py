@@ -109,12 +109,18 @@ class MoE:
 
     # ------------------------------------------------------------------ routers
 
+    @staticmethod
+    def _router_key(name: str, params: dict | None) -> str:
+        return name + "".join(f":{k}={v}" for k, v in sorted((params or {}).items()))
+
     def router(self, name: str, params: dict | None = None):
         params = dict(params or {})
-        key = name + "".join(f":{k}={v}" for k, v in sorted(params.items()))
+        key = self._router_key(name, params)
         if key in self._routers:
             return self._routers[key]
-        experts = self.pool.names("adapter") if name in TOKEN_ROUTERS or name == "all" else self.pool.names()
+        experts = self.pool.names("adapter") if name in TOKEN_ROUTERS else self.pool.names()
+        if name == "all":  # the merge strategies' router: every adapter a ΔW merge can take
+            experts = list(mergeable(self.pool.adapters())[0])
         if name == "glider":
             # GLIDER's local part is PHATGOOSE's gates: reuse them rather than training again
             params.setdefault("local", self.router("phatgoose"))  # its embedder defaults to MiniLM
@@ -139,7 +145,7 @@ class MoE:
         if experts and len(left_out) == len(experts):
             raise ComposeError(f"router {name!r} can use none of the experts: "
                                + "; ".join(f"{n}: {why}" for n, why in left_out.items()))
-        self.left_out[name] = left_out
+        self.left_out[key] = left_out
         if hasattr(router, "retrain"):  # the classifier's head over every expert: stored, or trained here
             t0 = time.perf_counter()
             if not self.pool.restore_head(router, name):
@@ -165,7 +171,12 @@ class MoE:
         elif kind in ("vote", "weighted-vote"):
             composer = Ensemble(vote="majority" if kind == "vote" else "weighted", **params)
         elif kind == "merge":
-            composer = Merged(self.pool.base_path, self.pool.adapters(), moerge_home() / "cache" / "merged",
+            adapters, left_out = mergeable(self.pool.adapters())
+            if not adapters:
+                raise ComposeError(f"strategy {strategy.name}: no adapter can be merged ("
+                                   + "; ".join(f"{n}: {why}" for n, why in left_out.items()) + ")")
+            self.left_out[f"composer:{strategy.name}"] = left_out
+            composer = Merged(self.pool.base_path, adapters, moerge_home() / "cache" / "merged",
                               weighting="uniform", **params)
         elif kind == "stitch":
             composer = Stitch(self.router(strategy.router, strategy.router_params), make_step_prompt=zoo_step_prompt)
@@ -196,15 +207,17 @@ class MoE:
         strategy: Strategy | str,
         prompts: Sequence[str],
         tasks: Sequence[str | None] | None = None,
+        conversations: Sequence[tuple[tuple[str, str], ...]] | None = None,
         **sampling,
     ) -> list[tuple[Completion, Routed]]:
         """Route and answer every prompt; batched where the composer allows (single, mixture).
         ``sampling``: ``GenerateRequest``'s fields (max_new_tokens, temperature, seed, top_p, stop,
         messages, …); they hold for every generation the strategy makes (each recruit, each
-        stitched step, the aggregator)."""
+        stitched step, the aggregator). ``conversations``: each prompt's own chat messages, where
+        prompts of different chats share one call."""
         strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
         routed = self.route_many(strategy, prompts, tasks)
-        return self.answer(strategy, prompts, routed, **sampling)
+        return self.answer(strategy, prompts, routed, conversations, **sampling)
 
     def route_many(self, strategy: Strategy, prompts: Sequence[str],
                    tasks: Sequence[str | None] | None = None) -> list[Routed]:
@@ -221,12 +234,16 @@ class MoE:
         return isinstance(self.composer(strategy), (Single, Ensemble))
 
     def answer(self, strategy: Strategy, prompts: Sequence[str], routed: Sequence[Routed],
+               conversations: Sequence[tuple[tuple[str, str], ...]] | None = None,
                **sampling) -> list[tuple[Completion, Routed]]:
         """``run``'s second half: the composer executes the decisions ``route`` made. ``sampling``:
         ``run``'s keywords (``GenerateRequest``'s fields)."""
         composer = self.composer(strategy)
         sampling["stop"] = tuple(sampling.get("stop", ()))
-        requests = [GenerateRequest(p, None, **sampling) for p in prompts]
+        if conversations is None:
+            requests = [GenerateRequest(p, None, **sampling) for p in prompts]
+        else:
+            requests = [GenerateRequest(p, None, **{**sampling, "messages": c}) for p, c in zip(prompts, conversations)]
         if isinstance(composer, TokenwiseMixture):
             engine, _ = self.pool.mixture_engine()
             router = self.router(strategy.router, strategy.router_params)
@@ -238,7 +255,8 @@ class MoE:
         else:
             engine = self.pool.local_engine if isinstance(composer, Merged) else self.pool.engine
             completions = [composer.execute(r.decision, q, engine) for r, q in zip(routed, requests)]
-        left_out = {**self.left_out.get(strategy.router, {})}
+        left_out = {**self.left_out.get(self._router_key(strategy.router, strategy.router_params), {}),
+                    **self.left_out.get(f"composer:{strategy.name}", {})}
         if strategy.router == "glider":  # its local part is PHATGOOSE's
             left_out = {**self.left_out.get("phatgoose", {}), **left_out}
         if left_out:
@@ -264,6 +282,27 @@ class MoE:
         requests = [GenerateRequest(e.prompt, expert.name, budget) for e in examples]
         results = self.pool.engine.generate(requests)
         return [exact_match(r.text, e.reference) for r, e in zip(results, examples)]
+
+
+def mergeable(adapters: dict) -> tuple[dict, dict[str, str]]:
+    """The adapters a ΔW merge can combine, and why the others are left out: peft's weighted merge
+    takes each layer's LoRA delta only, so a DoRA adapter would lose its magnitudes and one with
+    modules_to_save its own modules."""
+    import json
+
+    keep, left_out = {}, {}
+    for name, path in adapters.items():
+        try:
+            config = json.loads((path / "adapter_config.json").read_text())
+        except (OSError, ValueError):
+            config = {}
+        if config.get("use_dora"):
+            left_out[name] = "a DoRA adapter: a ΔW merge would drop its magnitude vectors"
+        elif config.get("modules_to_save"):
+            left_out[name] = f"modules_to_save ({', '.join(config['modules_to_save'])}) cannot be merged"
+        else:
+            keep[name] = path
+    return keep, left_out
 
 
 def suite_task_skills() -> dict[str, list[str]]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -89,13 +90,16 @@ class StrategyServer:
         next batch together, not in many small ones."""
         groups: dict[tuple[str, SamplingParams], list[int]] = {}
         for i, (name, _, params) in enumerate(items):
-            groups.setdefault((name, params), []).append(i)
+            # chats with different messages share a call: each prompt keeps its own conversation
+            groups.setdefault((name, replace(params, messages=())), []).append(i)
         out: list[Completion | BaseException] = [None] * len(items)  # type: ignore[list-item]
         for (name, params), idx in groups.items():
             prompts = [items[i][1] for i in idx]
+            conversations = [items[i][2].messages for i in idx]
             try:
                 done = await anyio.to_thread.run_sync(
-                    lambda: self.host.complete_many(name, prompts, **params.generation())  # noqa: B023
+                    lambda: self.host.complete_many(name, prompts, conversations,  # noqa: B023
+                                                    **params.generation())
                 )
             except Exception as exc:  # noqa: BLE001 - this group's callers get it; other groups go on
                 done = [exc] * len(idx)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from composer.base import Completion, ComposeError
-from composer.engine_protocol import EngineError
+from composer.engine_protocol import EngineError, RequestError
 from registry.errors import NotFoundError
 from registry.service import Registry
 from routers.base import Decision
@@ -95,37 +95,50 @@ class StrategyHost:
             raise NotFoundError(f"strategy {strategy.name} is not served here (served: {', '.join(self.names)})")
         return strategy
 
-    def complete_many(self, name: str, prompts: list[str], **sampling) -> list[Completion]:
+    def complete_many(self, name: str, prompts: list[str], conversations: list | None = None,
+                      **sampling) -> list[Completion]:
         """Several prompts for one strategy in one ``MoE.run`` (routers decide per prompt; the
         engine calls are batched by expert). If an engine fails, each prompt is answered alone so
         the fall-back applies to the prompts that need it. ``sampling``: ``MoE.run``'s
-        max_new_tokens, temperature, seed, top_p, stop."""
+        max_new_tokens, temperature, seed, top_p, stop, …; ``conversations``: each prompt's own
+        chat messages (``MoE.run``)."""
         strategy = self._served(name)
         try:
-            results = self._run(strategy, prompts, sampling)
+            results = self._run(strategy, prompts, sampling, conversations)
         except EngineError:
             results = None
-        if results is None:
-            return [self.complete(name, p, **sampling) for p in prompts]
+        if results is None:  # each caller gets its own answer, or its own error
+            own = conversations or [sampling.get("messages", ())] * len(prompts)
+            return [self._complete_or_error(name, p, {**sampling, "messages": c})  # type: ignore[misc]
+                    for p, c in zip(prompts, own)]
         out = []
         for completion, routed in results:
             completion.provenance.decision_info = {**completion.provenance.decision_info, "router_ms": routed.router_ms}
             out.append(completion)
         return out
 
+    def _complete_or_error(self, name: str, prompt: str, sampling: dict) -> Completion | Exception:
+        try:
+            return self.complete(name, prompt, **sampling)
+        except Exception as exc:  # noqa: BLE001 - handed to this prompt's caller, who raises it
+            return exc
+
     def complete(self, name: str, prompt: str, **sampling) -> Completion:
         strategy = self._served(name)
         try:
             [(completion, routed)] = self._run(strategy, [prompt], sampling)
         except EngineError as exc:
-            if strategy.level != "query" or strategy.composer != "single":
+            # a request the chosen expert cannot take as asked (too long, a template that refuses
+            # it) is the client's 400, not an engine failure to route around
+            if isinstance(exc, RequestError) or strategy.level != "query" or strategy.composer != "single":
                 raise
             with self._lock:
                 completion, routed = self._fall_back(self.moe(), strategy, prompt, exc, sampling)
         completion.provenance.decision_info = {**completion.provenance.decision_info, "router_ms": routed.router_ms}
         return completion
 
-    def _run(self, strategy: Strategy, prompts: list[str], sampling: dict) -> list[tuple[Completion, Routed]]:
+    def _run(self, strategy: Strategy, prompts: list[str], sampling: dict,
+             conversations: list | None = None) -> list[tuple[Completion, Routed]]:
         """``MoE.run`` under the lock, but for a strategy whose answer only calls a remote engine
         (``engine_factory``; single and ensemble composers) the lock covers the routing alone: the
         generation on the engine deployments then runs beside other requests' routing (a stream's
@@ -133,9 +146,9 @@ class StrategyHost:
         with self._lock:
             moe = self.moe()
             if self._engine_factory is None or not moe.answers_without_routers(strategy):
-                return moe.run(strategy, prompts, **sampling)
+                return moe.run(strategy, prompts, conversations=conversations, **sampling)
             routed = moe.route_many(strategy, prompts)
-        return moe.answer(strategy, prompts, routed, **sampling)
+        return moe.answer(strategy, prompts, routed, conversations, **sampling)
 
     def decide(self, name: str, prompt: str) -> Routed | None:
         """The router's decision alone, for a strategy whose answer is one expert's (query-level
