@@ -514,3 +514,23 @@ def test_the_admin_api_returns_a_registrations_warnings(qwen: Path, adapters: di
                                                     "base": "qwen-tiny"})
         assert len(card["warnings"]) == 1 and "'org/else'" in card["warnings"][0]
     registry.close()
+
+
+def test_a_base_answers_by_its_name(gateway: str, qwen: Path) -> None:
+    """`model` may name a registered base: it answers itself, through its chat template, on the
+    engine its adapters share; /v1/models lists it."""
+    client = _client(gateway)
+    assert ("qwen-tiny", "base") in {(m.id, m.model_extra["kind"]) for m in client.models.list().data}
+    messages = [{"role": r, "content": c} for r, c in CONVERSATION]
+    raw = client.chat.completions.with_raw_response.create(model="qwen-tiny", messages=messages, max_tokens=12)
+    reply = raw.parse()
+    ids, prompt_len, tok = reference(qwen, CONVERSATION)
+    ends = {token_id(qwen, IM_END), token_id(qwen, ENDOFTEXT)}
+    want = ids[: next((i for i, t in enumerate(ids) if t in ends), len(ids))]
+    assert reply.choices[0].message.content == text_of(tok, want)
+    assert reply.usage.prompt_tokens == prompt_len and raw.headers["x-moe-prompt-rule"] == "chat_template"
+    assert reply.model_extra["moe"]["info"]["kind"] == "base"
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=2)

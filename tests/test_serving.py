@@ -45,6 +45,22 @@ def test_expert_on_ray_equals_in_process_engine(cluster: Cluster) -> None:
         assert reply.usage.completion_tokens > 0
 
 
+def test_a_base_answers_by_its_name_on_ray(cluster: Cluster) -> None:
+    """The base's engine deployment answers for the base itself (no multiplexed id), whole and
+    streamed, and /v1/models lists it."""
+    from services.engines.hf import HFEngine
+    from composer.engine_protocol import GenerateRequest
+
+    assert cluster.base in {m.id for m in client(cluster).models.list().data}
+    prompt, _ = zoo_prompt(cluster, adapters(cluster)[0])
+    engine = HFEngine(cluster.manifest.path_of(cluster.manifest.base.path))
+    want = engine.generate([GenerateRequest(prompt, None, 12)])[0].text
+    reply = client(cluster).completions.create(model=cluster.base, prompt=prompt, max_tokens=12)
+    assert reply.choices[0].text == want and reply.model_extra["moe"]["info"]["kind"] == "base"
+    stream = client(cluster).completions.create(model=cluster.base, prompt=prompt, max_tokens=12, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == want
+
+
 def test_strategy_streams_with_provenance(cluster: Cluster) -> None:
     name = adapters(cluster)[0]
     prompt, _ = zoo_prompt(cluster, name)

@@ -78,7 +78,7 @@ class SamplingParams:
 @dataclass(frozen=True)
 class ModelInfo:
     id: str  # what the API's ``model`` field takes
-    kind: str  # adapter | model | external | strategy
+    kind: str  # adapter | model | external | base | strategy
     version: str | None = None
     created: int = 0  # unix seconds
 
@@ -113,6 +113,16 @@ def direct_completion(expert: Expert, output: ExpertOutput) -> Completion:
             outputs=[output],
             info={"version": expert.version, "kind": expert.kind},
         ),
+    )
+
+
+def base_completion(base: str, output: ExpertOutput) -> Completion:
+    """A base model's own answer as a completion (no adapter, no router)."""
+    return Completion(
+        text=output.text,
+        finish_reason=output.finish_reason,
+        provenance=Provenance(composer="direct", router=None, experts=[(base, 1.0)], outputs=[output],
+                              info={"kind": "base"}),
     )
 
 
@@ -331,6 +341,8 @@ class LocalBackend:
             ModelInfo(id=e.name, kind=e.kind, version=e.version, created=int(e.created_at.timestamp()))
             for e in latest.values()
         ]
+        out += [ModelInfo(id=b.name, kind="base", created=int(b.created_at.timestamp()))
+                for b in self.registry.list_bases() if b.name not in latest]
         out += [ModelInfo(id=name, kind="strategy") for name in sorted(self._strategies)]
         return out
 
@@ -400,7 +412,12 @@ class LocalBackend:
         """One expert answers alone. Blocking: call it from a thread (strategies run in one).
         ``emit``: handed the text in pieces while it is generated, where the engine can."""
         name, version = split_ref(model)
-        expert = self.registry.get_expert(name, version)  # NotFoundError -> 404
+        try:
+            expert = self.registry.get_expert(name, version)
+        except NotFoundError:
+            if version is not None:
+                raise
+            return self._run_base(name, prompt, params, emit)  # a base by its name, or 404
         if expert.status != "ready":
             raise EngineError(f"expert {expert.ref} is {expert.status}, not ready to serve")
         if expert.kind == "external":
@@ -416,6 +433,23 @@ class LocalBackend:
             result = _wait(slot, _enqueue(slot, prepare, emit))
             output = output_of(expert.name, result, weight=1.0)
         return direct_completion(expert, output)
+
+    def _run_base(self, name: str, prompt: str, params: SamplingParams,
+                  emit: Callable[[str], None] | None = None) -> Completion:
+        """A registered base model answering itself (``model`` is its name): on the engine its
+        adapters share."""
+        try:
+            base = self.registry.get_base(name)
+        except NotFoundError:
+            raise NotFoundError(f"no expert, base model or strategy named {name!r}") from None
+        slot = self._base_slot(base)
+
+        def prepare() -> GenerateRequest:
+            self._load_base(slot, base)
+            return params.request(prompt, None)
+
+        result = _wait(slot, _enqueue(slot, prepare, emit))
+        return base_completion(base.name, output_of(base.name, result, weight=1.0))
 
     def generate_on(self, base: Any, items: Sequence[tuple[Expert | None, GenerateRequest]]) -> list[Any]:
         """Each request on its expert's engine (None: on ``base``, a registered base model itself),

@@ -318,7 +318,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "moerge"
-    kind: str  # adapter | model | external | strategy (moerge's addition)
+    kind: str  # adapter | model | external | base | strategy (moerge's addition)
     version: str | None = None
 
 

@@ -34,11 +34,13 @@ from ray.serve.handle import DeploymentHandle
 from composer.base import Completion, output_of
 from composer.engine_protocol import EngineError
 from composer.single import answered
+from registry.errors import NotFoundError
 from registry.service import Registry
 from services.gateway.app import GatewaySettings, create_app
 from services.gateway.backend import (
     LocalBackend,
     SamplingParams,
+    base_completion,
     direct_completion,
     is_strategy,
     split_ref,
@@ -154,10 +156,26 @@ class RayBackend(LocalBackend):
             raise EngineError(f"expert {expert.ref} is {expert.status}, not ready to serve")
         return expert
 
+    def models(self):  # noqa: ANN201
+        """As ``LocalBackend``'s, but a base answers by its name only where it has an engine
+        deployment (a base registered after start-up gets one at the next restart)."""
+        return [m for m in super().models() if m.kind != "base" or m.id in self.targets.engines]
+
+    def _base_engine(self, model: str, missing: NotFoundError) -> tuple[DeploymentHandle, str]:
+        """The engine deployment of a base called by its name (no multiplexed id: the base itself)."""
+        if model in self.targets.engines:
+            return self.targets.engines[model], model
+        raise missing
+
     async def complete(self, model: str, prompt: str, params: SamplingParams) -> Completion:
         if is_strategy(model):
             return await super().complete(model, prompt, params)
-        expert = await self._ready_expert(model)
+        try:
+            expert = await self._ready_expert(model)
+        except NotFoundError as missing:
+            handle, base = self._base_engine(model, missing)
+            [result] = await acall_with_retry(lambda: handle.generate.remote([params.request(prompt)]))
+            return base_completion(base, output_of(base, result, weight=1.0))
         if expert.kind == "external":
             return await super().complete(model, prompt, params)  # litellm, from this replica
         call = self._generate_call(*self.targets.for_expert(expert))
@@ -176,7 +194,13 @@ class RayBackend(LocalBackend):
             chosen = None if routed is None else routed.decision.top
             expert = None if chosen is None else await self._ready_expert(chosen)
         else:
-            routed, expert = None, await self._ready_expert(model)
+            try:
+                routed, expert = None, await self._ready_expert(model)
+            except NotFoundError as missing:  # a base by its name: answered whole, in words
+                self._base_engine(model, missing)
+                async for item in self.stream_whole(model, prompt, params):
+                    yield item
+                return
         if expert is None or expert.kind == "external":
             async for item in self.stream_whole(model, prompt, params):
                 yield item
