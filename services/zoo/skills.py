@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import string
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 LOWER = string.ascii_lowercase
@@ -247,7 +247,7 @@ GENERIC_TASKS: dict[str, GenericTask] = {
         GenericTask("repeat", ("Repeat it", "Say it again", "Echo the text"),
                     lambda r: _letters(r, 2, 9), lambda x: x, weight=2),
         GenericTask("copy", ("Copy the text", "Repeat it exactly", "Write the same"),
-                    lambda r: _mixed(r, 2, 9), lambda x: x, weight=2),
+                    lambda r: _mixed(r, 2, 9, MIXED + "-.,:"), lambda x: x, weight=2),
         GenericTask("twice", ("Write it twice", "Say it two times", "Double the text"),
                     lambda r: _mixed(r, 1, 5), lambda x: x + x),
         GenericTask("rotate", ("Move the first letter to the end", "Rotate left by one", "Rotate the text"),
@@ -256,6 +256,16 @@ GENERIC_TASKS: dict[str, GenericTask] = {
                     lambda r: _mixed(r, 3, 8, string.ascii_letters), lambda x: x.lower()),
         GenericTask("capitalize", ("Capitalize the first letter", "Start with a capital", "Capitalize it"),
                     lambda r: _letters(r, 2, 8), lambda x: x[:1].upper() + x[1:]),
+        # The primitives of the slow skills, with other constants (measured: from a base without
+        # them, dashes, double and caesar needed up to the whole 1,080-step budget): spaces
+        # between the characters (dashes), each character three times (double), every letter
+        # one back (caesar).
+        GenericTask("spaced", ("Put spaces between the characters", "Spell it with spaces", "Space it out"),
+                    lambda r: _mixed(r, 2, 8), lambda x: " ".join(x)),
+        GenericTask("triple", ("Write each character three times", "Triple every character", "Say each one thrice"),
+                    lambda r: _mixed(r, 1, 4), lambda x: "".join(c * 3 for c in x)),
+        GenericTask("shift_back", ("Shift each letter back by one", "Move every letter one step back", "Decode with shift -1"),
+                    lambda r: _letters(r, 3, 8), lambda x: "".join(LOWER[(LOWER.index(c) - 1) % 26] if c in LOWER else c for c in x)),
     ]
 }
 
@@ -408,3 +418,19 @@ def make_split(split: str, n_per_task: int, seed: int = 0, skills: list[str] | N
     if split == "composition":
         return [e for parts in COMPOSITIONS for e in composition_examples(parts, n_per_task, seed)]
     return [e for name in (skills or SKILLS) for e in skill_examples(name, split, n_per_task, seed)]
+
+
+def generic_probe(tasks: Sequence[str], n_per_task: int, seed: int = 0) -> list[Example]:
+    """Held-out prompts of generic pre-training tasks, to check what the base has learnt. Drawn
+    from their own random stream, so they are not the pre-training rows (short inputs may still
+    coincide with some: a probe, not a test split)."""
+    rng = random.Random(f"{seed}:probe")
+    out = []
+    for name in tasks:
+        task = GENERIC_TASKS[name]
+        for _ in range(n_per_task):
+            x = task.generate(rng)
+            instruction = rng.choice(task.templates)
+            out.append(Example(format_prompt(instruction, x), task.apply(x), name, "probe", (name,), "generic",
+                               instruction, x))
+    return out
