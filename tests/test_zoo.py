@@ -281,3 +281,30 @@ def test_training_stops_at_its_budget_and_says_the_check_failed(monkeypatch):
     # without a check the cycle is the whole run
     model, rows = _tiny_rows_and_model()
     assert len(train_loop(model, rows, spec, pad_id=0)) == 10
+
+
+def test_a_constant_rate_holds_until_the_check_then_cools_down_to_zero(monkeypatch):
+    """The base's schedule: the peak rate after the warm-up for as long as the check fails; once
+    it passes, ``cooldown`` more steps with the rate falling linearly to 0, and no more checks."""
+    import torch
+
+    from services.zoo.train import TrainSpec, train_loop
+
+    model, rows = _tiny_rows_and_model()
+    spec = TrainSpec(steps=100, lr=1e-3, batch_size=4, warmup=2, check_every=5, max_steps=100, cooldown=4,
+                     schedule="constant")
+    lrs = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    calls: list[int] = []
+    stats: dict = {}
+    losses = train_loop(model, rows, spec, pad_id=0, good_enough=lambda: calls.append(1) or len(calls) == 3,
+                        stats=stats)
+    assert len(losses) == 15 + 4 and stats["passed"] is True and stats["checks"] == 3
+    assert lrs[2:15] == pytest.approx([1e-3] * 13)  # no decay before the check passed at step 15
+    assert lrs[15:] == pytest.approx([1e-3 * f for f in (1.0, 0.75, 0.5, 0.25)])

@@ -225,6 +225,7 @@ class _Progress:
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self._p = None
+        self._last = None  # the task of the latest phase
 
     def __enter__(self):
         if self.enabled:
@@ -243,11 +244,19 @@ class _Progress:
         if not self._p:
             return lambda step, loss: None
         task = self._p.add_task(description, total=total, info="")
+        self._last = task
 
         def on_step(step: int, loss: float) -> None:
             self._p.update(task, completed=step + 1, info=f"loss {loss:.3f}")
 
         return on_step
+
+    def end_phase(self, note: str = "") -> None:
+        """The last phase stopped before its total (a check passed): it is complete where it is,
+        and its clock stops."""
+        if self._p and self._last is not None:
+            task = next(t for t in self._p.tasks if t.id == self._last)
+            self._p.update(self._last, total=task.completed, **({"info": note} if note else {}))
 
     def advance(self, description: str, total: int):
         if not self._p:
@@ -278,6 +287,7 @@ def build_zoo(size: str, out_dir: Path, seed: int = 0, progress: bool = True) ->
         base, _ = pretrain_base(tok, cfg, spec.pretrain, seed, spec.text_fraction,
                                 on_step=bars.phase("pretrain base", spec.pretrain.budget), stats=base_stats,
                                 good_enough=base_check)
+        bars.end_phase("copies" if base_stats.get("passed") else "")
         base.save_pretrained(out_dir / "base")
         timings["pretrain_base"] = time.perf_counter() - t0
         base_entry = BaseEntry(BASE_NAME, "base", sum(p.numel() for p in base.parameters()))

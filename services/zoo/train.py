@@ -47,7 +47,7 @@ class TrainSpec:
     cooldown: int = 0
     # "cosine": warm-up, then cosine cycles (above); "constant": warm-up, then the peak rate until
     # the check passes, then the cool-down (warmup-stable-decay). A run that stops at a check has no
-    # step count to aim a cosine at: the base's pre-training learns to copy after 300 to 1,500 steps
+    # step count to aim a cosine at: the small base learns to copy after ~600 to ~1,600 steps,
     # depending on the seed and the CPU (docs/zoo.md)
     schedule: str = "cosine"
 
@@ -94,27 +94,6 @@ def encode_texts(tok: PreTrainedTokenizerFast, texts: Sequence[str]) -> list[tup
     """Plain language modelling: every token is a target."""
     ids = tok(list(texts), add_special_tokens=False)["input_ids"]
     return [(x + [tok.eos_token_id], x + [tok.eos_token_id]) for x in ids]
-
-
-class LazyRows(Sequence):
-    """Rows encoded on first use, a block at a time. A base that trains until a check passes
-    draws its rows for the whole budget; encoding them all up front took longer than the
-    steps most builds need from them."""
-
-    BLOCK = 1024
-
-    def __init__(self, encode: Callable[[Sequence], list], items: Sequence):
-        self._encode, self._items = encode, items
-        self._blocks: dict[int, list] = {}
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __getitem__(self, i: int):
-        b, j = divmod(i, self.BLOCK)
-        if b not in self._blocks:
-            self._blocks[b] = self._encode(self._items[b * self.BLOCK : (b + 1) * self.BLOCK])
-        return self._blocks[b][j]
 
 
 def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -246,15 +225,9 @@ def pretrain_base(
     rng = random.Random(f"{seed}:pretrain")
     n = (spec.budget if good_enough and spec.check_every else spec.steps) * spec.batch_size
     n_text = int(n * text_fraction)
-    items = [("pair", generic_example(rng)) for _ in range(n - n_text)]
-    items += [("text", random_text(rng)) for _ in range(n_text)]
-
-    def encode(block: Sequence) -> list:
-        pairs = [x for kind, x in block if kind == "pair"]
-        texts = [x for kind, x in block if kind == "text"]
-        return (encode_pairs(tok, pairs) if pairs else []) + (encode_texts(tok, texts) if texts else [])
-
-    rows = LazyRows(encode, items)
+    rows = encode_pairs(tok, [generic_example(rng) for _ in range(n - n_text)])
+    if n_text:
+        rows += encode_texts(tok, [random_text(rng) for _ in range(n_text)])
     model = LlamaForCausalLM(config)
     check = (lambda: good_enough(model)) if good_enough else None
     losses = train_loop(model, rows, spec, tok.pad_token_id, seed, on_step, check, stats)
