@@ -58,6 +58,7 @@ class LoraHubObjective:
         l1: float = L1,
         batch_size: int = 16,
         append_eos: bool = True,
+        trust_remote_code: bool = False,
     ) -> None:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -71,8 +72,10 @@ class LoraHubObjective:
         self.configs, self.states = load_factor_states(self.paths)
         self.l1 = l1
         self.batch_size = batch_size
-        self.tokenizer = AutoTokenizer.from_pretrained(str(base_path), trust_remote_code=False)
-        base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32, trust_remote_code=False)
+        # the base's own code only for a base registered with --trust-remote-code
+        self.tokenizer = AutoTokenizer.from_pretrained(str(base_path), trust_remote_code=trust_remote_code)
+        base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32,
+                                                    trust_remote_code=trust_remote_code)
         self.model = PeftModel.from_pretrained(base, str(self.paths[0]), adapter_name=SLOT, is_trainable=False)
         self.model.eval()
         self.rows = [self._encode(p, r, append_eos) for p, r in examples]
@@ -131,10 +134,11 @@ def lorahub_search(
     *,
     bound: float = BOUND,
     l1: float = L1,
+    trust_remote_code: bool = False,
 ) -> LoraHubResult:
     import nevergrad as ng
 
-    objective = LoraHubObjective(base_path, adapters, examples, l1=l1)
+    objective = LoraHubObjective(base_path, adapters, examples, l1=l1, trust_remote_code=trust_remote_code)
     n = len(objective.names)
     seen: dict[tuple[float, ...], float] = {}
     history: list[float] = []
@@ -173,9 +177,11 @@ def lorahub_weights(
     examples: Sequence[tuple[str, str]],
     budget: int = 40,
     seed: int = 0,
+    *,
+    trust_remote_code: bool = False,
 ) -> tuple[dict[str, float], float]:
     """The LoraHub weights per expert and the objective they reach."""
-    result = lorahub_search(base_path, adapters, examples, budget, seed)
+    result = lorahub_search(base_path, adapters, examples, budget, seed, trust_remote_code=trust_remote_code)
     return result.weights, result.loss
 
 
@@ -200,9 +206,11 @@ def lorahub_compose(
     out_dir: str | Path,
     budget: int = 40,
     seed: int = 0,
+    *,
+    trust_remote_code: bool = False,
 ) -> LoraHubResult:
     """Search the weights and write the composed adapter to ``out_dir``."""
-    result = lorahub_search(base_path, adapters, examples, budget, seed)
+    result = lorahub_search(base_path, adapters, examples, budget, seed, trust_remote_code=trust_remote_code)
     result.path = write_composed_adapter(
         adapters, result.weights, out_dir,
         loss=result.loss, loss_at_zero=result.loss_at_zero, budget=budget, seed=seed,

@@ -97,9 +97,11 @@ def merge_adapters(
     svd_rank: int | None = None,
     majority_sign_method: str = "total",
     seed: int = 0,
+    trust_remote_code: bool = False,
 ) -> MergedAdapter:
     """Merge ``adapters`` (expert name → peft folder) with ``weights`` (same order, or by name;
-    default uniform 1/n) into a peft folder under ``out_dir`` (the cache)."""
+    default uniform 1/n) into a peft folder under ``out_dir`` (the cache). ``trust_remote_code``:
+    the base was registered with ``--trust-remote-code`` (it does not change the result)."""
     if method not in METHODS:
         raise ComposeError(f"merge method must be one of {METHODS}, got {method!r}")
     if combination not in COMBINATIONS:
@@ -145,7 +147,7 @@ def merge_adapters(
             write_adapter_folder(tmp, config, state)
         else:
             info = _build(base_path, paths, w, _PEFT_TYPES[(method, combination)], density, svd_rank,
-                          majority_sign_method, seed, tmp)
+                          majority_sign_method, seed, tmp, trust_remote_code)
             spec["svd_rank"] = info["rank"] if combination == "svd" else None
             spec["rank"] = info["rank"]
         (tmp / SIDECAR).write_text(json.dumps({"key": key, **spec}, indent=2))
@@ -173,14 +175,16 @@ def _build(
     majority_sign_method: str,
     seed: int,
     dest: Path,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Load the base with every adapter, let peft combine them, save only the result to ``dest``."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
 
-    # never the base's own code (nor a prompt asking to run it): a remote-code base fails here, clearly
-    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32, trust_remote_code=False)
+    # the base's own code only when it was registered with --trust-remote-code; never a prompt asking
+    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32,
+                                                trust_remote_code=trust_remote_code)
     names = [f"e{i}" for i in range(len(paths))]
     try:
         model = PeftModel.from_pretrained(base, str(paths[0]), adapter_name=names[0], is_trainable=False)
@@ -331,6 +335,7 @@ class Merged:
         svd_rank: int | None = None,
         seed: int = 0,
         max_loaded: int = 4,
+        trust_remote_code: bool = False,
     ) -> None:
         if weighting not in ("router", "uniform"):
             raise ComposeError(f"weighting must be 'router' or 'uniform', got {weighting!r}")
@@ -346,6 +351,7 @@ class Merged:
         self.svd_rank = svd_rank
         self.seed = seed
         self.max_loaded = max_loaded
+        self.trust_remote_code = trust_remote_code
         self._loaded: list[str] = []
         self.name = f"merge-{method}"
 
@@ -369,6 +375,7 @@ class Merged:
             self.cache_dir,
             svd_rank=self.svd_rank,
             seed=self.seed,
+            trust_remote_code=self.trust_remote_code,
         )
         target = f"merged-{merged.key[:12]}"
         if target not in engine.targets():

@@ -42,6 +42,8 @@ class ExpertInfo:
     examples: tuple[ExpertExample, ...] = ()
     adapter_path: Path | None = None  # peft folder, for routers that read LoRA factors
     base_path: Path | None = None
+    # the base was registered with --trust-remote-code: fitting code may run its own modelling code
+    base_trust_remote_code: bool = False
 
     def prompts(self, split: str = "train", limit: int | None = None) -> list[str]:
         out = [e.prompt for e in self.examples if e.split == split]

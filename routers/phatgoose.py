@@ -231,7 +231,7 @@ class PhatgooseRouter(TokenwiseRouter):
 
     def fit_expert(self, expert: ExpertInfo) -> Artifact:
         require_adapter(expert)
-        model, tokenizer = load_base(str(expert.base_path))
+        model, tokenizer = load_base(str(expert.base_path), expert.base_trust_remote_code)
         pairs = training_pairs(expert, tokenizer.eos_token, limit=self.max_examples)
         factors = read_lora_factors(expert.adapter_path)
         vectors, summary = train_gates(
@@ -273,7 +273,7 @@ class AverageActivationRouter(TokenwiseRouter):
 
     def fit_expert(self, expert: ExpertInfo) -> Artifact:
         require_adapter(expert)
-        model, tokenizer = load_base(str(expert.base_path))
+        model, tokenizer = load_base(str(expert.base_path), expert.base_trust_remote_code)
         pairs = training_pairs(expert, tokenizer.eos_token, limit=self.max_examples)
         factors = read_lora_factors(expert.adapter_path)
         vectors = mean_activations(

@@ -77,16 +77,17 @@ def read_lora_factors(adapter_path: str | Path, device: str | torch.device = "cp
 
 
 @lru_cache(maxsize=2)
-def load_base(base_path: str):
+def load_base(base_path: str, trust_remote_code: bool = False):
     """The (frozen, eval-mode) base model and its tokenizer, cached: several experts share one base.
 
     Fitting code only hooks the returned model and removes its hooks afterwards; it never
-    changes its parameters.
+    changes its parameters. ``trust_remote_code`` only for a base registered with
+    ``--trust-remote-code`` (``ExpertInfo.base_trust_remote_code``); never a prompt asking.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=False)  # never a base's own code
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer

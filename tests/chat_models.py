@@ -162,3 +162,32 @@ def make_mistral_chat_model(directory: Path, seed: int = 0) -> Path:
     tok.save_pretrained(str(directory))
     GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(directory)
     return directory
+
+
+# A model that ships its own modelling code, as some hub models do: transformers runs it only with
+# trust_remote_code. It subclasses Qwen2, so Qwen2 adapters load on it.
+_REMOTE_CODE = '''from transformers import Qwen2Config, Qwen2ForCausalLM
+
+
+class CustomQwen2Config(Qwen2Config):
+    model_type = "custom_qwen2"
+
+
+class CustomQwen2ForCausalLM(Qwen2ForCausalLM):
+    config_class = CustomQwen2Config
+'''
+
+
+def make_remote_code_model(chat_model: Path, directory: Path) -> Path:
+    """``chat_model``'s folder with its own modelling code (``auto_map``, a ``model_type``
+    transformers does not know): it loads only with ``trust_remote_code=True``."""
+    import shutil
+
+    directory = Path(shutil.copytree(chat_model, directory))
+    (directory / "modeling_custom.py").write_text(_REMOTE_CODE)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(model_type="custom_qwen2", architectures=["CustomQwen2ForCausalLM"],
+                  auto_map={"AutoConfig": "modeling_custom.CustomQwen2Config",
+                            "AutoModelForCausalLM": "modeling_custom.CustomQwen2ForCausalLM"})
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory

@@ -24,6 +24,7 @@ from tests.chat_models import (  # noqa: E402
     IM_END,
     make_chat_lora,
     make_qwen_chat_model,
+    make_remote_code_model,
     token_id,
 )
 
@@ -415,6 +416,35 @@ def test_strategies_answer_over_unusual_experts_and_say_whom_they_left_out(qwen:
         assert set(completion.provenance.info.get("left_out", {})) == left, strategy
         used = {name for name, _ in completion.experts}
         assert not used & left, strategy
+    registry.close()
+
+
+def test_a_trusted_remote_code_base_merges_and_fits_token_routers(qwen: Path, adapters: dict[str, Path],
+                                                                  tmp_path: Path, monkeypatch) -> None:
+    """A base registered with --trust-remote-code runs its own code in every path that loads it:
+    the engines, the merges and the token routers' fitting (which loaded it without trust and
+    failed)."""
+    from registry.service import Registry
+    from services.moe.pool import ExpertPool
+    from services.moe.strategies import MoE
+
+    custom = make_remote_code_model(qwen, tmp_path / "custom-qwen")
+    with pytest.raises(ValueError, match="trust_remote_code"):  # what the flag guards
+        AutoModelForCausalLM.from_pretrained(custom)
+    monkeypatch.setenv("MOERGE_HOME", str(tmp_path / "home"))
+    registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}", artifact_root=tmp_path / "store")
+    registry.register_base("custom-qwen", custom, trust_remote_code=True)
+    for name, topic in (("plain", "colours"), ("rslora", "numbers")):
+        examples = [{"prompt": f"Tell me about {topic} number {i}", "reference": f"{topic} {i}", "task": topic,
+                     "split": "train" if i < 6 else "validation"} for i in range(8)]
+        registry.register_expert(name, "adapter", adapters[name], base="custom-qwen", examples=examples)
+    moe = MoE(ExpertPool(registry))
+    for strategy in ("moe/ties", "moe/phatgoose"):
+        [(completion, _)] = moe.run(strategy, ["Tell me about numbers number 3"], max_new_tokens=4,
+                                    messages=(("user", "Tell me about numbers number 3"),))
+        assert completion.finish_reason in ("stop", "length"), strategy
+        assert {name for name, _ in completion.experts} <= {"plain", "rslora"}, strategy
+        assert completion.experts, strategy
     registry.close()
 
 

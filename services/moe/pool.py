@@ -75,6 +75,7 @@ class ExpertPool:
             examples=examples,
             adapter_path=path if rec.kind == "adapter" else None,
             base_path=self.base_path,
+            base_trust_remote_code=bool(self.base.trust_remote_code),
         )
 
     # ------------------------------------------------------------------ experts

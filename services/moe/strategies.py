@@ -177,7 +177,8 @@ class MoE:
                                    + "; ".join(f"{n}: {why}" for n, why in left_out.items()) + ")")
             self.left_out[f"composer:{strategy.name}"] = left_out
             composer = Merged(self.pool.base_path, adapters, moerge_home() / "cache" / "merged",
-                              weighting="uniform", **params)
+                              weighting="uniform", trust_remote_code=bool(self.pool.base.trust_remote_code),
+                              **params)
         elif kind == "stitch":
             composer = Stitch(self.router(strategy.router, strategy.router_params), make_step_prompt=zoo_step_prompt)
         elif kind == "mixture":
