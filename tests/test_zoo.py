@@ -246,6 +246,21 @@ def _tiny_rows_and_model():
     return LlamaForCausalLM(cfg), rows
 
 
+def _record_rates(monkeypatch) -> list[float]:
+    """The learning rate of every optimizer step, in order."""
+    import torch
+
+    lrs: list[float] = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return lrs
+
+
 def test_training_goes_past_its_cycle_until_the_check_passes():
     from services.zoo.train import TrainSpec, train_loop
 
@@ -258,20 +273,11 @@ def test_training_goes_past_its_cycle_until_the_check_passes():
 
 
 def test_training_stops_at_its_budget_and_says_the_check_failed(monkeypatch):
-    import torch
-
     from services.zoo.train import TrainSpec, train_loop
 
     model, rows = _tiny_rows_and_model()
     spec = TrainSpec(steps=10, lr=1e-3, batch_size=4, warmup=2, check_every=5, max_steps=30)
-    lrs = []
-    real_step = torch.optim.AdamW.step
-
-    def step(self, *a, **k):
-        lrs.append(self.param_groups[0]["lr"])
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    lrs = _record_rates(monkeypatch)
     stats: dict = {}
     losses = train_loop(model, rows, spec, pad_id=0, good_enough=lambda: False, stats=stats)
     assert len(losses) == 30 and stats["passed"] is False and stats["checks"] == 6
@@ -286,21 +292,12 @@ def test_training_stops_at_its_budget_and_says_the_check_failed(monkeypatch):
 def test_a_constant_rate_holds_until_the_check_then_cools_down_to_zero(monkeypatch):
     """The base's schedule: the peak rate after the warm-up for as long as the check fails; once
     it passes, ``cooldown`` more steps with the rate falling linearly to 0, and no more checks."""
-    import torch
-
     from services.zoo.train import TrainSpec, train_loop
 
     model, rows = _tiny_rows_and_model()
     spec = TrainSpec(steps=100, lr=1e-3, batch_size=4, warmup=2, check_every=5, max_steps=100, cooldown=4,
                      schedule="constant")
-    lrs = []
-    real_step = torch.optim.AdamW.step
-
-    def step(self, *a, **k):
-        lrs.append(self.param_groups[0]["lr"])
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    lrs = _record_rates(monkeypatch)
     calls: list[int] = []
     stats: dict = {}
     losses = train_loop(model, rows, spec, pad_id=0, good_enough=lambda: calls.append(1) or len(calls) == 3,
