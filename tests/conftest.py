@@ -11,7 +11,28 @@ import os
 # Busy-waiting OpenMP threads stall on a shared 2-core machine; must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
+
+_exit_status: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    _exit_status.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config) -> None:
+    """Leave with the session's own exit status once pytest has reported everything, without the
+    interpreter's teardown of native libraries (torch, oneDNN, vLLM's CPU backend): once, on
+    2026-12-02, that teardown segfaulted after "469 passed" and turned the run red. The fixtures
+    close what they start (Ray, vLLM engines, servers) themselves.
+    MOERGE_TEST_FULL_TEARDOWN=1 keeps the normal exit, to look for such crashes."""
+    if _exit_status and os.environ.get("MOERGE_TEST_FULL_TEARDOWN") != "1":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status[0])
 
 
 @pytest.fixture(scope="session")
