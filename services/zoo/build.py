@@ -96,7 +96,7 @@ SIZES: dict[str, ZooSize] = {
     ),
     # The benchmark zoo. The base pre-trains at a constant rate until it copies (BASE_CHECK_TASKS
     # at base_check_at, checked every 100 steps), then cools down for 100 steps: the step where it
-    # learns to copy moved from ~1,100 to ~1,700 between seeds, and a fixed step count stopped
+    # learns to copy moved from ~600 to ~1,600 between seeds, and a fixed step count stopped
     # inside that transition, where the CPU's float32 rounding decided the outcome. The generic
     # tasks include the slow skills' primitives (skills.GENERIC_TASKS: spaced, triple,
     # shift_back). An expert that has not passed its validation check after its cycle goes on
