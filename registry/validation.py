@@ -369,6 +369,9 @@ def validate_adapter(root: Path, files: list[SourceFile], base_name: str, base_p
     base_shapes = base_weight_shapes(base_path)
     base_modules = {k[: -len(".weight")] for k in base_shapes if k.endswith(".weight")}
     _check_targets(targets, base_modules, base_name)
+    # before the shapes: an adapter trained with added tokens has a larger embedding too, and
+    # its tokenizer says why
+    _check_own_tokenizer(root, by_rel, base_name, base_path)
 
     rank_pattern = config.get("rank_pattern") or {}
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
@@ -429,6 +432,44 @@ def validate_adapter(root: Path, files: list[SourceFile], base_name: str, base_p
         raise RegistrationError(f"adapter module {odd} has only one of its LoRA factors (A and B go together)")
     _warn_other_base(config.get("base_model_name_or_path"), base_name, base_path)  # only once accepted
     return AdapterInfo(rank=rank, target_modules=targets, modules=has_a)
+
+
+def _check_own_tokenizer(root: Path, by_rel: dict[str, SourceFile], base_name: str, base_path: str) -> None:
+    """An adapter folder may ship a tokenizer (a Trainer saves one beside every checkpoint), often
+    with a chat template of its own, which the engines then render its chats with. It must be the
+    base's vocabulary: every engine runs an adapter on its base's embedding matrix (vLLM's LoRA has
+    no extra vocabulary), so an adapter cannot bring tokens of its own."""
+    if not any(name in by_rel for name in (*TOKENIZER_FILES, "tokenizer_config.json")):
+        return
+    from transformers import AutoTokenizer
+
+    def load(folder: str | Path, what: str):
+        try:  # never a tokenizer's own code, and never the prompt that asks whether to run it
+            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError, …
+            raise RegistrationError(f"{what} does not load: {exc}") from exc
+
+    own = load(root, "the adapter folder's tokenizer").get_vocab()
+    base = load(base_path, f"the tokenizer of base {base_name!r}").get_vocab()
+    if own == base:
+        return
+    added = sorted(set(own) - set(base), key=own.__getitem__)
+    missing = set(base) - set(own)
+    moved = sorted(t for t in own.keys() & base.keys() if own[t] != base[t])
+    if added and not moved and not missing:
+        shown = ", ".join(repr(t) for t in added[:5]) + (", …" if len(added) > 5 else "")
+        raise RegistrationError(
+            f"the adapter's tokenizer adds {len(added)} token(s) to the vocabulary of base {base_name!r} ({shown}). "
+            "An adapter runs on its base's embedding matrix on every engine (vLLM's LoRA has no extra "
+            "vocabulary), so it cannot bring tokens of its own. Merge it into a copy of its base "
+            "(resize_token_embeddings(len(tokenizer)), PeftModel.from_pretrained(...).merge_and_unload(), "
+            "save_pretrained with the tokenizer) and register that folder as a model expert (kind 'model')."
+        )
+    raise RegistrationError(
+        f"the adapter's tokenizer is not the one of base {base_name!r}: of its {len(own)} tokens {len(moved)} have "
+        f"other ids and {len(added)} are new, and {len(missing)} of the base's are missing. Register the adapter "
+        "on the base it was trained on, or remove the tokenizer files from its folder if they do not belong to it."
+    )
 
 
 class RegistrationWarning(UserWarning):

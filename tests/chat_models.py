@@ -191,3 +191,42 @@ def make_remote_code_model(chat_model: Path, directory: Path) -> Path:
                             "AutoModelForCausalLM": "modeling_custom.CustomQwen2ForCausalLM"})
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
+
+
+# An instruction-tuned adapter's template: the base's, with another default system turn
+ADAPTER_TEMPLATE = QWEN_TEMPLATE.replace("You are a helpful assistant.", "You are a tuned expert.")
+
+
+def with_own_tokenizer(adapter: Path, base_dir: Path, directory: Path, chat_template: str = ADAPTER_TEMPLATE,
+                       eos_token: str | None = None) -> Path:
+    """A copy of ``adapter`` with a tokenizer saved beside it, as a Trainer saves one: the base's
+    vocabulary, with ``chat_template`` (and ``eos_token``) of its own."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    directory = Path(shutil.copytree(adapter, directory))
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok.chat_template = chat_template
+    if eos_token is not None:
+        tok.eos_token = eos_token
+    tok.save_pretrained(str(directory))
+    return directory
+
+
+def make_lora_with_added_tokens(base_dir: Path, directory: Path, tokens: tuple[str, ...] = ("<tool_call>",)) -> Path:
+    """An adapter trained with tokens added to the tokenizer, the way peft's docs show it: the
+    embeddings resized, then saved whole (``modules_to_save``), the larger tokenizer beside it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok.add_tokens(list(tokens), special_tokens=True)
+    base = Qwen2ForCausalLM.from_pretrained(base_dir)
+    base.resize_token_embeddings(len(tok))
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                            modules_to_save=["embed_tokens"]))
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tok.save_pretrained(str(directory))
+    return directory

@@ -22,10 +22,13 @@ from services.engines.hf import HFEngine  # noqa: E402
 from tests.chat_models import (  # noqa: E402
     ENDOFTEXT,
     IM_END,
+    IM_START,
     make_chat_lora,
+    make_lora_with_added_tokens,
     make_qwen_chat_model,
     make_remote_code_model,
     token_id,
+    with_own_tokenizer,
 )
 
 SYSTEM = ("system", "You answer in one word.")
@@ -54,10 +57,11 @@ def adapters(qwen: Path, tmp_path_factory) -> dict[str, Path]:
     return {name: make_chat_lora(qwen, root / name, seed=i + 1, **kw) for i, (name, kw) in enumerate(kinds.items())}
 
 
-def reference(folder: Path, messages, max_new_tokens: int = 12, adapter: Path | None = None, **generate_kwargs):
-    """transformers' own answer: the chat template, then greedy ``generate`` with the model's
-    generation_config (its eos list)."""
-    tok = AutoTokenizer.from_pretrained(folder)
+def reference(folder: Path, messages, max_new_tokens: int = 12, adapter: Path | None = None,
+              tokenizer: Path | None = None, **generate_kwargs):
+    """transformers' own answer: the chat template (of ``tokenizer``'s folder, else the model's),
+    then greedy ``generate`` with the model's generation_config (its eos list)."""
+    tok = AutoTokenizer.from_pretrained(tokenizer or folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     if adapter is not None:
         from peft import PeftModel
@@ -301,6 +305,31 @@ def test_a_failed_adapter_load_leaves_the_engine_as_it_was(qwen: Path, adapters:
         assert _same(_base_state(engine), before)
         again = engine.generate([chat(ignore_eos=True)] + ([] if first else [chat(ignore_eos=True, target="plain")]))
         assert [a.token_ids for a in again] == [a.token_ids for a in answers]
+
+
+def test_an_adapter_with_its_own_tokenizer_is_rendered_and_ended_by_it(qwen: Path, adapters: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    """An adapter folder with a tokenizer of its own (a template, an EOS): its chats are rendered
+    with its template and end at its EOS; the base and the other adapters keep theirs."""
+    own = with_own_tokenizer(adapters["plain"], qwen, tmp_path / "own", eos_token=IM_START)
+    engine = HFEngine(qwen)
+    engine.load_adapter("own", own)
+    engine.load_adapter("plain", adapters["plain"])
+    question = (QUESTION,)  # no system turn: the two templates write different default ones
+    got, plain = engine.generate([chat(question, target="own"), chat(question, target="plain")])
+    ids, prompt_len, tok = reference(qwen, question, adapter=own, tokenizer=own)
+    ends = {token_id(qwen, IM_END), token_id(qwen, ENDOFTEXT), token_id(qwen, IM_START)}
+    assert got.prompt_tokens == prompt_len != plain.prompt_tokens
+    assert got.token_ids == ids[: next((i + 1 for i, t in enumerate(ids) if t in ends), len(ids))]
+    im_start = token_id(qwen, IM_START)
+    forced = [chat(question, target=t, logit_bias=((im_start, 100.0),), max_new_tokens=3) for t in ("own", "plain")]
+    ended, ran_on = engine.generate(forced)
+    assert (ended.token_ids, ended.finish_reason) == ([im_start], "stop")  # the adapter's EOS ...
+    assert (ran_on.token_ids, ran_on.finish_reason) == ([im_start] * 3, "length")  # ... is not the others'
+    engine.unload_adapter("own")
+    with pytest.raises(Exception, match="has 401 tokens, its base's 400"):
+        engine.load_adapter("added", make_lora_with_added_tokens(qwen, tmp_path / "added"))
+    assert sorted(engine.targets()) == sorted([engine.base_name, "plain"])
 
 
 # ------------------------------------------------------------------------------------- gateway

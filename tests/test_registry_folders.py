@@ -1,6 +1,6 @@
 """Folders as people have them: HF cache snapshots, Trainer output folders, hub-id base names,
 bases without a tokenizer or with code of their own, base removal, adapters that name another
-base. Each refusal leaves no row and no file behind."""
+base or ship a tokenizer of their own. Each refusal leaves no row and no file behind."""
 
 from __future__ import annotations
 
@@ -16,7 +16,13 @@ from registry.errors import NotFoundError, RegistrationError
 from registry.models import BaseModel, Expert
 from registry.service import Registry
 from registry.validation import RegistrationWarning
-from tests.chat_models import make_chat_lora, make_qwen_chat_model
+from tests.chat_models import (
+    make_bpe_tokenizer,
+    make_chat_lora,
+    make_lora_with_added_tokens,
+    make_qwen_chat_model,
+    with_own_tokenizer,
+)
 
 pytest_plugins = ["tests.conftest_db"]
 
@@ -166,3 +172,23 @@ def test_an_external_experts_connection_is_checked_and_never_holds_a_key(registr
     with pytest.raises(RegistrationError, match="external experts only"):
         registry.register_expert("x", "model", lora, api_base="http://h/v1")
     assert rows(registry) == (0, 1)
+
+
+def test_an_adapter_with_its_own_tokenizer_registers_unless_it_changes_the_vocabulary(
+        registry: Registry, qwen: Path, lora: Path, tmp_path: Path) -> None:
+    registry.register_base("qwen", qwen)
+    # the base's vocabulary with a chat template of its own (a Trainer's checkpoint): kept whole
+    own = with_own_tokenizer(lora, qwen, tmp_path / "instruct")
+    expert = registry.register_expert("instruct", "adapter", own, base="qwen")
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in registry.expert_path(expert).iterdir()}
+    kept = store_files(registry)
+    # tokens added (embeddings resized and saved whole): refused, saying why and what to do instead
+    added = make_lora_with_added_tokens(qwen, tmp_path / "added")
+    with pytest.raises(RegistrationError, match=r"adds 1 token\(s\) to the vocabulary of base 'qwen'.*'<tool_call>'.*kind 'model'"):
+        registry.register_expert("added", "adapter", added, base="qwen")
+    # another model's tokenizer altogether
+    other = Path(shutil.copytree(lora, tmp_path / "other-tokenizer"))
+    make_bpe_tokenizer(vocab_size=300).save_pretrained(str(other))
+    with pytest.raises(RegistrationError, match=r"tokenizer is not the one of base 'qwen': of its 300 tokens 0 have other ids and 0 are new, and 100 of"):
+        registry.register_expert("other", "adapter", other, base="qwen")
+    assert rows(registry) == (1, 1) and store_files(registry) == kept

@@ -16,7 +16,15 @@ import composer.molora_kernels  # noqa: F401  (numba loaded first: vLLM must sta
 from composer.engine_protocol import ContextLengthError, EngineError, GenerateRequest
 from services.engines.hf import HFEngine
 from services.engines.vllm import VLLMEngine
-from tests.chat_models import ENDOFTEXT, IM_END, make_chat_lora, make_qwen_chat_model, token_id
+from tests.chat_models import (
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    make_chat_lora,
+    make_qwen_chat_model,
+    token_id,
+    with_own_tokenizer,
+)
 
 CONVERSATION = (("system", "You answer in one word."), ("user", "Name a colour"), ("assistant", "Blue."),
                 ("user", "Name a fruit"))
@@ -26,14 +34,17 @@ CONVERSATION = (("system", "You answer in one word."), ("user", "Name a colour")
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vllm-chat")
     base = make_qwen_chat_model(root / "qwen")
-    return {"base": base, "lora": make_chat_lora(base, root / "lora", target_modules="all-linear"),
-            "dora": make_chat_lora(base, root / "dora", use_dora=True)}
+    lora = make_chat_lora(base, root / "lora", target_modules="all-linear")
+    return {"base": base, "lora": lora, "dora": make_chat_lora(base, root / "dora", use_dora=True),
+            # its own tokenizer: another template, another EOS
+            "own": with_own_tokenizer(lora, base, root / "own", eos_token=IM_START)}
 
 
 @pytest.fixture(scope="module")
 def hf(folders) -> HFEngine:
     engine = HFEngine(folders["base"])
     engine.load_adapter("lora", folders["lora"])
+    engine.load_adapter("own", folders["own"])
     return engine
 
 
@@ -41,6 +52,7 @@ def hf(folders) -> HFEngine:
 def engine(folders) -> Iterator[VLLMEngine]:
     eng = VLLMEngine(folders["base"], dtype="float32", seed=0, max_model_len=256, max_lora_rank=16)
     eng.load_adapter("lora", folders["lora"])
+    eng.load_adapter("own", folders["own"])
     yield eng
     eng.close()
 
@@ -79,6 +91,19 @@ def test_stops_equal_hf(engine, hf, folders) -> None:
     assert [g.finish_reason for g in got] == ["stop", "stop", "length", "length", "stop"]
     assert got[0].token_ids == [endoftext] and got[0].text == ""
     assert got[3].text == ENDOFTEXT * 3
+
+
+def test_an_adapters_own_tokenizer_equals_hf(engine, hf, folders) -> None:
+    """vLLM's LoRA runs on the base's tokenizer: the adapter's template and EOS come from moerge."""
+    im_start = token_id(folders["base"], IM_START)
+    requests = [chat(target="own"), chat(CONVERSATION[-1:], target="own"), chat(CONVERSATION[-1:], target="lora"),
+                chat(CONVERSATION[-1:], target="own", logit_bias=((im_start, 100.0),)),
+                chat(CONVERSATION[-1:], target="own", logit_bias=((im_start, 100.0),), ignore_eos=True, max_new_tokens=2)]
+    got, want = engine.generate(requests), hf.generate(requests)
+    for g, w in zip(got, want):
+        _same(g, w)
+    assert got[1].prompt_tokens != got[2].prompt_tokens  # its own default system turn
+    assert [(g.token_ids, g.finish_reason) for g in got[3:]] == [([im_start], "stop"), ([im_start] * 2, "length")]
 
 
 def test_penalties_equal_hf(engine, hf) -> None:

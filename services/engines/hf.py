@@ -55,6 +55,7 @@ from services.engines.base import (
 )
 from services.engines.devices import resolve_device, resolve_dtype
 from services.engines.prompting import (
+    adapter_tokenizer,
     check_context,
     check_logit_bias,
     context_length,
@@ -97,6 +98,8 @@ class HFEngine:
         self._tokenizer = _load_tokenizer(base_path, trust_remote_code)
         self._peft: PeftModel | None = None  # created when the first adapter is loaded
         self._adapters: dict[str, str] = {}  # name -> folder it came from
+        # adapters that ship a tokenizer rendering otherwise than the base's (prompting.adapter_tokenizer)
+        self._adapter_tokenizers: dict[str, PreTrainedTokenizerBase] = {}
         self._models: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
         self._merged: str | None = None  # adapter currently merged into the base weights
         # (tuner layer, [(base parameter, its value before the merge)]) of the merged adapter
@@ -119,6 +122,7 @@ class HFEngine:
         path = Path(path)
         if not (path / "adapter_config.json").is_file():
             raise EngineError(f"adapter {name!r}: {path} has no adapter_config.json (not a peft folder)")
+        own_tokenizer = adapter_tokenizer(path, self._tokenizer)
         self._unmerge()  # peft injects new layers into unmerged modules only
         try:
             if self._peft is None:
@@ -130,6 +134,8 @@ class HFEngine:
             self._drop_partial(name)
             raise EngineError(f"adapter {name!r} from {path} does not load on this base: {exc}") from exc
         self._adapters[name] = str(path)
+        if own_tokenizer is not None:
+            self._adapter_tokenizers[name] = own_tokenizer
         if self._touches_tied_weights(name):
             # merged into the embedding matrix (its own LoRA, or a tied output layer's), it would
             # change the other use of that matrix as well: it runs unmerged, as peft runs it
@@ -170,6 +176,7 @@ class HFEngine:
                 self._peft.set_adapter(next(n for n in self._adapters if n != name))
             self._peft.delete_adapter(name)
         del self._adapters[name]
+        self._adapter_tokenizers.pop(name, None)
         self._unmergeable.discard(name)
 
     def load_model(self, name: str, path: str | Path) -> None:
@@ -354,7 +361,7 @@ class HFEngine:
             else:
                 self._unmerge()
                 self._peft.set_adapter(target)
-            yield self._peft, self._tokenizer
+            yield self._peft, self._adapter_tokenizers.get(target, self._tokenizer)
         else:
             raise EngineError(f"target {target!r} is not loaded on this engine (loaded: {sorted(self.targets())})")
 

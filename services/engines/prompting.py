@@ -7,7 +7,8 @@ the same end tokens on either, as transformers and vLLM themselves define them:
   (``apply_chat_template(..., add_generation_prompt=True)``; a final assistant turn is continued
   with ``continue_final_message``) and tokenised without adding special tokens, because the
   template writes them itself (what ``apply_chat_template(tokenize=True)`` and vLLM's chat do).
-  A tokenizer without a template gets ``prompt``: the last user turn, raw.
+  A tokenizer without a template gets ``prompt``: the last user turn, raw. An adapter that ships a
+  tokenizer of its own (its template, its EOS; the base's vocabulary) is rendered with that one.
 - A completion prompt is tokenised as ``tokenizer(prompt)`` does (BOS where the tokenizer adds one).
 - The end tokens are every ``eos_token_id`` of the model's generation_config (an int or a list:
   Qwen and Llama 3 chat models end turns with a token that is not the tokenizer's EOS) and the
@@ -17,15 +18,48 @@ the same end tokens on either, as transformers and vLLM themselves define them:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from composer.engine_protocol import (
     ChatTemplateError,
     ContextLengthError,
+    EngineError,
     GenerateRequest,
     PromptRule,
     RequestError,
 )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def adapter_tokenizer(folder: str | Path, base_tokenizer: Any) -> Any | None:
+    """The tokenizer an adapter folder ships, where it renders prompts or ends turns otherwise than
+    its base's (a chat template of its own, another EOS); None where it ships none or the same one.
+    A Trainer saves the tokenizer beside every checkpoint, and an instruction-tuned adapter of a
+    plain base brings the template it was trained with. The vocabulary must be the base's: the
+    adapter runs on its base's embeddings (registration refuses the others, naming why)."""
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        own = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, KeyError, … from transformers
+        raise EngineError(f"the tokenizer in adapter folder {folder} does not load: {exc}") from exc
+    if len(own) != len(base_tokenizer):
+        raise EngineError(f"the tokenizer in adapter folder {folder} has {len(own)} tokens, its base's "
+                          f"{len(base_tokenizer)}: an adapter runs on its base's vocabulary")
+    return None if _rendering(own) == _rendering(base_tokenizer) else own
+
+
+def _rendering(tokenizer: Any) -> tuple:
+    """What decides the prompt ids and the end of an answer: the template, the special tokens, and
+    whether the tokenizer adds BOS/EOS to a plain prompt."""
+    return (tokenizer.chat_template, tokenizer.bos_token_id, tokenizer.eos_token_id,
+            tuple(tokenizer("a")["input_ids"]))
 
 
 def has_chat_template(tokenizer: Any) -> bool:

@@ -36,7 +36,7 @@ from services.engines.base import (
     ScoreResult,
 )
 from services.engines.compat import refusal
-from services.engines.prompting import check_context, check_logit_bias, render
+from services.engines.prompting import adapter_tokenizer, check_context, check_logit_bias, render
 
 if TYPE_CHECKING:
     from vllm import LLM, RequestOutput, SamplingParams
@@ -94,6 +94,9 @@ class VLLMEngine:
         self._host.note_changes()
         self._tokenizer = self._llm.get_tokenizer()
         self._adapters: dict[str, LoRARequest] = {}
+        # adapters that ship a tokenizer rendering otherwise than the base's: vLLM's LoRA uses
+        # the base's tokenizer, so the prompt ids and the adapter's EOS come from here, as on hf
+        self._adapter_tokenizers: dict[str, Any] = {}
         self._ids = count(1)  # LoRARequest ids must be >= 1
 
     # ------------------------------------------------------------------ loading
@@ -115,6 +118,7 @@ class VLLMEngine:
         why = refusal("vllm", {"max_lora_rank": self.max_lora_rank}, path)
         if why is not None:
             raise EngineError(f"adapter {name!r}: {why}")
+        own_tokenizer = adapter_tokenizer(path, self._tokenizer)
         lora_id = next(self._ids)
         request = LoRARequest(f"{name}#{lora_id}", lora_id, str(path.resolve()))
         try:
@@ -122,11 +126,14 @@ class VLLMEngine:
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise EngineError(f"adapter {name!r} from {path} does not load on this base: {exc}") from exc
         self._adapters[name] = request
+        if own_tokenizer is not None:
+            self._adapter_tokenizers[name] = own_tokenizer
 
     def unload_adapter(self, name: str) -> None:
         request = self._adapters.pop(name, None)
         if request is None:
             raise EngineError(f"adapter {name!r} is not loaded on this engine")
+        self._adapter_tokenizers.pop(name, None)
         self._llm.llm_engine.remove_lora(request.lora_int_id)
 
     def load_model(self, name: str, path: str | Path) -> None:
@@ -156,7 +163,8 @@ class VLLMEngine:
         loras = [self._lora_for(r.target) for r in requests]
         # the prompt ids come from the same rendering as the hf engine's (prompting.render): the
         # chat template where the request is a chat, else the prompt as the tokenizer encodes it
-        rendered = [render(self._tokenizer, r) for r in requests]
+        tokenizers = [self._adapter_tokenizers.get(r.target or "", self._tokenizer) for r in requests]
+        rendered = [render(tokenizer, r) for tokenizer, r in zip(tokenizers, requests)]
         model_config = self._llm.llm_engine.model_config
         context, vocab = model_config.max_model_len, model_config.get_vocab_size()
         for (ids, _), r in zip(rendered, requests):
@@ -164,11 +172,17 @@ class VLLMEngine:
             check_logit_bias(r, vocab)
         outputs = self._llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids, _ in rendered],
-            [_sampling_params(r) for r in requests],
+            [_sampling_params(r, self._extra_ends(t)) for r, t in zip(requests, tokenizers)],
             lora_request=loras,
             use_tqdm=False,
         )
         return [self._result(output, rule) for output, (_, rule) in zip(outputs, rendered)]
+
+    def _extra_ends(self, tokenizer: Any) -> tuple[int, ...]:
+        """An adapter tokenizer's EOS where it is not the base's (vLLM stops on the base's own)."""
+        if tokenizer is self._tokenizer or tokenizer.eos_token_id in (None, self._tokenizer.eos_token_id):
+            return ()
+        return (tokenizer.eos_token_id,)
 
     def _result(self, output: RequestOutput, rule: str) -> GenerateResult:
         completion = output.outputs[0]
@@ -225,7 +239,7 @@ class VLLMEngine:
 
     def _score_tokens(self, request: ScoreRequest) -> tuple[list[int], list[int]]:
         """Context and continuation ids, tokenized apart exactly as the hf engine does."""
-        tokenizer = self._tokenizer
+        tokenizer = self._adapter_tokenizers.get(request.target or "", self._tokenizer)
         context = tokenizer.encode(request.prompt)
         if not context and tokenizer.bos_token_id is not None:
             context = [tokenizer.bos_token_id]
@@ -251,10 +265,12 @@ class VLLMEngine:
             raise EngineError(f"target name {name!r} is empty or already taken on this engine; unload it first")
 
 
-def _sampling_params(request: GenerateRequest) -> SamplingParams:
+def _sampling_params(request: GenerateRequest, extra_ends: tuple[int, ...] = ()) -> SamplingParams:
     from vllm import SamplingParams
 
-    # vLLM adds the model's generation_config eos ids to the stop tokens itself (unless ignore_eos)
+    # vLLM adds the model's generation_config eos ids to the stop tokens itself (unless ignore_eos);
+    # ``extra_ends``: an adapter tokenizer's own EOS, which is an end token like those
+    stops = [*request.stop_token_ids, *(() if request.ignore_eos else extra_ends)]
     return SamplingParams(
         max_tokens=request.max_new_tokens,
         temperature=request.temperature,  # vLLM samples greedily at 0
@@ -263,7 +279,7 @@ def _sampling_params(request: GenerateRequest) -> SamplingParams:
         min_p=request.min_p,
         seed=request.seed,
         stop=list(request.stop) or None,
-        stop_token_ids=list(request.stop_token_ids) or None,
+        stop_token_ids=stops or None,
         ignore_eos=request.ignore_eos,
         skip_special_tokens=request.skip_special_tokens,
         repetition_penalty=request.repetition_penalty,
