@@ -1,7 +1,7 @@
-"""Semantic router: nearest experts by example embeddings, with a calibrated "is anything close" gate.
+"""Semantic router: nearest experts by example embeddings, behind one jointly calibrated gate.
 
-Per expert (``fit_expert``): MiniLM embeddings of up to ``max_examples`` training prompts, and a
-threshold calibrated on held-out in-distribution prompts (its validation examples; without any,
+Per expert (``fit_expert``): MiniLM embeddings of up to ``max_examples`` training prompts, and the
+scores of held-out in-distribution prompts against them (its validation examples; without any,
 the last 20 % of its train prompts are held out of the calibration reference).
 
 Score of expert e for a query q: the mean of the top-``top_m`` cosines between q and e's example
@@ -10,15 +10,21 @@ templates (multi-modal): the centroid sits between them, while top-m stays near 
 template the query resembles, and m > 1 keeps one stray example from deciding (which is the
 Retrieval baseline, m = 1).
 
-Threshold of e: the (1 − ``keep``) quantile of that score over e's held-out prompts, so about
-``keep`` (95 %) of in-distribution queries clear it, lowered by ``margin`` (0.1) because a handful
-of calibration prompts (10 here) estimates a 5 % quantile poorly — without it one in ten
-in-distribution queries fell back in the tests, while far queries score ~0.2 below it. Each expert's threshold
-depends on its own data only, so registering another expert changes nothing already fitted.
+Route: the top-``k`` experts by score answer, weighted by softmax(score / ``temperature``), if
+the best score clears the **gate**; else the configured ``fallback`` generalist if registered,
+else the base model (``experts == []``). The gate is one threshold for all experts, set from
+held-out prompts on both sides of it:
+- what fits: every expert's held-out scores, pooled, and their (1 − ``keep``) quantile F;
+- what fits nothing: everyday requests (``routers/off_topic.py``) scored against every expert,
+  and the ``keep`` quantile N of their best scores.
+The gate is halfway between them, (F + N) / 2, where N < F; where an expert covers everyday topics
+itself (N ≥ F), it is F, so that ``keep`` of what fits still clears it.
 
-Route: experts whose score clears their own threshold are candidates; the top-``k`` of them by
-score answer, weighted by softmax(score / ``temperature``). No candidate: the configured
-``fallback`` generalist if registered, else the base model (``experts == []``).
+Before 2026-12-02 each expert had a threshold of its own (the first rule, alone on its own
+scores) and the best-scoring expert above its own threshold answered. A paraphrased query then
+often scored highest for the right expert but under that expert's threshold, and went to an
+expert with a lower one (docs/benchmarks.md). Each expert's artifact still depends on its own
+data only; the gate is derived from all of them when the expert set changes.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 from routers.base import Artifact, Decision, ExpertInfo, RouteRequest
 from routers.common import EmbeddingRouter, stack_rows
 from routers.embedder import Embedder
+from routers.off_topic import OFF_TOPIC_PROMPTS
 
 
 def top_m_mean(sims: torch.Tensor, m: int) -> torch.Tensor:
@@ -48,7 +55,6 @@ class SemanticRouter(EmbeddingRouter):
         fallback: str | None = None,
         max_examples: int = 200,
         temperature: float = 0.05,
-        margin: float = 0.1,
     ) -> None:
         super().__init__()
         self.embedder = embedder
@@ -58,9 +64,9 @@ class SemanticRouter(EmbeddingRouter):
         self.fallback_expert = fallback
         self.max_examples = max_examples
         self.temperature = temperature
-        self.margin = margin
         self._matrix: torch.Tensor | None = None
         self._owner: torch.Tensor | None = None
+        self._off_topic: torch.Tensor | None = None  # OFF_TOPIC_PROMPTS' embeddings, encoded once
 
     def fit_expert(self, expert: ExpertInfo) -> Artifact:
         train = self.train_prompts(expert, self.max_examples)
@@ -76,21 +82,20 @@ class SemanticRouter(EmbeddingRouter):
         else:
             reference, calib, source = embeddings, embeddings, "train"
         calib_scores = top_m_mean(calib @ reference.T, self.top_m)
-        quantile = float(torch.quantile(calib_scores, 1.0 - self.keep)) if len(calib_scores) > 1 else float(calib_scores.min())
-        threshold = quantile - self.margin
         return Artifact(
-            tensors={"embeddings": embeddings.contiguous(), "centroid": torch.nn.functional.normalize(embeddings.mean(0), dim=0)},
+            tensors={"embeddings": embeddings.contiguous(), "centroid": torch.nn.functional.normalize(embeddings.mean(0), dim=0),
+                     "calibration_scores": calib_scores.contiguous()},
             metadata={
                 "encoder": "all-MiniLM-L6-v2",
-                "threshold": repr(threshold),
-                "keep": repr(self.keep),
-                "quantile": repr(quantile),
-                "margin": repr(self.margin),
                 "top_m": str(self.top_m),
                 "calibration": source,
                 "calibration_n": str(len(calib_scores)),
             },
         )
+
+    def accepts_artifact(self, artifact: Artifact) -> bool:
+        """Artifacts stored before the joint gate hold no calibration scores: those are refit."""
+        return "calibration_scores" in artifact.tensors and artifact.metadata.get("top_m") == str(self.top_m)
 
     def _changed(self) -> None:
         self._matrix = None
@@ -100,10 +105,25 @@ class SemanticRouter(EmbeddingRouter):
             self._matrix, self._owner = stack_rows(
                 [self.artifacts[n].tensors["embeddings"] for n in self.names], self.emb.dim
             )
-            self._thresholds = torch.tensor([float(self.artifacts[n].metadata["threshold"]) for n in self.names])
             counts = torch.bincount(self._owner, minlength=len(self.names)).tolist()
             self._slices = [(sum(counts[:i]), sum(counts[: i + 1])) for i in range(len(counts))]
+            self._gate, self._gate_parts = self._calibrate_gate()
         return self._matrix, self._owner
+
+    def _calibrate_gate(self) -> tuple[float, dict[str, float]]:
+        """The one threshold the best score must clear (the module docstring says why)."""
+        fits = torch.cat([self.artifacts[n].tensors["calibration_scores"].float() for n in self.names])
+        fit = float(torch.quantile(fits, 1.0 - self.keep)) if len(fits) > 1 else float(fits.min())
+        if self._off_topic is None:
+            self._off_topic = self.emb.encode(list(OFF_TOPIC_PROMPTS))
+        nothing = float(torch.quantile(self._scores_of(self._off_topic).max(dim=1).values, self.keep))
+        gate = (fit + nothing) / 2 if nothing < fit else fit
+        return gate, {"fits": round(fit, 4), "fits_nothing": round(nothing, 4)}
+
+    def _scores_of(self, queries: torch.Tensor) -> torch.Tensor:
+        """[queries, experts] top-m-mean cosines of unit-norm query embeddings."""
+        sims = queries @ self._matrix.T
+        return torch.stack([top_m_mean(sims[:, a:b], self.top_m) for a, b in self._slices], dim=1)
 
     def scores(self, prompt: str) -> torch.Tensor:
         """Top-m-mean cosine per registered expert, in registration order."""
@@ -119,9 +139,10 @@ class SemanticRouter(EmbeddingRouter):
         scores = self.scores(request.prompt)
         info = {
             "scores": {n: round(float(s), 4) for n, s in zip(self.names, scores)},
-            "thresholds": {n: round(float(t), 4) for n, t in zip(self.names, self._thresholds)},
+            "gate": round(self._gate, 4),
+            "gate_from": self._gate_parts,
         }
-        passed = (scores >= self._thresholds).nonzero().flatten()
+        passed = (scores >= self._gate).nonzero().flatten()
         if len(passed) == 0:
             return self.fallback(self.fallback_expert, reason="no expert close enough", **info)
         chosen = passed[scores[passed].argsort(descending=True)][: self.k]

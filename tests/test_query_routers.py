@@ -216,6 +216,69 @@ def test_semantic_falls_back_when_far_from_everything(embedder):
     assert sum(kept) / len(kept) >= 0.85
 
 
+# everyday requests that are not among routers/off_topic.py's (the gate's reference)
+EVERYDAY = ["How do I fix a flat bicycle tyre?", "Write a haiku about autumn leaves.",
+            "What time does the sun set in July?", "Plan a picnic menu for six people.",
+            "Which houseplants are easy to keep alive?"]
+# drifted wordings of the tiny suite's tasks, never in any expert's examples
+DRIFTED = {"add": "Tell me the total when {a} and {b} are put together.",
+           "reverse": "Flip {w} so the last letter comes first.",
+           "upper": "Shout {w} in big letters."}
+
+
+def test_semantic_answers_with_the_best_scoring_expert_behind_one_gate(embedder):
+    """The expert a query resembles most answers, whenever anything clears the gate: no expert
+    with a looser threshold of its own can take a query from the closer one."""
+    router = build("semantic", embedder)
+    for t in BASE3:
+        router.add_expert(make_expert(t))
+    rng = random.Random(5)
+    queries = [DRIFTED[t].format(a=rng.randint(1, 999), b=rng.randint(1, 999), w=_word(rng)) for t in BASE3 for _ in range(4)]
+    queries += [p for t in BASE3 for p in test_prompts(t, 3)]
+    for q in queries:
+        d = router.route(RouteRequest(q))
+        scores = d.info["scores"]
+        best = max(scores, key=scores.get)
+        assert (d.top == best) == (scores[best] >= d.info["gate"]), (q, d.info)
+        assert d.top == best or d.experts == [], (q, d.info)
+    # the gate lies between what fits (pooled held-out prompts) and what fits nothing
+    fits, nothing = d.info["gate_from"]["fits"], d.info["gate_from"]["fits_nothing"]
+    assert nothing < d.info["gate"] < fits
+    fallen = [router.route(RouteRequest(q)).experts == [] for q in EVERYDAY]
+    assert sum(fallen) >= 4, [router.route(RouteRequest(q)).info for q in EVERYDAY]
+
+
+def test_semantic_gate_keeps_an_expert_of_everyday_requests(embedder):
+    """An expert for a topic the everyday reference covers (cooking): its queries are no longer
+    "nothing fits", and they reach it."""
+    cooking = ["How do I cook pasta al dente?", "How long do I roast a whole chicken?", "How do I make a risotto?",
+               "What is the best way to fry an egg?", "How do I bake a chocolate cake?", "How do I make pancakes?",
+               "How do I cook rice on the stove?", "How do I make a tomato sauce?", "How do I grill a steak?",
+               "How do I make a vegetable soup?", "How do I bake cookies?", "How do I boil potatoes?"]
+    expert = ExpertInfo(name="cooking-expert", kind="adapter", domains=("cooking",), skills=(),
+                        examples=tuple(ExpertExample(q, "", "cooking", "train" if i < 8 else "validation")
+                                       for i, q in enumerate(cooking)))
+    router = build("semantic", embedder)
+    for t in BASE3:
+        router.add_expert(make_expert(t))
+    router.add_expert(expert)
+    queries = ["How do I make a lemon tart?", "How do I cook salmon in the oven?", "How do I make bread dough?",
+               "How do I cook lentils?"]
+    decisions = [router.route(RouteRequest(q)) for q in queries]
+    assert all(d.top == "cooking-expert" for d in decisions), [d.info for d in decisions]
+    for t in BASE3:  # and the others still answer their own
+        assert router.route(RouteRequest(test_prompts(t, 1)[0])).top == EXPERT_OF[t]
+
+
+def test_semantic_refits_artifacts_stored_before_the_joint_gate(embedder):
+    router = build("semantic", embedder)
+    fresh = router.fit_expert(make_expert("add"))
+    assert router.accepts_artifact(fresh)
+    stale = Artifact({k: v for k, v in fresh.tensors.items() if k != "calibration_scores"},
+                     {**fresh.metadata, "threshold": "0.5"})
+    assert not router.accepts_artifact(stale)
+
+
 @pytest.mark.parametrize("name", LEARNED)
 def test_new_expert_is_routable_without_refitting_others(name, embedder):
     router = build(name, embedder)
