@@ -289,6 +289,68 @@ def test_training_stops_at_its_budget_and_says_the_check_failed(monkeypatch):
     assert len(train_loop(model, rows, spec, pad_id=0)) == 10
 
 
+def test_a_cycle_that_fails_its_check_starts_a_fresh_try(monkeypatch):
+    """With ``fresh_start``, each failed cycle ends its try: new weights, an optimizer without
+    moments, the schedule from its warm-up at the full peak, and no try begun at the budget's end."""
+    import torch
+
+    from services.zoo.train import TrainSpec, train_loop
+
+    model, rows = _tiny_rows_and_model()
+    spec = TrainSpec(steps=10, lr=1e-3, batch_size=4, warmup=2, check_every=5, max_steps=30)
+    lrs = _record_rates(monkeypatch)
+    adam_steps: list[int] = []
+    recording_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        out = recording_step(self, *a, **k)
+        adam_steps.append(int(self.state[self.param_groups[0]["params"][0]]["step"]))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    started: list[int] = []
+    stats: dict = {}
+    losses = train_loop(model, rows, spec, pad_id=0, good_enough=lambda: False, stats=stats, fresh_start=started.append)
+    assert len(losses) == 30 and started == [1, 2] and stats["tries"] == 3 and stats["passed"] is False
+    for start in (0, 10, 20):  # every try: the warm-up, the full peak, the decay, and fresh moments
+        assert lrs[start] == pytest.approx(5e-4) and lrs[start + 2] == pytest.approx(1e-3) and lrs[start + 9] < lrs[start + 5]
+        assert adam_steps[start] == 1 and adam_steps[start + 9] == 10
+    # a try that passes ends the run, with the steps of every try counted
+    model, rows = _tiny_rows_and_model()
+    calls: list[int] = []
+    stats = {}
+    losses = train_loop(model, rows, spec, pad_id=0, good_enough=lambda: calls.append(1) or len(calls) == 4,
+                        stats=stats, fresh_start=lambda k: None)
+    assert len(losses) == 20 and stats["tries"] == 2 and stats["passed"] is True
+
+
+def test_a_fresh_lora_try_starts_from_a_no_op_adapter():
+    """reset_lora: peft's initialisation again, so the adapter answers as the base until it trains,
+    and A is drawn anew from the try's seed."""
+    import torch
+    from peft import get_peft_model
+
+    from services.zoo.train import lora_config, reset_lora
+
+    base, _ = _tiny_rows_and_model()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        want = base(ids).logits.clone()
+    model = get_peft_model(base, lora_config(4, 8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_()
+        assert not torch.allclose(model(ids).logits, want)
+        a_trained = {n: p.clone() for n, p in model.named_parameters() if "lora_A" in n}
+        reset_lora(model, seed=1001)
+        assert torch.equal(model(ids).logits, want)
+        assert all(not torch.equal(p, a_trained[n]) for n, p in model.named_parameters() if "lora_A" in n)
+        first = {n: p.clone() for n, p in model.named_parameters() if "lora_A" in n}
+        reset_lora(model, seed=1001)  # the try's seed decides A
+        assert all(torch.equal(p, first[n]) for n, p in model.named_parameters() if "lora_A" in n)
+
+
 def test_a_constant_rate_holds_until_the_check_then_cools_down_to_zero(monkeypatch):
     """The base's schedule: the peak rate after the warm-up for as long as the check fails; once
     it passes, ``cooldown`` more steps with the rate falling linearly to 0, and no more checks."""

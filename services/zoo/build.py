@@ -99,8 +99,9 @@ SIZES: dict[str, ZooSize] = {
     # learns to copy moved from ~600 to ~1,600 between seeds, and a fixed step count stopped
     # inside that transition, where the CPU's float32 rounding decided the outcome. The generic
     # tasks include the slow skills' primitives (skills.GENERIC_TASKS: spaced, triple,
-    # shift_back). An expert that has not passed its validation check after its cycle goes on
-    # with warm restarts, up to 3x the cycle (TrainSpec.max_steps). See docs/zoo.md.
+    # shift_back). An expert that has not passed its validation check after its cycle starts a
+    # fresh try (new initial weights, another order of its rows), up to 3x the cycle in all
+    # (TrainSpec.max_steps). See docs/zoo.md.
     "small": ZooSize(
         hidden=128, layers=2, intermediate=384,
         pretrain=TrainSpec(steps=2400, lr=3e-3, batch_size=64, warmup=30, check_every=100, min_steps=300,

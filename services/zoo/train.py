@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from services.zoo.skills import generic_example, random_text
@@ -36,10 +37,12 @@ class TrainSpec:
     # >1: draw this many batches' rows at a time, sort them by length and cut them into batches
     # (in random order), so a batch pads little; 0 or 1: plain random batches
     sort_chunk: int = 0
-    # the budget: a run whose check still fails after ``steps`` goes on, with a new cosine cycle
-    # (a warm restart at half the last peak), up to this many steps in all (0: ``steps``). Float32 sums run in another
-    # order on another CPU, so the same seed needs more steps on one machine than on another: the
-    # check decides when a model is done, the budget only bounds the time.
+    # the budget: a run whose check still fails after ``steps`` goes on, up to this many steps in
+    # all (0: ``steps``): with a new try from fresh weights where the caller can give them
+    # (``train_loop``'s ``fresh_start``), else with a new cosine cycle (a warm restart at half the
+    # last peak). Float32 sums run in another order on another CPU, so the same seed needs more
+    # steps on one machine than on another: the check decides when a model is done, the budget
+    # only bounds the time.
     max_steps: int = 0
     # after the check passes, this many more steps with the rate falling linearly to 0, then stop:
     # a run stopped at its first passing check stops near the peak rate, where one check's
@@ -122,15 +125,20 @@ def train_loop(
     on_step: Callable[[int, float], None] | None = None,
     good_enough: Callable[[], bool] | None = None,
     stats: dict | None = None,
+    fresh_start: Callable[[int], None] | None = None,
 ) -> list[float]:
     """AdamW with linear warm-up and cosine decay over random mini-batches of ``rows``.
 
     With ``good_enough`` and ``spec.check_every``, training stops at the first check (after
     ``spec.min_steps``) where it returns True: skills differ a lot in how many steps they need,
     and a validation check spends the CPU budget where it is needed. A run that has not passed by
-    ``spec.steps`` restarts the cosine cycle and goes on, up to ``spec.budget`` steps. ``stats``,
-    when given, gets the steps run, whether the last check passed, the seconds spent and the
-    number and cost of the checks."""
+    ``spec.steps`` restarts the cosine cycle and goes on, up to ``spec.budget`` steps. With
+    ``fresh_start``, it starts a new try instead: ``fresh_start(k)`` sets the trainable weights
+    afresh for try k (1, 2, …), the optimizer forgets its moments, the rows come in another order,
+    and the schedule starts over at its peak: a run stuck under its check from one start often
+    passes from another within one cycle, where warm restarts stayed stuck (docs/zoo.md).
+    ``stats``, when given, gets the steps run, the tries, whether the last check passed, the
+    seconds spent and the number and cost of the checks."""
     t_start = time.perf_counter()
     checks, check_s = 0, 0.0
     params = [p for p in model.parameters() if p.requires_grad]
@@ -138,7 +146,10 @@ def train_loop(
 
     cycle = max(1, spec.steps - spec.warmup)
 
+    tries = [0, 0]  # [the try (0: the first), the step it started at]
+
     def lr_at(step: int) -> float:
+        step -= tries[1]
         if step < spec.warmup:
             return (step + 1) / spec.warmup
         if spec.schedule == "constant":
@@ -191,7 +202,7 @@ def train_loop(
             if done - cool[0] >= spec.cooldown:
                 break
             continue
-        if good_enough and spec.check_every and done >= spec.min_steps and done % spec.check_every == 0:
+        if good_enough and spec.check_every and done - tries[1] >= spec.min_steps and done % spec.check_every == 0:
             model.eval()
             t0 = time.perf_counter()
             passed = good_enough()
@@ -200,10 +211,15 @@ def train_loop(
                 if spec.cooldown <= 0:
                     break
                 cool[:] = [done, factor(done)]
+            elif fresh_start is not None and done - tries[1] >= spec.steps and done < spec.budget:
+                tries[:] = [tries[0] + 1, done]
+                fresh_start(tries[0])
+                opt.state.clear()  # AdamW's moments and step counts start again with the weights
+                rng, order, pending = random.Random(f"{seed}:try{tries[0]}"), [], []
             model.train()
     model.eval()
     if stats is not None:
-        stats.update(steps=len(losses), passed=passed, seconds=round(time.perf_counter() - t_start, 1), checks=checks,
+        stats.update(steps=len(losses), tries=tries[0] + 1, passed=passed, seconds=round(time.perf_counter() - t_start, 1), checks=checks,
                      check_seconds=round(check_s, 1), final_loss=round(losses[-1], 4) if losses else None)
     return losses
 
@@ -255,8 +271,20 @@ def train_lora(
     torch.manual_seed(seed)
     model = get_peft_model(base, lora_config(r, alpha))
     check = (lambda: good_enough(model)) if good_enough else None
-    losses = train_loop(model, encode_pairs(tok, pairs), spec, tok.pad_token_id, seed, on_step, check, stats)
+    losses = train_loop(model, encode_pairs(tok, pairs), spec, tok.pad_token_id, seed, on_step, check, stats,
+                        fresh_start=lambda k: reset_lora(model, seed + 1000 * k))
     return model, losses
+
+
+@torch.no_grad()
+def reset_lora(model: PeftModel, seed: int) -> None:
+    """peft's own initialisation of every LoRA layer again, A drawn from ``seed`` and B = 0: the
+    adapter is a no-op once more (a fresh try of ``train_loop``)."""
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.active_adapters:
+                module.reset_lora_parameters(name, True)
 
 
 def train_full(
@@ -271,5 +299,13 @@ def train_full(
 ) -> tuple[LlamaForCausalLM, list[float]]:
     torch.manual_seed(seed)
     check = (lambda: good_enough(base)) if good_enough else None
-    losses = train_loop(base, encode_pairs(tok, pairs), spec, tok.pad_token_id, seed, on_step, check, stats)
+    start = {name: p.detach().clone() for name, p in base.named_parameters()}
+
+    @torch.no_grad()
+    def fresh_start(k: int) -> None:  # the base's weights again; the rows come in another order
+        for name, p in base.named_parameters():
+            p.copy_(start[name])
+
+    losses = train_loop(base, encode_pairs(tok, pairs), spec, tok.pad_token_id, seed, on_step, check, stats,
+                        fresh_start)
     return base, losses
