@@ -127,9 +127,8 @@ class SemanticRouter(EmbeddingRouter):
 
     def scores(self, prompt: str) -> torch.Tensor:
         """Top-m-mean cosine per registered expert, in registration order."""
-        mat, _ = self._index()
-        sims = mat @ self.emb.encode(prompt)[0]
-        return torch.stack([top_m_mean(sims[a:b], self.top_m) for a, b in self._slices])
+        self._index()
+        return self._scores_of(self.emb.encode(prompt))[0]
 
     def route(self, request: RouteRequest) -> Decision:
         if (single := self.single_expert()) is not None:

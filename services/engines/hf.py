@@ -24,7 +24,6 @@ the unmerged base and removes them on exit; ``generate`` and ``score`` do not ch
 from __future__ import annotations
 
 import contextlib
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -34,7 +33,6 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -60,7 +58,9 @@ from services.engines.prompting import (
     check_logit_bias,
     context_length,
     end_token_ids,
+    load_tokenizer,
     render,
+    ships_tokenizer,
     stop_ids,
 )
 
@@ -95,7 +95,7 @@ class HFEngine:
         self.trust_remote_code = trust_remote_code
         self._base_path = Path(base_path)
         self._base: PreTrainedModel = self._load_causal_lm(base_path)
-        self._tokenizer = _load_tokenizer(base_path, trust_remote_code)
+        self._tokenizer = load_tokenizer(base_path, trust_remote_code)
         self._peft: PeftModel | None = None  # created when the first adapter is loaded
         self._adapters: dict[str, str] = {}  # name -> folder it came from
         # adapters that ship a tokenizer rendering otherwise than the base's (prompting.adapter_tokenizer)
@@ -187,7 +187,7 @@ class HFEngine:
             model = self._load_causal_lm(path, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise EngineError(f"model {name!r} from {path} does not load: {exc}") from exc
-        tokenizer = _load_tokenizer(path) if _has_tokenizer(Path(path)) else self._tokenizer
+        tokenizer = load_tokenizer(path) if ships_tokenizer(path) else self._tokenizer
         self._models[name] = (model, tokenizer)
 
     def unload_model(self, name: str) -> None:
@@ -661,14 +661,3 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def _has_tokenizer(path: Path) -> bool:
-    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-
-
-def _load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise EngineError(f"no usable tokenizer in {path}: {exc}") from exc

@@ -17,6 +17,7 @@ the same end tokens on either, as transformers and vLLM themselves define them:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -34,21 +35,28 @@ from composer.engine_protocol import (
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
+def ships_tokenizer(folder: str | Path) -> bool:
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(folder: str | Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:  # explicit either way: left unset, transformers asks on stdin whether to run its code
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise EngineError(f"no usable tokenizer in {folder}: {exc}") from exc
+
+
 def adapter_tokenizer(folder: str | Path, base_tokenizer: Any) -> Any | None:
     """The tokenizer an adapter folder ships, where it renders prompts or ends turns otherwise than
     its base's (a chat template of its own, another EOS); None where it ships none or the same one.
     A Trainer saves the tokenizer beside every checkpoint, and an instruction-tuned adapter of a
     plain base brings the template it was trained with. The vocabulary must be the base's: the
     adapter runs on its base's embeddings (registration refuses the others, naming why)."""
-    folder = Path(folder)
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if not ships_tokenizer(folder):
         return None
-    from transformers import AutoTokenizer
-
-    try:
-        own = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, KeyError, … from transformers
-        raise EngineError(f"the tokenizer in adapter folder {folder} does not load: {exc}") from exc
+    own = load_tokenizer(folder)
     if len(own) != len(base_tokenizer):
         raise EngineError(f"the tokenizer in adapter folder {folder} has {len(own)} tokens, its base's "
                           f"{len(base_tokenizer)}: an adapter runs on its base's vocabulary")
