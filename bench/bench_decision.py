@@ -69,14 +69,15 @@ def routers_at(rev: str):
 
 
 def parse_variants(spec: str) -> list[tuple[str, dict]]:
-    """"1,1:torch,1:bf16" -> after variants: Embedder(query_threads=n) on its default (ONNX) query
-    path, on the PyTorch path (``torch``), or on PyTorch with bf16 matmuls (``bf16``)."""
+    """"1,1:onnx-int8,1:torch,1:bf16" -> after variants: Embedder(query_threads=n) on its default
+    query path (ONNX fp32, or ``onnx``), on ONNX with int8 weight matmuls (``onnx-int8``), on the
+    PyTorch path (``torch``), or on PyTorch with bf16 matmuls (``bf16``)."""
     out = []
     for item in spec.split(","):
         threads, _, dtype = item.partition(":")
         kw = {"query_threads": int(threads)}
-        if dtype == "torch":
-            kw["query_backend"] = "torch"
+        if dtype in ("torch", "onnx", "onnx-int8"):
+            kw["query_backend"] = dtype
         elif dtype:
             kw["query_dtype"] = getattr(torch, {"bf16": "bfloat16"}.get(dtype, dtype))
         out.append((f"after ({threads} thr{', ' + dtype if dtype else ''})", kw))
@@ -140,8 +141,8 @@ def main() -> None:
     ap.add_argument("--check-per-task", type=int, default=20, help="prompts per task and split for the decision check")
     ap.add_argument("--before-rev", default="9335244", help="git revision of the routers to compare ('' skips)")
     ap.add_argument("--threads", type=int, default=0, help="process intra-op threads (0: torch's default)")
-    ap.add_argument("--variants", default="1", help="after variants, comma-separated: n (query_threads), n:torch or "
-                                                   "n:bf16 (and query_dtype=torch.bfloat16); the first is the default")
+    ap.add_argument("--variants", default="1", help="after variants, comma-separated: n (query_threads), n:onnx, n:onnx-int8, "
+                                                   "n:torch or n:bf16 (and query_dtype=torch.bfloat16); the first is the default")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -11,13 +11,13 @@ routing decision needs) goes further: ``run_layers`` steps through each BERT lay
 itself instead of dispatching ~20 modules per layer (same numbers), and the forward runs on
 ``query_threads`` intra-op threads (1): for one short sequence, splitting each small matmul across
 threads saves little on a quiet machine and costs a lot on a busy one (and ~40 % more CPU either
-way). What is left is 36 fp32 matmuls over 42 MB of weights, ~8 ms of a ~11 ms query on a 2-core
-EPYC — so by default (``query_backend="onnx"``) that query runs through ONNX Runtime instead
-(``routers.onnx_bert``: the same graph, fused, fp32, ~5 ms; the PyTorch path stays as
-``query_backend="torch"``). ``query_dtype=torch.bfloat16`` runs the PyTorch path's matmuls on bf16
-copies of the weights (~25 % faster there) — opt-in, because it changes the numbers: it moved 1 of
-920 decisions per router (see docs/benchmarks.md), and the classifier must decide exactly as its
-weights say.
+way). What is left is 36 fp32 matmuls over 42 MB of weights, most of a query's time — so by
+default (``query_backend="onnx"``) that query runs through ONNX Runtime instead
+(``routers.onnx_bert``: the same graph, fused, the same numbers). ``query_backend="onnx-int8"``
+runs it with int8 weight matmuls: faster again, but it moves close decisions (measured in
+docs/benchmarks.md), so it is opt-in, as is ``query_dtype=torch.bfloat16`` (the PyTorch path's
+matmuls on bf16 copies of the weights). ``MOERGE_ROUTER_QUERY_BACKEND`` sets the default for a
+process; ``"torch"`` keeps the PyTorch path.
 
 Routers take an ``embedder`` argument; without one they share ``get_embedder()``, so one copy of
 the weights serves every router in a process. ``set_embedder`` injects another (tests, GPU).
@@ -135,6 +135,18 @@ def intra_op_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(prev)
 
 
+# How one uncached routing query runs: ONNX Runtime fp32 (the default: the same numbers as PyTorch
+# to ~5e-6), ONNX Runtime with int8 weight matmuls (about half the time, but close decisions move:
+# see routers.onnx_bert and docs/benchmarks.md), or PyTorch stepped layer by layer.
+# MOERGE_ROUTER_QUERY_BACKEND picks another default for every router in a process.
+QUERY_BACKENDS = ("onnx", "onnx-int8", "torch")
+QUERY_BACKEND_ENV = "MOERGE_ROUTER_QUERY_BACKEND"
+
+
+def default_query_backend() -> str:
+    return os.environ.get(QUERY_BACKEND_ENV) or QUERY_BACKENDS[0]
+
+
 class Embedder:
     """Lazily loaded MiniLM sentence embedder with an LRU cache of text → unit vector (fp32)."""
 
@@ -148,10 +160,12 @@ class Embedder:
         num_threads: int | None = None,
         query_threads: int | None = 1,
         query_dtype: torch.dtype | None = None,
-        query_backend: str = "onnx",
+        query_backend: str | None = None,
     ) -> None:
-        if query_backend not in ("onnx", "torch"):
-            raise ValueError(f"query_backend must be 'onnx' or 'torch', not {query_backend!r}")
+        query_backend = query_backend or default_query_backend()
+        if query_backend not in QUERY_BACKENDS:
+            raise ValueError(f"query_backend ({QUERY_BACKEND_ENV}) must be one of {', '.join(QUERY_BACKENDS)}, "
+                             f"not {query_backend!r}")
         self.model_path = Path(model_path) if model_path else None
         self.device = device
         self.cache_size = cache_size
@@ -225,7 +239,8 @@ class Embedder:
         if session is None:
             from routers.onnx_bert import OnnxBert
 
-            session = OnnxBert.for_model(self.model, layers, threads=self.query_threads or 1)
+            precision = "int8" if self.query_backend == "onnx-int8" else "fp32"
+            session = OnnxBert.for_model(self.model, layers, threads=self.query_threads or 1, precision=precision)
             with self._lock:
                 self._onnx[layers] = session
         return session
@@ -235,14 +250,14 @@ class Embedder:
         """Hidden states after ``layer`` layers (None: all) for one text as one unpadded sequence
         (BertModel passes no attention mask for it, nor do we): ([1, seq, dim], mask [1, seq]).
 
-        The query path of every MiniLM router: through ONNX Runtime (``query_backend="onnx"``,
-        ~2x faster here, see ``routers.onnx_bert``) or stepped in PyTorch."""
+        The query path of every MiniLM router: through ONNX Runtime (``query_backend`` "onnx-int8"
+        or "onnx", see ``routers.onnx_bert``) or stepped in PyTorch ("torch")."""
         model = self.model
         layers = model.encoder.layer
         layer = len(layers) if layer is None else layer
         batch = self.tokenize([text])
         hidden = None
-        if self.query_backend == "onnx" and all(_steppable(l) for l in layers):
+        if self.query_backend != "torch" and all(_steppable(l) for l in layers):
             try:
                 hidden = self._onnx_session(layer).hidden_states(batch["input_ids"], batch.get("token_type_ids"))[-1]
             except Exception as exc:  # no export possible here (a read-only disk, an op the exporter lacks)

@@ -12,6 +12,10 @@ layer: all six for the semantic routers, the five below its trained layer for th
 sequence goes through it (no attention mask, as ``BertModel`` passes none for one); batches stay
 in PyTorch.
 
+``query_backend="onnx-int8"`` runs a second graph made from that one: its weight matmuls quantised
+to int8 (``quantize_int8``), about half the time again, at a cost in exactness that
+docs/benchmarks.md measures in routing decisions.
+
 Export takes ~5 s, so the graph is cached on disk under ``$MOERGE_CACHE`` (default
 ``~/.cache/moerge``) keyed by a hash of the weights, and in memory per process: every Embedder on
 the same weights shares one session.
@@ -32,7 +36,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SESSIONS: dict[tuple[str, int, int], "OnnxBert"] = {}
+_SESSIONS: dict[tuple[str, int, int, str], "OnnxBert"] = {}
+PRECISIONS = ("fp32", "int8")
+# A quantised graph's file names its recipe, so that a changed recipe never reuses an old file.
+_RECIPES = {"int8": "int8-matmul-perchannel-w7"}
 _SESSIONS_LOCK = threading.Lock()
 
 
@@ -107,6 +114,49 @@ def export(bert: torch.nn.Module, layers: int, path: Path) -> None:
             os.unlink(tmp)
 
 
+def quantize_int8(fp32_path: Path, path: Path) -> None:
+    """``fp32_path``'s graph with every weight MatMul in int8, atomically at ``path``.
+
+    ONNX Runtime's dynamic quantisation: each weight matrix per output channel in signed int8, each
+    activation per tensor in uint8 with its range taken at run time (MatMulInteger); the layer
+    norms, softmax, GELU and the attention's own products stay fp32. Nothing to calibrate, so it
+    is a pure function of the weights. ``reduce_range`` keeps the weights to 7 bits: on x86 CPUs
+    without VNNI, MLAS multiplies u8 by s8 with ``vpmaddubsw``, whose int16 pair sums saturate at
+    full range (ONNX Runtime's quantisation docs); at 7 bits no sum can, so the integer products
+    are exact, and the same, on every CPU. The hidden states move (mean-pooled cosine ~0.994 to the
+    fp32 graph's), and so can a close routing decision: docs/benchmarks.md measures how many."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+    os.close(fd)
+    quiet = logging.getLogger()  # quantize_dynamic advises pre-processing through the root logger
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(str(fp32_path), tmp, op_types_to_quantize=["MatMul"], per_channel=True,
+                         reduce_range=True, weight_type=QuantType.QInt8)
+        os.replace(tmp, path)
+    finally:
+        quiet.setLevel(level)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _graph(bert: torch.nn.Module, layers: int, precision: str, directory: Path, digest: str) -> Path:
+    """The graph file for these weights, layers and precision under ``directory``, made if missing."""
+    fp32 = directory / f"bert-{digest[:32]}-L{layers}.onnx"
+    if not fp32.exists():
+        log.info("exporting the encoder's first %d layers to ONNX (once per weights): %s", layers, fp32)
+        export(bert, layers, fp32)
+    if precision == "fp32":
+        return fp32
+    path = fp32.with_name(f"{fp32.stem}-{_RECIPES[precision]}.onnx")
+    if not path.exists():
+        log.info("quantising %s to %s (once per weights)", fp32.name, precision)
+        quantize_int8(fp32, path)
+    return path
+
+
 class OnnxBert:
     """One ONNX Runtime session over a BERT encoder's exported graph."""
 
@@ -129,23 +179,22 @@ class OnnxBert:
         return torch.from_numpy(out)
 
     @classmethod
-    def for_model(cls, bert: torch.nn.Module, layers: int | None = None, threads: int = 1) -> "OnnxBert":
-        """The session for ``bert``'s weights up to ``layers`` layers (None: all): from this
-        process's sessions, else the disk cache, else a fresh export (~5 s). The classifier runs
-        the layers below its trained ones, so it needs a graph that stops there."""
+    def for_model(cls, bert: torch.nn.Module, layers: int | None = None, threads: int = 1,
+                  precision: str = "fp32") -> "OnnxBert":
+        """The session for ``bert``'s weights up to ``layers`` layers (None: all) in ``precision``
+        (``PRECISIONS``): from this process's sessions, else the disk cache, else a fresh export
+        (~5 s; int8 quantises that graph, ~3 s more). The classifier runs the layers below its
+        trained ones, so it needs a graph that stops there."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         layers = len(bert.encoder.layer) if layers is None else layers
-        key = (weights_hash(bert), layers, threads)
+        key = (weights_hash(bert), layers, threads, precision)
         with _SESSIONS_LOCK:
             if key in _SESSIONS:
                 return _SESSIONS[key]
-            name = f"bert-{key[0][:32]}-L{layers}.onnx"
-            path = cache_dir() / name
-            if not path.exists():
-                log.info("exporting the encoder's first %d layers to ONNX (once per weights): %s", layers, path)
-                try:
-                    export(bert, layers, path)
-                except OSError:  # the cache is not writable (a read-only home in a container): this process only
-                    path = Path(tempfile.mkdtemp(prefix="moerge-onnx-")) / name
-                    export(bert, layers, path)
+            try:
+                path = _graph(bert, layers, precision, cache_dir(), key[0])
+            except OSError:  # the cache is not writable (a read-only home in a container): this process only
+                path = _graph(bert, layers, precision, Path(tempfile.mkdtemp(prefix="moerge-onnx-")), key[0])
             session = _SESSIONS[key] = cls(path, threads)
             return session

@@ -35,7 +35,7 @@ def expert(task: str) -> ExpertInfo:
 
 @pytest.fixture(scope="module")
 def pair() -> tuple[Embedder, Embedder]:
-    onnx, torch_path = Embedder(), Embedder(query_backend="torch")
+    onnx, torch_path = Embedder(query_backend="onnx"), Embedder(query_backend="torch")
     torch_path._st = onnx._load()  # the same weights
     return onnx, torch_path
 
@@ -123,8 +123,64 @@ def test_a_failing_export_falls_back_to_pytorch_with_the_same_answer(monkeypatch
 
     monkeypatch.setattr(onnx_bert, "export", broken)
     monkeypatch.setenv("MOERGE_CACHE", "/nonexistent-moerge-cache")
-    emb = Embedder()
+    emb = Embedder(query_backend="onnx")
     emb._st = pair[0]._load()
     got = emb.encode("Reverse the string 'falls back'.")
     assert emb.query_backend == "torch"
     assert torch.allclose(got, pair[1].encode("Reverse the string 'falls back'."), atol=1e-6)
+
+
+def test_the_int8_query_path_is_quantised_and_close_to_fp32(tmp_path, monkeypatch, pair):
+    monkeypatch.setenv("MOERGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(onnx_bert, "_SESSIONS", {})
+    monkeypatch.delenv("MOERGE_ROUTER_QUERY_BACKEND", raising=False)
+    assert Embedder().query_backend == "onnx"  # fp32 unless asked
+    int8 = Embedder(query_backend="onnx-int8")
+    int8._st = pair[0]._load()
+    for text in PROMPTS:
+        pair[0].clear_cache()
+        a, b = int8.encode(text), pair[0].encode(text)
+        # quantised, so not fp32's numbers, but the same direction to within int8's resolution
+        assert not torch.allclose(a, b, atol=1e-4)
+        assert float(a[0] @ b[0]) > 0.98, text
+    files = sorted(p.name for p in (tmp_path / "onnx").iterdir())  # the fp32 graph it was made from, and it
+    quantised = [f for f in files if f.endswith("-L6-int8-matmul-perchannel-w7.onnx")]
+    assert len(files) == 2 and len(quantised) == 1, files
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / quantised[0])).graph.node}
+    assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops
+
+
+def test_the_query_backend_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MOERGE_ROUTER_QUERY_BACKEND", "onnx-int8")
+    assert Embedder().query_backend == "onnx-int8"
+    assert Embedder(query_backend="torch").query_backend == "torch"  # an argument still wins
+    monkeypatch.setenv("MOERGE_ROUTER_QUERY_BACKEND", "int4")
+    with pytest.raises(ValueError, match="MOERGE_ROUTER_QUERY_BACKEND"):
+        Embedder()
+
+
+@pytest.mark.parametrize("kind", ["semantic", "classifier"])
+def test_routers_on_the_int8_path_decide_clear_queries_as_on_fp32(pair, kind):
+    int8 = Embedder(query_backend="onnx-int8")
+    int8._st = pair[0]._load()
+    experts = [expert(t) for t in TASKS]
+    routers = []
+    for emb in (int8, pair[0]):
+        router = SemanticRouter(embedder=emb) if kind == "semantic" else ClassifierRouter(embedder=emb, epochs=1)
+        for e in experts:
+            router.add_expert(e)
+        routers.append(router)
+    if kind == "classifier":
+        routers[0].retrain()
+        routers[1].head, routers[1].labels, routers[1]._stale = routers[0].head, routers[0].labels, False
+    for q in ["What is 10 plus 12?", "Write 'garden' backwards.", "Make 'ocean' all caps."]:
+        int8.clear_cache()
+        pair[0].clear_cache()
+        da, db = (r.route(RouteRequest(q)) for r in routers)
+        assert [n for n, _ in da.experts] == [n for n, _ in db.experts] == [f"expert-{q_task(q)}"], q
+
+
+def q_task(query: str) -> str:
+    return "math" if "plus" in query else "reverse" if "backwards" in query else "upper"
