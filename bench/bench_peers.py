@@ -1,0 +1,188 @@
+"""moerge against the tools users already know, on the same prompts, machine and encoder, in one run.
+
+    make peers                                   # once: the peers' own venv, .venv-peers
+    python bench/bench_peers.py [--seed 0] [--n-per-task 20] [--peers-python .venv-peers/bin/python]
+    python bench/bench_peers.py --short          # what CI runs: a few prompts, to keep it working
+
+Installs nothing at run time. A peer whose requirements clash with moerge's venv runs in the peers'
+venv as a worker process (``bench/peers/*_worker.py``), spoken to over a pipe, and times its own
+calls. So the pipe is not in its numbers.
+
+**Routing** (``routing``): aurelio's ``semantic-router`` (``IndexedRouter`` with its defaults over
+``LocalEncoder``) against ``moe/semantic``, ``moe/classifier`` and ``moe/retrieval``. Both use the
+same all-MiniLM-L6-v2 from the same offline package. Experts are the small zoo's, as a build with
+``--seed`` registers them: each skill's LoRA and the domain-math model, with their train prompts
+(up to 200, the same set for every router) and validation prompts. Nothing is trained or loaded
+but the routers, and nothing is read from or written to a registry, so a fresh clone can run it.
+- strict: the top choice is the skill's own expert; lenient: the top choice trained on the
+  prompt's task (as ``services.moe.evaluate`` counts routing accuracy). A prompt that falls back
+  (no route, the base) counts as wrong in both.
+- decision p50/p95: per query, moerge's routers and the peer in turns, prompt by prompt, with
+  moerge's embedding cache cleared before every query.
+
+The other comparisons of issue 19 are not built yet: LiteLLM's proxy, peft's Arrow, mergekit/peft
+merges, RouteLLM. docs/benchmarks.md ("Against peers") says what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Both processes, ours and the peer's (which inherits this): an OpenMP thread that spins after its
+# call would take a core from the other process's next call.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import load, machine  # noqa: E402
+from routers.base import ExpertExample, ExpertInfo, RouteRequest  # noqa: E402
+from routers.classifier import ClassifierRouter  # noqa: E402
+from routers.embedder import Embedder  # noqa: E402
+from routers.retrieval import RetrievalRouter  # noqa: E402
+from routers.semantic import SemanticRouter  # noqa: E402
+from services.zoo import build as zoo_build  # noqa: E402
+from services.zoo.skills import SKILLS, make_split  # noqa: E402
+
+PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+MAX_EXAMPLES = 200
+
+
+class Worker:
+    """A peer in its own venv: one JSON line per request, one per reply."""
+
+    def __init__(self, python: Path, script: str) -> None:
+        self.proc = subprocess.Popen([str(python), str(ROOT / "bench" / "peers" / script)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.hello = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"peer worker exited (rc {self.proc.wait()}); its stderr is above")
+        return json.loads(line)
+
+    def ask(self, **msg) -> dict:
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        reply = self._read()
+        if "error" in reply:
+            raise SystemExit(f"peer worker: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def zoo_experts(seed: int) -> list[ExpertInfo]:
+    """The small zoo's experts as a build with ``seed`` registers them: names, train and
+    validation prompts (no weights)."""
+    spec = zoo_build.SIZES["small"]
+    out = []
+    for job in [*SKILLS, zoo_build.FULL_JOB]:
+        train, val = zoo_build._expert_data(spec, seed, job)
+        examples = tuple(ExpertExample(e.prompt, e.reference, e.task, "train") for e in train[:MAX_EXAMPLES]) + \
+            tuple(ExpertExample(e.prompt, e.reference, e.task, "validation") for e in val)
+        out.append(ExpertInfo(name=zoo_build._job_name(job), kind="adapter", examples=examples))
+    return out
+
+
+def p50_p95(values: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(values, n=100, method="inclusive")
+    return statistics.median(values), q[94]
+
+
+def routing(args, peers_python: Path) -> None:
+    experts = zoo_experts(args.seed)
+    gold = {t: s.expert_name for t, s in SKILLS.items()}
+    trained = {e.name: {x.task for x in e.examples} for e in experts}
+    print(f"\n## Routing: {len(experts)} experts of the small zoo (seed {args.seed}), the same MiniLM\n")
+
+    worker = Worker(peers_python, "aurelio_worker.py")
+    worker.ask(fit={e.name: [x.prompt for x in e.examples if x.split == "train"] for e in experts})
+
+    ours: dict[str, object] = {}
+    embedders = []
+    for label, backend in (("", "onnx"), (" (int8 query path)", "onnx-int8")):
+        emb = Embedder(query_backend=backend)
+        if embedders:
+            emb._st = embedders[0]._load()  # one copy of the weights
+        embedders.append(emb)
+        kinds = (("moe/semantic", SemanticRouter), ("moe/classifier", ClassifierRouter), ("moe/retrieval", RetrievalRouter))
+        for name, cls in kinds if not label else kinds[:2]:
+            router = cls(embedder=emb)
+            for e in experts:
+                router.add_expert(e)
+            if isinstance(router, ClassifierRouter):
+                router.retrain()
+            router.route(RouteRequest("warm up"))
+            ours[name + label] = router
+
+    names = [*ours, "aurelio semantic-router"]
+    splits = {s: make_split(s, args.n_per_task, args.seed) for s in ("test", "paraphrase")}
+    picks = {n: {s: [] for s in splits} for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    start = load()
+    for split, examples in splits.items():
+        for ex in examples:
+            for name, router in ours.items():
+                for emb in embedders:
+                    emb.clear_cache()
+                t0 = time.perf_counter()
+                decision = router.route(RouteRequest(ex.prompt))
+                times[name].append((time.perf_counter() - t0) * 1e3)
+                picks[name][split].append(decision.top)
+            reply = worker.ask(route=ex.prompt)
+            times["aurelio semantic-router"].append(reply["ms"])
+            picks["aurelio semantic-router"][split].append(reply["name"])
+    worker.close()
+    print(f"Machine: {machine()}; load {start} → {load()}; aurelio semantic-router {worker.hello['version']} "
+          f"on {worker.hello['threads']} torch threads, moerge's query path on 1\n")
+    print("| router | test strict | test lenient | paraphrase strict | paraphrase lenient | decision p50 / p95 ms |")
+    print("|---|---:|---:|---:|---:|---:|")
+    rows = {}
+    for name in names:
+        cells = []
+        for split, examples in splits.items():
+            chosen = picks[name][split]
+            strict = sum(c == gold[e.task] for c, e in zip(chosen, examples)) / len(examples)
+            lenient = sum(e.task in trained.get(c, ()) for c, e in zip(chosen, examples)) / len(examples)
+            cells += [strict, lenient]
+        p50, p95 = p50_p95(times[name])
+        rows[name] = (cells, p50)
+        print(f"| {name} | {' | '.join(f'{c:.3f}' for c in cells)} | {p50:.1f} / {p95:.1f} |")
+    peer_cells, peer_p50 = rows["aurelio semantic-router"]
+    print()
+    for name in ours:
+        cells, p50 = rows[name]
+        print(f"- {name} ÷ aurelio: paraphrase strict {cells[2] / max(peer_cells[2], 1e-9):.2f}×, "
+              f"decision p50 {p50 / peer_p50:.2f}×")
+    print(f"\n({sum(len(v) for v in splits.values())} prompts: {args.n_per_task} per task and split)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0, help="the zoo build whose experts' prompts are used")
+    ap.add_argument("--n-per-task", type=int, default=20, help="test and paraphrase prompts per task")
+    ap.add_argument("--peers-python", type=Path, default=PEERS_PYTHON,
+                    help="the interpreter of the peers' venv (make peers)")
+    ap.add_argument("--short", action="store_true", help="2 prompts per task and split: checks that it runs")
+    args = ap.parse_args()
+    if args.short:
+        args.n_per_task = 2
+    if not args.peers_python.exists():
+        raise SystemExit(f"no peers' venv at {args.peers_python}: run `make peers` (or pass --peers-python)")
+    routing(args, args.peers_python)
+
+
+if __name__ == "__main__":
+    main()
