@@ -123,8 +123,8 @@ def quantize_int8(fp32_path: Path, path: Path) -> None:
     is a pure function of the weights. ``reduce_range`` keeps the weights to 7 bits: on x86 CPUs
     without VNNI, MLAS multiplies u8 by s8 with ``vpmaddubsw``, whose int16 pair sums saturate at
     full range (ONNX Runtime's quantisation docs); at 7 bits no sum can, so the integer products
-    are exact, and the same, on every CPU. The hidden states move (mean-pooled cosine ~0.994 to the
-    fp32 graph's), and so can a close routing decision: docs/benchmarks.md measures how many."""
+    are exact on every CPU. The hidden states move away from the fp32 graph's, and so can a close
+    routing decision: docs/benchmarks.md measures how many."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")

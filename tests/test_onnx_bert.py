@@ -58,18 +58,25 @@ def test_onnx_query_path_equals_the_pytorch_path(pair):
     assert torch.allclose(onnx.encode(PROMPTS[0]), ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["semantic", "classifier"])
-def test_routers_decide_the_same_on_both_paths(pair, kind):
-    experts = [expert(t) for t in TASKS]
+def fitted_routers(kind: str, embedders) -> list:
+    """One router of ``kind`` per embedder, each fitted on the same experts; classifiers share the
+    first one's head, so that only the query path differs."""
     routers = []
-    for emb in pair:
+    for emb in embedders:
         router = SemanticRouter(embedder=emb) if kind == "semantic" else ClassifierRouter(embedder=emb, epochs=1)
-        for e in experts:
-            router.add_expert(e)
+        for t in TASKS:
+            router.add_expert(expert(t))
         routers.append(router)
     if kind == "classifier":
         routers[0].retrain()
-        routers[1].head, routers[1].labels, routers[1]._stale = routers[0].head, routers[0].labels, False
+        for other in routers[1:]:
+            other.head, other.labels, other._stale = routers[0].head, routers[0].labels, False
+    return routers
+
+
+@pytest.mark.parametrize("kind", ["semantic", "classifier"])
+def test_routers_decide_the_same_on_both_paths(pair, kind):
+    routers = fitted_routers(kind, pair)
     queries = ["What is 10 plus 12?", "Write 'garden' backwards.", "Make 'ocean' all caps.", PROMPTS[3]]
     for q in queries:
         for emb in pair:
@@ -165,16 +172,7 @@ def test_the_query_backend_comes_from_the_environment(monkeypatch):
 def test_routers_on_the_int8_path_decide_clear_queries_as_on_fp32(pair, kind):
     int8 = Embedder(query_backend="onnx-int8")
     int8._st = pair[0]._load()
-    experts = [expert(t) for t in TASKS]
-    routers = []
-    for emb in (int8, pair[0]):
-        router = SemanticRouter(embedder=emb) if kind == "semantic" else ClassifierRouter(embedder=emb, epochs=1)
-        for e in experts:
-            router.add_expert(e)
-        routers.append(router)
-    if kind == "classifier":
-        routers[0].retrain()
-        routers[1].head, routers[1].labels, routers[1]._stale = routers[0].head, routers[0].labels, False
+    routers = fitted_routers(kind, (int8, pair[0]))
     for q in ["What is 10 plus 12?", "Write 'garden' backwards.", "Make 'ocean' all caps."]:
         int8.clear_cache()
         pair[0].clear_cache()
