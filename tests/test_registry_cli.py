@@ -35,6 +35,9 @@ def test_register_list_show_remove(home: Path, tmp_path: Path) -> None:
 
     listing = run("experts", "list")
     assert "math" in listing and "adapter" in listing and "external" in listing
+    listed = json.loads(run("experts", "list", "--json"))
+    assert [(e["name"], e["version"], e["kind"], e["base"]) for e in listed] == [
+        ("math", "1", "adapter", "tiny"), ("math", "2", "external", None)]
 
     shown = json.loads(run("experts", "show", "math", "--version", "1", "--json"))
     assert shown["base"] == "tiny" and shown["examples"] == {"train": 1, "validation": 1}
@@ -131,3 +134,20 @@ def test_register_refuses_what_the_configured_engine_cannot_serve(home: Path, tm
         assert result.exit_code == 1 and why in str(result.exception), result.output
     assert "x" not in run("experts", "list").split("experts", 1)[1]
     run("register", str(dora), "--name", "x", "--base", "tiny")  # no serve config: the hf engine serves it
+
+
+def test_tables_through_a_pipe_keep_every_cell_whole(home: Path, tmp_path: Path) -> None:
+    """rich would fit the table to 80 columns off a terminal ("ada…"); scripts grep these cells."""
+    base = make_tiny_base(tmp_path / "base")
+    run("base", "add", "a-base-model-with-a-rather-long-name", str(base))
+    lora = make_tiny_lora(base, tmp_path / "lora")
+    domains = ["contract-law-and-regulatory-compliance", "international-arbitration"]
+    run("register", str(lora), "--name", "legal-expert-for-long-contracts", "--kind", "adapter",
+        "--base", "a-base-model-with-a-rather-long-name", *[a for d in domains for a in ("--domain", d)],
+        "--skill", "clause-extraction-and-summarisation", "--cost", "0.125")
+    listing = run("experts", "list")
+    assert "…" not in listing
+    row = next(line for line in listing.splitlines() if "legal-expert-for-long-contracts" in line)
+    for cell in ("adapter", "a-base-model-with-a-rather-long-name", ", ".join(domains),
+                 "clause-extraction-and-summarisation", "0.125"):
+        assert cell in row, (cell, row)

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.cli import app
+from services.cli.output import print_table
 
 console = Console()
 leaderboard_app = typer.Typer(
@@ -144,7 +145,7 @@ def runs(
         table.add_row(str(r.id), r.created_at.strftime("%Y-%m-%d %H:%M"), r.suite, r.base_model, str(r.seed),
                       str(r.n_per_task if r.n_per_task is not None else "default"), str(r.n_queries), r.mode,
                       f"{r.seconds:.0f}")
-    _print_wide(table)
+    print_table(table)
 
 
 def _print_board(run_id: int | None, suite: str | None, as_json: bool) -> None:
@@ -183,16 +184,7 @@ def _print_board(run_id: int | None, suite: str | None, as_json: bool) -> None:
         "oracle - acc (all); route = routing accuracy; exp/tok/cost = experts, tokens, cost per query; p50/p95 = "
         f"latency ms; AIQ over cost {board.cost_range[0]:.4g}-{board.cost_range[1]:.4g} per query (experts alone: "
         + ("-" if zero is None else f"{zero:.3f}") + "). docs/leaderboard.md explains every column.")
-    _print_wide(table)
-
-
-def _print_wide(table: Table) -> None:
-    """Never squeeze numbers into ellipses: print at the table's natural width (a narrow terminal
-    wraps the lines instead; output to a file or pipe is not cut at 80 columns)."""
-    from rich.measure import Measurement
-
-    width = Measurement.get(console, console.options.update_width(1000), table).maximum
-    Console(width=max(console.width, width)).print(table)
+    print_table(table)
 
 
 def _write_report(run_id: int, out: Path | None) -> Path:
@@ -240,7 +232,7 @@ def suite_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.
     table = Table("suite", "examples", "splits", "description")
     for r in rows:
         table.add_row(r["name"], str(r["examples"]), ", ".join(r["splits"]), r["description"])
-    _print_wide(table)
+    print_table(table)
 
 
 @suite_app.command("remove")

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.cli import app
+from services.cli.output import print_table
 
 console = Console()
 strategies_app = typer.Typer(help="Named (router, composer, params) strategies.", no_args_is_help=True)
@@ -36,7 +37,7 @@ def list_strategies(as_json: bool = typer.Option(False, "--json", help="Print JS
     table = Table("strategy", "router", "composer", "level", "description")
     for s in STRATEGIES.values():
         table.add_row(s.name, s.router, s.composer, s.level, s.description)
-    console.print(table)
+    print_table(table)
 
 
 @app.command("route")
@@ -65,7 +66,7 @@ def route(
             table.add_row(name, f"{weight:.3f}")
         if not d.experts:
             table.caption = "no expert: the base model answers"
-    console.print(table)
+    print_table(table)
     if answer:
         [(completion, _)] = moe.run(strategy, [prompt], [task], max_new_tokens=max_new_tokens)
         console.print(f"answer: {completion.text}", highlight=False, markup=False)
@@ -80,9 +81,10 @@ def eval_strategy(
     n_per_task: Optional[int] = typer.Option(None, "--n-per-task", min=1, help="Examples per task (default per split)."),
     seed: int = typer.Option(0, help="Suite and router seed: the same seed reproduces the same numbers."),
     base: Optional[str] = typer.Option(None, help="Base model whose experts to use."),
-    as_json: bool = typer.Option(False, "--json", help="Print the full report with per-query records as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full report with per-query records as JSON, and nothing else."),
 ) -> None:
-    """Evaluate a strategy on a suite split; the last line is `accuracy=<fraction>`."""
+    """Evaluate a strategy on a suite split; the last line is `accuracy=<fraction>` (with --json, the
+    report alone: its `accuracy` field)."""
     from services.moe.evaluate import evaluate
 
     moe = _moe(base, seed)
@@ -90,12 +92,12 @@ def eval_strategy(
         report = evaluate(strategy, suite, split, moe=moe, n_per_task=n_per_task, seed=seed)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
-    else:
-        table = Table("task", "accuracy", title=f"{report.strategy} on {suite}/{split} ({report.n} queries)")
-        for task, acc in report.per_task.items():
-            table.add_row(task, f"{acc:.3f}")
-        console.print(table)
-        extra = f"routing_accuracy={report.routing_accuracy:.3f} " if report.routing_accuracy is not None else ""
-        console.print(f"{extra}mean_experts={report.mean_experts:.2f} router_ms_p50={report.router_ms_p50:.1f} "
-                      f"router_ms_p95={report.router_ms_p95:.1f} seconds={report.seconds:.1f}", highlight=False)
+        return
+    table = Table("task", "accuracy", title=f"{report.strategy} on {suite}/{split} ({report.n} queries)")
+    for task, acc in report.per_task.items():
+        table.add_row(task, f"{acc:.3f}")
+    print_table(table)
+    extra = f"routing_accuracy={report.routing_accuracy:.3f} " if report.routing_accuracy is not None else ""
+    console.print(f"{extra}mean_experts={report.mean_experts:.2f} router_ms_p50={report.router_ms_p50:.1f} "
+                  f"router_ms_p95={report.router_ms_p95:.1f} seconds={report.seconds:.1f}", highlight=False)
     typer.echo(f"accuracy={report.accuracy:.4f}")

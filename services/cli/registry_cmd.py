@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from services.cli import app
+from services.cli.output import print_table
 
 console = Console()
 
@@ -131,16 +132,23 @@ def base_list() -> None:
     table = Table("name", "architecture", "path", title="base models")
     for b in bases:
         table.add_row(b.name, b.architecture, b.uri)
-    console.print(table)
+    print_table(table)
 
 
 @experts_app.command("list")
 def experts_list(
     kind: Annotated[Optional[str], typer.Option("--kind", help="Only this kind.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (a list of records) instead of a table.")] = False,
 ) -> None:
     """List experts, every version, as a table."""
     with _registry() as reg:
         experts = reg.list_experts(kind=kind)
+    if as_json:
+        print(json.dumps([{"name": e.name, "version": e.version, "kind": e.kind, "base": e.base.name if e.base else None,
+                           "status": e.status, "domains": e.domains, "skills": e.skills, "uri": e.uri,
+                           "cost_per_1k_tokens": e.cost_per_1k_tokens, "created_at": e.created_at.isoformat()}
+                          for e in experts], indent=2))
+        return
     # names are what users type next: never shortened, whatever the terminal width
     table = Table(
         Column("name", min_width=max((len(e.name) for e in experts), default=4), no_wrap=True),
@@ -159,7 +167,7 @@ def experts_list(
             ", ".join(e.skills),
             "-" if e.cost_per_1k_tokens is None else f"{e.cost_per_1k_tokens:g}",
         )
-    console.print(table)
+    print_table(table)
 
 
 @experts_app.command("show")
@@ -203,7 +211,7 @@ def experts_show(
         shown = ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else value
         shown = ", ".join(shown) if isinstance(shown, list) else shown
         table.add_row(key, "-" if shown in (None, "") else str(shown))
-    console.print(table)
+    print_table(table)
 
 
 @experts_app.command("remove")
@@ -287,7 +295,7 @@ def keys_list() -> None:
             k.created_at.strftime("%Y-%m-%d %H:%M"),
             "yes" if k.active else "revoked",
         )
-    console.print(table)
+    print_table(table)
 
 
 @keys_app.command("revoke")

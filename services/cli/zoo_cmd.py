@@ -16,6 +16,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from services.cli import app  # noqa: E402
+from services.cli.output import print_table  # noqa: E402
 
 zoo_app = typer.Typer(help="Build the offline zoo: a small Llama base, LoRA experts, a full-model expert.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
@@ -60,7 +61,7 @@ def build(
         raise MoergeError(f"unknown zoo size {size!r}; expected one of {', '.join(SIZES)}")
     out_dir = out or moerge_home() / "zoo" / size
     manifest = build_zoo(size, out_dir, seed=seed, progress=True)
-    console.print(outcomes_table(manifest))
+    print_table(outcomes_table(manifest))
     console.print("timings (s): " + ", ".join(f"{k} {v}" for k, v in manifest.timings.items()))
     console.print(f"trained on: {describe(manifest.machine)}", highlight=False)
     console.print(f"zoo written to {Path(manifest.root) / manifest.MANIFEST}")
