@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Column, Table
+from rich.table import Table
 
 from services.cli import app
 from services.cli.output import print_table
@@ -135,6 +135,27 @@ def base_list() -> None:
     print_table(table)
 
 
+def _expert_record(e) -> dict:
+    """One expert version's registry record, as `experts list --json` and `experts show` print it."""
+    return {
+        "name": e.name,
+        "version": e.version,
+        "kind": e.kind,
+        "base": e.base.name if e.base else None,
+        "uri": e.uri,
+        "status": e.status,
+        "domains": e.domains,
+        "skills": e.skills,
+        "description": e.description,
+        "cost_per_1k_tokens": e.cost_per_1k_tokens,
+        "api_base": e.api_base,
+        "api_key_env": e.api_key_env,
+        "checksum": e.checksum,
+        "size_bytes": e.size_bytes,
+        "created_at": e.created_at.isoformat(),
+    }
+
+
 @experts_app.command("list")
 def experts_list(
     kind: Annotated[Optional[str], typer.Option("--kind", help="Only this kind.")] = None,
@@ -144,18 +165,9 @@ def experts_list(
     with _registry() as reg:
         experts = reg.list_experts(kind=kind)
     if as_json:
-        print(json.dumps([{"name": e.name, "version": e.version, "kind": e.kind, "base": e.base.name if e.base else None,
-                           "status": e.status, "domains": e.domains, "skills": e.skills, "uri": e.uri,
-                           "cost_per_1k_tokens": e.cost_per_1k_tokens, "created_at": e.created_at.isoformat()}
-                          for e in experts], indent=2))
+        print(json.dumps([_expert_record(e) for e in experts], indent=2))
         return
-    # names are what users type next: never shortened, whatever the terminal width
-    table = Table(
-        Column("name", min_width=max((len(e.name) for e in experts), default=4), no_wrap=True),
-        "version", "kind",
-        Column("base", min_width=max((len(e.base.name) for e in experts if e.base), default=4), no_wrap=True),
-        "status", "domains", "skills", "cost/1k", title="experts",
-    )
+    table = Table("name", "version", "kind", "base", "status", "domains", "skills", "cost/1k", title="experts")
     for e in experts:
         table.add_row(
             e.name,
@@ -184,25 +196,7 @@ def experts_show(
     splits: dict[str, int] = {}
     for x in examples:
         splits[x.split] = splits.get(x.split, 0) + 1
-    info = {
-        "name": e.name,
-        "version": e.version,
-        "kind": e.kind,
-        "base": e.base.name if e.base else None,
-        "uri": e.uri,
-        "status": e.status,
-        "domains": e.domains,
-        "skills": e.skills,
-        "description": e.description,
-        "cost_per_1k_tokens": e.cost_per_1k_tokens,
-        "api_base": e.api_base,
-        "api_key_env": e.api_key_env,
-        "checksum": e.checksum,
-        "size_bytes": e.size_bytes,
-        "examples": splits,
-        "artifacts": [f"{a.router}/{a.kind}" for a in artifacts],
-        "created_at": e.created_at.isoformat(),
-    }
+    info = {**_expert_record(e), "examples": splits, "artifacts": [f"{a.router}/{a.kind}" for a in artifacts]}
     if as_json:
         print(json.dumps(info, indent=2))
         return
