@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import onnx
 import pytest
 import torch
 
@@ -153,8 +154,6 @@ def test_the_int8_query_path_is_quantised_and_close_to_fp32(tmp_path, monkeypatc
     files = sorted(p.name for p in (tmp_path / "onnx").iterdir())  # the fp32 graph it was made from, and it
     quantised = [f for f in files if f.endswith("-L6-int8-matmul-perchannel-w7.onnx")]
     assert len(files) == 2 and len(quantised) == 1, files
-    import onnx
-
     ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / quantised[0])).graph.node}
     assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops
 
@@ -173,12 +172,9 @@ def test_routers_on_the_int8_path_decide_clear_queries_as_on_fp32(pair, kind):
     int8 = Embedder(query_backend="onnx-int8")
     int8._st = pair[0]._load()
     routers = fitted_routers(kind, (int8, pair[0]))
-    for q in ["What is 10 plus 12?", "Write 'garden' backwards.", "Make 'ocean' all caps."]:
+    clear = {"What is 10 plus 12?": "math", "Write 'garden' backwards.": "reverse", "Make 'ocean' all caps.": "upper"}
+    for q, task in clear.items():
         int8.clear_cache()
         pair[0].clear_cache()
         da, db = (r.route(RouteRequest(q)) for r in routers)
-        assert [n for n, _ in da.experts] == [n for n, _ in db.experts] == [f"expert-{q_task(q)}"], q
-
-
-def q_task(query: str) -> str:
-    return "math" if "plus" in query else "reverse" if "backwards" in query else "upper"
+        assert [n for n, _ in da.experts] == [n for n, _ in db.experts] == [f"expert-{task}"], q
