@@ -45,16 +45,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import load, machine  # noqa: E402
-from routers.base import ExpertExample, ExpertInfo, RouteRequest  # noqa: E402
+from bench.zoo_experts import zoo_experts  # noqa: E402
+from routers.base import RouteRequest  # noqa: E402
 from routers.classifier import ClassifierRouter  # noqa: E402
 from routers.embedder import Embedder  # noqa: E402
 from routers.retrieval import RetrievalRouter  # noqa: E402
 from routers.semantic import SemanticRouter  # noqa: E402
-from services.zoo import build as zoo_build  # noqa: E402
 from services.zoo.skills import SKILLS, make_split  # noqa: E402
 
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
-MAX_EXAMPLES = 200
 
 
 class Worker:
@@ -81,19 +80,6 @@ class Worker:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=30)
-
-
-def zoo_experts(seed: int) -> list[ExpertInfo]:
-    """The small zoo's experts as a build with ``seed`` registers them: names, train and
-    validation prompts (no weights)."""
-    spec = zoo_build.SIZES["small"]
-    out = []
-    for job in [*SKILLS, zoo_build.FULL_JOB]:
-        train, val = zoo_build._expert_data(spec, seed, job)
-        examples = tuple(ExpertExample(e.prompt, e.reference, e.task, "train") for e in train[:MAX_EXAMPLES]) + \
-            tuple(ExpertExample(e.prompt, e.reference, e.task, "validation") for e in val)
-        out.append(ExpertInfo(name=zoo_build._job_name(job), kind="adapter", examples=examples))
-    return out
 
 
 def p50_p95(values: list[float]) -> tuple[float, float]:

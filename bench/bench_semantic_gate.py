@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.machine import load, machine  # noqa: E402
-from routers.base import ExpertExample, ExpertInfo, RouteRequest  # noqa: E402
+from bench.zoo_experts import zoo_experts  # noqa: E402
+from routers.base import RouteRequest  # noqa: E402
 from routers.embedder import Embedder  # noqa: E402
 from routers.semantic import SemanticRouter  # noqa: E402
-from services.zoo import build as zoo_build  # noqa: E402
 from services.zoo.skills import SKILLS, make_split  # noqa: E402
 
 EVERYDAY = ["What is the capital of France?", "Write a haiku about autumn leaves.", "How do I fix a flat bicycle tyre?",
@@ -41,13 +41,9 @@ EVERYDAY = ["What is the capital of France?", "Write a haiku about autumn leaves
 
 
 def zoo_router(embedder: Embedder, seed: int) -> SemanticRouter:
-    spec = zoo_build.SIZES["small"]
     router = SemanticRouter(embedder=embedder)
-    for job in [*SKILLS, zoo_build.FULL_JOB]:
-        train, val = zoo_build._expert_data(spec, seed, job)
-        examples = tuple(ExpertExample(e.prompt, e.reference, e.task, "train") for e in train[: router.max_examples]) + \
-            tuple(ExpertExample(e.prompt, e.reference, e.task, "validation") for e in val)
-        router.add_expert(ExpertInfo(name=zoo_build._job_name(job), kind="adapter", examples=examples))
+    for expert in zoo_experts(seed, router.max_examples):
+        router.add_expert(expert)
     return router
 
 
