@@ -12,3 +12,39 @@ Query-level plans, each ``execute(decision, request, engine) -> Completion`` (``
 Also ``merge.merge_adapters`` and ``lorahub`` (gradient-free LoraHub composition), and
 ``molora`` (the token-level mixture layer the hf engine installs). Nothing heavy is imported here.
 """
+
+from __future__ import annotations
+
+from importlib import import_module
+from importlib.metadata import entry_points
+
+# Every composer by name → "module:Class", imported on first use (merges pull in torch, mixtures
+# numba). Installed plugins add theirs through the ``moerge.composers`` entry-point group.
+COMPOSERS: dict[str, str] = {
+    "single": "composer.single:Single",
+    "vote": "composer.ensemble:Ensemble",
+    "weighted-vote": "composer.ensemble:WeightedVote",
+    "merge": "composer.merge:Merged",
+    "stitch": "composer.stitch:Stitch",
+    "mixture": "composer.mixture:TokenwiseMixture",
+}
+PLUGIN_GROUP = "moerge.composers"
+_loaded: dict[str, type] = {}
+
+
+def composer_names() -> list[str]:
+    return [*COMPOSERS, *(ep.name for ep in entry_points(group=PLUGIN_GROUP) if ep.name not in COMPOSERS)]
+
+
+def composer_class(name: str) -> type | None:
+    """The composer class registered as ``name`` (built-in or plugin), or None."""
+    if name not in _loaded:
+        if name in COMPOSERS:
+            module, attr = COMPOSERS[name].split(":")
+            _loaded[name] = getattr(import_module(module), attr)
+        else:
+            found = [ep for ep in entry_points(group=PLUGIN_GROUP) if ep.name == name]
+            if not found:
+                return None
+            _loaded[name] = found[0].load()
+    return _loaded[name]

@@ -37,6 +37,7 @@ from composer.base import (
 )
 from composer.engine_protocol import Engine, GenerateRequest
 from routers.base import Decision
+from routers.params import Param
 
 VOTES = ("majority", "weighted", "aggregate")
 
@@ -54,6 +55,14 @@ def default_aggregate_prompt(question: str, candidates: list[str]) -> str:
 
 
 class Ensemble:
+    level = "query"
+    PARAMS = (
+        Param("k", "int", 3, "experts that answer each query (the router's top k)", minimum=1),
+        Param("aggregator", "str", None, "an expert that writes the final answer from the others' "
+              "(vote = aggregate)"),
+        Param("vote", "str", "majority", "how the answers combine", choices=VOTES),
+    )
+
     def __init__(
         self,
         k: int = 3,
@@ -160,3 +169,13 @@ def _candidates(outputs: list[ExpertOutput], first_rank: dict[str, int], distinc
     if not distinct:
         return [o.text.strip() for o in outputs]
     return [outputs[rank].text.strip() for rank in sorted(first_rank.values())]
+
+
+class WeightedVote(Ensemble):
+    """``Ensemble`` whose vote weighs each answer by the router's weight for its expert."""
+
+    PARAMS = tuple(Param(p.name, p.type, "weighted", p.help, p.choices) if p.name == "vote" else p
+                   for p in Ensemble.PARAMS)
+
+    def __init__(self, k: int = 3, vote: str = "weighted", **kwargs) -> None:  # noqa: ANN003
+        super().__init__(k, vote, **kwargs)

@@ -54,6 +54,7 @@ from composer.base import (
 )
 from composer.engine_protocol import Engine, GenerateRequest
 from routers.base import Decision
+from routers.params import Param
 
 METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "linear_factors")
 COMBINATIONS = ("svd", "cat")
@@ -320,6 +321,17 @@ class Merged:
     answer. Merges come from the cache after the first time; merged adapters stay loaded on the
     engine (at most ``max_loaded`` of them, oldest unloaded first)."""
 
+    level = "query"
+    kinds = ("adapter",)
+    usable = staticmethod(lambda adapters: mergeable(adapters))  # the adapters a ΔW merge can take
+    PARAMS = (
+        Param("method", "str", "task_arithmetic", "how the adapters merge", choices=METHODS),
+        Param("density", "float", None, "share of each delta kept (TIES, DARE)", minimum=0, maximum=1),
+        Param("scale", "float", 1.0, "task arithmetic's λ", minimum=0),
+        Param("weighting", "str", "uniform", "equal weights, or the router's", choices=("uniform", "router")),
+        Param("seed", "int", 0, "DARE's drop seed"),
+    )
+
     def __init__(
         self,
         base_path: str | Path,
@@ -399,3 +411,22 @@ class Merged:
                       "merge": merged.spec},
             ),
         )
+
+
+def mergeable(adapters: Mapping[str, Path]) -> tuple[dict, dict[str, str]]:
+    """The adapters a ΔW merge can combine, and why the others are left out: peft's weighted merge
+    takes each layer's LoRA delta only, so a DoRA adapter would lose its magnitudes and one with
+    modules_to_save its own modules."""
+    keep, left_out = {}, {}
+    for name, path in adapters.items():
+        try:
+            config = json.loads((path / "adapter_config.json").read_text())
+        except (OSError, ValueError):
+            config = {}
+        if config.get("use_dora"):
+            left_out[name] = "a DoRA adapter: a ΔW merge would drop its magnitude vectors"
+        elif config.get("modules_to_save"):
+            left_out[name] = f"modules_to_save ({', '.join(config['modules_to_save'])}) cannot be merged"
+        else:
+            keep[name] = path
+    return keep, left_out

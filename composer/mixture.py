@@ -19,6 +19,9 @@ from routers.base import MixtureSpec
 
 class TokenwiseMixture:
     name = "mixture"
+    level = "token"
+    kinds = ("adapter",)
+    PARAMS = ()
 
     def __init__(self, mix: MoLoRA, max_batch_size: int = 32) -> None:
         self.mix = mix

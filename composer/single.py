@@ -11,10 +11,13 @@ from collections.abc import Sequence
 from composer.base import Completion, Provenance, base_target, output_of, require_targets, with_target
 from composer.engine_protocol import Engine, GenerateRequest, GenerateResult
 from routers.base import Decision
+from routers.params import Param
 
 
 class Single:
     name = "single"
+    level = "query"
+    PARAMS = (Param("fallback", "str", None, "the expert that answers a decision naming none (default: the base)"),)
 
     def __init__(self, fallback: str | None = None) -> None:
         self.fallback = fallback  # target used when the decision names no expert (None: the base)

@@ -39,6 +39,7 @@ from composer.base import (
 )
 from composer.engine_protocol import Engine, GenerateRequest
 from routers.base import Decision, RouteRequest, Router
+from routers.params import Param
 
 DEFAULT_CONNECTIVES = (", and then ", " and then ", ", then ", "; then ", "then")
 DEFAULT_LEADING_WORDS = ("first", "firstly")
@@ -67,6 +68,8 @@ class Step:
 
 class Stitch:
     name = "stitch"
+    level = "query"
+    PARAMS = (Param("max_steps", "int", 4, "most steps a request is split into", minimum=1),)
 
     def __init__(
         self,

@@ -11,3 +11,7 @@ class RegistrationError(MoergeError):
 
 class NotFoundError(MoergeError):
     """A named expert, base model or artifact does not exist."""
+
+
+class DefinitionError(MoergeError):
+    """A strategy definition (or one of its parameters) was refused; nothing was stored."""

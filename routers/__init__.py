@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
+
 from routers.baselines import AllExpertsRouter, BaseModelRouter, BestSingleRouter, OracleRouter, RandomRouter
 from routers.classifier import ClassifierRouter
 from routers.retrieval import RetrievalRouter
@@ -32,3 +34,30 @@ TOKEN_ROUTERS: dict[str, type] = {
     "arrow": ArrowRouter,
     "glider": GliderRouter,
 }
+
+# Every router by name: the built-ins, then installed plugins (the ``moerge.routers`` entry-point
+# group: ``name = "package.module:RouterClass"``). A plugin cannot shadow a built-in.
+ROUTERS: dict[str, type] = {**QUERY_ROUTERS, **TOKEN_ROUTERS}
+PLUGIN_GROUP = "moerge.routers"
+_plugins: dict[str, type] | None = None
+
+
+def plugin_routers() -> dict[str, type]:
+    """Routers that installed packages add through the ``moerge.routers`` entry points (loaded once)."""
+    global _plugins
+    if _plugins is None:
+        found = {}
+        for ep in entry_points(group=PLUGIN_GROUP):
+            if ep.name not in ROUTERS:
+                found[ep.name] = ep.load()
+        _plugins = found
+    return _plugins
+
+
+def router_class(name: str) -> type | None:
+    """The router class registered as ``name`` (built-in or plugin), or None."""
+    return ROUTERS.get(name) or plugin_routers().get(name)
+
+
+def router_names() -> list[str]:
+    return [*ROUTERS, *plugin_routers()]

@@ -13,6 +13,7 @@ import torch
 
 from routers.base import Artifact, ExpertInfo
 from routers.tokenwise import TokenwiseRouter, read_lora_factors, require_adapter
+from routers.params import Param
 
 
 def top_right_singular_vector(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -33,6 +34,10 @@ class ArrowRouter(TokenwiseRouter):
 
     name = "arrow"
     gate = "arrow"
+    PARAMS = (
+        Param("top_k", "int", 2, "experts mixed per token and module", minimum=1),
+        Param("temperature", "float", 1.0, "softmax temperature of the per-token scores", minimum=1e-6),
+    )
 
     def __init__(self, top_k: int = 2, temperature: float = 1.0):
         super().__init__(top_k=top_k, temperature=temperature)

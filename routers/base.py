@@ -16,6 +16,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from routers.params import Param
+
 
 class ExpertUnusable(ValueError):
     """This router (or composer) cannot use this expert: no examples to fit on, an adapter kind
@@ -111,6 +113,13 @@ class Router(Protocol):
 
 class BaseRouter:
     """Mixin: ``add_expert`` is ``fit_expert`` followed by ``load_expert``."""
+
+    level = "query"  # query: a Decision per query | token: a MixtureSpec the MoLoRA layer applies
+    kinds: tuple[str, ...] = ("adapter", "model")  # the expert kinds it can choose among
+    # what the strategy runtime hands it (services/moe/strategies.py ``NEEDS``): embedder,
+    # validation (evaluate_fn + validation_examples), task_skills, seed, gold_task, local
+    needs: frozenset[str] = frozenset()
+    PARAMS: tuple[Param, ...] = ()  # user-settable parameters (routers/params.py)
 
     def add_expert(self, expert: ExpertInfo) -> Artifact:
         artifact = self.fit_expert(expert)  # type: ignore[attr-defined]

@@ -20,10 +20,15 @@ from collections.abc import Mapping, Sequence
 
 from routers.base import Artifact, Decision, ExpertExample, ExpertInfo, RouteRequest
 from routers.common import EvaluateFn, QueryRouter, dumps, expert_tasks, validation_set
+from routers.params import Param
 
 
 class OracleRouter(QueryRouter):
     name = "oracle"
+    needs = frozenset({"gold_task"})
+    PARAMS = (
+        Param("fallback", "str", None, "the expert that answers when no expert fits the query"),
+    )
 
     def __init__(self, fallback: str | None = None) -> None:
         super().__init__()
@@ -53,6 +58,11 @@ class OracleRouter(QueryRouter):
 
 class RandomRouter(QueryRouter):
     name = "random"
+    needs = frozenset({"seed"})
+    PARAMS = (
+        Param("seed", "int", 0, "the random generator's seed (default: the strategy runtime's)"),
+        Param("k", "int", 1, "experts drawn per query", minimum=1),
+    )
 
     def __init__(self, seed: int = 0, k: int = 1) -> None:
         super().__init__()
@@ -86,6 +96,8 @@ class BaseModelRouter(QueryRouter):
 
 class BestSingleRouter(QueryRouter):
     name = "best-single"
+    needs = frozenset({"validation"})
+    PARAMS = (Param("expert", "str", None, "the expert to always choose (default: the best on validation)"),)
 
     def __init__(
         self,

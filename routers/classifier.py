@@ -40,6 +40,7 @@ from torch import nn
 from routers.base import Artifact, Decision, ExpertInfo, RouteRequest
 from routers.common import EmbeddingRouter, primary_domain
 from routers.embedder import Embedder, mean_pool, run_layers
+from routers.params import Param
 
 OTHER = "other"
 
@@ -96,6 +97,15 @@ class _Head(nn.Module):
 
 class ClassifierRouter(EmbeddingRouter):
     name = "classifier"
+    needs = frozenset({"embedder", "head"})  # head: trained over every expert (retrain / load_head)
+    PARAMS = (
+        Param("fallback", "str", None, "the expert that answers when no expert fits the query"),
+        Param("train_layers", "int", 1, "top MiniLM layers fine-tuned with the head", minimum=0, fit=True),
+        Param("epochs", "int", 2, "training epochs over the experts' examples", minimum=1, fit=True),
+        Param("lr", "float", 1e-4, "learning rate of the fine-tuned layers", minimum=0, fit=True),
+        Param("max_examples", "int", 200, "training prompts per expert", minimum=1, fit=True),
+        Param("seed", "int", 0, "training seed", fit=True),
+    )
 
     def __init__(
         self,

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from routers.base import Artifact, ExpertInfo, MixtureSpec, RouteRequest
 from routers.phatgoose import PhatgooseRouter
+from routers.params import Param
 
 Embedder = Callable[[Sequence[str]], torch.Tensor]  # texts -> [n, d]
 TASK_KEY = "glider.task_embedding"
@@ -55,6 +56,12 @@ class GliderRouter(PhatgooseRouter):
 
     name = "glider"
     gate = "glider"
+    needs = frozenset({"local"})  # PHATGOOSE's gates, shared with moe/phatgoose
+    PARAMS = (
+        Param("alpha", "float", 100.0, "weight α of the global task similarity", minimum=0),
+        Param("top_k", "int", 2, "experts mixed per token and module", minimum=1),
+        Param("examples_per_expert", "int", 3, "examples that describe each expert's task", minimum=1, fit=True),
+    )
 
     def __init__(
         self,

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 import torch
 
 from routers.base import Artifact, ExpertInfo
+from routers.params import Param
 from routers.tokenwise import (
     LoraFactors,
     TokenwiseRouter,
@@ -205,6 +206,13 @@ class PhatgooseRouter(TokenwiseRouter):
 
     name = "phatgoose"
     gate = "phatgoose"
+    PARAMS = (
+        Param("top_k", "int", 2, "experts mixed per token and module", minimum=1),
+        Param("steps", "int", 100, "gate training steps per expert", minimum=1, fit=True),
+        Param("lr", "float", 5e-3, "gate learning rate", minimum=0, fit=True),
+        Param("max_examples", "int", None, "training examples per expert (default: all)", minimum=1, fit=True),
+        Param("seed", "int", 0, "gate training seed", fit=True),
+    )
 
     def __init__(
         self,
@@ -250,6 +258,12 @@ class AverageActivationRouter(TokenwiseRouter):
 
     name = "average-activation"
     gate = "average-activation"
+    PARAMS = (
+        Param("top_k", "int", 2, "experts mixed per token and module", minimum=1),
+        Param("max_examples", "int", 1000, "examples averaged per expert", minimum=1, fit=True),
+        Param("with_expert", "bool", True, "read activations in the expert's own model (else the base's)", fit=True),
+        Param("tokens", "str", "all", "which tokens are averaged", choices=("all", "answer", "last"), fit=True),
+    )
 
     def __init__(
         self,

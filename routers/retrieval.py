@@ -13,10 +13,13 @@ import torch
 from routers.base import Artifact, Decision, ExpertInfo, RouteRequest
 from routers.common import EmbeddingRouter, stack_rows
 from routers.embedder import Embedder
+from routers.params import Param
 
 
 class RetrievalRouter(EmbeddingRouter):
     name = "retrieval"
+    needs = frozenset({"embedder"})
+    PARAMS = (Param("max_examples", "int", 1000, "embedded training prompts per expert", minimum=1, fit=True),)
 
     def __init__(self, embedder: Embedder | None = None, max_examples: int = 1000) -> None:
         super().__init__()

@@ -35,6 +35,7 @@ from routers.base import Artifact, Decision, ExpertInfo, RouteRequest
 from routers.common import EmbeddingRouter, stack_rows
 from routers.embedder import Embedder
 from routers.off_topic import OFF_TOPIC_PROMPTS
+from routers.params import Param
 
 
 def top_m_mean(sims: torch.Tensor, m: int) -> torch.Tensor:
@@ -45,6 +46,15 @@ def top_m_mean(sims: torch.Tensor, m: int) -> torch.Tensor:
 
 class SemanticRouter(EmbeddingRouter):
     name = "semantic"
+    needs = frozenset({"embedder"})
+    PARAMS = (
+        Param("k", "int", 1, "experts in the decision", minimum=1),
+        Param("top_m", "int", 5, "nearest examples per expert that score it", minimum=1),
+        Param("keep", "float", 0.95, "share of the calibrated margin an expert must clear", minimum=0, maximum=1),
+        Param("fallback", "str", None, "the expert that answers when no expert fits the query"),
+        Param("temperature", "float", 0.05, "softmax temperature of the weights", minimum=1e-6),
+        Param("max_examples", "int", 200, "embedded training prompts per expert", minimum=1, fit=True),
+    )
 
     def __init__(
         self,

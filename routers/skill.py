@@ -44,6 +44,7 @@ import torch
 from routers.base import Artifact, Decision, ExpertExample, ExpertInfo, ExpertUnusable, RouteRequest
 from routers.common import EmbeddingRouter, EvaluateFn, dumps, expert_tasks, validation_set
 from routers.embedder import Embedder
+from routers.params import Param
 
 
 def normalize_to_probability(values: Sequence[float], temperature: float = 0.5) -> list[float]:
@@ -59,6 +60,16 @@ def normalize_to_probability(values: Sequence[float], temperature: float = 0.5) 
 
 class SkillRouter(EmbeddingRouter):
     name = "skill"
+    needs = frozenset({"embedder", "validation", "task_skills"})
+    PARAMS = (
+        Param("k", "int", 3, "experts recruited per query", minimum=1),
+        Param("query_skills", "int", 3, "skills inferred per query", minimum=1),
+        Param("temperature", "float", 0.5, "softmax temperature of the recruiting weights", minimum=1e-6),
+        Param("sample", "bool", False, "sample recruits by weight instead of taking the top k"),
+        Param("seed", "int", 0, "seed of the sampling"),
+        Param("skill_match", "str", "both", "what a query's skills are matched on",
+              choices=("both", "keywords", "questions")),
+    )
 
     def __init__(
         self,

@@ -125,6 +125,8 @@ class TokenwiseRouter(BaseRouter):
 
     name = "tokenwise"
     gate = ""
+    level = "token"
+    kinds = ("adapter",)
 
     def __init__(self, top_k: int = 2, temperature: float = 1.0):
         self.top_k = top_k
