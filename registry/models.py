@@ -200,6 +200,33 @@ class ApiKey(Base):
         return f"ApiKey(name={self.name!r}, scope={self.scope!r}, prefix={self.key_prefix!r})"
 
 
+# --- strategies users define (migration 0005) ----------------------------------------------------
+
+
+class StrategyRecord(Base):
+    """A strategy a user defined (``moerge strategies add``, ``POST /v1/strategies``): a router and
+    a composer with their parameters over an expert set. Built-in strategies are code, not rows.
+    The definition was checked against the declared parameters before it was stored."""
+
+    __tablename__ = "strategies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)  # served as moe/<name>
+    router: Mapped[str] = mapped_column(String(128))
+    composer: Mapped[str] = mapped_column(String(128))
+    router_params: Mapped[dict] = mapped_column(JSON, default=dict)
+    composer_params: Mapped[dict] = mapped_column(JSON, default=dict)
+    # expert names, and filters (domain:…, skill:…, base:…, kind:…, tag:…); empty: every expert
+    experts: Mapped[list[str]] = mapped_column(JSON, default=list)
+    fallback: Mapped[str | None] = mapped_column(String(128))
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    def __repr__(self) -> str:
+        return f"StrategyRecord(name={self.name!r}, router={self.router!r}, composer={self.composer!r})"
+
+
 # --- leaderboard: user suites and stored runs (migration 0002) ------------------------------------
 
 SUITE_METRICS: tuple[str, ...] = ("exact_match", "contains", "multiple_choice")

@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from registry import keys as _keys
+from registry import strategies as _strategies
 from registry.artifacts import ArtifactStore
 from registry.config import artifact_root as default_artifact_root
 from registry.config import database_url
@@ -40,6 +41,7 @@ from registry.models import (
     ExpertExample,
     LeaderboardResult,
     LeaderboardRun,
+    StrategyRecord,
     Suite,
     SuiteExample,
 )
@@ -514,6 +516,30 @@ class Registry:
     def revoke_key(self, name: str) -> ApiKey:
         with self.session() as s:
             return _keys.revoke_key(s, name)
+
+    # --- strategies users define (registry/strategies.py) ---------------------------------------
+
+    def add_strategy(self, name: str, router: str, composer: str, **fields) -> StrategyRecord:  # noqa: ANN003
+        """Store a definition that services/moe/definitions.py has checked (fields: router_params,
+        composer_params, experts, fallback, description)."""
+        with self.session() as s:
+            return _strategies.add_strategy(s, name, router, composer, **fields)
+
+    def list_strategies(self) -> list[StrategyRecord]:
+        with self.reading() as s:
+            return _strategies.list_strategies(s)
+
+    def get_strategy(self, name: str) -> StrategyRecord:
+        with self.reading() as s:
+            return _strategies.get_strategy(s, name)
+
+    def remove_strategy(self, name: str) -> StrategyRecord:
+        with self.session() as s:
+            return _strategies.remove_strategy(s, name)
+
+    def strategies_fingerprint(self) -> tuple:
+        with self.reading() as s:
+            return _strategies.fingerprint(s)
 
     # --- leaderboard: user suites and runs -------------------------------------------------------
 

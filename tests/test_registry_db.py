@@ -20,7 +20,7 @@ from tests.factories import make_tiny_base, make_tiny_lora
 pytest_plugins = ["tests.conftest_db"]
 
 TABLES_0001 = {"base_models", "experts", "expert_examples", "artifacts", "api_keys"}
-TABLES = TABLES_0001 | {"suites", "suite_examples", "leaderboard_runs", "leaderboard_results"}
+TABLES = TABLES_0001 | {"suites", "suite_examples", "leaderboard_runs", "leaderboard_results", "strategies"}
 
 
 def tables(url: str) -> set[str]:
@@ -38,7 +38,7 @@ def test_migrations_up_down_up(db_url: str) -> None:
     assert tables(db_url) == set()
     db.upgrade(db_url)
     assert tables(db_url) == TABLES
-    assert db.current_revision(db_url) == db.head_revision() == "0004"
+    assert db.current_revision(db_url) == db.head_revision() == "0005"
     db.downgrade(db_url, "base")
     assert tables(db_url) == set()
     assert db.current_revision(db_url) is None
@@ -81,7 +81,7 @@ def test_leaderboard_migration_goes_down_to_0001_and_up_again(db_url: str, tmp_p
     finally:
         engine.dispose()
     db.upgrade(db_url)
-    assert tables(db_url) == TABLES and db.current_revision(db_url) == "0004"
+    assert tables(db_url) == TABLES and db.current_revision(db_url) == "0005"
     with Registry(db_url, artifact_root=tmp_path / "store") as reg:
         reg.add_suite("s", [{"line": 1, "prompt": "p", "reference": "r", "split": "test"}])
         reg.add_leaderboard_run({"suite": "s", "splits": ["test"]}, [
@@ -289,3 +289,26 @@ def test_sqlite_reads_go_on_while_a_writer_holds_the_write_lock(tmp_path: Path) 
         assert finished, "the reads waited for the writer's transaction"
         assert answers == [(["gpt"], "", [])]  # the last committed state, not the writer's edit
         assert reg.get_expert("gpt").description == "edited"
+
+
+def test_strategies_are_stored_once_by_name(db_url: str, tmp_path: Path) -> None:
+    """Migration 0005: a user strategy's definition round-trips (JSON fields included), a name is
+    taken once, and the fingerprint the servers watch changes with every add and remove."""
+    from registry.errors import DefinitionError, NotFoundError
+
+    db.upgrade(db_url)
+    with Registry(db_url, artifact_root=tmp_path / "store") as reg:
+        empty = reg.strategies_fingerprint()
+        reg.add_strategy("legal", "classifier", "single", router_params={"epochs": 3}, experts=["a", "domain:legal"],
+                         fallback="a", description="the legal experts")
+        added = reg.strategies_fingerprint()
+        assert added != empty
+        stored = reg.get_strategy("legal")
+        assert (stored.router_params, stored.experts, stored.fallback) == ({"epochs": 3}, ["a", "domain:legal"], "a")
+        with pytest.raises(DefinitionError, match="exists"):
+            reg.add_strategy("legal", "semantic", "single")
+        assert [s.router for s in reg.list_strategies()] == ["classifier"]
+        reg.remove_strategy("legal")
+        assert reg.strategies_fingerprint() != added and reg.list_strategies() == []
+        with pytest.raises(NotFoundError):
+            reg.remove_strategy("legal")
