@@ -234,6 +234,38 @@ def test_hot_registration_then_removal(cluster: Cluster) -> None:
         assert h.delete("/v1/experts/zorblifier-two").status_code == 200
 
 
+def test_a_strategy_posted_while_serving_answers_without_a_restart(cluster: Cluster) -> None:
+    """POST /v1/strategies on Ray: the gateway replicas list it and the strategies replica answers
+    it (whole and streamed) within seconds; a bad one is refused with nothing stored."""
+    names = adapters(cluster)[:2]
+    prompt, _ = zoo_prompt(cluster, names[1])
+    c = client(cluster)
+    with httpx.Client(base_url=cluster.url, timeout=120) as h:
+        bad = h.post("/v1/strategies", json={"name": "pair", "router": "semantic", "composer": "vote",
+                                              "composer_params": {"k": 0}, "experts": names})
+        assert bad.status_code == 400 and "must be ≥ 1" in bad.json()["error"]["message"]
+        assert not cluster.registry.list_strategies()
+        r = h.post("/v1/strategies", json={"name": "pair", "router": "semantic", "composer": "single",
+                                            "experts": names})
+        assert r.status_code == 201, r.text
+        deadline = time.monotonic() + 30
+        while "moe/pair" not in {m.id for m in c.models.list().data}:
+            assert time.monotonic() < deadline, "moe/pair was not listed within 30 s"
+            time.sleep(0.5)
+        while True:  # the strategies replica re-reads the registry every refresh_interval_s
+            r = h.post("/v1/completions", json={"model": "moe/pair", "prompt": prompt, "max_tokens": 12})
+            if r.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert r.status_code == 200, r.text
+        chosen = r.json()["moe"]["experts"][0]["name"]
+        assert chosen in names
+        streamed = "".join(chunk.choices[0].text for chunk in c.completions.create(
+            model="moe/pair", prompt=prompt, max_tokens=12, stream=True) if chunk.choices)
+        assert streamed == r.json()["choices"][0]["text"]
+        assert h.delete("/v1/strategies/pair").status_code == 200
+
+
 def test_an_adapter_on_a_base_registered_while_serving_answers_without_a_restart(cluster: Cluster) -> None:
     """No engine deployment exists for a base registered after start-up: its adapters run on the
     models deployment, each on an engine of its own, and answer as they do in process."""

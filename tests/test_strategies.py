@@ -302,8 +302,7 @@ def test_in_process_strategies_generate_on_the_servers_engines(zoo_home, moe):
     backend = LocalBackend(Registry(), engine_factory=Counting)
     host = StrategyHost(Registry(), ["moe/semantic", "moe/skill-k3-vote"],
                         engine_factory=lambda pool: PoolEngine(pool, backend))
-    for name, fn in backend_strategies(host).items():
-        backend.add_strategy(name, fn)
+    backend.add_strategies(backend_strategies(host))
     prompts = [e.prompt for e in load_suite("skills", "test", 1)][:3]
     params = SamplingParams(max_tokens=12)
     for name in ("moe/semantic", "moe/skill-k3-vote"):

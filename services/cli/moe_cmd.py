@@ -1,4 +1,5 @@
-"""``moerge strategies list``, ``moerge route``, ``moerge eval``: strategies from the command line."""
+"""``moerge strategies list|show|add|remove|methods``, ``moerge route``, ``moerge eval``: strategies
+from the command line (docs/strategies.md)."""
 
 from __future__ import annotations
 
@@ -13,31 +14,155 @@ from services.cli import app
 from services.cli.output import print_table
 
 console = Console()
-strategies_app = typer.Typer(help="Named (router, composer, params) strategies.", no_args_is_help=True)
+strategies_app = typer.Typer(help="Strategies: a router and a composer with their parameters, over an expert set. "
+                             "Add your own with `strategies add` (docs/strategies.md).", no_args_is_help=True)
 app.add_typer(strategies_app, name="strategies")
 
 
-def _moe(base: Optional[str], seed: int = 0):
+def _catalog():
     from registry.service import Registry
+    from services.moe.catalog import StrategyCatalog
+
+    return StrategyCatalog(Registry())
+
+
+def _moe(base: Optional[str], seed: int = 0, strategy: Optional[str] = None):
+    """The runtime over ``base``'s experts; without ``base``, the base ``strategy``'s expert set
+    is on (a user strategy), else the base with the most experts."""
+    from services.moe.definitions import check_against_registry
     from services.moe.pool import ExpertPool
     from services.moe.strategies import MoE
 
-    return MoE(ExpertPool(Registry(), base), seed=seed)
+    catalog = _catalog()
+    if base is None and strategy is not None and not strategy.startswith("expert:"):
+        chosen = catalog.get(strategy)
+        if chosen.experts:
+            base = check_against_registry(chosen, catalog.registry.list_experts(status="ready")) or None
+    return MoE(ExpertPool(catalog.registry, base), seed=seed, catalog=catalog)
+
+
+def _params(pairs: list[str] | None, what: str) -> dict[str, str]:
+    """``k=v`` options as a dict; the values are typed by the method's declared parameters."""
+    from registry.errors import DefinitionError
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise DefinitionError(f"{what} takes key=value, not {pair!r}")
+        out[key.strip()] = value
+    return out
 
 
 @strategies_app.command("list")
 def list_strategies(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
-    """Every strategy: its router, composer and what it does."""
-    from services.moe.strategies import STRATEGIES
+    """Every strategy: built-in, from the MOERGE_STRATEGIES file, and added to the registry."""
+    from services.moe.definitions import definition_of
 
+    strategies = _catalog().all().values()
     if as_json:
-        typer.echo(json.dumps([{"name": s.name, "router": s.router, "composer": s.composer, "level": s.level,
-                                "description": s.description} for s in STRATEGIES.values()], indent=2))
+        typer.echo(json.dumps([{**definition_of(s), "level": s.level, "source": s.source} for s in strategies],
+                              indent=2))
         return
-    table = Table("strategy", "router", "composer", "level", "description")
-    for s in STRATEGIES.values():
-        table.add_row(s.name, s.router, s.composer, s.level, s.description)
+    table = Table("strategy", "router", "composer", "level", "experts", "source", "description")
+    for s in strategies:
+        table.add_row(s.name, s.router, s.composer, s.level, ",".join(s.experts) or "all", s.source.split(":")[0],
+                      s.description)
     print_table(table)
+
+
+def _method_params(declared, given: dict) -> list[dict]:  # noqa: ANN001 - Param declarations
+    return [{**p.describe(), **({"value": given[p.name]} if p.name in given else {})} for p in declared]
+
+
+@strategies_app.command("show")
+def show_strategy(
+    name: str = typer.Argument(..., help="The strategy, e.g. moe/legal or legal."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """One strategy: its definition, the experts it chooses among now, and every parameter its
+    router and composer declare (value set, or default)."""
+    from composer import composer_class
+    from routers import router_class
+    from services.moe.definitions import definition_of
+    from services.moe.expert_sets import Candidate, select_experts, strategy_kinds
+
+    catalog = _catalog()
+    s = catalog.get(name)
+    kinds = strategy_kinds(s)
+    latest = {e.name: Candidate.of(e) for e in catalog.registry.list_experts(status="ready")}
+    chosen = select_experts(s.experts, [c for c in latest.values() if c.kind in kinds])
+    doc = {**definition_of(s), "level": s.level, "source": s.source, "chooses_among": chosen,
+           "router_parameters": _method_params(router_class(s.router).PARAMS, s.router_params),
+           "composer_parameters": _method_params(composer_class(s.composer).PARAMS, s.composer_params)}
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    console.print(f"[bold]{s.name}[/bold]  {s.description}", highlight=False)
+    console.print(f"router {s.router} → composer {s.composer} ({s.level}-level; {s.source})", highlight=False)
+    console.print(f"experts: {', '.join(s.experts) or 'every expert'} → now {', '.join(chosen) or 'none'}"
+                  + (f"; fallback {s.fallback}" if s.fallback else ""), highlight=False)
+    for title, params in (("router", doc["router_parameters"]), ("composer", doc["composer_parameters"])):
+        table = Table("parameter", "type", "value", "default", "help", title=f"{title} parameters")
+        for p in params:
+            table.add_row(p["name"], p["type"], str(p.get("value", "")), str(p["default"]), p["help"])
+        print_table(table)
+
+
+@strategies_app.command("add")
+def add_strategy(
+    name: str = typer.Argument(..., help="The new strategy's name; it is served as moe/NAME."),
+    router: str = typer.Option(..., "--router", help="Router name (`moerge strategies methods` lists them)."),
+    composer: str = typer.Option(..., "--composer", help="Composer name (`moerge strategies methods` lists them)."),
+    router_param: Optional[list[str]] = typer.Option(None, "--router-param", help="A router parameter, key=value; repeat for more."),
+    composer_param: Optional[list[str]] = typer.Option(None, "--composer-param", help="A composer parameter, key=value; repeat for more."),
+    experts: Optional[str] = typer.Option(None, "--experts", help="Expert names and filters (domain:…, skill:…, base:…, kind:…, tag:…), comma-separated; default: every expert."),
+    fallback: Optional[str] = typer.Option(None, "--fallback", help="The expert that answers when the router chooses none, or the chosen ones fail."),
+    description: str = typer.Option("", "--description", help="What the strategy is for."),
+    as_json: bool = typer.Option(False, "--json", help="Print the stored definition as JSON."),
+) -> None:
+    """Define a strategy and store it in the registry: checked first, nothing stored if refused.
+    A running server serves it within seconds, without a restart."""
+    from services.moe.definitions import definition_of
+
+    strategy = _catalog().add({
+        "name": name, "router": router, "composer": composer,
+        "router_params": _params(router_param, "--router-param"),
+        "composer_params": _params(composer_param, "--composer-param"),
+        "experts": experts or [], "fallback": fallback, "description": description,
+    })
+    if as_json:
+        typer.echo(json.dumps({**definition_of(strategy), "level": strategy.level, "source": strategy.source}, indent=2))
+        return
+    console.print(f"[green]added[/green] {strategy.name}: {strategy.router} → {strategy.composer}", highlight=False)
+
+
+@strategies_app.command("remove")
+def remove_strategy(name: str = typer.Argument(..., help="A strategy added with `strategies add`.")) -> None:
+    """Remove a strategy from the registry (built-ins and the file's stay)."""
+    strategy = _catalog().remove(name)
+    console.print(f"[green]removed[/green] {strategy.name}", highlight=False)
+
+
+@strategies_app.command("methods")
+def list_methods(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")) -> None:
+    """Every router and composer a strategy can name (plugins included), with its level and parameters."""
+    from composer import composer_class, composer_names
+    from routers import router_class, router_names
+
+    doc = {"routers": [{"name": n, "level": router_class(n).level, "kinds": list(router_class(n).kinds),
+                        "parameters": [p.describe() for p in router_class(n).PARAMS]} for n in router_names()],
+           "composers": [{"name": n, "level": composer_class(n).level,
+                          "parameters": [p.describe() for p in composer_class(n).PARAMS]} for n in composer_names()]}
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    for kind in ("routers", "composers"):
+        table = Table(kind[:-1], "level", "parameters", title=kind)
+        for m in doc[kind]:
+            table.add_row(m["name"], m["level"], ", ".join(f"{p['name']}: {p['type']} = {p['default']}"
+                                                             for p in m["parameters"]) or "none")
+        print_table(table)
 
 
 @app.command("route")
@@ -52,7 +177,7 @@ def route(
     """Show the experts (and weights) a strategy chooses for PROMPT; --answer runs it too."""
     from routers.base import MixtureSpec
 
-    moe = _moe(base)
+    moe = _moe(base, strategy=strategy)
     routed = moe.route(strategy, prompt, task)
     d = routed.decision
     table = Table("expert", "weight", title=f"{strategy} → {d.router} ({routed.router_ms:.1f} ms)")
@@ -87,7 +212,7 @@ def eval_strategy(
     report alone: its `accuracy` field)."""
     from services.moe.evaluate import evaluate
 
-    moe = _moe(base, seed)
+    moe = _moe(base, seed, strategy)
     with console.status(f"evaluating {strategy} on {suite}/{split} …"):
         report = evaluate(strategy, suite, split, moe=moe, n_per_task=n_per_task, seed=seed)
     if as_json:

@@ -107,6 +107,7 @@ def _serve_in_process(cfg) -> None:
     from registry.service import Registry
     from services.gateway.app import GatewaySettings, create_app
     from services.gateway.backend import LocalBackend, PoolEngine, hf_engine_args
+    from services.moe.catalog import StrategyCatalog
     from services.serving.strategy_host import StrategyHost, backend_strategies
 
     registry = Registry()
@@ -123,12 +124,12 @@ def _serve_in_process(cfg) -> None:
     backend = LocalBackend(registry, engine_kwargs=hf_engine_args(engines.default.engine_args),
                            engine_for_base=lambda base: ("hf", engine_for_base(base)[1]))
     # strategies generate on the backend's engines: one copy of each base, batched with the rest
+    catalog = StrategyCatalog(registry, file=cfg.strategies.file, refresh_interval_s=cfg.strategies.refresh_interval_s)
     host = StrategyHost(registry, cfg.strategies.names, engine_factory=lambda pool: PoolEngine(pool, backend),
-                        refresh_interval_s=cfg.strategies.refresh_interval_s)
-    for name, fn in backend_strategies(host).items():
-        backend.add_strategy(name, fn)
+                        refresh_interval_s=cfg.strategies.refresh_interval_s, catalog=catalog)
+    backend.add_strategies(backend_strategies(host))  # a live view: strategies added later are served too
     settings = GatewaySettings(require_keys=cfg.gateway.require_keys, request_timeout_s=cfg.gateway.request_timeout_s)
     console.print(f"[green]serving[/green] on http://{cfg.host}:{cfg.port}/v1 (in process; Ctrl-C stops)",
                   highlight=False)
-    uvicorn.run(create_app(backend, registry, settings), host=cfg.host, port=cfg.port, log_level="warning")
+    uvicorn.run(create_app(backend, registry, settings, catalog=catalog), host=cfg.host, port=cfg.port, log_level="warning")
 

@@ -60,7 +60,9 @@ from services.gateway.protocol import (
     ModelList,
     UsageInfo,
 )
+from services.gateway.strategies_api import router as strategies_router
 from services.leaderboard.web import leaderboard_router
+from services.moe.catalog import StrategyCatalog
 
 log = logging.getLogger("moerge.gateway")
 
@@ -182,9 +184,11 @@ def _sse(payload: Any) -> str:
 
 
 def create_app(backend: Backend, registry: Registry, settings: GatewaySettings | None = None,
-               limiter: Limiter | None = None) -> FastAPI:
+               limiter: Limiter | None = None, catalog: StrategyCatalog | None = None) -> FastAPI:
     """The gateway's FastAPI app; ``limiter`` counts the per-key rate limits (default: in this
-    process's memory; several replicas share one, services/serving/rate_limits.py)."""
+    process's memory; several replicas share one, services/serving/rate_limits.py); ``catalog``:
+    the strategies ``/v1/strategies`` lists and changes (default: the registry's, and the
+    ``MOERGE_STRATEGIES`` file's)."""
     settings = settings or GatewaySettings()
     auth = Authenticator(registry, require_keys=settings.require_keys, window_s=settings.rate_window_s,
                          limiter=limiter)
@@ -210,6 +214,7 @@ def create_app(backend: Backend, registry: Registry, settings: GatewaySettings |
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.auth = auth
+    app.state.catalog = catalog or StrategyCatalog(registry)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     # -- errors: always OpenAI's shape --------------------------------------------------------
@@ -483,5 +488,6 @@ def create_app(backend: Backend, registry: Registry, settings: GatewaySettings |
     def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
+    app.include_router(strategies_router)  # /v1/strategies (docs/strategies.md)
     app.include_router(leaderboard_router(registry))  # GET /leaderboard, /v1/leaderboard (docs/leaderboard.md)
     return app

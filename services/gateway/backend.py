@@ -26,7 +26,8 @@ import asyncio
 import inspect
 import re
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections import ChainMap
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -304,7 +305,7 @@ class LocalBackend:
     def __init__(
         self,
         registry: Registry,
-        strategies: dict[str, Strategy] | None = None,
+        strategies: Mapping[str, Strategy] | None = None,
         *,
         engine_factory: Callable[..., Any] | None = None,
         engine_kwargs: dict[str, Any] | None = None,
@@ -315,7 +316,8 @@ class LocalBackend:
         the engine could not serve is refused up front (``services.engines.compat``)."""
         self.registry = registry
         self._engine_for_base = engine_for_base
-        self._strategies: dict[str, Strategy] = {}
+        # strategies added one by one, then any live view handed over (``add_strategies``)
+        self._strategies: ChainMap[str, Strategy] = ChainMap({})
         for name, fn in (strategies or {}).items():
             self.add_strategy(name, fn)
         self._engine_factory = engine_factory
@@ -328,8 +330,13 @@ class LocalBackend:
     def add_strategy(self, name: str, fn: Strategy) -> str:
         """Serve ``fn`` as ``moe/<name>`` (``name`` may already carry the prefix); returns the id."""
         model = name if is_strategy(name) else STRATEGY_PREFIX + name
-        self._strategies[model] = fn
+        self._strategies.maps[0][model] = fn
         return model
+
+    def add_strategies(self, strategies: Mapping[str, Strategy]) -> None:
+        """Serve every strategy of ``strategies``, a live mapping ``moe/<name>`` -> callable whose
+        keys may change while serving (strategies users add to the registry)."""
+        self._strategies.maps.append(strategies)
 
     # -- Backend ---------------------------------------------------------------------------------
 
@@ -343,7 +350,7 @@ class LocalBackend:
         ]
         out += [ModelInfo(id=b.name, kind="base", created=int(b.created_at.timestamp()))
                 for b in self.registry.list_bases() if b.name not in latest]
-        out += [ModelInfo(id=name, kind="strategy") for name in sorted(self._strategies)]
+        out += [ModelInfo(id=name, kind="strategy") for name in sorted(set(self._strategies))]
         return out
 
     async def complete(self, model: str, prompt: str, params: SamplingParams) -> Completion:

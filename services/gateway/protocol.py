@@ -435,3 +435,39 @@ class ExpertDeleted(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     models: int
+
+
+# --- strategies (docs/strategies.md) ---------------------------------------------------------------
+
+
+class StrategyDefinition(BaseModel):
+    """``POST /v1/strategies``: the fields of a strategy definition (the YAML file's and
+    ``moerge strategies add``'s). ``name`` is served as ``moe/<name>``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=132)
+    router: str = Field(min_length=1)
+    composer: str = Field(min_length=1)
+    router_params: dict[str, Any] = Field(default_factory=dict)
+    composer_params: dict[str, Any] = Field(default_factory=dict)
+    experts: list[str] = Field(default_factory=list, description="expert names, and filters domain:…, skill:…, "
+                               "base:…, kind:…, tag:…; empty: every expert the methods take")
+    fallback: str | None = None
+    description: str = ""
+
+
+class StrategyCard(StrategyDefinition):
+    object: Literal["strategy"] = "strategy"
+    level: Literal["query", "token"]
+    source: str = Field(description="builtin, file:<path>, or registry")
+
+
+class StrategyList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[StrategyCard]
+
+
+class StrategyDeleted(BaseModel):
+    object: Literal["strategy.deleted"] = "strategy.deleted"
+    name: str
+    deleted: bool = True

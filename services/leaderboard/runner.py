@@ -35,7 +35,8 @@ from services.leaderboard.store import ALL
 from services.leaderboard.suites import Query, is_correct, load_queries
 from services.moe.evaluate import strategy_records as evaluate_strategy_records  # moerge eval's own code path
 from services.moe.pool import ExpertPool
-from services.moe.strategies import STRATEGIES, MoE, Strategy, get_strategy
+from composer.base import ComposeError
+from services.moe.strategies import MoE, Strategy
 
 MODES = ("grouped", "naive")
 EXPERT_PREFIX = "expert:"
@@ -170,6 +171,16 @@ class LeaderboardRunner:
 
     # ------------------------------------------------------------------ what runs
 
+    def _runs_here(self, strategy: Strategy) -> bool:
+        """Whether a user strategy's expert set is on this pool's base (built-ins always are)."""
+        if strategy.source == "builtin":
+            return True
+        try:
+            self.moe.experts_of(strategy)
+        except ComposeError:
+            return False
+        return True
+
     def resolve(self, strategies: Sequence[str] | None, experts: Sequence[str] | None) -> list[str]:
         """Entry names: ``expert:<name>`` for every chosen expert, then the chosen strategies."""
         names = list(self.pool.names()) if experts is None else list(experts)
@@ -177,7 +188,10 @@ class LeaderboardRunner:
         if unknown:
             raise NotFoundError(f"no ready expert {', '.join(map(repr, unknown))} on base {self.pool.base.name!r}; "
                                 f"experts: {', '.join(self.pool.names())}")
-        chosen = list(STRATEGIES) if strategies is None else [get_strategy(s).name for s in strategies]
+        if strategies is None:  # every built-in, and every user strategy over this pool's experts
+            chosen = [name for name, strategy in self.moe.catalog.all().items() if self._runs_here(strategy)]
+        else:
+            chosen = [self.moe.strategy(s).name for s in strategies]
         return [EXPERT_PREFIX + n for n in dict.fromkeys(names)] + list(dict.fromkeys(chosen))
 
     def run(self, suite: str = "skills", *, strategies: Sequence[str] | None = None,
@@ -232,7 +246,7 @@ class LeaderboardRunner:
                     results[(entry, split)].seconds = seconds * len(qs) / len(everything)
                 progress(entry, len(everything))
             else:
-                strategy = get_strategy(entry)
+                strategy = self.moe.strategy(entry)
                 for split, qs in queries.items():
                     self._rewind(strategy)
                     t0 = time.perf_counter()
@@ -247,7 +261,7 @@ class LeaderboardRunner:
         for split, qs in queries.items():
             for entry in entries:
                 if not entry.startswith(EXPERT_PREFIX):
-                    self._rewind(get_strategy(entry))
+                    self._rewind(self.moe.strategy(entry))
             for q in qs:
                 for entry in entries:
                     part = results[(entry, split)]
@@ -256,7 +270,7 @@ class LeaderboardRunner:
                         [outcome] = self._expert(entry.removeprefix(EXPERT_PREFIX), [q], max_new)
                         outcomes, skipped = [outcome], 0
                     else:
-                        outcomes, skipped = self._strategy(get_strategy(entry), [q], max_new[split])
+                        outcomes, skipped = self._strategy(self.moe.strategy(entry), [q], max_new[split])
                     part.outcomes.extend(outcomes)
                     part.skipped += skipped
                     part.seconds += time.perf_counter() - t0
@@ -385,15 +399,15 @@ class LeaderboardRunner:
         first = next((q for qs in queries.values() for q in qs if q.metric != "multiple_choice"), None)
         for name in strategies:
             progress(f"fitting / loading {name}", 0)
-            strategy = get_strategy(name)
-            self.moe.router(strategy.router, strategy.router_params)
+            strategy = self.moe.strategy(name)
+            self.moe.router_for(strategy)
             self.moe.composer(strategy)
             if first is not None:
                 self.moe.run(strategy, [first.prompt], [first.task],
                              max_new_tokens=self.pool.token_budget([first.reference]))
 
     def _rewind(self, strategy: Strategy) -> None:
-        router = self.moe.router(strategy.router, strategy.router_params)
+        router = self.moe.router_for(strategy)
         if hasattr(router, "reset"):
             router.reset()
 

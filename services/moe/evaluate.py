@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from composer.engine_protocol import GenerateRequest
 from registry.errors import NotFoundError
 from services.moe.pool import ExpertPool
-from services.moe.strategies import MoE, Strategy, get_strategy
+from services.moe.strategies import MoE, Strategy
 from services.zoo.skills import SPLITS, Example, exact_match, make_split
 
 SUITES = ("skills",)
@@ -128,7 +128,7 @@ def evaluate(
     if name.startswith("expert:"):
         records = _expert_alone(moe, name.removeprefix("expert:"), examples, max_new)
     else:
-        records = strategy_records(moe, strategy if isinstance(strategy, Strategy) else get_strategy(name), examples, max_new)
+        records = strategy_records(moe, moe.strategy(strategy), examples, max_new)
     if progress:
         progress(len(examples))
     seconds = time.perf_counter() - t0

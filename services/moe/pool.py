@@ -28,6 +28,7 @@ from services.engines.hf import HFEngine
 ROUTING_ARTIFACT = "routing"
 ARTIFACT_FILE = "routing.safetensors"  # inside the artifact's folder in the store
 HEAD_ARTIFACT = "head"  # a router's own artifact over all its experts (expert_id NULL)
+HEADS_TRIED = 8  # stored heads read before training a new one
 
 log = logging.getLogger("moerge.moe")
 
@@ -176,8 +177,10 @@ class ExpertPool:
         every strategies replica) a retrain."""
         stored = self.registry.get_artifacts(router=router_name, kind=HEAD_ARTIFACT)
         stored = [a for a in stored if a.expert_id is None]
-        if stored and router.load_head(read_artifact(self.registry.artifact_path(stored[-1]) / ARTIFACT_FILE)):
-            return True
+        # newest first: strategies over different expert sets each keep a head of their own
+        for artifact in stored[::-1][:HEADS_TRIED]:
+            if router.load_head(read_artifact(self.registry.artifact_path(artifact) / ARTIFACT_FILE)):
+                return True
         router.retrain()
         self.registry.add_artifact(router_name, HEAD_ARTIFACT, artifact_bytes(router.head_artifact()),
                                    filename=ARTIFACT_FILE)

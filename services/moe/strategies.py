@@ -1,9 +1,11 @@
-"""Named strategies — (router, composer, params) triples — and the runtime that executes them.
+"""Named strategies — a router and a composer with their parameters, over an expert set — and
+the runtime that executes them.
 
 Every strategy is addressable by name (``moe/classifier``, ``moe/glider``, …) in the CLI, the
-Python API and (later) the gateway's ``model`` field. ``MoE`` builds a strategy's router on first
-use, loading each expert's stored routing artifact or fitting and storing it (``ExpertPool.fitted``),
-and executes decisions with the strategy's composer on the pool's engines.
+Python API and the gateway's ``model`` field. The built-ins are ``STRATEGIES``; users define more
+as data (services/moe/definitions.py, services/moe/catalog.py). ``MoE`` builds a strategy's router
+on first use, loading each expert's stored routing artifact or fitting and storing it
+(``ExpertPool.fitted``), and executes decisions with the strategy's composer on the pool's engines.
 """
 
 from __future__ import annotations
@@ -12,18 +14,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from composer import composer_class
 from composer.base import Completion, ComposeError
 from composer.engine_protocol import GenerateRequest
 from composer.ensemble import Ensemble
 from composer.merge import Merged
-from composer.mixture import TokenwiseMixture
 from composer.single import Single
 from composer.stitch import Stitch
 from registry.config import moerge_home
 from registry.errors import NotFoundError
-from routers import QUERY_ROUTERS, TOKEN_ROUTERS
+from routers import router_class
 from routers.base import Decision, ExpertExample, ExpertInfo, MixtureSpec, RouteRequest
 from routers.embedder import get_embedder
+from routers.params import artifact_key
+from services.moe.expert_sets import Candidate, select_experts, split_expert_set, strategy_kinds
 from services.moe.pool import ExpertPool
 from services.zoo.skills import SKILLS, exact_match, format_prompt
 
@@ -31,15 +35,20 @@ from services.zoo.skills import SKILLS, exact_match, format_prompt
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    router: str
-    composer: str  # single | vote | weighted-vote | mixture | merge | stitch
+    router: str  # a name in routers.ROUTERS (or a plugin's)
+    composer: str  # a name in composer.COMPOSERS (or a plugin's): single | vote | weighted-vote | …
     description: str
     router_params: dict = field(default_factory=dict)
     composer_params: dict = field(default_factory=dict)
+    # expert names and filters (services/moe/definitions.py); empty: every expert the methods take
+    experts: tuple[str, ...] = ()
+    fallback: str | None = None  # answers when the router chooses no expert, or the chosen ones fail
+    source: str = "builtin"  # builtin | file:<path> | registry
 
     @property
     def level(self) -> str:
-        return "token" if self.router in TOKEN_ROUTERS else "query"
+        cls = router_class(self.router)
+        return cls.level if cls is not None else "query"
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -77,6 +86,7 @@ STRATEGIES: dict[str, Strategy] = {
 
 
 def get_strategy(name: str) -> Strategy:
+    """A built-in strategy by name (``MoE.strategy`` also finds the file's and the registry's)."""
     key = name if name.startswith("moe/") else f"moe/{name}"
     if key not in STRATEGIES:
         raise NotFoundError(f"unknown strategy {name!r}; `moerge strategies list` shows them")
@@ -95,67 +105,133 @@ class Routed:
 
 
 class MoE:
-    """Strategies over one ``ExpertPool``: routers built lazily, decisions executed by composers."""
+    """Strategies over one ``ExpertPool``: routers built lazily, decisions executed by composers.
+    ``catalog``: where strategy names are looked up (default: the pool registry's built-ins, file
+    and stored strategies, ``services.moe.catalog``)."""
 
-    def __init__(self, pool: ExpertPool, *, seed: int = 0) -> None:
+    def __init__(self, pool: ExpertPool, *, seed: int = 0, catalog=None) -> None:  # noqa: ANN001
         self.pool = pool
         self.seed = seed
+        self._catalog = catalog
         self._routers: dict[str, object] = {}
+        # by the whole definition (``repr``): a strategy removed and defined again differently
+        # gets its own composer and expert set
         self._composers: dict[str, object] = {}
+        self._experts: dict[str, list[str]] = {}
         self.fit_seconds: dict[str, dict[str, float]] = {}
         self._mixture_experts: set[str] = set()
-        # router name -> {expert: why the router left it out}; reported in each answer's provenance
+        # router key -> {expert: why the router left it out}; reported in each answer's provenance
         self.left_out: dict[str, dict[str, str]] = {}
+
+    @property
+    def catalog(self):  # noqa: ANN201 - a StrategyCatalog (imported late: it imports this module)
+        if self._catalog is None:
+            from services.moe.catalog import StrategyCatalog
+
+            self._catalog = StrategyCatalog(self.pool.registry)
+        return self._catalog
+
+    def strategy(self, strategy: Strategy | str) -> Strategy:
+        return self.catalog.get(strategy) if isinstance(strategy, str) else strategy
+
+    # ------------------------------------------------------------------ experts
+
+    def experts_of(self, strategy: Strategy) -> list[str]:
+        """The pool's experts ``strategy`` may choose: its expert set, of the kinds its router and
+        composer take. A composer that cannot take some of them (a merge and a DoRA adapter)
+        leaves them out, and its reasons are kept for the answers' provenance."""
+        key = repr(strategy)
+        if key not in self._experts:
+            self._experts[key] = self._select_experts(strategy)
+        return self._experts[key]
+
+    def _select_experts(self, strategy: Strategy) -> list[str]:
+        kinds = strategy_kinds(strategy)
+        base = self.pool.base.name
+        candidates = [Candidate(n, e.kind, base, e.domains, e.skills) for n, e in self.pool.experts.items()]
+        names, _ = split_expert_set(strategy.experts)
+        missing = [n for n in names if n not in self.pool.experts]
+        if missing:
+            raise ComposeError(f"{strategy.name}: {', '.join(missing)} not among the ready experts on base {base}")
+        chosen = [n for n in select_experts(strategy.experts, candidates) if self.pool.experts[n].kind in kinds]
+        usable = getattr(composer_class(strategy.composer), "usable", None)
+        if usable is not None:
+            paths = {n: self.pool.experts[n].adapter_path for n in chosen}
+            keep, left_out = usable(paths)
+            self.left_out[f"composer:{strategy.name}"] = left_out
+            chosen = [n for n in chosen if n in keep]
+        if not chosen:
+            why = self.left_out.get(f"composer:{strategy.name}") or {}
+            raise ComposeError(f"{strategy.name}: none of the ready experts on base {base} fits its expert set"
+                               + (" (" + "; ".join(f"{n}: {w}" for n, w in why.items()) + ")" if why else ""))
+        return chosen
 
     # ------------------------------------------------------------------ routers
 
     @staticmethod
-    def _router_key(name: str, params: dict | None) -> str:
-        return name + "".join(f":{k}={v}" for k, v in sorted((params or {}).items()))
+    def _router_key(name: str, params: dict | None, experts: list[str] | None = None) -> str:
+        key = name + "".join(f":{k}={v}" for k, v in sorted((params or {}).items()))
+        return key + ("|" + ",".join(experts) if experts is not None else "")
 
-    def router(self, name: str, params: dict | None = None):
-        params = dict(params or {})
-        key = self._router_key(name, params)
-        if key in self._routers:
-            return self._routers[key]
-        experts = self.pool.names("adapter") if name in TOKEN_ROUTERS else self.pool.names()
-        if name == "all":  # the merge strategies' router: every adapter a ΔW merge can take
-            experts = list(mergeable(self.pool.adapters())[0])
-        if name == "glider":
-            # GLIDER's local part is PHATGOOSE's gates: reuse them rather than training again
-            params.setdefault("local", self.router("phatgoose"))  # its embedder defaults to MiniLM
-        elif name in ("classifier", "semantic", "retrieval"):
+    def _supply(self, need: str, params: dict, experts: list[str]) -> None:
+        """What a router declares it needs (``needs``), from this runtime; a parameter given
+        explicitly wins."""
+        if need == "embedder":
             params.setdefault("embedder", get_embedder())
-        elif name == "skill":
-            params.setdefault("embedder", get_embedder())
+        elif need == "validation":
             params.setdefault("evaluate_fn", self.validation_correctness)
-            params.setdefault("validation_examples", self.validation_pool())
+            params.setdefault("validation_examples", self.validation_pool(experts))
+        elif need == "task_skills":
             params.setdefault("task_skills", suite_task_skills())
-        elif name == "best-single":
-            params.setdefault("evaluate_fn", self.validation_correctness)
-            params.setdefault("validation_examples", self.validation_pool())
-        elif name == "random":
+        elif need == "seed":
             params.setdefault("seed", self.seed)
-        cls = TOKEN_ROUTERS.get(name) or QUERY_ROUTERS.get(name)
+        elif need == "local":  # GLIDER's local part is PHATGOOSE's gates: reused, not trained again
+            params.setdefault("local", self.router("phatgoose", None, experts))
+
+    def router(self, name: str, params: dict | None = None, experts: list[str] | None = None):
+        """The router ``name`` with ``params`` over ``experts`` (default: every pool expert of the
+        kinds it takes), built once: stored artifacts loaded, missing ones fitted and stored."""
+        cls = router_class(name)
         if cls is None:
             raise NotFoundError(f"unknown router {name!r}")
+        given = dict(params or {})
+        default = [n for n, e in self.pool.experts.items() if e.kind in cls.kinds]
+        experts = default if experts is None else list(experts)
+        key = self._router_key(name, given, None if experts == default else experts)
+        if key in self._routers:
+            return self._routers[key]
+        params = dict(given)
+        for need in sorted(cls.needs):
+            self._supply(need, params, experts)
         router = cls(**params)
+        # artifacts a fitting parameter changed are kept apart from the defaults' (routers/params.py)
+        stored_as = artifact_key(name, cls.PARAMS, given)
         left_out: dict[str, str] = {}
-        self.fit_seconds[key] = self.pool.fitted(router, name, experts, left_out=left_out)
+        self.fit_seconds[key] = self.pool.fitted(router, stored_as, experts, left_out=left_out)
         if experts and len(left_out) == len(experts):
             raise ComposeError(f"router {name!r} can use none of the experts: "
                                + "; ".join(f"{n}: {why}" for n, why in left_out.items()))
         self.left_out[key] = left_out
-        if hasattr(router, "retrain"):  # the classifier's head over every expert: stored, or trained here
+        if "head" in cls.needs:  # the classifier's head over every expert: stored, or trained here
             t0 = time.perf_counter()
-            if not self.pool.restore_head(router, name):
+            if not self.pool.restore_head(router, stored_as):
                 self.fit_seconds[key]["(retrain)"] = time.perf_counter() - t0
         self._routers[key] = router
         return router
 
+    def _strategy_router_key(self, strategy: Strategy) -> str:
+        cls = router_class(strategy.router)
+        experts = self.experts_of(strategy)
+        default = [n for n, e in self.pool.experts.items() if cls is not None and e.kind in cls.kinds]
+        return self._router_key(strategy.router, strategy.router_params, None if experts == default else experts)
+
+    def router_for(self, strategy: Strategy):
+        """The router of ``strategy``, over its expert set."""
+        return self.router(strategy.router, strategy.router_params, self.experts_of(strategy))
+
     def route(self, strategy: Strategy | str, prompt: str, task: str | None = None) -> Routed:
-        strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
-        router = self.router(strategy.router, strategy.router_params)
+        strategy = self.strategy(strategy)
+        router = self.router_for(strategy)
         t0 = time.perf_counter()
         decision = router.route(RouteRequest(prompt, task))
         return Routed(decision, (time.perf_counter() - t0) * 1000)
@@ -163,30 +239,29 @@ class MoE:
     # ------------------------------------------------------------------ composers
 
     def composer(self, strategy: Strategy):
-        if strategy.name in self._composers:
-            return self._composers[strategy.name]
+        key = repr(strategy)
+        if key in self._composers:
+            return self._composers[key]
         kind, params = strategy.composer, dict(strategy.composer_params)
-        if kind == "single":
-            composer = Single()
-        elif kind in ("vote", "weighted-vote"):
-            composer = Ensemble(vote="majority" if kind == "vote" else "weighted", **params)
-        elif kind == "merge":
-            adapters, left_out = mergeable(self.pool.adapters())
-            if not adapters:
-                raise ComposeError(f"strategy {strategy.name}: no adapter can be merged ("
-                                   + "; ".join(f"{n}: {why}" for n, why in left_out.items()) + ")")
-            self.left_out[f"composer:{strategy.name}"] = left_out
-            composer = Merged(self.pool.base_path, adapters, moerge_home() / "cache" / "merged",
-                              weighting="uniform", trust_remote_code=bool(self.pool.base.trust_remote_code),
-                              **params)
-        elif kind == "stitch":
-            composer = Stitch(self.router(strategy.router, strategy.router_params), make_step_prompt=zoo_step_prompt)
-        elif kind == "mixture":
-            _, mix = self.pool.mixture_engine()
-            composer = TokenwiseMixture(mix, max_batch_size=self.pool.max_batch_size)
-        else:
+        cls = composer_class(kind)
+        if cls is None:
             raise ComposeError(f"strategy {strategy.name}: unknown composer {kind!r}")
-        self._composers[strategy.name] = composer
+        if cls is Single:
+            composer = Single(fallback=strategy.fallback or params.get("fallback"))
+        elif cls is Merged:
+            paths = self.pool.adapters()
+            adapters = {n: paths[n] for n in self.experts_of(strategy)}
+            params.setdefault("weighting", "uniform")
+            composer = Merged(self.pool.base_path, adapters, moerge_home() / "cache" / "merged",
+                              trust_remote_code=bool(self.pool.base.trust_remote_code), **params)
+        elif cls is Stitch:
+            composer = Stitch(self.router_for(strategy), make_step_prompt=zoo_step_prompt, **params)
+        elif cls.level == "token":  # the MoLoRA mixture (composer.mixture; numba, imported on use)
+            _, mix = self.pool.mixture_engine()
+            composer = cls(mix, max_batch_size=self.pool.max_batch_size)
+        else:  # the ensembles, and plugin composers: built from their declared parameters alone
+            composer = cls(**params)
+        self._composers[key] = composer
         return composer
 
     def _prepare_mixture(self, router, spec: MixtureSpec) -> None:
@@ -216,7 +291,7 @@ class MoE:
         messages, …); they hold for every generation the strategy makes (each recruit, each
         stitched step, the aggregator). ``conversations``: each prompt's own chat messages, where
         prompts of different chats share one call."""
-        strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+        strategy = self.strategy(strategy)
         routed = self.route_many(strategy, prompts, tasks)
         return self.answer(strategy, prompts, routed, conversations, **sampling)
 
@@ -225,7 +300,7 @@ class MoE:
         """``run``'s first half: the router and the composer built (a bad composer fails before
         any routing), then one decision per prompt."""
         tasks = list(tasks) if tasks is not None else [None] * len(prompts)
-        self.router(strategy.router, strategy.router_params)
+        self.router_for(strategy)
         self.composer(strategy)
         return [self.route(strategy, p, t) for p, t in zip(prompts, tasks)]
 
@@ -245,9 +320,9 @@ class MoE:
             requests = [GenerateRequest(p, None, **sampling) for p in prompts]
         else:
             requests = [GenerateRequest(p, None, **{**sampling, "messages": c}) for p, c in zip(prompts, conversations)]
-        if isinstance(composer, TokenwiseMixture):
+        if composer.level == "token":
             engine, _ = self.pool.mixture_engine()
-            router = self.router(strategy.router, strategy.router_params)
+            router = self.router_for(strategy)
             for r in routed:
                 self._prepare_mixture(router, r.decision)
             completions = composer.execute_batch([r.decision for r in routed], requests, engine)
@@ -256,10 +331,10 @@ class MoE:
         else:
             engine = self.pool.local_engine if isinstance(composer, Merged) else self.pool.engine
             completions = [composer.execute(r.decision, q, engine) for r, q in zip(routed, requests)]
-        left_out = {**self.left_out.get(self._router_key(strategy.router, strategy.router_params), {}),
+        left_out = {**self.left_out.get(self._strategy_router_key(strategy), {}),
                     **self.left_out.get(f"composer:{strategy.name}", {})}
-        if strategy.router == "glider":  # its local part is PHATGOOSE's
-            left_out = {**self.left_out.get("phatgoose", {}), **left_out}
+        if "local" in router_class(strategy.router).needs:  # GLIDER: its local part is PHATGOOSE's
+            left_out = {**self.left_out.get(self._router_key("phatgoose", {}), {}), **left_out}
         if left_out:
             for completion in completions:
                 completion.provenance.info.setdefault("left_out", left_out)
@@ -267,10 +342,13 @@ class MoE:
 
     # ------------------------------------------------------------------ validation results
 
-    def validation_pool(self) -> list[ExpertExample]:
-        """Every expert's validation examples: the shared pool each expert is profiled on."""
+    def validation_pool(self, experts: Sequence[str] | None = None) -> list[ExpertExample]:
+        """The validation examples of ``experts`` (default: every pool expert): the shared pool each
+        expert is profiled on."""
         seen, pool = set(), []
-        for info in self.pool.experts.values():
+        for name, info in self.pool.experts.items():
+            if experts is not None and name not in experts:
+                continue
             for ex in info.examples:
                 if ex.split == "validation" and ex.prompt not in seen:
                     seen.add(ex.prompt)
@@ -285,40 +363,7 @@ class MoE:
         return [exact_match(r.text, e.reference) for r, e in zip(results, examples)]
 
 
-def mergeable(adapters: dict) -> tuple[dict, dict[str, str]]:
-    """The adapters a ΔW merge can combine, and why the others are left out: peft's weighted merge
-    takes each layer's LoRA delta only, so a DoRA adapter would lose its magnitudes and one with
-    modules_to_save its own modules."""
-    import json
-
-    keep, left_out = {}, {}
-    for name, path in adapters.items():
-        try:
-            config = json.loads((path / "adapter_config.json").read_text())
-        except (OSError, ValueError):
-            config = {}
-        if config.get("use_dora"):
-            left_out[name] = "a DoRA adapter: a ΔW merge would drop its magnitude vectors"
-        elif config.get("modules_to_save"):
-            left_out[name] = f"modules_to_save ({', '.join(config['modules_to_save'])}) cannot be merged"
-        else:
-            keep[name] = path
-    return keep, left_out
-
-
 def suite_task_skills() -> dict[str, list[str]]:
     """Skill keywords per task of the built-in skills suite (Symbolic-MoE's per-question skills;
     here the suite's own tags stand in for the paper's LLM-written keywords)."""
     return {name: [name, *skill.tags] for name, skill in SKILLS.items()}
-
-
-def expert_for_task(pool: ExpertPool) -> dict[str, str]:
-    """Gold task → the adapter expert trained on it (the oracle's mapping; for routing accuracy)."""
-    out: dict[str, str] = {}
-    for name, info in pool.experts.items():
-        if info.kind != "adapter":
-            continue
-        for ex in info.examples:
-            if ex.split == "train" and ex.task:
-                out.setdefault(ex.task, name)
-    return out

@@ -22,7 +22,7 @@ too, on an engine of its own in ``models``; a restart gives the base its multipl
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -53,7 +53,8 @@ from services.serving.engine_server import INTERNAL_LOGGING, engine_deployment
 from services.serving.lookup import ExpertLookup, ExpertRow
 from services.serving.rate_limits import SharedRateLimiter
 from services.serving.remote import RemoteEngine, Targets, acall_with_retry
-from services.serving.strategy_host import StrategyHost, servable_strategies
+from services.moe.catalog import StrategyCatalog
+from services.serving.strategy_host import StrategyHost, servable_strategies, served_names
 
 APP_NAME = "moerge"
 
@@ -65,10 +66,12 @@ class StrategyServer:
     """Ray Serve deployment around a ``StrategyHost`` whose engine is the remote engines."""
 
     def __init__(self, engines: dict[str, DeploymentHandle], models: DeploymentHandle, names: list[str] | None,
-                 refresh_interval_s: float) -> None:
+                 refresh_interval_s: float, strategies_file: str | None = None) -> None:
         targets = Targets(engines, models)
-        self.host = StrategyHost(Registry(), names, engine_factory=lambda pool: RemoteEngine(pool, targets),
-                                 refresh_interval_s=refresh_interval_s)
+        registry = Registry()
+        catalog = StrategyCatalog(registry, file=strategies_file, refresh_interval_s=refresh_interval_s)
+        self.host = StrategyHost(registry, names, engine_factory=lambda pool: RemoteEngine(pool, targets),
+                                 refresh_interval_s=refresh_interval_s, catalog=catalog)
         self._batches: PacedBatcher | None = None
 
     def names(self) -> list[str]:
@@ -116,20 +119,42 @@ class StrategyServer:
 _CALLS_KEPT = 4096
 
 
+class RemoteStrategies(Mapping):
+    """Strategy callables by name over a live list of names (``served_names``): a strategy a
+    user adds is served by the gateway replicas as soon as the strategies replica serves it."""
+
+    def __init__(self, names: Callable[[], list[str]], call_of: Callable[[str], Any]) -> None:
+        self._names, self._call_of, self._calls = names, call_of, {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._names():
+            raise KeyError(name)
+        if name not in self._calls:
+            self._calls[name] = self._call_of(name)
+        return self._calls[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
 class RayBackend(LocalBackend):
     """``LocalBackend``'s registry side (models, registration, removal, external experts) with the
     engines and strategies behind Ray Serve handles."""
 
     def __init__(self, registry: Registry, engines: dict[str, DeploymentHandle], models: DeploymentHandle,
                  strategies: DeploymentHandle, strategy_names: list[str],
-                 engine_for_base: Any = None) -> None:
+                 engine_for_base: Any = None, catalog: StrategyCatalog | None = None) -> None:
         super().__init__(registry, engine_for_base=engine_for_base)
+        self.catalog = catalog or StrategyCatalog(registry)
         self.lookup = ExpertLookup(registry)  # the per-request read, without SQLite's write lock
         self.targets = Targets(engines, models)
         self.strategies = strategies
         self._calls: dict[tuple[str, str], Any] = {}  # _generate_call's
-        for name in strategy_names:
-            self.add_strategy(name, self._strategy_call(name))
+        # the strategies replica serves the configured ones and every one stored since: so do we
+        self.add_strategies(RemoteStrategies(lambda: served_names(strategy_names, self.catalog), self._strategy_call))
 
     def _generate_call(self, handle: DeploymentHandle, mid: str) -> Any:
         """``handle.options(multiplexed_model_id=mid).generate``, made once per expert: ``options``
@@ -236,8 +261,10 @@ class RayBackend(LocalBackend):
 @serve.ingress()
 class Gateway:
     def __init__(self, engines: dict[str, DeploymentHandle], models: DeploymentHandle, strategies: DeploymentHandle,
-                 strategy_names: list[str], settings: dict[str, Any], engines_config: dict[str, Any] | None = None) -> None:
+                 strategy_names: list[str], settings: dict[str, Any], engines_config: dict[str, Any] | None = None,
+                 strategies_file: str | None = None) -> None:
         self.registry = Registry()
+        self.catalog = StrategyCatalog(self.registry, file=strategies_file)
         served = EnginesConfig.model_validate(engines_config or {})
 
         def engine_for_base(base: str) -> tuple[str, dict[str, Any]]:
@@ -245,13 +272,13 @@ class Gateway:
             return cfg.engine, cfg.engine_args
 
         self.backend = RayBackend(self.registry, engines, models, strategies, strategy_names,
-                                  engine_for_base=engine_for_base)
+                                  engine_for_base=engine_for_base, catalog=self.catalog)
         self.settings = GatewaySettings(**settings)
         # one set of per-key windows for every gateway replica (rate_limits.py)
         self.limiter = SharedRateLimiter(self.settings.rate_window_s)
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.backend, self.registry, self.settings, limiter=self.limiter)
+        return create_app(self.backend, self.registry, self.settings, limiter=self.limiter, catalog=self.catalog)
 
 
 # ------------------------------------------------------------------------------------ the graph
@@ -314,16 +341,16 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
                                num_cpus=m.num_cpus, num_gpus=m.num_gpus).bind(None, config.engines.default.engine,
                                                                               config.engines.default.engine_args)
     s = config.strategies
-    names = servable_strategies(s.names)
+    names = servable_strategies(s.names, StrategyCatalog(registry, file=s.file))  # a bad file fails here, at once
     strategies = serve.deployment(StrategyServer, name="strategies", num_replicas=s.replicas,
                                   ray_actor_options={"num_cpus": s.num_cpus,
                                                      "runtime_env": _runtime_env_with(STRATEGIES_RAY_ENV)},
                                   max_ongoing_requests=64, logging_config=INTERNAL_LOGGING,
-                                  ).bind(engines, models, names, s.refresh_interval_s)
+                                  ).bind(engines, models, names, s.refresh_interval_s, s.file)
     g = config.gateway
     settings = {"require_keys": g.require_keys, "request_timeout_s": g.request_timeout_s}
     return serve.deployment(Gateway, name="gateway", num_replicas=g.replicas,
                             ray_actor_options={"num_cpus": g.num_cpus,
                                                "runtime_env": _runtime_env_with(GATEWAY_RAY_ENV)},
                             max_ongoing_requests=256).bind(engines, models, strategies, names, settings,
-                                                           config.engines.model_dump())
+                                                           config.engines.model_dump(), s.file)

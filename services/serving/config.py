@@ -63,7 +63,9 @@ class ModelsConfig(_Strict):
 class StrategiesConfig(_Strict):
     replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, ge=0)
-    names: list[str] | None = None  # None: every query-level strategy
+    names: list[str] | None = None  # None: every strategy that needs no gold task
+    # a YAML file of strategy definitions (docs/strategies.md); default: $MOERGE_STRATEGIES
+    file: str | None = None
     refresh_interval_s: float = Field(1.0, ge=0)  # how often the registry is checked for new experts
 
 

@@ -5,6 +5,8 @@ A ``StrategyHost`` wraps the ``MoE`` runtime for a long-running server. It watch
 builds a fresh ``ExpertPool`` + ``MoE``: routing artifacts are stored per expert, so only a newly
 registered expert is fitted (the classifier retrains its head) and a removed one simply drops out.
 That is what makes hot registration work without a restart, in-process and on Ray alike.
+Strategies users define are read from the registry the same way (``StrategyCatalog``): one added
+over the API is served within ``refresh_interval_s``, on the pool of its experts' base.
 
 A query-level decision whose top expert fails on the engine falls back to the next expert the
 router ranked (the provenance says so); when every ranked expert fails, the error reaches the
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 
 from composer.base import Completion, ComposeError
@@ -24,23 +26,41 @@ from registry.errors import NotFoundError
 from registry.service import Registry
 from routers.base import Decision
 from services.moe.pool import ExpertPool
-from services.moe.strategies import STRATEGIES, MoE, Routed, Strategy, get_strategy
+from routers import router_class
+from services.moe.catalog import StrategyCatalog
+from services.moe.definitions import check_against_registry
+from services.moe.strategies import STRATEGIES, MoE, Routed, Strategy
 
-# strategies that need the gold task of a query cannot be served: a live query has none
-NEEDS_GOLD_TASK = {"moe/oracle"}
+
+def needs_gold_task(strategy: Strategy) -> bool:
+    """A strategy whose router needs each query's gold task (the oracle) cannot be served: a live
+    query has none."""
+    cls = router_class(strategy.router)
+    return cls is not None and "gold_task" in cls.needs
 
 
-def servable_strategies(names: list[str] | None = None) -> list[str]:
-    """The strategies a server offers: ``names`` (checked) or every one that needs no gold task."""
+def servable_strategies(names: list[str] | None = None, catalog: StrategyCatalog | None = None) -> list[str]:
+    """The strategies a server offers at start: ``names`` (checked) or every one that needs no
+    gold task (the built-ins, and the catalog's file and registry strategies)."""
+    known = catalog.all() if catalog is not None else STRATEGIES
     if names is None:
-        return [n for n in STRATEGIES if n not in NEEDS_GOLD_TASK]
+        return [n for n, s in known.items() if not needs_gold_task(s)]
     out = []
     for name in names:
-        strategy = get_strategy(name)  # NotFoundError names the unknown one
-        if strategy.name in NEEDS_GOLD_TASK:
+        strategy = catalog.get(name) if catalog is not None else known.get(name if name.startswith("moe/") else f"moe/{name}")
+        if strategy is None:
+            raise NotFoundError(f"unknown strategy {name!r}; `moerge strategies list` shows them")
+        if needs_gold_task(strategy):
             raise NotFoundError(f"{strategy.name} needs each query's gold task; it can be evaluated, not served")
         out.append(strategy.name)
     return out
+
+
+def served_names(configured: list[str], catalog: StrategyCatalog) -> list[str]:
+    """``configured`` (``servable_strategies``), then every strategy stored in the registry."""
+    stored = [n for n, s in catalog.user().items()
+              if s.source == "registry" and n not in configured and not needs_gold_task(s)]
+    return configured + stored
 
 
 class StrategyHost:
@@ -52,15 +72,19 @@ class StrategyHost:
         engine_factory: Callable[[ExpertPool], object] | None = None,
         refresh_interval_s: float = 1.0,
         seed: int = 0,
+        catalog: StrategyCatalog | None = None,
     ) -> None:
         self.registry = registry
-        self.names = servable_strategies(names)
+        self.catalog = catalog or StrategyCatalog(registry, refresh_interval_s=refresh_interval_s)
+        self._configured = servable_strategies(names, self.catalog)
         # builds the engine query-level composers use for a pool (Ray: the remote engine);
         # None: the pool's own in-process hf engine
         self._engine_factory = engine_factory
         self.refresh_interval_s = refresh_interval_s
         self.seed = seed
-        self._moe: MoE | None = None
+        self._moe: MoE | None = None  # over the default pool (the base with the most experts)
+        self._moes: dict[str, MoE] = {}  # other bases' pools, for strategies over their experts
+        self._bases: dict[str, str] = {}  # strategy definition -> the base of its expert set
         self._fingerprint: tuple | None = None
         self._checked_at = 0.0
         self._lock = threading.Lock()  # one request at a time: routers and hf engines are not thread-safe
@@ -71,26 +95,47 @@ class StrategyHost:
     def _current_fingerprint(self) -> tuple:
         return tuple(sorted((e.id, e.updated_at.isoformat()) for e in self.registry.list_experts(status="ready")))
 
-    def moe(self) -> MoE:
-        """The runtime over the registry's current experts (rebuilt when they changed)."""
+    @property
+    def names(self) -> list[str]:
+        """What this host serves now: the strategies configured at start, and every one stored in
+        the registry since (``moerge strategies add``, ``POST /v1/strategies``)."""
+        return served_names(self._configured, self.catalog)
+
+    def _pool_moe(self, base: str | None) -> MoE:
+        pool = ExpertPool(self.registry, base)
+        if self._engine_factory is not None:
+            pool.attach_engine(self._engine_factory(pool))
+        return MoE(pool, seed=self.seed, catalog=self.catalog)
+
+    def moe(self, strategy: Strategy | None = None) -> MoE:
+        """The runtime over the registry's current experts (rebuilt when they changed): the
+        default pool's, or the pool of the base ``strategy``'s expert set is on."""
         now = time.monotonic()
-        if self._moe is not None and now - self._checked_at < self.refresh_interval_s:
+        if self._moe is None or now - self._checked_at >= self.refresh_interval_s:
+            self._checked_at = now
+            fingerprint = self._current_fingerprint()
+            if self._moe is None or fingerprint != self._fingerprint:
+                self._moes, self._bases = {}, {}
+                self._moe = self._pool_moe(None)
+                self._fingerprint = fingerprint
+                self.rebuilds += 1
+        base = self._base_of(strategy) if strategy is not None and strategy.experts else ""
+        if not base or base == self._moe.pool.base.name:
             return self._moe
-        self._checked_at = now
-        fingerprint = self._current_fingerprint()
-        if self._moe is None or fingerprint != self._fingerprint:
-            pool = ExpertPool(self.registry)
-            if self._engine_factory is not None:
-                pool.attach_engine(self._engine_factory(pool))
-            self._moe = MoE(pool, seed=self.seed)
-            self._fingerprint = fingerprint
-            self.rebuilds += 1
-        return self._moe
+        if base not in self._moes:
+            self._moes[base] = self._pool_moe(base)
+        return self._moes[base]
+
+    def _base_of(self, strategy: Strategy) -> str:
+        key = repr(strategy)  # the whole definition: one removed and defined again is looked up again
+        if key not in self._bases:
+            self._bases[key] = check_against_registry(strategy, self.registry.list_experts(status="ready"))
+        return self._bases[key]
 
     # ------------------------------------------------------------------ answering
 
     def _served(self, name: str) -> Strategy:
-        strategy = get_strategy(name)
+        strategy = self.catalog.get(name)
         if strategy.name not in self.names:
             raise NotFoundError(f"strategy {strategy.name} is not served here (served: {', '.join(self.names)})")
         return strategy
@@ -133,7 +178,7 @@ class StrategyHost:
             if isinstance(exc, RequestError) or strategy.level != "query" or strategy.composer != "single":
                 raise
             with self._lock:
-                completion, routed = self._fall_back(self.moe(), strategy, prompt, exc, sampling)
+                completion, routed = self._fall_back(self.moe(strategy), strategy, prompt, exc, sampling)
         completion.provenance.decision_info = {**completion.provenance.decision_info, "router_ms": routed.router_ms}
         return completion
 
@@ -144,7 +189,7 @@ class StrategyHost:
         generation on the engine deployments then runs beside other requests' routing (a stream's
         ``decide``, the next batch) instead of holding them for its whole length."""
         with self._lock:
-            moe = self.moe()
+            moe = self.moe(strategy)
             if self._engine_factory is None or not moe.answers_without_routers(strategy):
                 return moe.run(strategy, prompts, conversations=conversations, **sampling)
             routed = moe.route_many(strategy, prompts)
@@ -158,7 +203,7 @@ class StrategyHost:
         if strategy.level != "query" or strategy.composer != "single":
             return None
         with self._lock:
-            routed = self.moe().route(strategy, prompt)
+            routed = self.moe(strategy).route(strategy, prompt)
         info = {**routed.decision.info, "router_ms": routed.router_ms}
         return Routed(replace(routed.decision, info=info), routed.router_ms)
 
@@ -171,8 +216,11 @@ class StrategyHost:
         decision: Decision = routed.decision  # type: ignore[assignment]
         failed = [decision.top]
         errors = [str(first)]
-        for i in range(1, len(decision.experts)):
-            rest = Decision(decision.router, decision.experts[i:], dict(decision.info))
+        ranked = list(decision.experts)
+        if strategy.fallback is not None and strategy.fallback not in {name for name, _ in ranked}:
+            ranked.append((strategy.fallback, 0.0))  # the strategy's fallback expert, last
+        for i in range(1, len(ranked)):
+            rest = Decision(decision.router, ranked[i:], dict(decision.info))
             rest.info["fallback"] = f"{', '.join(map(str, failed))} failed on the engine; {rest.top} answered"
             try:
                 completion = moe.composer(strategy).execute(
@@ -185,13 +233,29 @@ class StrategyHost:
         raise EngineError(f"{strategy.name}: every ranked expert failed ({'; '.join(errors)})")
 
 
-def backend_strategies(host: StrategyHost) -> dict:
-    """The host's strategies as ``LocalBackend`` strategy callables ``(prompt, params) -> Completion``."""
+class HostStrategies(Mapping):
+    """The host's strategies as ``LocalBackend`` strategy callables ``(prompt, params) ->
+    Completion``, by name: a live view, so a strategy added to the registry is served without a
+    restart."""
 
-    def one(name: str):
-        def call(prompt: str, params) -> Completion:
-            return host.complete(name, prompt, **params.generation())
+    def __init__(self, host: StrategyHost) -> None:
+        self.host = host
+
+    def __getitem__(self, name: str) -> Callable:
+        if name not in self.host.names:
+            raise KeyError(name)
+
+        def call(prompt: str, params) -> Completion:  # noqa: ANN001 - SamplingParams
+            return self.host.complete(name, prompt, **params.generation())
 
         return call
 
-    return {name: one(name) for name in host.names}
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.host.names)
+
+    def __len__(self) -> int:
+        return len(self.host.names)
+
+
+def backend_strategies(host: StrategyHost) -> HostStrategies:
+    return HostStrategies(host)
