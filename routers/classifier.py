@@ -39,7 +39,8 @@ from torch import nn
 
 from routers.base import Artifact, Decision, ExpertInfo, RouteRequest
 from routers.common import EmbeddingRouter, primary_domain
-from routers.embedder import Embedder, mean_pool, run_layers
+from routers.bert_layers import run_layers
+from routers.embedder import Embedder, mean_pool
 from routers.params import Param
 
 OTHER = "other"

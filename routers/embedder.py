@@ -25,11 +25,9 @@ the weights serves every router in a process. ``set_embedder`` injects another (
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import os
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -37,6 +35,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from routers.bert_layers import MATMUL_DTYPE, run_layers, steppable
 
 log = logging.getLogger(__name__)
 
@@ -50,73 +50,6 @@ def minilm_path() -> Path:
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-
-def _steppable(layer: torch.nn.Module) -> bool:
-    """Whether ``_bert_layer`` reproduces this layer: a transformers BertLayer in eval mode with sdpa
-    attention, no chunked feed-forward, no cross-attention (all true for MiniLM as loaded here)."""
-    att = getattr(getattr(layer, "attention", None), "self", None)
-    config = getattr(att, "config", None)
-    return (
-        config is not None
-        and hasattr(att, "scaling")
-        and not layer.training
-        and config._attn_implementation == "sdpa"
-        and not getattr(layer, "chunk_size_feed_forward", 0)
-        and not getattr(layer, "add_cross_attention", False)
-    )
-
-
-# dtype of the stepped layers' matmuls (None: the weights' own), set by ``Embedder.query_context``
-_MATMUL_DTYPE: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar("matmul_dtype", default=None)
-# Linear -> (weight version, weight, bias) cast to that dtype; the version catches in-place training
-_CAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if type(module) is not torch.nn.Linear:  # e.g. a quantised linear: its own forward
-        return module(x)
-    dtype = _MATMUL_DTYPE.get()
-    if dtype is None or dtype == module.weight.dtype:
-        return F.linear(x, module.weight, module.bias)
-    w = module.weight
-    key = (None if w.is_inference() else w._version, dtype)
-    cached = _CAST.get(module)
-    if cached is None or cached[0] != key:
-        bias = module.bias.to(dtype) if module.bias is not None else None
-        cached = _CAST[module] = (key, w.to(dtype), bias)
-    return F.linear(x.to(dtype), cached[1], cached[2]).to(x.dtype)
-
-
-def _bert_layer(layer: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """transformers' BertLayer forward (eval, sdpa), kernel for kernel in the same order — so the
-    same numbers — without its Python: module dispatch and a signature inspection on every call
-    (``apply_chunking_to_forward``) cost ~0.3 ms per layer, a fifth of a routing decision."""
-    att, out = layer.attention.self, layer.attention.output
-    shape = (*hidden.shape[:-1], -1, att.attention_head_size)
-    q = _linear(att.query, hidden).view(shape).transpose(1, 2)
-    k = _linear(att.key, hidden).view(shape).transpose(1, 2)
-    v = _linear(att.value, hidden).view(shape).transpose(1, 2)
-    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=att.scaling, is_causal=False)
-    ctx = ctx.transpose(1, 2).contiguous().reshape(*hidden.shape[:-1], -1)
-    ln = out.LayerNorm
-    hidden = F.layer_norm(_linear(out.dense, ctx) + hidden, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-    inner = layer.intermediate.intermediate_act_fn(_linear(layer.intermediate.dense, hidden))
-    ln = layer.output.LayerNorm
-    return F.layer_norm(_linear(layer.output.dense, inner) + hidden, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-
-
-def run_layers(layers: Sequence[torch.nn.Module], hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """BERT layers over ``hidden`` with ``mask`` as the layers' attention_mask (None: attend to
-    everything, as BertModel passes for an unpadded batch; or an additive float mask). Layers in
-    training mode (dropout) go through their own forward."""
-    for layer in layers:
-        if _steppable(layer):
-            hidden = _bert_layer(layer, hidden, mask)
-        else:
-            out = layer(hidden, attention_mask=mask)
-            hidden = out[0] if isinstance(out, tuple) else out
-    return hidden
 
 
 @contextmanager
@@ -227,12 +160,12 @@ class Embedder:
     @contextmanager
     def query_context(self) -> Iterator[None]:
         """How one routing query runs: on ``query_threads`` threads, matmuls in ``query_dtype``."""
-        token = _MATMUL_DTYPE.set(self.query_dtype)
+        token = MATMUL_DTYPE.set(self.query_dtype)
         try:
             with intra_op_threads(self.query_threads):
                 yield
         finally:
-            _MATMUL_DTYPE.reset(token)
+            MATMUL_DTYPE.reset(token)
 
     def _onnx_session(self, layers: int):
         session = self._onnx.get(layers)
@@ -257,7 +190,7 @@ class Embedder:
         layer = len(layers) if layer is None else layer
         batch = self.tokenize([text])
         hidden = None
-        if self.query_backend != "torch" and all(_steppable(l) for l in layers):
+        if self.query_backend != "torch" and all(steppable(l) for l in layers):
             try:
                 hidden = self._onnx_session(layer).hidden_states(batch["input_ids"], batch.get("token_type_ids"))[-1]
             except Exception as exc:  # no export possible here (a read-only disk, an op the exporter lacks)
@@ -276,7 +209,7 @@ class Embedder:
 
     @torch.inference_mode()
     def _encode_uncached(self, texts: list[str]) -> torch.Tensor:
-        if len(texts) == 1 and _steppable(self.model.encoder.layer[0]):
+        if len(texts) == 1 and steppable(self.model.encoder.layer[0]):
             return self._encode_one(texts[0])
         model = self.model
         # Sorting by length keeps padding small inside each batch.

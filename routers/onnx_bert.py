@@ -2,11 +2,11 @@
 
 Why: a routing decision is one short sequence through MiniLM's six layers. In PyTorch that is 36
 small fp32 matmuls plus per-op dispatch (~11 ms on this 2-core EPYC even when stepped kernel by
-kernel, see ``embedder.run_layers``); ONNX Runtime's CPU provider fuses attention, GELU and the
+kernel, see ``bert_layers.run_layers``); ONNX Runtime's CPU provider fuses attention, GELU and the
 layer norms and runs the same graph in ~5 ms on one thread. The numbers are the same model's to
 ~5e-6 (fp32 throughout; checked in tests/test_onnx_bert.py against the PyTorch path).
 
-What is exported: the embeddings and every layer, stepped with ``embedder._bert_layer`` (the same
+What is exported: the embeddings and every layer, stepped with ``bert_layers.bert_layer`` (the same
 kernels as transformers' ``BertLayer``), through ``torch.onnx.export(dynamo=True)``, up to a given
 layer: all six for the semantic routers, the five below its trained layer for the classifier. Only an unpadded single
 sequence goes through it (no attention mask, as ``BertModel`` passes none for one); batches stay
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from routers.bert_layers import bert_layer
 log = logging.getLogger(__name__)
 
 _SESSIONS: dict[tuple[str, int, int, str], "OnnxBert"] = {}
@@ -68,12 +69,10 @@ class _Stepped(torch.nn.Module):
         self.bert, self.layers = bert, layers
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        from routers.embedder import _bert_layer  # embedder imports this module lazily; no cycle at load
-
         hidden = self.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         states = [hidden]
         for layer in self.bert.encoder.layer[: self.layers]:
-            hidden = _bert_layer(layer, hidden, None)
+            hidden = bert_layer(layer, hidden, None)
             states.append(hidden)
         return torch.stack(states)
 

@@ -93,14 +93,6 @@ def load_base(base_path: str, trust_remote_code: bool = False):
     return model, tokenizer
 
 
-def training_texts(expert: ExpertInfo, eos_token: str, split: str = "train", limit: int | None = None) -> list[str]:
-    """The expert's own training sequences: prompt + reference + EOS."""
-    texts = [e.prompt + e.reference + eos_token for e in expert.examples if e.split == split]
-    if not texts:
-        raise ExpertUnusable(f"expert {expert.name!r} has no {split!r} examples to fit on")
-    return texts[:limit] if limit is not None else texts
-
-
 def training_pairs(
     expert: ExpertInfo, eos_token: str, split: str = "train", limit: int | None = None
 ) -> list[tuple[str, str]]:

@@ -1,1 +1,1 @@
-"""WHERE IT RUNS: engines, the zoo and its skill suite, the CLI, and (later) Ray Serve and the gateway."""
+"""WHERE IT RUNS: engines, the zoo and its skill suite, strategies, the gateway, Ray Serve, the leaderboard, the CLI."""
