@@ -30,10 +30,18 @@ COMPOSERS: dict[str, str] = {
 }
 PLUGIN_GROUP = "moerge.composers"
 _loaded: dict[str, type] = {}
+_plugins: dict | None = None  # name -> entry point, read once
+
+
+def _plugin_entry_points() -> dict:
+    global _plugins
+    if _plugins is None:
+        _plugins = {ep.name: ep for ep in entry_points(group=PLUGIN_GROUP) if ep.name not in COMPOSERS}
+    return _plugins
 
 
 def composer_names() -> list[str]:
-    return [*COMPOSERS, *(ep.name for ep in entry_points(group=PLUGIN_GROUP) if ep.name not in COMPOSERS)]
+    return [*COMPOSERS, *_plugin_entry_points()]
 
 
 def composer_class(name: str) -> type | None:
@@ -42,9 +50,8 @@ def composer_class(name: str) -> type | None:
         if name in COMPOSERS:
             module, attr = COMPOSERS[name].split(":")
             _loaded[name] = getattr(import_module(module), attr)
+        elif name in _plugin_entry_points():
+            _loaded[name] = _plugin_entry_points()[name].load()
         else:
-            found = [ep for ep in entry_points(group=PLUGIN_GROUP) if ep.name == name]
-            if not found:
-                return None
-            _loaded[name] = found[0].load()
+            return None
     return _loaded[name]

@@ -22,6 +22,7 @@ winning answer is the raw output of its best-ranked expert (not the normalised k
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from composer.base import (
     ComposeError,
@@ -174,8 +175,7 @@ def _candidates(outputs: list[ExpertOutput], first_rank: dict[str, int], distinc
 class WeightedVote(Ensemble):
     """``Ensemble`` whose vote weighs each answer by the router's weight for its expert."""
 
-    PARAMS = tuple(Param(p.name, p.type, "weighted", p.help, p.choices) if p.name == "vote" else p
-                   for p in Ensemble.PARAMS)
+    PARAMS = tuple(replace(p, default="weighted") if p.name == "vote" else p for p in Ensemble.PARAMS)
 
     def __init__(self, k: int = 3, vote: str = "weighted", **kwargs) -> None:  # noqa: ANN003
         super().__init__(k, vote, **kwargs)

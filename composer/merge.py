@@ -316,6 +316,25 @@ def _complete(folder: Path) -> bool:
 # ------------------------------------------------------------------------- the plan
 
 
+def mergeable(adapters: Mapping[str, Path]) -> tuple[dict, dict[str, str]]:
+    """The adapters a ΔW merge can combine, and why the others are left out: peft's weighted merge
+    takes each layer's LoRA delta only, so a DoRA adapter would lose its magnitudes and one with
+    modules_to_save its own modules."""
+    keep, left_out = {}, {}
+    for name, path in adapters.items():
+        try:
+            config = json.loads((path / "adapter_config.json").read_text())
+        except (OSError, ValueError):
+            config = {}
+        if config.get("use_dora"):
+            left_out[name] = "a DoRA adapter: a ΔW merge would drop its magnitude vectors"
+        elif config.get("modules_to_save"):
+            left_out[name] = f"modules_to_save ({', '.join(config['modules_to_save'])}) cannot be merged"
+        else:
+            keep[name] = path
+    return keep, left_out
+
+
 class Merged:
     """Composer: merge the decision's experts (router weights or uniform) and let the merged adapter
     answer. Merges come from the cache after the first time; merged adapters stay loaded on the
@@ -323,7 +342,7 @@ class Merged:
 
     level = "query"
     kinds = ("adapter",)
-    usable = staticmethod(lambda adapters: mergeable(adapters))  # the adapters a ΔW merge can take
+    usable = staticmethod(mergeable)  # the adapters a ΔW merge can take
     PARAMS = (
         Param("method", "str", "task_arithmetic", "how the adapters merge", choices=METHODS),
         Param("density", "float", None, "share of each delta kept (TIES, DARE)", minimum=0, maximum=1),
@@ -411,22 +430,3 @@ class Merged:
                       "merge": merged.spec},
             ),
         )
-
-
-def mergeable(adapters: Mapping[str, Path]) -> tuple[dict, dict[str, str]]:
-    """The adapters a ΔW merge can combine, and why the others are left out: peft's weighted merge
-    takes each layer's LoRA delta only, so a DoRA adapter would lose its magnitudes and one with
-    modules_to_save its own modules."""
-    keep, left_out = {}, {}
-    for name, path in adapters.items():
-        try:
-            config = json.loads((path / "adapter_config.json").read_text())
-        except (OSError, ValueError):
-            config = {}
-        if config.get("use_dora"):
-            left_out[name] = "a DoRA adapter: a ΔW merge would drop its magnitude vectors"
-        elif config.get("modules_to_save"):
-            left_out[name] = f"modules_to_save ({', '.join(config['modules_to_save'])}) cannot be merged"
-        else:
-            keep[name] = path
-    return keep, left_out

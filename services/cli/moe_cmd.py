@@ -29,15 +29,12 @@ def _catalog():
 def _moe(base: Optional[str], seed: int = 0, strategy: Optional[str] = None):
     """The runtime over ``base``'s experts; without ``base``, the base ``strategy``'s expert set
     is on (a user strategy), else the base with the most experts."""
-    from services.moe.definitions import check_against_registry
     from services.moe.pool import ExpertPool
     from services.moe.strategies import MoE
 
     catalog = _catalog()
     if base is None and strategy is not None and not strategy.startswith("expert:"):
-        chosen = catalog.get(strategy)
-        if chosen.experts:
-            base = check_against_registry(chosen, catalog.registry.list_experts(status="ready")) or None
+        base = catalog.base_of(catalog.get(strategy))
     return MoE(ExpertPool(catalog.registry, base), seed=seed, catalog=catalog)
 
 

@@ -27,7 +27,7 @@ import inspect
 import re
 import threading
 from collections import ChainMap
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -297,6 +297,29 @@ def _generate(engine: Any, batch: list[_Waiting]) -> list[Any]:
         return emit
 
     return generate_emitting(engine, [w.request for w in batch], [emit_of(w) for w in batch])
+
+
+class LiveStrategies(Mapping):
+    """Strategy callables by name over a list of names that may change while serving
+    (``LocalBackend.add_strategies``): a strategy a user adds to the registry is served without a
+    restart. ``call_of(name)`` makes a name's callable, once."""
+
+    def __init__(self, names: Callable[[], list[str]], call_of: Callable[[str], Strategy]) -> None:
+        self._names, self._call_of = names, call_of
+        self._calls: dict[str, Strategy] = {}
+
+    def __getitem__(self, name: str) -> Strategy:
+        if name not in self._names():
+            raise KeyError(name)
+        if name not in self._calls:
+            self._calls[name] = self._call_of(name)
+        return self._calls[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
 
 
 class LocalBackend:

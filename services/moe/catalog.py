@@ -79,6 +79,13 @@ class StrategyCatalog:
             raise NotFoundError(f"unknown strategy {name!r}; `moerge strategies list` shows them")
         return strategy
 
+    def base_of(self, strategy: Strategy) -> str | None:
+        """The base model ``strategy``'s expert set is on now; None when it names no experts
+        (it runs on the default pool)."""
+        if not strategy.experts:
+            return None
+        return check_against_registry(strategy, self.registry.list_experts(status="ready")) or None
+
     # ------------------------------------------------------------------ writing
 
     def check(self, definition: Mapping[str, Any]) -> tuple[Strategy, str]:

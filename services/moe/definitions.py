@@ -4,11 +4,8 @@ A definition names its router and composer with their parameters, its expert set
 expert and a description. ``parse_definition`` checks the shape and the parameters each method
 declares (``PARAMS``, routers/params.py) and needs nothing else; ``check_against_registry``
 checks the expert set against what is registered now. Both raise ``DefinitionError`` with a
-message that names the valid choices, before anything is stored.
-
-An expert set lists expert names and filters ``domain:…``, ``skill:…``, ``base:…``, ``kind:…``
-or ``tag:…`` (a domain or a skill). The set is the named experts plus those that match every
-filter; an empty set means every expert the method can use.
+message that names the valid choices, before anything is stored. Expert sets:
+services/moe/expert_sets.py.
 """
 
 from __future__ import annotations
@@ -108,11 +105,11 @@ def check_against_registry(strategy: Strategy, experts: Iterable) -> str:  # noq
     if missing:
         raise DefinitionError(f"{strategy.name}: no ready expert named {', '.join(missing)} "
                               f"(ready: {', '.join(sorted(ready)) or 'none'})")
-    kinds = strategy_kinds(strategy)
-    chosen = [ready[n] for n in select_experts(strategy.experts, ready.values())] if strategy.experts else []
-    if strategy.experts and filters and not [c for c in chosen if c.name not in names]:
+    if filters and not any(all(c.matches(k, v) for k, v in filters) for c in ready.values()):
         raise DefinitionError(f"{strategy.name}: no ready expert matches "
                               + " and ".join(f"{k}:{v}" for k, v in filters))
+    kinds = strategy_kinds(strategy)
+    chosen = [ready[n] for n in select_experts(strategy.experts, ready.values())] if strategy.experts else []
     wrong = [f"{c.name} ({c.kind})" for c in chosen if c.kind not in kinds]
     if wrong:
         raise DefinitionError(f"{strategy.name}: router {strategy.router!r} with composer {strategy.composer!r} "

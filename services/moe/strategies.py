@@ -118,6 +118,7 @@ class MoE:
         # gets its own composer and expert set
         self._composers: dict[str, object] = {}
         self._experts: dict[str, list[str]] = {}
+        self._strategy_routers: dict[str, object] = {}
         self.fit_seconds: dict[str, dict[str, float]] = {}
         self._mixture_experts: set[str] = set()
         # router key -> {expert: why the router left it out}; reported in each answer's provenance
@@ -188,16 +189,22 @@ class MoE:
         elif need == "local":  # GLIDER's local part is PHATGOOSE's gates: reused, not trained again
             params.setdefault("local", self.router("phatgoose", None, experts))
 
-    def router(self, name: str, params: dict | None = None, experts: list[str] | None = None):
-        """The router ``name`` with ``params`` over ``experts`` (default: every pool expert of the
-        kinds it takes), built once: stored artifacts loaded, missing ones fitted and stored."""
+    def _resolve(self, name: str, params: dict | None, experts: list[str] | None) -> tuple[type, list[str], str]:
+        """(class, experts, key) of router ``name`` with ``params`` over ``experts`` (default:
+        every pool expert of the kinds it takes); the key names the experts only when they are
+        not that default."""
         cls = router_class(name)
         if cls is None:
             raise NotFoundError(f"unknown router {name!r}")
-        given = dict(params or {})
         default = [n for n, e in self.pool.experts.items() if e.kind in cls.kinds]
         experts = default if experts is None else list(experts)
-        key = self._router_key(name, given, None if experts == default else experts)
+        return cls, experts, self._router_key(name, params, None if experts == default else experts)
+
+    def router(self, name: str, params: dict | None = None, experts: list[str] | None = None):
+        """The router ``name`` with ``params`` over ``experts`` (default: every pool expert of the
+        kinds it takes), built once: stored artifacts loaded, missing ones fitted and stored."""
+        given = dict(params or {})
+        cls, experts, key = self._resolve(name, given, experts)
         if key in self._routers:
             return self._routers[key]
         params = dict(given)
@@ -219,15 +226,14 @@ class MoE:
         self._routers[key] = router
         return router
 
-    def _strategy_router_key(self, strategy: Strategy) -> str:
-        cls = router_class(strategy.router)
-        experts = self.experts_of(strategy)
-        default = [n for n, e in self.pool.experts.items() if cls is not None and e.kind in cls.kinds]
-        return self._router_key(strategy.router, strategy.router_params, None if experts == default else experts)
-
     def router_for(self, strategy: Strategy):
-        """The router of ``strategy``, over its expert set."""
-        return self.router(strategy.router, strategy.router_params, self.experts_of(strategy))
+        """The router of ``strategy``, over its expert set (looked up once per definition: this
+        runs for every query)."""
+        key = repr(strategy)
+        if key not in self._strategy_routers:
+            self._strategy_routers[key] = self.router(strategy.router, strategy.router_params,
+                                                      self.experts_of(strategy))
+        return self._strategy_routers[key]
 
     def route(self, strategy: Strategy | str, prompt: str, task: str | None = None) -> Routed:
         strategy = self.strategy(strategy)
@@ -331,10 +337,11 @@ class MoE:
         else:
             engine = self.pool.local_engine if isinstance(composer, Merged) else self.pool.engine
             completions = [composer.execute(r.decision, q, engine) for r, q in zip(routed, requests)]
-        left_out = {**self.left_out.get(self._strategy_router_key(strategy), {}),
-                    **self.left_out.get(f"composer:{strategy.name}", {})}
-        if "local" in router_class(strategy.router).needs:  # GLIDER: its local part is PHATGOOSE's
-            left_out = {**self.left_out.get(self._router_key("phatgoose", {}), {}), **left_out}
+        experts = self.experts_of(strategy)
+        cls, _, key = self._resolve(strategy.router, strategy.router_params, experts)
+        left_out = {**self.left_out.get(key, {}), **self.left_out.get(f"composer:{strategy.name}", {})}
+        if "local" in cls.needs:  # GLIDER: its local part is PHATGOOSE's, over the same experts
+            left_out = {**self.left_out.get(self._resolve("phatgoose", {}, experts)[2], {}), **left_out}
         if left_out:
             for completion in completions:
                 completion.provenance.info.setdefault("left_out", left_out)

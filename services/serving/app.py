@@ -22,7 +22,7 @@ too, on an engine of its own in ``models``; a restart gives the base its multipl
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -38,6 +38,7 @@ from registry.errors import NotFoundError
 from registry.service import Registry
 from services.gateway.app import GatewaySettings, create_app
 from services.gateway.backend import (
+    LiveStrategies,
     LocalBackend,
     SamplingParams,
     base_completion,
@@ -119,27 +120,6 @@ class StrategyServer:
 _CALLS_KEPT = 4096
 
 
-class RemoteStrategies(Mapping):
-    """Strategy callables by name over a live list of names (``served_names``): a strategy a
-    user adds is served by the gateway replicas as soon as the strategies replica serves it."""
-
-    def __init__(self, names: Callable[[], list[str]], call_of: Callable[[str], Any]) -> None:
-        self._names, self._call_of, self._calls = names, call_of, {}
-
-    def __getitem__(self, name: str) -> Any:
-        if name not in self._names():
-            raise KeyError(name)
-        if name not in self._calls:
-            self._calls[name] = self._call_of(name)
-        return self._calls[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names())
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-
 class RayBackend(LocalBackend):
     """``LocalBackend``'s registry side (models, registration, removal, external experts) with the
     engines and strategies behind Ray Serve handles."""
@@ -154,7 +134,7 @@ class RayBackend(LocalBackend):
         self.strategies = strategies
         self._calls: dict[tuple[str, str], Any] = {}  # _generate_call's
         # the strategies replica serves the configured ones and every one stored since: so do we
-        self.add_strategies(RemoteStrategies(lambda: served_names(strategy_names, self.catalog), self._strategy_call))
+        self.add_strategies(LiveStrategies(lambda: served_names(strategy_names, self.catalog), self._strategy_call))
 
     def _generate_call(self, handle: DeploymentHandle, mid: str) -> Any:
         """``handle.options(multiplexed_model_id=mid).generate``, made once per expert: ``options``

@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import replace
 
 from composer.base import Completion, ComposeError
 from composer.engine_protocol import EngineError, RequestError
 from registry.errors import NotFoundError
 from registry.service import Registry
-from routers.base import Decision
-from services.moe.pool import ExpertPool
 from routers import router_class
+from routers.base import Decision
+from services.gateway.backend import LiveStrategies
 from services.moe.catalog import StrategyCatalog
-from services.moe.definitions import check_against_registry
-from services.moe.strategies import STRATEGIES, MoE, Routed, Strategy
+from services.moe.pool import ExpertPool
+from services.moe.strategies import MoE, Routed, Strategy
 
 
 def needs_gold_task(strategy: Strategy) -> bool:
@@ -39,21 +39,15 @@ def needs_gold_task(strategy: Strategy) -> bool:
     return cls is not None and "gold_task" in cls.needs
 
 
-def servable_strategies(names: list[str] | None = None, catalog: StrategyCatalog | None = None) -> list[str]:
+def servable_strategies(names: list[str] | None, catalog: StrategyCatalog) -> list[str]:
     """The strategies a server offers at start: ``names`` (checked) or every one that needs no
     gold task (the built-ins, and the catalog's file and registry strategies)."""
-    known = catalog.all() if catalog is not None else STRATEGIES
-    if names is None:
-        return [n for n, s in known.items() if not needs_gold_task(s)]
-    out = []
-    for name in names:
-        strategy = catalog.get(name) if catalog is not None else known.get(name if name.startswith("moe/") else f"moe/{name}")
-        if strategy is None:
-            raise NotFoundError(f"unknown strategy {name!r}; `moerge strategies list` shows them")
-        if needs_gold_task(strategy):
-            raise NotFoundError(f"{strategy.name} needs each query's gold task; it can be evaluated, not served")
-        out.append(strategy.name)
-    return out
+    chosen = list(catalog.all().values()) if names is None else [catalog.get(n) for n in names]
+    if names is not None:
+        for strategy in chosen:
+            if needs_gold_task(strategy):
+                raise NotFoundError(f"{strategy.name} needs each query's gold task; it can be evaluated, not served")
+    return [s.name for s in chosen if not needs_gold_task(s)]
 
 
 def served_names(configured: list[str], catalog: StrategyCatalog) -> list[str]:
@@ -84,7 +78,7 @@ class StrategyHost:
         self.seed = seed
         self._moe: MoE | None = None  # over the default pool (the base with the most experts)
         self._moes: dict[str, MoE] = {}  # other bases' pools, for strategies over their experts
-        self._bases: dict[str, str] = {}  # strategy definition -> the base of its expert set
+        self._bases: dict[str, str | None] = {}  # strategy definition -> the base of its expert set
         self._fingerprint: tuple | None = None
         self._checked_at = 0.0
         self._lock = threading.Lock()  # one request at a time: routers and hf engines are not thread-safe
@@ -119,17 +113,17 @@ class StrategyHost:
                 self._moe = self._pool_moe(None)
                 self._fingerprint = fingerprint
                 self.rebuilds += 1
-        base = self._base_of(strategy) if strategy is not None and strategy.experts else ""
-        if not base or base == self._moe.pool.base.name:
+        base = self._base_of(strategy) if strategy is not None else None
+        if base is None or base == self._moe.pool.base.name:
             return self._moe
         if base not in self._moes:
             self._moes[base] = self._pool_moe(base)
         return self._moes[base]
 
-    def _base_of(self, strategy: Strategy) -> str:
+    def _base_of(self, strategy: Strategy) -> str | None:
         key = repr(strategy)  # the whole definition: one removed and defined again is looked up again
         if key not in self._bases:
-            self._bases[key] = check_against_registry(strategy, self.registry.list_experts(status="ready"))
+            self._bases[key] = self.catalog.base_of(strategy)
         return self._bases[key]
 
     # ------------------------------------------------------------------ answering
@@ -233,29 +227,14 @@ class StrategyHost:
         raise EngineError(f"{strategy.name}: every ranked expert failed ({'; '.join(errors)})")
 
 
-class HostStrategies(Mapping):
+def backend_strategies(host: StrategyHost) -> LiveStrategies:
     """The host's strategies as ``LocalBackend`` strategy callables ``(prompt, params) ->
-    Completion``, by name: a live view, so a strategy added to the registry is served without a
-    restart."""
+    Completion``, a live view of ``host.names``."""
 
-    def __init__(self, host: StrategyHost) -> None:
-        self.host = host
-
-    def __getitem__(self, name: str) -> Callable:
-        if name not in self.host.names:
-            raise KeyError(name)
-
+    def call_of(name: str):  # noqa: ANN202
         def call(prompt: str, params) -> Completion:  # noqa: ANN001 - SamplingParams
-            return self.host.complete(name, prompt, **params.generation())
+            return host.complete(name, prompt, **params.generation())
 
         return call
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.host.names)
-
-    def __len__(self) -> int:
-        return len(self.host.names)
-
-
-def backend_strategies(host: StrategyHost) -> HostStrategies:
-    return HostStrategies(host)
+    return LiveStrategies(lambda: host.names, call_of)
