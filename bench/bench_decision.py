@@ -59,8 +59,9 @@ def routers_at(rev: str):
     (pkg / "__init__.py").write_text("")
     for name in MODULES:
         try:
-            src = subprocess.run(["git", "show", f"{rev}:routers/{name}.py"], cwd=ROOT, capture_output=True,
-                                 text=True, check=True).stdout
+            src = subprocess.run(
+                ["git", "show", f"{rev}:routers/{name}.py"], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout
         except (OSError, subprocess.CalledProcessError):
             return None
         (pkg / f"{name}.py").write_text(src.replace("routers.embedder", "routers_before.embedder"))
@@ -69,7 +70,7 @@ def routers_at(rev: str):
 
 
 def parse_variants(spec: str) -> list[tuple[str, dict]]:
-    """"1,1:onnx-int8,1:torch,1:bf16" -> after variants: Embedder(query_threads=n) on its default
+    """ "1,1:onnx-int8,1:torch,1:bf16" -> after variants: Embedder(query_threads=n) on its default
     query path (ONNX fp32, or ``onnx``), on ONNX with int8 weight matmuls (``onnx-int8``), on the
     PyTorch path (``torch``), or on PyTorch with bf16 matmuls (``bf16``)."""
     out = []
@@ -90,13 +91,23 @@ def build(experts, before_mods, after: list[tuple[str, dict]]):
     first = Embedder(**after[0][1])
     first.model  # noqa: B018 - load the weights once, here
     clf0, sem0 = ClassifierRouter(embedder=first), SemanticRouter(embedder=first)
-    artifacts = {kind: {e.name: r.add_expert(e) for e in experts} for kind, r in (("classifier", clf0), ("semantic", sem0))}
+    artifacts = {
+        kind: {e.name: r.add_expert(e) for e in experts} for kind, r in (("classifier", clf0), ("semantic", sem0))
+    }
     clf0.retrain()
     variants = {after[0][0]: (first, clf0, sem0)}
     makers = [(name, lambda kw=kw: (Embedder(**kw), ClassifierRouter, SemanticRouter)) for name, kw in after[1:]]
     if before_mods is not None:
-        makers.append(("before", lambda: (before_mods["embedder"].Embedder(), before_mods["classifier"].ClassifierRouter,
-                                         before_mods["semantic"].SemanticRouter)))
+        makers.append(
+            (
+                "before",
+                lambda: (
+                    before_mods["embedder"].Embedder(),
+                    before_mods["classifier"].ClassifierRouter,
+                    before_mods["semantic"].SemanticRouter,
+                ),
+            )
+        )
     for name, make in makers:
         emb, clf_cls, sem_cls = make()
         emb._st = first._st  # the same weights
@@ -141,8 +152,12 @@ def main() -> None:
     ap.add_argument("--check-per-task", type=int, default=20, help="prompts per task and split for the decision check")
     ap.add_argument("--before-rev", default="9335244", help="git revision of the routers to compare ('' skips)")
     ap.add_argument("--threads", type=int, default=0, help="process intra-op threads (0: torch's default)")
-    ap.add_argument("--variants", default="1", help="after variants, comma-separated: n (query_threads), n:onnx, n:onnx-int8, "
-                                                   "n:torch or n:bf16 (and query_dtype=torch.bfloat16); the first is the default")
+    ap.add_argument(
+        "--variants",
+        default="1",
+        help="after variants, comma-separated: n (query_threads), n:onnx, n:onnx-int8, "
+        "n:torch or n:bf16 (and query_dtype=torch.bfloat16); the first is the default",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,7 +177,9 @@ def main() -> None:
 
     # a seed the fitting did not use: fresh inputs
     timing_prompts = [e.prompt for e in load_suite("skills", "test", 8, seed=12345)][: args.n_time + 5]
-    check = [e for split in ("validation", "test", "paraphrase") for e in load_suite("skills", split, args.check_per_task)]
+    check = [
+        e for split in ("validation", "test", "paraphrase") for e in load_suite("skills", split, args.check_per_task)
+    ]
     check_prompts = [e.prompt for e in check]
     trained = {e.name: set(expert_tasks(e)) for e in experts}  # routing is right if trained on the task
 
@@ -177,15 +194,19 @@ def main() -> None:
             print(f"| {kind} | {name} | {p50_p95(r['wall'])} | {p50_p95(r['cpu'])} | {start} → {end} |", flush=True)
 
     if len(names) > 1:
-        print(f"\nDecisions on {len(check_prompts)} suite prompts (validation, test, paraphrase), against {names[-1]}:\n")
+        print(
+            f"\nDecisions on {len(check_prompts)} suite prompts (validation, test, paraphrase), against {names[-1]}:\n"
+        )
         for k, kind in ((1, "classifier"), (2, "semantic")):
             ref = [chosen(variants[names[-1]][k].route(RouteRequest(p))) for p in check_prompts]
             for name in names[:-1]:
                 got = [chosen(variants[name][k].route(RouteRequest(p))) for p in check_prompts]
                 moved = [(ex, a, b) for ex, a, b in zip(check, got, ref) if a != b]
                 hits = [sum(ex.task in trained.get(c, ()) for ex, c in zip(check, picks)) for picks in (got, ref)]
-                print(f"- {kind}, {name}: {len(check) - len(moved)}/{len(check)} identical; routing accuracy "
-                      f"{hits[0]}/{len(check)} vs {hits[1]}/{len(check)}")
+                print(
+                    f"- {kind}, {name}: {len(check) - len(moved)}/{len(check)} identical; routing accuracy "
+                    f"{hits[0]}/{len(check)} vs {hits[1]}/{len(check)}"
+                )
                 for ex, a, b in moved[:5]:
                     print(f"    {ex.prompt!r} (task {ex.task}): {a} instead of {b}")
 

@@ -92,12 +92,20 @@ def main() -> None:
     ap.add_argument("--load-concurrency", type=int, default=32)
     ap.add_argument("--cold-copies", type=int, default=5)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: overhead, stream, beside, cold, load")
-    ap.add_argument("--client", choices=["threads", "async", "wrk"], default="async",
-                    help="the requests/s rounds' clients: a thread each (blocking calls: httpx, the Serve "
-                         "handle's .result()), coroutines on one event loop (aiohttp; awaited handle calls), "
-                         "or wrk for the HTTP paths (a C load generator; the direct path as with async)")
-    ap.add_argument("--ingress", choices=sorted(INGRESS_ENV), default="haproxy",
-                    help="how HTTP reaches the gateway (services/serving/ingress.py)")
+    ap.add_argument(
+        "--client",
+        choices=["threads", "async", "wrk"],
+        default="async",
+        help="the requests/s rounds' clients: a thread each (blocking calls: httpx, the Serve "
+        "handle's .result()), coroutines on one event loop (aiohttp; awaited handle calls), "
+        "or wrk for the HTTP paths (a C load generator; the direct path as with async)",
+    )
+    ap.add_argument(
+        "--ingress",
+        choices=sorted(INGRESS_ENV),
+        default="haproxy",
+        help="how HTTP reaches the gateway (services/serving/ingress.py)",
+    )
     ap.add_argument("--gateway-replicas", type=int, default=1, help="replicas of the gateway deployment")
     args = ap.parse_args()
 
@@ -116,9 +124,11 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     start_local_ray(args.ingress, env, "127.0.0.1", port, num_cpus=8)
-    config = {"strategies": {"names": ["moe/semantic", "moe/classifier", "moe/skill-k3-vote"]},
-              "engines": {"default": {"max_adapters_per_replica": 16}},
-              "gateway": {"replicas": args.gateway_replicas}}
+    config = {
+        "strategies": {"names": ["moe/semantic", "moe/classifier", "moe/skill-k3-vote"]},
+        "engines": {"default": {"max_adapters_per_replica": 16}},
+        "gateway": {"replicas": args.gateway_replicas},
+    }
     serve.run(build_app({"config": config}), name=APP_NAME, route_prefix="/")
     engine = serve.get_deployment_handle(deployment_name(base), app_name=APP_NAME)
     url = f"http://127.0.0.1:{port}"
@@ -231,8 +241,9 @@ async def async_throughput(fn, n: int, concurrency: int) -> float:  # noqa: ANN0
     its last is answered, all on one event loop; ``fn(http)`` is one request (an aiohttp session)."""
     import aiohttp  # a Ray dependency; its C HTTP parser costs the client far less CPU than httpx
 
-    async with aiohttp.ClientSession(ASYNC_BASE_URL[0], timeout=aiohttp.ClientTimeout(total=300),
-                                     connector=aiohttp.TCPConnector(limit=64)) as h:
+    async with aiohttp.ClientSession(
+        ASYNC_BASE_URL[0], timeout=aiohttp.ClientTimeout(total=300), connector=aiohttp.TCPConnector(limit=64)
+    ) as h:
         left = n
 
         async def client() -> None:
@@ -262,8 +273,10 @@ class WrkPath:
             raise SystemExit("--client wrk needs wrk on PATH (Debian: apt-get install wrk)")
         self.url, self.expect = url + "/v1/completions", expect
         self.script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)  # noqa: SIM115
-        self.script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n'
-                          'wrk.headers["Content-Type"] = "application/json"\n')
+        self.script.write(
+            f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n'
+            'wrk.headers["Content-Type"] = "application/json"\n'
+        )
         self.script.close()
         atexit.register(os.unlink, self.script.name)
 
@@ -272,8 +285,21 @@ class WrkPath:
         import re
         import subprocess
 
-        proc = subprocess.Popen(["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "60s",
-                                 "-s", self.script.name, self.url], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [
+                "wrk",
+                "-t1",
+                f"-c{concurrency}",
+                f"-d{max(1, round(seconds))}s",
+                "--timeout",
+                "60s",
+                "-s",
+                self.script.name,
+                self.url,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         out = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
         if status != 0:
@@ -287,8 +313,19 @@ class WrkPath:
         return rps, sent, (usage.ru_utime + usage.ru_stime) * 1000
 
 
-def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str,  # noqa: ANN001
-             adirect=None, avia=None, ahttp_only=None, prompt: str = "") -> None:  # noqa: ANN001
+def overhead(
+    args,
+    direct,
+    via,
+    http_only,
+    batch_stats,
+    timed,
+    expert_name: str,  # noqa: ANN001
+    adirect=None,
+    avia=None,
+    ahttp_only=None,
+    prompt: str = "",
+) -> None:  # noqa: ANN001
     lat = {"direct": [], "gateway expert": [], "gateway moe/semantic": [], "gateway HTTP only (422)": []}
     for _ in range(args.repeats):
         lat["direct"].append(timed(direct))
@@ -321,8 +358,11 @@ def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str,
         paths = {"direct": adirect, "gateway": lambda h: avia(h, expert_name), "gateway HTTP only (422)": ahttp_only}
     if args.client == "wrk":  # the HTTP paths by a C client, whose own CPU per request is ~1/10 of aiohttp's
         body = {"model": expert_name, "prompt": prompt, "max_tokens": args.max_tokens}
-        paths = {"direct": adirect, "gateway": WrkPath(ASYNC_BASE_URL[0], body, 200),
-                 "gateway HTTP only (422)": WrkPath(ASYNC_BASE_URL[0], {**body, "max_tokens": 0}, 422)}
+        paths = {
+            "direct": adirect,
+            "gateway": WrkPath(ASYNC_BASE_URL[0], body, 200),
+            "gateway HTTP only (422)": WrkPath(ASYNC_BASE_URL[0], {**body, "max_tokens": 0}, 422),
+        }
     rps: dict[str, list[float]] = {name: [] for name in paths}
     batches: dict[str, list[float]] = {name: [] for name in paths}  # requests per engine batch, per round
     busy: dict[str, list[float]] = {name: [] for name in paths}  # share of the round the engine generated
@@ -347,32 +387,48 @@ def overhead(args, direct, via, http_only, batch_stats, timed, expert_name: str,
             batches[name].append(b["calls"] / max(1, b["batches"]) if b else float("nan"))
             busy[name].append(b.get("busy_s", float("nan")) / wall if b else float("nan"))
     d = statistics.median(rps["direct"])
-    print(f"\nrequests/s at concurrency {args.concurrency} (median of {args.rps_rounds} rounds × {n}; "
-          f"requests per engine batch, share of the time the engine generated, in brackets):")
+    print(
+        f"\nrequests/s at concurrency {args.concurrency} (median of {args.rps_rounds} rounds × {n}; "
+        f"requests per engine batch, share of the time the engine generated, in brackets):"
+    )
     for name in paths:
         ratios = [r / rd for r, rd in zip(rps[name], rps["direct"])]
-        print(f"  {name}: {statistics.median(rps[name]):.1f} ({statistics.median(batches[name]):.1f}, "
-              f"{statistics.median(busy[name]):.2f})"
-              + ("" if name != "gateway" else f", ratio to direct {statistics.median(rps[name]) / d:.2f}, "
-                 f"median of the rounds' own ratios {statistics.median(ratios):.2f} "
-                 f"(per round, with the gateway's requests per engine batch: "
-                 f"{', '.join(f'{r:.2f} @ {b:.1f}' for r, b in zip(ratios, batches[name]))})"))
-    print("  requests/s per round: " + "; ".join(f"{name} " + ", ".join(f"{r:.0f}" for r in rps[name])
-                                                for name in paths))
+        print(
+            f"  {name}: {statistics.median(rps[name]):.1f} ({statistics.median(batches[name]):.1f}, "
+            f"{statistics.median(busy[name]):.2f})"
+            + (
+                ""
+                if name != "gateway"
+                else f", ratio to direct {statistics.median(rps[name]) / d:.2f}, "
+                f"median of the rounds' own ratios {statistics.median(ratios):.2f} "
+                f"(per round, with the gateway's requests per engine batch: "
+                f"{', '.join(f'{r:.2f} @ {b:.1f}' for r, b in zip(ratios, batches[name]))})"
+            )
+        )
+    print(
+        "  requests/s per round: " + "; ".join(f"{name} " + ", ".join(f"{r:.0f}" for r in rps[name]) for name in paths)
+    )
     for name in ("direct", "gateway"):  # 16 closed-loop clients form cohorts that take turns
-        print(f"  engine batch sizes, {name}, first 24 batches of each round: "
-              + " | ".join(" ".join(map(str, round_sizes[:24])) for round_sizes in sizes[name]))
-    print("  engine busy per round: " + "; ".join(f"{name} " + ", ".join(f"{b:.2f}" for b in busy[name])
-                                                 for name in ("direct", "gateway")))
+        print(
+            f"  engine batch sizes, {name}, first 24 batches of each round: "
+            + " | ".join(" ".join(map(str, round_sizes[:24])) for round_sizes in sizes[name])
+        )
+    print(
+        "  engine busy per round: "
+        + "; ".join(f"{name} " + ", ".join(f"{b:.2f}" for b in busy[name]) for name in ("direct", "gateway"))
+    )
     # where the CPU went: if the cores are nearly all busy, the ratio is a CPU budget, not latency
     groups = sorted({k for rounds in cpu.values() for used in rounds for k in used})
-    print("\nCPU ms per request by process (median of rounds):\n| process | "
-          + " | ".join(paths) + " |\n|---|" + "---:|" * len(paths))
+    print(
+        "\nCPU ms per request by process (median of rounds):\n| process | "
+        + " | ".join(paths)
+        + " |\n|---|"
+        + "---:|" * len(paths)
+    )
     for g in groups:
         cells = [statistics.median(u.get(g, 0.0) for u in cpu[name]) for name in paths]
         if max(cells) >= 0.05 or g.startswith("("):
             print(f"| {g} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
-
 
 
 def streaming(args, http: httpx.Client, model: str, prompt: str, batch_stats, max_tokens: int = 32) -> None:  # noqa: ANN001
@@ -421,10 +477,12 @@ def streaming(args, http: httpx.Client, model: str, prompt: str, batch_stats, ma
                     firsts += [f for f, _ in results]
     s_rate, w_rate = statistics.median(rates[True]), statistics.median(rates[False])
     batches = {k: f"{statistics.median(v):.1f}" if v else "–" for k, v in per_batch.items()}
-    print(f"streamed at concurrency {args.concurrency} ({n} requests × {args.rps_rounds} rounds, medians): "
-          f"{s_rate:.1f} requests/s (requests per engine batch {batches[True]}), first text chunk p50 "
-          f"{statistics.median(firsts):.1f} ms / p99 {pct(firsts, 99):.1f} ms; not streamed {w_rate:.1f} requests/s "
-          f"({batches[False]}); streamed ÷ not streamed {s_rate / w_rate:.2f}")
+    print(
+        f"streamed at concurrency {args.concurrency} ({n} requests × {args.rps_rounds} rounds, medians): "
+        f"{s_rate:.1f} requests/s (requests per engine batch {batches[True]}), first text chunk p50 "
+        f"{statistics.median(firsts):.1f} ms / p99 {pct(firsts, 99):.1f} ms; not streamed {w_rate:.1f} requests/s "
+        f"({batches[False]}); streamed ÷ not streamed {s_rate / w_rate:.2f}"
+    )
 
 
 def stream_beside_strategy(args, http: httpx.Client, prompt: str, clients: int = 8, max_tokens: int = 32) -> None:  # noqa: ANN001
@@ -462,9 +520,11 @@ def stream_beside_strategy(args, http: httpx.Client, prompt: str, clients: int =
         stop.set()
         for t in others:
             t.join()
-    print(f"moe/semantic streamed, first text chunk p50 / p90 ms: alone {statistics.median(alone):.1f} / "
-          f"{pct(alone, 90):.1f}; beside {clients} clients asking it whole {statistics.median(beside):.1f} / "
-          f"{pct(beside, 90):.1f}")
+    print(
+        f"moe/semantic streamed, first text chunk p50 / p90 ms: alone {statistics.median(alone):.1f} / "
+        f"{pct(alone, 90):.1f}; beside {clients} clients asking it whole {statistics.median(beside):.1f} / "
+        f"{pct(beside, 90):.1f}"
+    )
 
 
 def stream_latency(args, http: httpx.Client, body: dict) -> None:  # noqa: ANN001
@@ -486,9 +546,11 @@ def stream_latency(args, http: httpx.Client, body: dict) -> None:  # noqa: ANN00
         last.append((time.perf_counter() - t0) * 1000)
         first.append(((t_first or time.perf_counter()) - t0) * 1000)
         chunks.append(n)
-    print(f"\nstreamed {model}, up to {max_tokens} tokens: first text chunk {statistics.median(first):.1f} ms, "
-          f"end {statistics.median(last):.1f} ms ({statistics.median(chunks):.0f} text chunks); "
-          f"not streamed {statistics.median(whole):.1f} ms")
+    print(
+        f"\nstreamed {model}, up to {max_tokens} tokens: first text chunk {statistics.median(first):.1f} ms, "
+        f"end {statistics.median(last):.1f} ms ({statistics.median(chunks):.0f} text chunks); "
+        f"not streamed {statistics.median(whole):.1f} ms"
+    )
 
 
 def cold_adapter(args, registry, expert, base: str, via, timed) -> None:  # noqa: ANN001
@@ -506,9 +568,10 @@ def cold_adapter(args, registry, expert, base: str, via, timed) -> None:  # noqa
         warms.append(warm)
         ratios.append(cold / warm)
         registry.remove_expert(name)
-    print(f"\ncold adapter: first request {statistics.median(colds):.1f} ms, warm {statistics.median(warms):.1f} ms, "
-          f"ratio {statistics.median(ratios):.2f} (median over {args.cold_copies} copies)")
-
+    print(
+        f"\ncold adapter: first request {statistics.median(colds):.1f} ms, warm {statistics.median(warms):.1f} ms, "
+        f"ratio {statistics.median(ratios):.2f} (median over {args.cold_copies} copies)"
+    )
 
 
 def load(args, registry, adapters, http) -> None:  # noqa: ANN001
@@ -536,9 +599,11 @@ def load(args, registry, adapters, http) -> None:  # noqa: ANN001
     wall = time.perf_counter() - t0
     errors = sum(code != 200 for code, _ in results)
     times = [ms for _, ms in results]
-    print(f"\nload: {len(jobs)} requests at concurrency {args.load_concurrency} over {len(models)} models: "
-          f"{len(results)} answered, {errors} errors, {len(jobs) - len(results)} lost; p50 {statistics.median(times):.0f} ms, "
-          f"p99 {pct(times, 99):.0f} ms; {len(jobs) / wall:.1f} requests/s")
+    print(
+        f"\nload: {len(jobs)} requests at concurrency {args.load_concurrency} over {len(models)} models: "
+        f"{len(results)} answered, {errors} errors, {len(jobs) - len(results)} lost; p50 {statistics.median(times):.0f} ms, "
+        f"p99 {pct(times, 99):.0f} ms; {len(jobs) / wall:.1f} requests/s"
+    )
 
 
 if __name__ == "__main__":

@@ -98,7 +98,8 @@ def bench_size(label: str, hidden: int, layers: int, root: Path, repeats: int, n
 
     row: dict = {"size": label, "params": params}
     for batch in (1, 16):
-        def reqs(target):
+
+        def reqs(target, batch=batch):
             return [GenerateRequest(PROMPT, target=target, max_new_tokens=new_tokens) for _ in range(batch)]
 
         medians = alternate(
@@ -123,8 +124,13 @@ def bench_size(label: str, hidden: int, layers: int, root: Path, repeats: int, n
         start = time.perf_counter()
         with torch.inference_mode():
             out = unmerged._peft.generate(
-                input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                input_ids=ids,
+                attention_mask=mask,
+                adapter_names=names,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
             )
         return (out.shape[1] - ids.shape[1]) * 16 / (time.perf_counter() - start)
 
@@ -141,7 +147,7 @@ def bench_size(label: str, hidden: int, layers: int, root: Path, repeats: int, n
     for mode, engine in (("merge", merged), ("unmerged", unmerged)):
         engine.activate("a0")
         flip = iter(["a1", "a0"] * 100)
-        row[f"switch {mode}"] = median_seconds(lambda: engine.activate(next(flip)), 21)
+        row[f"switch {mode}"] = median_seconds(lambda engine=engine, flip=flip: engine.activate(next(flip)), 21)
 
     # cold load from disk (a new name each time, unloaded after)
     counter = iter(range(1000))
@@ -170,7 +176,7 @@ def report(rows: list[dict], repeats: int, new_tokens: int) -> str:
     for row in rows:
         for batch in (1, 16):
             m = row[batch]
-            cell = lambda k: f"{m[k]:.0f} ({m[k] / m['base']:.2f})"  # noqa: E731
+            cell = lambda k, m=m: f"{m[k]:.0f} ({m[k] / m['base']:.2f})"  # noqa: E731
             lines.append(
                 f"| {row['size']} ({row['params'] / 1e6:.2f}M) | {batch} | {m['base']:.0f} | {cell('merged')} "
                 f"| {cell('merged+switch')} | {cell('unmerged')} |"

@@ -28,8 +28,10 @@ from services.leaderboard.store import machine
 
 # query-level strategies: per-query (naive) execution of the tokenwise mixtures takes minutes per
 # split on this CPU, and what grouping saves for them is the same batching measured here
-DEFAULT_STRATEGIES = ("moe/oracle,moe/random,moe/base,moe/best-single,moe/classifier,moe/semantic,moe/retrieval,"
-                      "moe/skill-k3-vote,moe/stitch")
+DEFAULT_STRATEGIES = (
+    "moe/oracle,moe/random,moe/base,moe/best-single,moe/classifier,moe/semantic,moe/retrieval,"
+    "moe/skill-k3-vote,moe/stitch"
+)
 
 
 def main() -> None:
@@ -43,15 +45,17 @@ def main() -> None:
     registry = Registry()
     runner = LeaderboardRunner(registry, seed=0)
     print(f"Machine: {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    print(f"Zoo base {runner.pool.base.name}; {len(runner.pool.names())} experts alone + {len(strategies)} "
-          f"strategies; skills suite, {args.n_per_task} per task (test, paraphrase, composition)")
+    print(
+        f"Zoo base {runner.pool.base.name}; {len(runner.pool.names())} experts alone + {len(strategies)} "
+        f"strategies; skills suite, {args.n_per_task} per task (test, paraphrase, composition)"
+    )
     first = runner.run("skills", strategies=strategies, n_per_task=args.n_per_task)  # fits / loads routers
     print(f"{first.n_queries} queries × {len(first.entries)} entries; first (fitting) run {first.seconds:.1f} s\n")
 
     times: dict[str, list[float]] = {"grouped": [], "naive": []}
     answers: dict[str, dict] = {}
     for i in range(args.repeats):
-        for mode in (("grouped", "naive") if i % 2 == 0 else ("naive", "grouped")):
+        for mode in ("grouped", "naive") if i % 2 == 0 else ("naive", "grouped"):
             t0 = time.perf_counter()
             out = runner.run("skills", strategies=strategies, n_per_task=args.n_per_task, mode=mode)
             times[mode].append(time.perf_counter() - t0)

@@ -76,11 +76,16 @@ def main() -> None:
             rates[f"{args.concurrency} clients"].append(args.requests / (time.perf_counter() - t0))
         per_call.append(statistics.mean(sizes))
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    print(f"Machine: {cpu}, {os.cpu_count()} cores, python {platform.python_version()}; expert {expert.name}, "
-          f"{args.max_tokens} new tokens, greedy")
+    print(
+        f"Machine: {cpu}, {os.cpu_count()} cores, python {platform.python_version()}; expert {expert.name}, "
+        f"{args.max_tokens} new tokens, greedy"
+    )
     for name, values in rates.items():
-        print(f"  {name}: {statistics.median(values):.1f} requests/s (rounds: "
-              + ", ".join(f"{v:.1f}" for v in values) + ")")
+        print(
+            f"  {name}: {statistics.median(values):.1f} requests/s (rounds: "
+            + ", ".join(f"{v:.1f}" for v in values)
+            + ")"
+        )
     print(f"  requests per engine call with {args.concurrency} clients: {statistics.median(per_call):.1f}")
 
 
@@ -92,7 +97,9 @@ def strategy_ways(args: argparse.Namespace) -> None:
     backend = LocalBackend(registry)
     ways = {
         "own engine (before)": StrategyHost(registry, [args.strategy]),
-        "PoolEngine (after)": StrategyHost(registry, [args.strategy], engine_factory=lambda pool: PoolEngine(pool, backend)),
+        "PoolEngine (after)": StrategyHost(
+            registry, [args.strategy], engine_factory=lambda pool: PoolEngine(pool, backend)
+        ),
     }
     expert = registry.list_experts(kind="adapter", status="ready")[0]
     prompts = [e.prompt for e in registry.get_examples(expert.name, expert.version, split="validation")][:16]
@@ -104,13 +111,24 @@ def strategy_ways(args: argparse.Namespace) -> None:
         for name, host in ways.items():
             with ThreadPoolExecutor(args.concurrency) as pool:
                 t0 = time.perf_counter()
-                list(pool.map(lambda i: host.complete(args.strategy, prompts[i % len(prompts)],  # noqa: B023
-                                                      max_new_tokens=args.max_tokens), range(args.requests)))
+                list(
+                    pool.map(
+                        lambda i, host=host: host.complete(
+                            args.strategy,
+                            prompts[i % len(prompts)],
+                            max_new_tokens=args.max_tokens,
+                        ),
+                        range(args.requests),
+                    )
+                )
                 rates[name].append(args.requests / (time.perf_counter() - t0))
     print(f"{args.strategy}, {args.concurrency} clients, {args.max_tokens} new tokens:")
     for name, values in rates.items():
-        print(f"  {name}: {statistics.median(values):.1f} requests/s (rounds: "
-              + ", ".join(f"{v:.1f}" for v in values) + ")")
+        print(
+            f"  {name}: {statistics.median(values):.1f} requests/s (rounds: "
+            + ", ".join(f"{v:.1f}" for v in values)
+            + ")"
+        )
 
 
 if __name__ == "__main__":

@@ -59,7 +59,9 @@ def main() -> None:
     args = ap.parse_args()
     print(machine())
     print(f"median of {args.repeats} switches each way, interleaved; drift after {args.switches} switches\n")
-    print("| model | switch, restore the copy (ms) | switch, peft unmerge (ms) | ratio | drift, restore | drift, peft unmerge |")
+    print(
+        "| model | switch, restore the copy (ms) | switch, peft unmerge (ms) | ratio | drift, restore | drift, peft unmerge |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for label, (hidden, layers) in SIZES.items():

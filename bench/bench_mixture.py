@@ -63,8 +63,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def molora_at(rev: str):
     """composer/molora.py as of ``rev``, imported under another name; None without git or rev."""
     try:
-        src = subprocess.run(["git", "show", f"{rev}:composer/molora.py"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout
+        src = subprocess.run(
+            ["git", "show", f"{rev}:composer/molora.py"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     path = Path(tempfile.mkdtemp()) / "molora_before.py"
@@ -99,8 +100,9 @@ def random_zoo(root: Path, hidden: int, layers: int, experts: int, rank: int) ->
 
     base = make_tiny_base(root / f"base-{hidden}", hidden_size=hidden, layers=layers)
     # small factors: random ones at scale 0.5 blow the activations up at these widths
-    adapters = [make_tiny_lora(base, root / f"lora-{hidden}-{i}", seed=i + 1, r=rank, scale=0.02)
-                for i in range(experts)]
+    adapters = [
+        make_tiny_lora(base, root / f"lora-{hidden}-{i}", seed=i + 1, r=rank, scale=0.02) for i in range(experts)
+    ]
     return base, adapters
 
 
@@ -129,8 +131,13 @@ def bench_model(label: str, base_dir: Path, adapters: list[Path], texts: list[st
 
     def generate(model):
         with torch.inference_mode():
-            return model.generate(**batch, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                  do_sample=False, pad_token_id=tok.pad_token_id)
+            return model.generate(
+                **batch,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
 
     def timed(model, mix=None):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -177,11 +184,15 @@ def bench_model(label: str, base_dir: Path, adapters: list[Path], texts: list[st
 def report(rows: list[dict], args) -> str:
     lines = [
         f"Machine: {machine()}",
-        (f"Batch {args.batch}, {args.new_tokens} new tokens (forced), greedy, top-{args.top_k}; medians of "
-         f"{args.repeats} repeats after a warm-up, variants alternating within each repeat."),
+        (
+            f"Batch {args.batch}, {args.new_tokens} new tokens (forced), greedy, top-{args.top_k}; medians of "
+            f"{args.repeats} repeats after a warm-up, variants alternating within each repeat."
+        ),
         "",
-        ("| model | hidden × layers | experts × rank (modules) | single tok/s | served tok/s | mixture tok/s (÷ single) "
-         "| mixture ÷ served | before tok/s (÷ single) | CPU-time ratio mixture / before | same tokens | load avg 1/5/15 min |"),
+        (
+            "| model | hidden × layers | experts × rank (modules) | single tok/s | served tok/s | mixture tok/s (÷ single) "
+            "| mixture ÷ served | before tok/s (÷ single) | CPU-time ratio mixture / before | same tokens | load avg 1/5/15 min |"
+        ),
         "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:

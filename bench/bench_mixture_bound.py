@@ -60,8 +60,13 @@ def main() -> None:
     print(f"Machine: {machine()}; {T} tokens, {N} experts × rank {R}, top-{k}, 1 thread\n")
 
     # 1. rate at the decode shapes: (rows, inner, cols) of x @ W
-    shapes = {"base q/k/v/o": (T, d, d), "base gate/up": (T, d, m), "base down": (T, m, d),
-              "A of q/k/v (3 × N × R)": (T, d, 3 * NR), "B of one layer": (T, NR, d)}
+    shapes = {
+        "base q/k/v/o": (T, d, d),
+        "base gate/up": (T, d, m),
+        "base down": (T, m, d),
+        "A of q/k/v (3 × N × R)": (T, d, 3 * NR),
+        "B of one layer": (T, NR, d),
+    }
     print("| product | µs | GFLOP/s |\n|---|---:|---:|")
     for name, (rows, inner, cols) in shapes.items():
         x, w = torch.randn(rows, inner), torch.randn(inner, cols)
@@ -69,10 +74,19 @@ def main() -> None:
         print(f"| {name} [{rows}×{inner}]·[{inner}×{cols}] | {us:.1f} | {2 * rows * inner * cols / us / 1e3:.0f} |")
 
     # 2. every extra product of one decode step, with real (distinct) weights
-    per_layer = [(d, 3 * NR), (NR, d), (NR, d), (NR, d),  # q/k/v group: one A, three B
-                 (d, NR), (NR, d),  # o
-                 (d, 2 * NR), (NR, m), (NR, m),  # gate/up group
-                 (m, NR), (NR, d)]  # down
+    per_layer = [
+        (d, 3 * NR),
+        (NR, d),
+        (NR, d),
+        (NR, d),  # q/k/v group: one A, three B
+        (d, NR),
+        (NR, d),  # o
+        (d, 2 * NR),
+        (NR, m),
+        (NR, m),  # gate/up group
+        (m, NR),
+        (NR, d),
+    ]  # down
     weights = [torch.randn(i, o) for _ in range(LAYERS) for i, o in per_layer]
     inputs = {i: torch.randn(T, i) for i in {i for i, _ in per_layer}}
     base = [torch.randn(i, o) for _ in range(LAYERS) for i, o in [(d, d)] * 4 + [(d, m)] * 2 + [(m, d)]]
@@ -94,10 +108,12 @@ def main() -> None:
     base_mb = sum(w.numel() for w in base) * 4 / 1e6
     macs = sum(T * w.shape[0] * w.shape[1] for w in weights)
     base_macs = sum(T * w.shape[0] * w.shape[1] for w in base)
-    print(f"\none decode step, {LAYERS} layers: the base's products {base_us:.0f} µs ({base_macs / 1e6:.1f} M MACs, "
-          f"{base_mb:.1f} MB of weights); the dense mixture's extra products {hot:.0f} µs with warm caches, "
-          f"{cold:.0f} µs with flushed caches ({macs / 1e6:.1f} M MACs = {macs / base_macs:.1f} × the base's, "
-          f"{mb:.1f} MB of factors)")
+    print(
+        f"\none decode step, {LAYERS} layers: the base's products {base_us:.0f} µs ({base_macs / 1e6:.1f} M MACs, "
+        f"{base_mb:.1f} MB of weights); the dense mixture's extra products {hot:.0f} µs with warm caches, "
+        f"{cold:.0f} µs with flushed caches ({macs / 1e6:.1f} M MACs = {macs / base_macs:.1f} × the base's, "
+        f"{mb:.1f} MB of factors)"
+    )
 
     # 3. sparse (top-k only, embedding_bag) against dense, for the q/k/v group (G = 3 members)
     G = 3
@@ -123,12 +139,14 @@ def main() -> None:
     assert torch.allclose(sparse_a, want, atol=1e-4), "the sparse A products differ from the dense ones"
     rows = {
         "A, dense (all experts)": lambda: x @ A_t,
-        "A, sparse: embedding_bag only": lambda: F.embedding_bag(ind_a, A_rows, offsets_a, per_sample_weights=w_a,
-                                                                 mode="sum"),
+        "A, sparse: embedding_bag only": lambda: F.embedding_bag(
+            ind_a, A_rows, offsets_a, per_sample_weights=w_a, mode="sum"
+        ),
         "A, sparse: its indices": a_indices,
         "B of one member, dense": lambda: ah_dense @ B,
-        "B of one member, sparse (embedding_bag)": lambda: F.embedding_bag(ind_b, B, per_sample_weights=ah_top,
-                                                                          mode="sum"),
+        "B of one member, sparse (embedding_bag)": lambda: F.embedding_bag(
+            ind_b, B, per_sample_weights=ah_top, mode="sum"
+        ),
     }
     print("\n| q/k/v group, one step | µs |\n|---|---:|")
     for name, fn in rows.items():

@@ -32,8 +32,12 @@ from composer import molora
 from routers.base import MixtureSpec
 from routers.tokenwise import LoraFactors
 
-GROUPS = {"q/k/v": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate/up": ("gate_proj", "up_proj"),
-          "down": ("down_proj",)}
+GROUPS = {
+    "q/k/v": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate/up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
 
 
 class Layer(nn.Module):
@@ -66,8 +70,11 @@ def main() -> None:
     layer = Layer(args.hidden, args.intermediate).eval()
     mix = molora.MoLoRA(layer)
     names = [f"e{i}" for i in range(args.experts)]
-    modules = {f"{'self_attn' if n in GROUPS['q/k/v'] + GROUPS['o'] else 'mlp'}.{n}": n
-               for group in GROUPS.values() for n in group}
+    modules = {
+        f"{'self_attn' if n in GROUPS['q/k/v'] + GROUPS['o'] else 'mlp'}.{n}": n
+        for group in GROUPS.values()
+        for n in group
+    }
     for e in names:
         factors, gates = {}, {}
         for path, n in modules.items():
@@ -80,8 +87,10 @@ def main() -> None:
     spec = MixtureSpec("bench", names, "phatgoose", top_k=args.top_k)
 
     print(f"Machine: {machine()}; torch threads {args.threads}")
-    print(f"{args.experts} experts × rank {args.rank}, top-{args.top_k}, hidden {args.hidden}, "
-          f"intermediate {args.intermediate}; median µs per group call over {args.repeats} repeats\n")
+    print(
+        f"{args.experts} experts × rank {args.rank}, top-{args.top_k}, hidden {args.hidden}, "
+        f"intermediate {args.intermediate}; median µs per group call over {args.repeats} repeats\n"
+    )
     print("| group | tokens | base | pytorch (extra) | kernels (extra) |\n|---|---:|---:|---:|---:|")
     totals: dict[int, list[float]] = {}
     for tokens in (16, 672):
@@ -112,8 +121,10 @@ def main() -> None:
             total = totals.setdefault(tokens, [0.0, 0.0, 0.0])
             for j, k in enumerate(times):
                 total[j] += med[k]
-            print(f"| {label} | {tokens} | {med['base']:.1f} | {med['pytorch']:.1f} (+{med['pytorch'] - med['base']:.1f}) "
-                  f"| {med['kernels']:.1f} (+{med['kernels'] - med['base']:.1f}) |")
+            print(
+                f"| {label} | {tokens} | {med['base']:.1f} | {med['pytorch']:.1f} (+{med['pytorch'] - med['base']:.1f}) "
+                f"| {med['kernels']:.1f} (+{med['kernels'] - med['base']:.1f}) |"
+            )
     for tokens, (b, p, k) in totals.items():
         print(f"| whole layer | {tokens} | {b:.1f} | {p:.1f} (+{p - b:.1f}) | {k:.1f} (+{k - b:.1f}) |")
     molora._USE_KERNELS = True

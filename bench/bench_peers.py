@@ -60,8 +60,13 @@ class Worker:
     """A peer in its own venv: one JSON line per request, one per reply."""
 
     def __init__(self, python: Path, script: str) -> None:
-        self.proc = subprocess.Popen([str(python), str(ROOT / "bench" / "peers" / script)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [str(python), str(ROOT / "bench" / "peers" / script)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
         self.hello = self._read()
 
     def _read(self) -> dict:
@@ -103,7 +108,11 @@ def routing(args, peers_python: Path) -> None:
         if embedders:
             emb._st = embedders[0]._load()  # one copy of the weights
         embedders.append(emb)
-        kinds = (("moe/semantic", SemanticRouter), ("moe/classifier", ClassifierRouter), ("moe/retrieval", RetrievalRouter))
+        kinds = (
+            ("moe/semantic", SemanticRouter),
+            ("moe/classifier", ClassifierRouter),
+            ("moe/retrieval", RetrievalRouter),
+        )
         for name, cls in kinds if not label else kinds[:2]:
             router = cls(embedder=emb)
             for e in experts:
@@ -131,8 +140,10 @@ def routing(args, peers_python: Path) -> None:
             times["aurelio semantic-router"].append(reply["ms"])
             picks["aurelio semantic-router"][split].append(reply["name"])
     worker.close()
-    print(f"Machine: {machine()}; load {start} → {load()}; aurelio semantic-router {worker.hello['version']} "
-          f"on {worker.hello['threads']} torch threads, moerge's query path on 1\n")
+    print(
+        f"Machine: {machine()}; load {start} → {load()}; aurelio semantic-router {worker.hello['version']} "
+        f"on {worker.hello['threads']} torch threads, moerge's query path on 1\n"
+    )
     print("| router | test strict | test lenient | paraphrase strict | paraphrase lenient | decision p50 / p95 ms |")
     print("|---|---:|---:|---:|---:|---:|")
     rows = {}
@@ -150,8 +161,10 @@ def routing(args, peers_python: Path) -> None:
     print()
     for name in ours:
         cells, p50 = rows[name]
-        print(f"- {name} ÷ aurelio: paraphrase strict {cells[2] / max(peer_cells[2], 1e-9):.2f}×, "
-              f"decision p50 {p50 / peer_p50:.2f}×")
+        print(
+            f"- {name} ÷ aurelio: paraphrase strict {cells[2] / max(peer_cells[2], 1e-9):.2f}×, "
+            f"decision p50 {p50 / peer_p50:.2f}×"
+        )
     print(f"\n({sum(len(v) for v in splits.values())} prompts: {args.n_per_task} per task and split)")
 
 
@@ -159,8 +172,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0, help="the zoo build whose experts' prompts are used")
     ap.add_argument("--n-per-task", type=int, default=20, help="test and paraphrase prompts per task")
-    ap.add_argument("--peers-python", type=Path, default=PEERS_PYTHON,
-                    help="the interpreter of the peers' venv (make peers)")
+    ap.add_argument(
+        "--peers-python", type=Path, default=PEERS_PYTHON, help="the interpreter of the peers' venv (make peers)"
+    )
     ap.add_argument("--short", action="store_true", help="2 prompts per task and split: checks that it runs")
     args = ap.parse_args()
     if args.short:

@@ -76,8 +76,12 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp())
     reg = Registry(f"sqlite:///{root / 'moerge.db'}", artifact_root=root / "store")
-    reg.register_expert("gpt", "external", "openai/gpt-4o-mini",
-                        examples=[{"prompt": f"q{i}", "reference": "a", "split": "validation"} for i in range(20)])
+    reg.register_expert(
+        "gpt",
+        "external",
+        "openai/gpt-4o-mini",
+        examples=[{"prompt": f"q{i}", "reference": "a", "split": "validation"} for i in range(20)],
+    )
     read_only = reg._read_sessions
     ways = {"read-only": read_only, "write lock": reg._sessions}
     walls: dict[str, list[float]] = {k: [] for k in ways}
@@ -95,13 +99,19 @@ def main() -> None:
             p99s[name].append(statistics.quantiles(rounds, n=100)[98])
     reg._read_sessions = read_only
     print(f"Machine: {machine()}")
-    print(f"{args.threads} reader threads × {args.reads} rounds (list_experts + get_expert + get_examples), "
-          f"one writer registering and removing; medians of {args.repeats} repeats\n")
-    print("| reads | wall s | round p50 ms | round p99 ms | writer: registrations + removals /s |\n"
-          "|---|---:|---:|---:|---:|")
+    print(
+        f"{args.threads} reader threads × {args.reads} rounds (list_experts + get_expert + get_examples), "
+        f"one writer registering and removing; medians of {args.repeats} repeats\n"
+    )
+    print(
+        "| reads | wall s | round p50 ms | round p99 ms | writer: registrations + removals /s |\n"
+        "|---|---:|---:|---:|---:|"
+    )
     for name in ways:
-        print(f"| {name} | {statistics.median(walls[name]):.2f} | {statistics.median(p50s[name]):.1f} | "
-              f"{statistics.median(p99s[name]):.1f} | {statistics.median(writes[name]):.1f} |")
+        print(
+            f"| {name} | {statistics.median(walls[name]):.2f} | {statistics.median(p50s[name]):.1f} | "
+            f"{statistics.median(p99s[name]):.1f} | {statistics.median(writes[name]):.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -35,9 +35,16 @@ from routers.embedder import Embedder  # noqa: E402
 from routers.semantic import SemanticRouter  # noqa: E402
 from services.zoo.skills import SKILLS, make_split  # noqa: E402
 
-EVERYDAY = ["What is the capital of France?", "Write a haiku about autumn leaves.", "How do I fix a flat bicycle tyre?",
-            "Explain the theory of relativity.", "hi there", "What time does the sun set in July?",
-            "Plan a picnic menu for six people.", "Which houseplants are easy to keep alive?"]
+EVERYDAY = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "How do I fix a flat bicycle tyre?",
+    "Explain the theory of relativity.",
+    "hi there",
+    "What time does the sun set in July?",
+    "Plan a picnic menu for six people.",
+    "Which houseplants are easy to keep alive?",
+]
 
 
 def zoo_router(embedder: Embedder, seed: int) -> SemanticRouter:
@@ -50,8 +57,9 @@ def zoo_router(embedder: Embedder, seed: int) -> SemanticRouter:
 def before_rule(router: SemanticRouter, prompt: str) -> str | None:
     """The per-expert thresholds of moerge up to 2026-12-01, on the same artifacts."""
     scores = router.scores(prompt)
-    thresholds = torch.tensor([float(torch.quantile(router.artifacts[n].tensors["calibration_scores"], 0.05)) - 0.1
-                               for n in router.names])
+    thresholds = torch.tensor(
+        [float(torch.quantile(router.artifacts[n].tensors["calibration_scores"], 0.05)) - 0.1 for n in router.names]
+    )
     passed = (scores >= thresholds).nonzero().flatten()
     return router.names[int(passed[scores[passed].argmax()])] if len(passed) else None
 
@@ -64,22 +72,35 @@ def main() -> None:
     print(f"machine: {machine()}; load {load()}")
     embedder = Embedder()
     gold = {t: s.expert_name for t, s in SKILLS.items()}
-    print("| seed | rule | test strict | test fell back | paraphrase strict | paraphrase fell back | everyday fell back | gate |")
+    print(
+        "| seed | rule | test strict | test fell back | paraphrase strict | paraphrase fell back | everyday fell back | gate |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---|")
     for seed in (int(s) for s in args.seeds.split(",")):
         router = zoo_router(embedder, seed)
         splits = {s: make_split(s, args.n_per_task, seed) for s in ("test", "paraphrase")}
-        rules = {"before": lambda p: before_rule(router, p), "after": lambda p: router.route(RouteRequest(p)).top}
+        rules = {
+            "before": lambda p, router=router: before_rule(router, p),
+            "after": lambda p, router=router: router.route(RouteRequest(p)).top,
+        }
         for rule, choose in rules.items():
             cells = []
             for exs in splits.values():
                 chosen = [choose(e.prompt) for e in exs]
-                cells += [f"{sum(c == gold[e.task] for c, e in zip(chosen, exs)) / len(exs):.3f}",
-                          str(sum(c is None for c in chosen))]
+                cells += [
+                    f"{sum(c == gold[e.task] for c, e in zip(chosen, exs)) / len(exs):.3f}",
+                    str(sum(c is None for c in chosen)),
+                ]
             everyday = sum(choose(q) is None for q in EVERYDAY)
             info = router.route(RouteRequest(EVERYDAY[0])).info
-            gate = (f"{info['gate']:.3f} (fits {info['gate_from']['fits']:.3f}, nothing "
-                    f"{info['gate_from']['fits_nothing']:.3f})") if rule == "after" else "per expert"
+            gate = (
+                (
+                    f"{info['gate']:.3f} (fits {info['gate_from']['fits']:.3f}, nothing "
+                    f"{info['gate_from']['fits_nothing']:.3f})"
+                )
+                if rule == "after"
+                else "per expert"
+            )
             print(f"| {seed} | {rule} | {' | '.join(cells)} | {everyday}/{len(EVERYDAY)} | {gate} |")
 
 

@@ -21,16 +21,16 @@ import torch  # noqa: E402
 
 from composer.engine_protocol import GenerateRequest  # noqa: E402
 from registry.service import Registry  # noqa: E402
+from routers.embedder import get_embedder  # noqa: E402
 from services.moe.evaluate import evaluate, load_suite  # noqa: E402
 from services.moe.pool import ExpertPool  # noqa: E402
-from routers.embedder import get_embedder  # noqa: E402
 from services.moe.strategies import STRATEGIES, MoE  # noqa: E402
 
 SPLITS = ("test", "paraphrase", "composition")
 
 
 def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}"
 
 
@@ -54,8 +54,16 @@ def new_expert_routable(registry: Registry, pool: ExpertPool, routers: list[str]
     src = next(iter(pool.adapters().items()))
     info = pool.experts[src[0]]
     examples = [{"prompt": e.prompt, "reference": e.reference, "task": e.task, "split": e.split} for e in info.examples]
-    registry.register_expert(name, "adapter", src[1], base=pool.base.name, domains=list(info.domains),
-                             skills=list(info.skills), description=info.description, examples=examples)
+    registry.register_expert(
+        name,
+        "adapter",
+        src[1],
+        base=pool.base.name,
+        domains=list(info.domains),
+        skills=list(info.skills),
+        description=info.description,
+        examples=examples,
+    )
     out = {}
     try:
         for router in routers:
@@ -132,7 +140,9 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name, accs, routing, secs in rows:
         r = f"{routing:.3f}" if routing is not None else "–"
-        print(f"| {name} | {accs['test']:.3f} | {accs['paraphrase']:.3f} | {accs['composition']:.3f} | {r} | {secs:.1f} |")
+        print(
+            f"| {name} | {accs['test']:.3f} | {accs['paraphrase']:.3f} | {accs['composition']:.3f} | {r} | {secs:.1f} |"
+        )
 
     # a seed the evaluation did not use: fresh inputs the embedder has not cached
     prompts = [e.prompt for e in load_suite("skills", "test", 8, seed=12345)]

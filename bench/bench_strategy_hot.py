@@ -72,14 +72,17 @@ def main() -> None:
     prompts = [e.prompt for e in make_split("test", 2, seed=0)][:8]
     backend = LocalBackend(registry)
     catalog = StrategyCatalog(registry)
-    host = StrategyHost(registry, ["moe/semantic"], engine_factory=lambda pool: PoolEngine(pool, backend),
-                        catalog=catalog)
+    host = StrategyHost(
+        registry, ["moe/semantic"], engine_factory=lambda pool: PoolEngine(pool, backend), catalog=catalog
+    )
     backend.add_strategies(backend_strategies(host))
     print(f"machine: {machine()}; load {load()}")
     results: dict[str, list[float]] = {"semantic": [], "classifier": []}
     builtin_before, builtin_after = [], []
-    with serve(create_app(backend, registry, GatewaySettings(require_keys=False), catalog=catalog)) as url, \
-            httpx.Client(base_url=url, timeout=600) as h:
+    with (
+        serve(create_app(backend, registry, GatewaySettings(require_keys=False), catalog=catalog)) as url,
+        httpx.Client(base_url=url, timeout=600) as h,
+    ):
         request_ms(h, "moe/semantic", prompts[:2])  # warm: the router and the engine
         for i in range(args.rounds):
             builtin_before.append(request_ms(h, "moe/semantic", prompts))
@@ -88,23 +91,30 @@ def main() -> None:
             for kind in results:
                 name = f"bench-{kind}-{i}"
                 t0 = time.perf_counter()
-                r = h.post("/v1/strategies", json={"name": name, "router": kind, "composer": "single",
-                                                    "experts": subset})
+                r = h.post(
+                    "/v1/strategies", json={"name": name, "router": kind, "composer": "single", "experts": subset}
+                )
                 r.raise_for_status()
                 results[kind].append(first_answer(h, f"moe/{name}", prompts[0], t0))
                 names.append(name)
             builtin_after.append(request_ms(h, "moe/semantic", prompts))
             for name in names:
                 h.delete(f"/v1/strategies/{name}").raise_for_status()
-            print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in results.items())
-                  + f"; moe/semantic request {builtin_before[-1]:.1f} → {builtin_after[-1]:.1f} ms", flush=True)
+            print(
+                f"round {i + 1}: "
+                + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in results.items())
+                + f"; moe/semantic request {builtin_before[-1]:.1f} → {builtin_after[-1]:.1f} ms",
+                flush=True,
+            )
     print(f"\n{len(adapters) - 2} of {len(adapters)} adapters per strategy; medians over {args.rounds} rounds")
     print("| strategy posted | POST → first answer |")
     print("|---|---:|")
     for kind, values in results.items():
         print(f"| {kind} over a new subset | {statistics.median(values):.2f} s |")
-    print(f"moe/semantic request p50: {statistics.median(builtin_before):.1f} ms without user strategies, "
-          f"{statistics.median(builtin_after):.1f} ms with two")
+    print(
+        f"moe/semantic request p50: {statistics.median(builtin_before):.1f} ms without user strategies, "
+        f"{statistics.median(builtin_after):.1f} ms with two"
+    )
 
 
 if __name__ == "__main__":

@@ -74,7 +74,9 @@ def run(args: argparse.Namespace) -> str:
         manifest = build_zoo("micro", Path(tmp) / "micro", seed=0, progress=False)
     base = manifest.path_of(manifest.base.path)
     adapter = manifest.path_of(manifest.expert(args.adapter).path)
-    skill_prompts = [e.prompt for e in read_examples(manifest.path_of(manifest.expert(args.adapter).validation_examples))]
+    skill_prompts = [
+        e.prompt for e in read_examples(manifest.path_of(manifest.expert(args.adapter).validation_examples))
+    ]
     skill_prompts = (skill_prompts * 16)[:16]
 
     start = time.perf_counter()

@@ -21,7 +21,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def build(out: Path, seed: int, lower_isa: bool) -> int:
-    cmd = [str(Path(sys.executable).parent / "moerge"), "zoo", "build", "--size", "small", "--seed", str(seed), "--out", str(out)]
+    cmd = [
+        str(Path(sys.executable).parent / "moerge"),
+        "zoo",
+        "build",
+        "--size",
+        "small",
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+    ]
     if lower_isa:
         cmd = [str(ROOT / "scripts" / "lower-isa.sh"), sys.executable, *cmd]
     print("$", " ".join(cmd), file=sys.stderr, flush=True)
@@ -55,7 +65,12 @@ def report(zoo_dir: Path) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--lower-isa-seed", type=int, default=0, help="the seed built once more under a lower instruction set (-1: none)")
+    ap.add_argument(
+        "--lower-isa-seed",
+        type=int,
+        default=0,
+        help="the seed built once more under a lower instruction set (-1: none)",
+    )
     ap.add_argument("--out", type=Path, default=Path("/tmp/zoo-floors"))
     ap.add_argument("--report", type=Path, nargs="+", help="print these built zoos' tables and build nothing")
     args = ap.parse_args()

@@ -13,8 +13,10 @@ from services.machine import cpu_model
 def machine() -> str:
     cpu = cpu_model()
     cores = len(os.sched_getaffinity(0))
-    return (f"{cpu}, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"python {platform.python_version()}")
+    return (
+        f"{cpu}, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"python {platform.python_version()}"
+    )
 
 
 def load() -> str:

@@ -18,7 +18,8 @@ def zoo_experts(seed: int, max_examples: int = 200) -> list[ExpertInfo]:
     out = []
     for job in [*SKILLS, zoo_build.FULL_JOB]:
         train, val = zoo_build._expert_data(spec, seed, job)
-        examples = tuple(ExpertExample(e.prompt, e.reference, e.task, "train") for e in train[:max_examples]) + \
-            tuple(ExpertExample(e.prompt, e.reference, e.task, "validation") for e in val)
+        examples = tuple(ExpertExample(e.prompt, e.reference, e.task, "train") for e in train[:max_examples]) + tuple(
+            ExpertExample(e.prompt, e.reference, e.task, "validation") for e in val
+        )
         out.append(ExpertInfo(name=zoo_build._job_name(job), kind="adapter", examples=examples))
     return out

@@ -220,8 +220,9 @@ def vote_agreement(votes: Mapping[str, float], method: str) -> Agreement:
     )
 
 
-def output_of(expert: str, result: GenerateResult, *, weight: float = 0.0, role: str = "expert",
-              answer: str = "") -> ExpertOutput:
+def output_of(
+    expert: str, result: GenerateResult, *, weight: float = 0.0, role: str = "expert", answer: str = ""
+) -> ExpertOutput:
     return ExpertOutput(
         expert=expert,
         text=result.text,
@@ -270,4 +271,3 @@ def with_target(request: GenerateRequest, target: str | None, prompt: str | None
         last_user = max((i for i, (role, _) in enumerate(messages) if role == "user"), default=len(messages))
         messages = (*messages[:last_user], ("user", prompt))
     return replace(request, target=target, prompt=prompt, messages=messages)
-

@@ -117,7 +117,9 @@ class GenerateRequest:
 
     @property
     def penalised(self) -> bool:
-        return bool(self.repetition_penalty != 1.0 or self.frequency_penalty or self.presence_penalty or self.logit_bias)
+        return bool(
+            self.repetition_penalty != 1.0 or self.frequency_penalty or self.presence_penalty or self.logit_bias
+        )
 
 
 @dataclass
@@ -173,8 +175,9 @@ class Engine(Protocol):
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]: ...
 
 
-def generate_emitting(engine: Engine, requests: Sequence[GenerateRequest],
-                      emits: Sequence[Emit | None]) -> list[GenerateResult]:
+def generate_emitting(
+    engine: Engine, requests: Sequence[GenerateRequest], emits: Sequence[Emit | None]
+) -> list[GenerateResult]:
     """``engine.generate(requests)`` with each streamed request's text handed to its emit: in
     pieces by an engine that streams (``streams``), whole once it exists by another one."""
     if not any(emits):

@@ -25,8 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from composer.base import (
-    ComposeError,
     Completion,
+    ComposeError,
     ExpertOutput,
     Provenance,
     normalise_answer,
@@ -59,8 +59,7 @@ class Ensemble:
     level = "query"
     PARAMS = (
         Param("k", "int", 3, "experts that answer each query (the router's top k)", minimum=1),
-        Param("aggregator", "str", None, "an expert that writes the final answer from the others' "
-              "(vote = aggregate)"),
+        Param("aggregator", "str", None, "an expert that writes the final answer from the others' (vote = aggregate)"),
         Param("vote", "str", "majority", "how the answers combine", choices=VOTES),
     )
 
@@ -100,7 +99,9 @@ class Ensemble:
         for decision, recruits in zip(decisions, plans):
             if not recruits:
                 raise ComposeError(f"{self.name}: the router ({decision.router}) recruited no expert")
-        needed = {n for recruits in plans for n, _ in recruits} | ({self.aggregator} if self.vote == "aggregate" else set())
+        needed = {n for recruits in plans for n, _ in recruits} | (
+            {self.aggregator} if self.vote == "aggregate" else set()
+        )
         require_targets(engine, sorted(needed), self.name)
         flat = [with_target(r, name) for r, recruits in zip(requests, plans) for name, _ in recruits]
         results = engine.generate(flat)
@@ -111,8 +112,14 @@ class Ensemble:
             out.append(self._compose(decision, request, recruits, mine, engine))
         return out
 
-    def _compose(self, decision: Decision, request: GenerateRequest, recruits: list[tuple[str, float]],
-                 results: list, engine: Engine) -> Completion:
+    def _compose(
+        self,
+        decision: Decision,
+        request: GenerateRequest,
+        recruits: list[tuple[str, float]],
+        results: list,
+        engine: Engine,
+    ) -> Completion:
         outputs = [
             output_of(name, r, weight=w, answer=self.normalise(r.text)) for (name, w), r in zip(recruits, results)
         ]

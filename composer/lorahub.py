@@ -74,8 +74,9 @@ class LoraHubObjective:
         self.batch_size = batch_size
         # the base's own code only for a base registered with --trust-remote-code
         self.tokenizer = AutoTokenizer.from_pretrained(str(base_path), trust_remote_code=trust_remote_code)
-        base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32,
-                                                    trust_remote_code=trust_remote_code)
+        base = AutoModelForCausalLM.from_pretrained(
+            str(base_path), dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
         self.model = PeftModel.from_pretrained(base, str(self.paths[0]), adapter_name=SLOT, is_trainable=False)
         self.model.eval()
         self.rows = [self._encode(p, r, append_eos) for p, r in examples]
@@ -193,8 +194,13 @@ def write_composed_adapter(
     configs, states = load_factor_states([Path(adapters[n]) for n in names])
     out = Path(out_dir)
     write_adapter_folder(out, configs[0], combine_factor_states(states, [weights[n] for n in names]))
-    sidecar = {"method": "lorahub", "space": "factors", "experts": names,
-               "weights": [float(weights[n]) for n in names], **record}
+    sidecar = {
+        "method": "lorahub",
+        "space": "factors",
+        "experts": names,
+        "weights": [float(weights[n]) for n in names],
+        **record,
+    }
     (out / SIDECAR).write_text(json.dumps(sidecar, indent=2))
     return out
 
@@ -212,8 +218,15 @@ def lorahub_compose(
     """Search the weights and write the composed adapter to ``out_dir``."""
     result = lorahub_search(base_path, adapters, examples, budget, seed, trust_remote_code=trust_remote_code)
     result.path = write_composed_adapter(
-        adapters, result.weights, out_dir,
-        loss=result.loss, loss_at_zero=result.loss_at_zero, budget=budget, seed=seed,
-        examples=len(examples), l1=L1, bound=BOUND,
+        adapters,
+        result.weights,
+        out_dir,
+        loss=result.loss,
+        loss_at_zero=result.loss_at_zero,
+        budget=budget,
+        seed=seed,
+        examples=len(examples),
+        l1=L1,
+        bound=BOUND,
     )
     return result

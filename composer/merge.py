@@ -45,8 +45,8 @@ from pathlib import Path
 import torch
 
 from composer.base import (
-    ComposeError,
     Completion,
+    ComposeError,
     Provenance,
     output_of,
     top_experts,
@@ -147,8 +147,18 @@ def merge_adapters(
             config, state = factor_space_state(paths, w)
             write_adapter_folder(tmp, config, state)
         else:
-            info = _build(base_path, paths, w, _PEFT_TYPES[(method, combination)], density, svd_rank,
-                          majority_sign_method, seed, tmp, trust_remote_code)
+            info = _build(
+                base_path,
+                paths,
+                w,
+                _PEFT_TYPES[(method, combination)],
+                density,
+                svd_rank,
+                majority_sign_method,
+                seed,
+                tmp,
+                trust_remote_code,
+            )
             spec["svd_rank"] = info["rank"] if combination == "svd" else None
             spec["rank"] = info["rank"]
         (tmp / SIDECAR).write_text(json.dumps({"key": key, **spec}, indent=2))
@@ -184,8 +194,9 @@ def _build(
     from transformers import AutoModelForCausalLM
 
     # the base's own code only when it was registered with --trust-remote-code; never a prompt asking
-    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32,
-                                                trust_remote_code=trust_remote_code)
+    base = AutoModelForCausalLM.from_pretrained(
+        str(base_path), dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
     names = [f"e{i}" for i in range(len(paths))]
     try:
         model = PeftModel.from_pretrained(base, str(paths[0]), adapter_name=names[0], is_trainable=False)
@@ -259,7 +270,9 @@ def load_factor_states(paths: Sequence[Path]) -> tuple[list[dict], list[dict[str
     return configs, states
 
 
-def combine_factor_states(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+def combine_factor_states(
+    states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
     out = {}
     for key in states[0]:
         acc = torch.zeros_like(states[0][key])
@@ -301,8 +314,11 @@ def _weights(names: list[str], weights: Sequence[float] | Mapping[str, float] | 
 def _cache_key(spec: dict, adapters: Mapping[str, str | Path]) -> str:
     def identity(path: str | Path) -> list:
         p = Path(path).resolve()
-        files = sorted(f for f in p.iterdir() if f.name in ("adapter_config.json", "adapter_model.safetensors",
-                                                            "adapter_model.bin"))
+        files = sorted(
+            f
+            for f in p.iterdir()
+            if f.name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+        )
         return [str(p)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
     blob = json.dumps({"spec": spec, "adapters": [identity(adapters[n]) for n in spec["experts"]]}, sort_keys=True)
@@ -426,7 +442,11 @@ class Merged:
                 experts=list(weights.items()),
                 outputs=[output_of(target, result, weight=1.0)],
                 decision_info=decision.info,
-                info={"merged_adapter": str(merged.path), "merge_key": merged.key, "cache_hit": merged.cached,
-                      "merge": merged.spec},
+                info={
+                    "merged_adapter": str(merged.path),
+                    "merge_key": merged.key,
+                    "cache_hit": merged.cached,
+                    "merge": merged.spec,
+                },
             ),
         )

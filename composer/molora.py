@@ -241,8 +241,20 @@ class _Group:
         idx = np.empty((T, G, k), dtype=np.int64)
         w = np.empty((T, G, k), dtype=np.float32)
         p = torch.empty(T, G, N)
-        molora_kernels.route(xn, ks.keys, cfg.gate in _STANDARDISED, _LN_EPS, cfg.temperature, bias, seq,
-                             ks.present, k, idx, w, p.numpy())
+        molora_kernels.route(
+            xn,
+            ks.keys,
+            cfg.gate in _STANDARDISED,
+            _LN_EPS,
+            cfg.temperature,
+            bias,
+            seq,
+            ks.present,
+            k,
+            idx,
+            w,
+            p.numpy(),
+        )
         return _Routed(p, None, (xn, idx, w))
 
     @staticmethod
@@ -386,9 +398,7 @@ class RoutingStats:
     def per_module(self) -> dict[str, dict[str, float]]:
         for modules in list(self._pending):
             self._flush(modules)
-        return {
-            m: dict(zip(self.experts, (s / self._counts[m]).tolist(), strict=True)) for m, s in self._sums.items()
-        }
+        return {m: dict(zip(self.experts, (s / self._counts[m]).tolist(), strict=True)) for m, s in self._sums.items()}
 
     def per_expert(self) -> dict[str, float]:
         """Mean over modules of the per-module mean gate probability."""
@@ -538,7 +548,9 @@ class MoLoRA:
             layer.group.release()
 
     @contextmanager
-    def routing(self, specs: MixtureSpec | Sequence[MixtureSpec], record_stats: bool = True) -> Iterator[RoutingStats | None]:
+    def routing(
+        self, specs: MixtureSpec | Sequence[MixtureSpec], record_stats: bool = True
+    ) -> Iterator[RoutingStats | None]:
         stats = self.activate(specs, record_stats)
         try:
             yield stats

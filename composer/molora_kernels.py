@@ -21,7 +21,6 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
-
 # Reassociation lets LLVM vectorise the dot products' sums, contraction fuse multiply-adds; the
 # other fast-math flags stay off (no assumptions about NaN or infinities in the inputs).
 _FASTMATH = {"reassoc", "contract"}

@@ -45,7 +45,9 @@ class Single:
         ]
 
 
-def answered(decision: Decision, expert: str, weight: float, result: GenerateResult, info: dict | None = None) -> Completion:
+def answered(
+    decision: Decision, expert: str, weight: float, result: GenerateResult, info: dict | None = None
+) -> Completion:
     """``expert``'s result as the single composer's completion for ``decision`` (also built by the
     gateway when it streams the expert a strategy chose)."""
     return Completion(

@@ -28,8 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from composer.base import (
-    ComposeError,
     Completion,
+    ComposeError,
     Provenance,
     Segment,
     base_target,
@@ -38,7 +38,7 @@ from composer.base import (
     with_target,
 )
 from composer.engine_protocol import Engine, GenerateRequest
-from routers.base import Decision, RouteRequest, Router
+from routers.base import Decision, Router, RouteRequest
 from routers.params import Param
 
 DEFAULT_CONNECTIVES = (", and then ", " and then ", ", then ", "; then ", "then")
@@ -136,8 +136,14 @@ class Stitch:
             segments.append(Segment(expert, text, step.index, step.instruction, prompt, weight))
             if expert not in (n for n, _ in used):
                 used.append((expert, weight))
-            step_info.append({"step": step.index, "router": step_decision.router,
-                              "experts": step_decision.experts, "info": step_decision.info})
+            step_info.append(
+                {
+                    "step": step.index,
+                    "router": step_decision.router,
+                    "experts": step_decision.experts,
+                    "info": step_decision.info,
+                }
+            )
             current = text
         assert result is not None
         return Completion(
@@ -170,8 +176,10 @@ class Stitch:
                 outputs=[output_of(expert, result, weight=weight, role="step")],
                 segments=[Segment(expert, text, 0, "", request.prompt, weight)],
                 decision_info=decision.info,
-                info={"steps": [{"step": 0, "router": chosen.router, "experts": chosen.experts,
-                                 "info": chosen.info}], "split": False},
+                info={
+                    "steps": [{"step": 0, "router": chosen.router, "experts": chosen.experts, "info": chosen.info}],
+                    "split": False,
+                },
             ),
         )
 

@@ -70,8 +70,7 @@ def make_sessionmaker(engine: Engine, read_only: bool = False) -> sessionmaker[S
     """Sessions on ``engine``; ``read_only``: for transactions that never write (SQLite then takes
     no write lock for them; other databases ignore the option)."""
     # Records outlive their session (the registry hands them to callers), so keep loaded values.
-    return sessionmaker(engine.execution_options(**{READ_ONLY: True}) if read_only else engine,
-                        expire_on_commit=False)
+    return sessionmaker(engine.execution_options(**{READ_ONLY: True}) if read_only else engine, expire_on_commit=False)
 
 
 @contextmanager

@@ -248,7 +248,10 @@ class Suite(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     examples: Mapped[list[SuiteExample]] = relationship(
-        back_populates="suite", cascade="all, delete-orphan", passive_deletes=True, lazy="select",
+        back_populates="suite",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        lazy="select",
         order_by="SuiteExample.id",
     )
 
@@ -292,7 +295,10 @@ class LeaderboardRun(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     results: Mapped[list[LeaderboardResult]] = relationship(
-        back_populates="run", cascade="all, delete-orphan", passive_deletes=True, lazy="select",
+        back_populates="run",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        lazy="select",
         order_by="LeaderboardResult.id",
     )
 

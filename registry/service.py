@@ -117,8 +117,13 @@ class Registry:
         with self.session() as s:
             if s.scalar(select(BaseModel.id).where(BaseModel.name == name)) is not None:
                 raise RegistrationError(f"base model {name!r} is already registered")
-            base = BaseModel(name=name, uri=str(folder), architecture=info.architecture, checksum=info.fingerprint,
-                             trust_remote_code=bool(trust_remote_code and info.remote_code))
+            base = BaseModel(
+                name=name,
+                uri=str(folder),
+                architecture=info.architecture,
+                checksum=info.fingerprint,
+                trust_remote_code=bool(trust_remote_code and info.remote_code),
+            )
             s.add(base)
             try:
                 s.flush()
@@ -260,8 +265,7 @@ class Registry:
                     if version is None and attempt + 1 < AUTO_VERSION_RETRIES:
                         continue
                     raise RegistrationError(
-                        f"expert {name} version {version or '(next)'} already exists "
-                        "(registered concurrently)"
+                        f"expert {name} version {version or '(next)'} already exists (registered concurrently)"
                     ) from None
             raise AssertionError("unreachable")
         except MoergeError:
@@ -565,17 +569,23 @@ class Registry:
                     raise RegistrationError(f"suite {name!r} already exists (use --replace to import it again)")
                 s.delete(existing)
                 s.flush()
-            suite = Suite(name=name, description=description, source=source, checksum=checksum,
-                          n_examples=len(rows))
+            suite = Suite(name=name, description=description, source=source, checksum=checksum, n_examples=len(rows))
             s.add(suite)
             try:
                 s.flush()  # the unique name first: a concurrent import of the same name stops here
             except IntegrityError:
                 raise RegistrationError(f"suite {name!r} already exists (imported concurrently)") from None
             s.add_all(
-                SuiteExample(suite_id=suite.id, line=r["line"], prompt=r["prompt"], reference=r["reference"],
-                             task=r.get("task", ""), split=r["split"], metric=r.get("metric", "exact_match"),
-                             choices=r.get("choices"))
+                SuiteExample(
+                    suite_id=suite.id,
+                    line=r["line"],
+                    prompt=r["prompt"],
+                    reference=r["reference"],
+                    task=r.get("task", ""),
+                    split=r["split"],
+                    metric=r.get("metric", "exact_match"),
+                    choices=r.get("choices"),
+                )
                 for r in rows
             )
             s.flush()

@@ -15,15 +15,31 @@ from registry.models import StrategyRecord
 from registry.validation import check_name
 
 
-def add_strategy(session: Session, name: str, router: str, composer: str, *, router_params: dict | None = None,
-                 composer_params: dict | None = None, experts: list[str] | None = None,
-                 fallback: str | None = None, description: str = "") -> StrategyRecord:
+def add_strategy(
+    session: Session,
+    name: str,
+    router: str,
+    composer: str,
+    *,
+    router_params: dict | None = None,
+    composer_params: dict | None = None,
+    experts: list[str] | None = None,
+    fallback: str | None = None,
+    description: str = "",
+) -> StrategyRecord:
     check_name(name, "strategy name")
     if session.scalar(select(StrategyRecord).where(StrategyRecord.name == name)) is not None:
         raise DefinitionError(f"strategy moe/{name} exists; remove it first (`moerge strategies remove {name}`)")
-    record = StrategyRecord(name=name, router=router, composer=composer, router_params=dict(router_params or {}),
-                            composer_params=dict(composer_params or {}), experts=list(experts or []),
-                            fallback=fallback, description=description or "")
+    record = StrategyRecord(
+        name=name,
+        router=router,
+        composer=composer,
+        router_params=dict(router_params or {}),
+        composer_params=dict(composer_params or {}),
+        experts=list(experts or []),
+        fallback=fallback,
+        description=description or "",
+    )
     session.add(record)
     try:
         session.flush()
@@ -51,6 +67,7 @@ def remove_strategy(session: Session, name: str) -> StrategyRecord:
 
 def fingerprint(session: Session) -> tuple:
     """Changes whenever a definition is added or removed: (count, newest update, highest id)."""
-    row = session.execute(select(func.count(StrategyRecord.id), func.max(StrategyRecord.updated_at),
-                                 func.max(StrategyRecord.id))).one()
+    row = session.execute(
+        select(func.count(StrategyRecord.id), func.max(StrategyRecord.updated_at), func.max(StrategyRecord.id))
+    ).one()
     return tuple(row)

@@ -95,9 +95,7 @@ class AdapterInfo:
 
 def check_name(name: str, what: str = "expert name") -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise RegistrationError(
-            f"invalid {what} {name!r}: use letters, digits, '.', '_' or '-' (at most 128, no '/')"
-        )
+        raise RegistrationError(f"invalid {what} {name!r}: use letters, digits, '.', '_' or '-' (at most 128, no '/')")
     return name
 
 
@@ -105,7 +103,7 @@ def check_base_name(name: str) -> str:
     if not isinstance(name, str) or not BASE_NAME_RE.match(name):
         raise RegistrationError(
             f"invalid base model name {name!r}: use letters, digits, '.', '_' or '-', with at most one '/' "
-            "as hub ids have (\"Qwen/Qwen2.5-7B-Instruct\")"
+            'as hub ids have ("Qwen/Qwen2.5-7B-Instruct")'
         )
     return name
 
@@ -136,8 +134,10 @@ def check_connection(api_base: str | None, api_key_env: str | None) -> None:
         raise RegistrationError(f"api_base {api_base!r} is not an http(s) URL such as http://10.0.0.5:8000/v1")
     if api_key_env is not None:
         if SECRET_RE.match(str(api_key_env)) and not str(api_key_env).isupper():
-            raise RegistrationError("api_key_env takes the name of the environment variable that holds the key "
-                                    "(such as OPENAI_API_KEY), never the key itself")
+            raise RegistrationError(
+                "api_key_env takes the name of the environment variable that holds the key "
+                "(such as OPENAI_API_KEY), never the key itself"
+            )
         if not ENV_NAME_RE.match(str(api_key_env)):
             raise RegistrationError(f"api_key_env {api_key_env!r} is not an environment variable name")
 
@@ -305,8 +305,11 @@ def inspect_base(path: str | os.PathLike, trust_remote_code: bool = False) -> Ba
     code = sorted(p for p in present if p.endswith(".py"))
     remote_code = bool(config.get("auto_map")) or bool(code)
     if remote_code and not trust_remote_code:
-        what = "config.json has an auto_map" + (f" and the folder holds {', '.join(code)}" if code else "") \
-            if config.get("auto_map") else f"the folder holds {', '.join(code)}"
+        what = (
+            "config.json has an auto_map" + (f" and the folder holds {', '.join(code)}" if code else "")
+            if config.get("auto_map")
+            else f"the folder holds {', '.join(code)}"
+        )
         raise RegistrationError(
             f"{label} runs code of its own ({what}); register it with --trust-remote-code if you trust "
             "that code, since every engine that loads this base will run it"
@@ -359,8 +362,10 @@ def validate_adapter(root: Path, files: list[SourceFile], base_name: str, base_p
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise RegistrationError(f"adapter_config.json: r must be a positive integer, got {rank!r}")
     targets = config.get("target_modules")
-    if not targets or not isinstance(targets, (list, str)) or (
-        isinstance(targets, list) and not all(isinstance(t, str) for t in targets)
+    if (
+        not targets
+        or not isinstance(targets, (list, str))
+        or (isinstance(targets, list) and not all(isinstance(t, str) for t in targets))
     ):
         raise RegistrationError("adapter_config.json: target_modules must be a list of module names or a regex")
     if "adapter_model.safetensors" not in by_rel:
@@ -379,7 +384,7 @@ def validate_adapter(root: Path, files: list[SourceFile], base_name: str, base_p
     has_a: set[str] = set()
     has_b: set[str] = set()
     for key, shape in sorted(tensors.items()):
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         m = LORA_KEY.match(name)
         if m is None:  # modules_to_save / trainable tokens: a full tensor replacing the base's
             base_key = _find(name, base_shapes)
@@ -482,6 +487,7 @@ def _warn_other_base(named: Any, base_name: str, base_path: str) -> None:
     shapes fit (checked above), so it loads; it may still answer badly on a different base."""
     if not isinstance(named, str) or not named:
         return
+
     def tail(x: str) -> str:
         return x.rstrip("/").rsplit("/", 1)[-1].lower()
 
@@ -492,9 +498,13 @@ def _warn_other_base(named: Any, base_name: str, base_path: str) -> None:
         hub_id = cache.name.removeprefix("models--").replace("--", "/")
         known |= {hub_id.lower(), tail(hub_id)}
     if named.lower() not in known and tail(named) not in known:
-        warnings.warn(RegistrationWarning(
-            f"adapter_config.json says the adapter was trained on {named!r}, not on base {base_name!r} "
-            f"({base_path}); the shapes fit, but its answers may not"), stacklevel=4)
+        warnings.warn(
+            RegistrationWarning(
+                f"adapter_config.json says the adapter was trained on {named!r}, not on base {base_name!r} "
+                f"({base_path}); the shapes fit, but its answers may not"
+            ),
+            stacklevel=4,
+        )
 
 
 def _find(key: str, shapes: dict[str, list[int]]) -> str | None:
@@ -538,9 +548,11 @@ def validate_model(root: Path, files: list[SourceFile]) -> str:
     code = sorted(rel for rel in by_rel if rel.endswith(".py"))
     if config.get("auto_map") or code:
         raise RegistrationError(
-            "the model runs code of its own (" + ("config.json has an auto_map" if config.get("auto_map")
-                                                  else ", ".join(code)) + "); full-model experts must be "
-            "architectures transformers ships (register a base with --trust-remote-code for such code)")
+            "the model runs code of its own ("
+            + ("config.json has an auto_map" if config.get("auto_map") else ", ".join(code))
+            + "); full-model experts must be "
+            "architectures transformers ships (register a base with --trust-remote-code for such code)"
+        )
     for shard in _weight_files(root, set(by_rel), "model folder"):
         safetensors_shapes(by_rel[shard].path, shard)
     arch = config.get("architectures") or [config.get("model_type")]

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from routers.base import Artifact, ExpertInfo
-from routers.tokenwise import TokenwiseRouter, read_lora_factors, require_adapter
 from routers.params import Param
+from routers.tokenwise import TokenwiseRouter, read_lora_factors, require_adapter
 
 
 def top_right_singular_vector(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -44,4 +44,6 @@ class ArrowRouter(TokenwiseRouter):
 
     def fit_expert(self, expert: ExpertInfo) -> Artifact:
         require_adapter(expert)
-        return Artifact(tensors=arrow_prototypes(expert.adapter_path), metadata={"prototype": "top right-singular vector"})
+        return Artifact(
+            tensors=arrow_prototypes(expert.adapter_path), metadata={"prototype": "top right-singular vector"}
+        )

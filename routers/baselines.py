@@ -26,9 +26,7 @@ from routers.params import Param
 class OracleRouter(QueryRouter):
     name = "oracle"
     needs = frozenset({"gold_task"})
-    PARAMS = (
-        Param("fallback", "str", None, "the expert that answers when no expert fits the query"),
-    )
+    PARAMS = (Param("fallback", "str", None, "the expert that answers when no expert fits the query"),)
 
     def __init__(self, fallback: str | None = None) -> None:
         super().__init__()
@@ -114,7 +112,9 @@ class BestSingleRouter(QueryRouter):
 
     def fit_expert(self, expert: ExpertInfo) -> Artifact:
         if expert.name in self.accuracies:
-            return Artifact(tensors={}, metadata={"accuracy": repr(float(self.accuracies[expert.name])), "source": "given"})
+            return Artifact(
+                tensors={}, metadata={"accuracy": repr(float(self.accuracies[expert.name])), "source": "given"}
+            )
         if self.evaluate_fn is None:
             return Artifact(tensors={}, metadata={})  # only usable with a configured expert name
         examples = validation_set(expert, self.validation_examples)

@@ -38,30 +38,58 @@ import torch
 from torch import nn
 
 from routers.base import Artifact, Decision, ExpertInfo, RouteRequest
-from routers.common import EmbeddingRouter, primary_domain
 from routers.bert_layers import run_layers
+from routers.common import EmbeddingRouter, primary_domain
 from routers.embedder import Embedder, mean_pool
 from routers.params import Param
 
 OTHER = "other"
 
 _OTHER_TOPICS = [
-    "the Roman empire", "gardening", "jazz music", "climate change", "football", "cooking pasta",
-    "the stock market", "ancient Egypt", "photography", "volcanoes", "coffee", "chess", "the ocean",
-    "migrating birds", "medieval castles", "yoga", "electric cars", "the moon", "Shakespeare",
-    "job interviews", "renting an apartment", "dog training", "the French revolution", "vaccines",
+    "the Roman empire",
+    "gardening",
+    "jazz music",
+    "climate change",
+    "football",
+    "cooking pasta",
+    "the stock market",
+    "ancient Egypt",
+    "photography",
+    "volcanoes",
+    "coffee",
+    "chess",
+    "the ocean",
+    "migrating birds",
+    "medieval castles",
+    "yoga",
+    "electric cars",
+    "the moon",
+    "Shakespeare",
+    "job interviews",
+    "renting an apartment",
+    "dog training",
+    "the French revolution",
+    "vaccines",
 ]
 _OTHER_TEMPLATES = [
-    "Tell me about the history of {t}.", "What is the best way to get started with {t}?",
-    "Write a short poem about {t}.", "Can you recommend a good book on {t}?",
-    "Explain why {t} matters to people.", "What are common myths about {t}?",
-    "Plan a relaxing weekend around {t}.", "Summarise recent news about {t}.",
+    "Tell me about the history of {t}.",
+    "What is the best way to get started with {t}?",
+    "Write a short poem about {t}.",
+    "Can you recommend a good book on {t}?",
+    "Explain why {t} matters to people.",
+    "What are common myths about {t}?",
+    "Plan a relaxing weekend around {t}.",
+    "Summarise recent news about {t}.",
 ]
 _OTHER_CHAT = [
-    "Hello, how are you today?", "What's the weather like in Paris this week?",
-    "Thanks for your help earlier!", "Can you write an email to my landlord about the heating?",
-    "Who won the world cup in 1998?", "I feel tired lately, any advice?",
-    "Translate 'good morning' into Spanish.", "What should I cook for dinner tonight?",
+    "Hello, how are you today?",
+    "What's the weather like in Paris this week?",
+    "Thanks for your help earlier!",
+    "Can you write an email to my landlord about the heating?",
+    "Who won the world cup in 1998?",
+    "I feel tired lately, any advice?",
+    "Translate 'good morning' into Spanish.",
+    "What should I cook for dinner tonight?",
 ]
 # Generic, unrelated requests: the "other" class. Deterministic so retrains are reproducible.
 OTHER_PROMPTS: list[str] = [tpl.format(t=t) for t in _OTHER_TOPICS for tpl in _OTHER_TEMPLATES] + _OTHER_CHAT
@@ -190,7 +218,11 @@ class ClassifierRouter(EmbeddingRouter):
     def _other_prompts(self, per_class: float) -> list[str]:
         """As many "other" prompts as an average expert has (at least 32), a fixed-seed sample."""
         n = min(len(self.other_examples), max(32, round(per_class)))
-        return random.Random(self.seed).sample(self.other_examples, n) if n < len(self.other_examples) else list(self.other_examples)
+        return (
+            random.Random(self.seed).sample(self.other_examples, n)
+            if n < len(self.other_examples)
+            else list(self.other_examples)
+        )
 
     def retrain(self) -> float:
         """Train the head (and top layers) over the loaded experts + "other"; returns seconds.
@@ -223,7 +255,9 @@ class ClassifierRouter(EmbeddingRouter):
             torch.manual_seed(self.seed)  # head init and dropout, restored below
             try:
                 model = self.emb.model
-                top = [copy.deepcopy(l) for l in model.encoder.layer[self._split :]] if self.train_layers else []
+                top = (
+                    [copy.deepcopy(layer) for layer in model.encoder.layer[self._split :]] if self.train_layers else []
+                )
                 head = _Head(top, self.emb.dim, len(labels), dropout=0.1)
                 for p in head.parameters():
                     p.requires_grad_(False)
@@ -256,8 +290,10 @@ class ClassifierRouter(EmbeddingRouter):
                     for p in head.parameters():
                         p.requires_grad_(True)
                     opt = torch.optim.AdamW(
-                        [{"params": head.linear.parameters(), "lr": self.head_lr},
-                         {"params": head.layers.parameters(), "lr": self.lr}],
+                        [
+                            {"params": head.linear.parameters(), "lr": self.head_lr},
+                            {"params": head.layers.parameters(), "lr": self.lr},
+                        ],
                         weight_decay=0.01,
                     )
                     for _ in range(self.epochs):
@@ -276,7 +312,11 @@ class ClassifierRouter(EmbeddingRouter):
             keep = set(texts)  # drop cached states of experts no longer loaded
             self._states = {t: s for t, s in self._states.items() if t in keep}
             self.last_train_seconds = time.perf_counter() - t0
-            self.last_train_info = {"seconds": self.last_train_seconds, "frozen_states_seconds": t_states, "examples": len(texts)}
+            self.last_train_info = {
+                "seconds": self.last_train_seconds,
+                "frozen_states_seconds": t_states,
+                "examples": len(texts),
+            }
             return self.last_train_seconds
 
     # -- the trained head as an artifact ---------------------------------------------------------
@@ -286,8 +326,18 @@ class ClassifierRouter(EmbeddingRouter):
         prompts and the training recipe. Retraining from the same key gives the same head (the
         training is seeded), so a stored head with this key can stand in for a retrain."""
         h = hashlib.sha256()
-        recipe = (self.train_layers, self.epochs, self.batch_size, self.lr, self.head_lr, self.probe_steps,
-                  self.max_examples, self.seed, self.other_examples, torch.__version__)
+        recipe = (
+            self.train_layers,
+            self.epochs,
+            self.batch_size,
+            self.lr,
+            self.head_lr,
+            self.probe_steps,
+            self.max_examples,
+            self.seed,
+            self.other_examples,
+            torch.__version__,
+        )
         h.update(json.dumps(recipe).encode())
         for name in self.names:
             art = self.artifacts[name]
@@ -307,7 +357,9 @@ class ClassifierRouter(EmbeddingRouter):
         if artifact.metadata.get("key") != self.head_key():
             return False
         labels = json.loads(artifact.metadata["labels"])
-        top = [copy.deepcopy(l) for l in self.emb.model.encoder.layer[self._split :]] if self.train_layers else []
+        top = (
+            [copy.deepcopy(layer) for layer in self.emb.model.encoder.layer[self._split :]] if self.train_layers else []
+        )
         head = _Head(top, self.emb.dim, len(labels))
         head.load_state_dict(artifact.tensors)
         head.eval()

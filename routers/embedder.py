@@ -97,8 +97,9 @@ class Embedder:
     ) -> None:
         query_backend = query_backend or default_query_backend()
         if query_backend not in QUERY_BACKENDS:
-            raise ValueError(f"query_backend ({QUERY_BACKEND_ENV}) must be one of {', '.join(QUERY_BACKENDS)}, "
-                             f"not {query_backend!r}")
+            raise ValueError(
+                f"query_backend ({QUERY_BACKEND_ENV}) must be one of {', '.join(QUERY_BACKENDS)}, not {query_backend!r}"
+            )
         self.model_path = Path(model_path) if model_path else None
         self.device = device
         self.cache_size = cache_size
@@ -190,11 +191,13 @@ class Embedder:
         layer = len(layers) if layer is None else layer
         batch = self.tokenize([text])
         hidden = None
-        if self.query_backend != "torch" and all(steppable(l) for l in layers):
+        if self.query_backend != "torch" and all(steppable(layer) for layer in layers):
             try:
                 hidden = self._onnx_session(layer).hidden_states(batch["input_ids"], batch.get("token_type_ids"))[-1]
             except Exception as exc:  # no export possible here (a read-only disk, an op the exporter lacks)
-                log.warning("ONNX query path unavailable (%s: %s); routing queries run in PyTorch", type(exc).__name__, exc)
+                log.warning(
+                    "ONNX query path unavailable (%s: %s); routing queries run in PyTorch", type(exc).__name__, exc
+                )
                 self.query_backend = "torch"
         if hidden is None:
             with self.query_context():

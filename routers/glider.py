@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from routers.base import Artifact, ExpertInfo, MixtureSpec, RouteRequest
-from routers.phatgoose import PhatgooseRouter
 from routers.params import Param
+from routers.phatgoose import PhatgooseRouter
 
 Embedder = Callable[[Sequence[str]], torch.Tensor]  # texts -> [n, d]
 TASK_KEY = "glider.task_embedding"

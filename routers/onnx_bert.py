@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from routers.bert_layers import bert_layer
+
 log = logging.getLogger(__name__)
 
 _SESSIONS: dict[tuple[str, int, int, str], "OnnxBert"] = {}
@@ -132,8 +133,14 @@ def quantize_int8(fp32_path: Path, path: Path) -> None:
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        quantize_dynamic(str(fp32_path), tmp, op_types_to_quantize=["MatMul"], per_channel=True,
-                         reduce_range=True, weight_type=QuantType.QInt8)
+        quantize_dynamic(
+            str(fp32_path),
+            tmp,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            reduce_range=True,
+            weight_type=QuantType.QInt8,
+        )
         os.replace(tmp, path)
     finally:
         quiet.setLevel(level)
@@ -173,13 +180,16 @@ class OnnxBert:
         """The hidden states for one unpadded sequence: [layers + 1, 1, seq, dim] (fp32), the
         embeddings' output first."""
         ids = input_ids.cpu().numpy().astype(np.int64, copy=False)
-        types = np.zeros_like(ids) if token_type_ids is None else token_type_ids.cpu().numpy().astype(np.int64, copy=False)
+        types = (
+            np.zeros_like(ids) if token_type_ids is None else token_type_ids.cpu().numpy().astype(np.int64, copy=False)
+        )
         (out,) = self.session.run(None, {"input_ids": ids, "token_type_ids": types})
         return torch.from_numpy(out)
 
     @classmethod
-    def for_model(cls, bert: torch.nn.Module, layers: int | None = None, threads: int = 1,
-                  precision: str = "fp32") -> "OnnxBert":
+    def for_model(
+        cls, bert: torch.nn.Module, layers: int | None = None, threads: int = 1, precision: str = "fp32"
+    ) -> "OnnxBert":
         """The session for ``bert``'s weights up to ``layers`` layers (None: all) in ``precision``
         (``PRECISIONS``): from this process's sessions, else the disk cache, else a fresh export
         (~5 s; int8 quantises that graph, ~3 s more). The classifier runs the layers below its

@@ -45,8 +45,9 @@ class Param:
         if not isinstance(value, want) or (self.type != "bool" and isinstance(value, bool)):
             raise DefinitionError(f"{owner}: parameter {self.name!r} takes {self.type}, not {value!r}")
         if self.choices and value not in self.choices:
-            raise DefinitionError(f"{owner}: parameter {self.name!r} is one of "
-                                  f"{', '.join(map(str, self.choices))}, not {value!r}")
+            raise DefinitionError(
+                f"{owner}: parameter {self.name!r} is one of {', '.join(map(str, self.choices))}, not {value!r}"
+            )
         if self.minimum is not None and value < self.minimum:
             raise DefinitionError(f"{owner}: parameter {self.name!r} must be ≥ {self.minimum}, not {value!r}")
         if self.maximum is not None and value > self.maximum:

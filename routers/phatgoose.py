@@ -243,12 +243,26 @@ class PhatgooseRouter(TokenwiseRouter):
         pairs = training_pairs(expert, tokenizer.eos_token, limit=self.max_examples)
         factors = read_lora_factors(expert.adapter_path)
         vectors, summary = train_gates(
-            model, tokenizer, factors, pairs, self.steps, self.lr, self.batch_size, self.warmup, self.max_length,
-            self.seed, self.loss_on,
+            model,
+            tokenizer,
+            factors,
+            pairs,
+            self.steps,
+            self.lr,
+            self.batch_size,
+            self.warmup,
+            self.max_length,
+            self.seed,
+            self.loss_on,
         )
         meta = {k: f"{v:.6f}" for k, v in summary.items()}
-        meta.update(steps=str(self.steps), lr=str(self.lr), batch_size=str(self.batch_size), loss=self.loss_on,
-                    recipe=self.recipe)
+        meta.update(
+            steps=str(self.steps),
+            lr=str(self.lr),
+            batch_size=str(self.batch_size),
+            loss=self.loss_on,
+            recipe=self.recipe,
+        )
         return Artifact(tensors=vectors, metadata=meta)
 
 
@@ -291,7 +305,13 @@ class AverageActivationRouter(TokenwiseRouter):
         pairs = training_pairs(expert, tokenizer.eos_token, limit=self.max_examples)
         factors = read_lora_factors(expert.adapter_path)
         vectors = mean_activations(
-            model, tokenizer, list(factors), pairs, self.batch_size, self.max_length,
-            expert=factors if self.with_expert else None, tokens=self.tokens,
+            model,
+            tokenizer,
+            list(factors),
+            pairs,
+            self.batch_size,
+            self.max_length,
+            expert=factors if self.with_expert else None,
+            tokens=self.tokens,
         )
         return Artifact(tensors=vectors, metadata={"examples": str(len(pairs)), "recipe": self.recipe})

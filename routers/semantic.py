@@ -93,8 +93,11 @@ class SemanticRouter(EmbeddingRouter):
             reference, calib, source = embeddings, embeddings, "train"
         calib_scores = top_m_mean(calib @ reference.T, self.top_m)
         return Artifact(
-            tensors={"embeddings": embeddings.contiguous(), "centroid": torch.nn.functional.normalize(embeddings.mean(0), dim=0),
-                     "calibration_scores": calib_scores.contiguous()},
+            tensors={
+                "embeddings": embeddings.contiguous(),
+                "centroid": torch.nn.functional.normalize(embeddings.mean(0), dim=0),
+                "calibration_scores": calib_scores.contiguous(),
+            },
             metadata={
                 "encoder": "all-MiniLM-L6-v2",
                 "top_m": str(self.top_m),

@@ -67,8 +67,13 @@ class SkillRouter(EmbeddingRouter):
         Param("temperature", "float", 0.5, "softmax temperature of the recruiting weights", minimum=1e-6),
         Param("sample", "bool", False, "sample recruits by weight instead of taking the top k"),
         Param("seed", "int", 0, "seed of the sampling"),
-        Param("skill_match", "str", "both", "what a query's skills are matched on",
-              choices=("both", "keywords", "questions")),
+        Param(
+            "skill_match",
+            "str",
+            "both",
+            "what a query's skills are matched on",
+            choices=("both", "keywords", "questions"),
+        ),
     )
 
     def __init__(
@@ -131,7 +136,9 @@ class SkillRouter(EmbeddingRouter):
                 # mean embedding of the validation questions carrying each keyword
                 "skill_question_centroids": torch.stack(
                     [self.emb.encode(carriers[kw]).mean(0) for kw in skills]
-                ).contiguous() if skills else torch.empty(0, dim),
+                ).contiguous()
+                if skills
+                else torch.empty(0, dim),
             },
             metadata={
                 "profile": dumps(profile),
@@ -157,7 +164,9 @@ class SkillRouter(EmbeddingRouter):
             for n in self.names:
                 art = self.artifacts[n]
                 skills = json.loads(art.metadata["skills"])
-                for kw, vec, cen in zip(skills, art.tensors["skill_embeddings"], art.tensors["skill_question_centroids"]):
+                for kw, vec, cen in zip(
+                    skills, art.tensors["skill_embeddings"], art.tensors["skill_question_centroids"]
+                ):
                     keyword_vec.setdefault(kw, F.normalize(vec.float(), dim=0))
                     question_sum[kw] = question_sum.get(kw, 0) + cen.float()  # experts' own sets may differ
             known = {}

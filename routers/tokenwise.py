@@ -52,8 +52,10 @@ def read_lora_factors(adapter_path: str | Path, device: str | torch.device = "cp
         raise ExpertUnusable(f"{adapter_path}: fan_in_fan_out (Conv1D) adapters are not supported")
     if getattr(config, "modules_to_save", None):
         # a mixture combines LoRA deltas; the adapter's own copies of whole modules have no place in it
-        raise ExpertUnusable(f"{adapter_path}: adapters with modules_to_save ({', '.join(config.modules_to_save)}) "
-                         "are not supported by the MoLoRA mixture")
+        raise ExpertUnusable(
+            f"{adapter_path}: adapters with modules_to_save ({', '.join(config.modules_to_save)}) "
+            "are not supported by the MoLoRA mixture"
+        )
     weights = load_peft_weights(str(adapter_path), device=str(device))
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in weights.items():

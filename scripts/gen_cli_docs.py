@@ -1,6 +1,6 @@
 """Write docs/cli.md from the CLI itself, so the reference never drifts from `--help`.
 
-    python scripts/gen_cli_docs.py > docs/cli.md
+python scripts/gen_cli_docs.py > docs/cli.md
 """
 
 from __future__ import annotations

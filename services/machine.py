@@ -62,4 +62,6 @@ def describe(record: dict) -> str:
     """One line for a table caption or a log."""
     isa = record.get("torch_cpu_capability", "?")
     settings = ", ".join(f"{k}={v}" for k, v in record.get("isa_settings", {}).items())
-    return f"{record.get('cpu', '?')}, {record.get('cores', '?')} cores, torch kernels {isa}" + (f" ({settings})" if settings else "")
+    return f"{record.get('cpu', '?')}, {record.get('cores', '?')} cores, torch kernels {isa}" + (
+        f" ({settings})" if settings else ""
+    )

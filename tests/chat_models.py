@@ -56,20 +56,31 @@ MISTRAL_TEMPLATE = (
 
 # The BPE is trained on this fixed text, not on files of the repository: the same bytes on every
 # machine and at every commit, so the test models (and what their greedy answers are) never move.
-_WORDS = ("the of and to in is that for it as with was on be by this are from at or an have not "
-          "model expert adapter router token answer question system user assistant chat template "
-          "colour fruit river number tree bird apple blue green red yellow orange water stone").split()
-_CODE = ["def add(a, b):", "    return a + b", "for i in range(10):", "    print(i * 2)", "import json",
-         "data = json.loads(text)", "if x is None:", "    raise ValueError('no value')", "class Model:",
-         "    def __init__(self, name):", "        self.name = name"]
+_WORDS = (
+    "the of and to in is that for it as with was on be by this are from at or an have not "
+    "model expert adapter router token answer question system user assistant chat template "
+    "colour fruit river number tree bird apple blue green red yellow orange water stone"
+).split()
+_CODE = [
+    "def add(a, b):",
+    "    return a + b",
+    "for i in range(10):",
+    "    print(i * 2)",
+    "import json",
+    "data = json.loads(text)",
+    "if x is None:",
+    "    raise ValueError('no value')",
+    "class Model:",
+    "    def __init__(self, name):",
+    "        self.name = name",
+]
 
 
 def _corpus() -> list[str]:
     import random
 
     rng = random.Random(0)
-    prose = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 14))).capitalize() + "."
-             for _ in range(400)]
+    prose = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 14))).capitalize() + "." for _ in range(400)]
     return prose + ["\n".join(rng.sample(_CODE, 5)) for _ in range(100)]
 
 
@@ -77,27 +88,41 @@ def make_bpe_tokenizer(chat_template: str | None = QWEN_TEMPLATE, vocab_size: in
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[ENDOFTEXT, IM_START, IM_END],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[ENDOFTEXT, IM_START, IM_END],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     core.train_from_iterator(_corpus(), trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=IM_END, pad_token=ENDOFTEXT,
-                                  additional_special_tokens=[IM_START])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token=IM_END, pad_token=ENDOFTEXT, additional_special_tokens=[IM_START]
+    )
     if chat_template is not None:
         tok.chat_template = chat_template
     return tok
 
 
-def make_qwen_chat_model(directory: Path, seed: int = 0, chat_template: str | None = QWEN_TEMPLATE,
-                         eos_list: bool = True) -> Path:
+def make_qwen_chat_model(
+    directory: Path, seed: int = 0, chat_template: str | None = QWEN_TEMPLATE, eos_list: bool = True
+) -> Path:
     """A Qwen2-architecture chat model folder: config, weights, tokenizer with its template,
     generation_config.json (eos ``[<|im_end|>, <|endoftext|>]`` when ``eos_list``)."""
     tok = make_bpe_tokenizer(chat_template)
     im_end, endoftext = tok.convert_tokens_to_ids([IM_END, ENDOFTEXT])
     config = Qwen2Config(
         # head_dim 32: the smallest vLLM's CPU attention kernels take
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=im_end, pad_token_id=endoftext,
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=im_end,
+        pad_token_id=endoftext,
         initializer_range=0.2,  # peaked logits: a random model that does not repeat one token forever
     )
     torch.manual_seed(seed)
@@ -108,14 +133,24 @@ def make_qwen_chat_model(directory: Path, seed: int = 0, chat_template: str | No
     eos = [im_end, endoftext] if eos_list else im_end
     # sampling defaults as Qwen2.5-Instruct ships them (its repetition_penalty is 1.05; 1.2 here, so
     # that applying it changes this model's greedy answer): moerge's engines must not apply them
-    GenerationConfig(eos_token_id=eos, pad_token_id=endoftext, bos_token_id=None, do_sample=True, temperature=0.7,
-                     top_p=0.8, top_k=20, repetition_penalty=1.2).save_pretrained(directory)
+    GenerationConfig(
+        eos_token_id=eos,
+        pad_token_id=endoftext,
+        bos_token_id=None,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.8,
+        top_k=20,
+        repetition_penalty=1.2,
+    ).save_pretrained(directory)
     return directory
 
 
 def token_id(directory: Path, token: str) -> int:
     vocab = json.loads((Path(directory) / "tokenizer.json").read_text())["model"]["vocab"]
-    added = {t["content"]: t["id"] for t in json.loads((Path(directory) / "tokenizer.json").read_text())["added_tokens"]}
+    added = {
+        t["content"]: t["id"] for t in json.loads((Path(directory) / "tokenizer.json").read_text())["added_tokens"]
+    }
     return added.get(token, vocab.get(token))
 
 
@@ -125,8 +160,9 @@ def make_chat_lora(base_dir: Path, directory: Path, seed: int = 1, scale: float 
     from peft import LoraConfig, get_peft_model
 
     base = Qwen2ForCausalLM.from_pretrained(base_dir)
-    cfg = LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0,
-                        **lora_kwargs})
+    cfg = LoraConfig(
+        **{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0, **lora_kwargs}
+    )
     model = get_peft_model(base, cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -144,16 +180,30 @@ def make_mistral_chat_model(directory: Path, seed: int = 0) -> Path:
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     core.train_from_iterator(_corpus(), trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     tok.chat_template = MISTRAL_TEMPLATE
     bos, eos = tok.convert_tokens_to_ids(["<s>", "</s>"])
     config = MistralConfig(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=256, sliding_window=128,
-        tie_word_embeddings=False, bos_token_id=bos, eos_token_id=eos, pad_token_id=None,
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=256,
+        sliding_window=128,
+        tie_word_embeddings=False,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=None,
     )
     torch.manual_seed(seed)
     model = MistralForCausalLM(config)
@@ -166,7 +216,7 @@ def make_mistral_chat_model(directory: Path, seed: int = 0) -> Path:
 
 # A model that ships its own modelling code, as some hub models do: transformers runs it only with
 # trust_remote_code. It subclasses Qwen2, so Qwen2 adapters load on it.
-_REMOTE_CODE = '''from transformers import Qwen2Config, Qwen2ForCausalLM
+_REMOTE_CODE = """from transformers import Qwen2Config, Qwen2ForCausalLM
 
 
 class CustomQwen2Config(Qwen2Config):
@@ -175,7 +225,7 @@ class CustomQwen2Config(Qwen2Config):
 
 class CustomQwen2ForCausalLM(Qwen2ForCausalLM):
     config_class = CustomQwen2Config
-'''
+"""
 
 
 def make_remote_code_model(chat_model: Path, directory: Path) -> Path:
@@ -186,9 +236,14 @@ def make_remote_code_model(chat_model: Path, directory: Path) -> Path:
     directory = Path(shutil.copytree(chat_model, directory))
     (directory / "modeling_custom.py").write_text(_REMOTE_CODE)
     config = json.loads((directory / "config.json").read_text())
-    config.update(model_type="custom_qwen2", architectures=["CustomQwen2ForCausalLM"],
-                  auto_map={"AutoConfig": "modeling_custom.CustomQwen2Config",
-                            "AutoModelForCausalLM": "modeling_custom.CustomQwen2ForCausalLM"})
+    config.update(
+        model_type="custom_qwen2",
+        architectures=["CustomQwen2ForCausalLM"],
+        auto_map={
+            "AutoConfig": "modeling_custom.CustomQwen2Config",
+            "AutoModelForCausalLM": "modeling_custom.CustomQwen2ForCausalLM",
+        },
+    )
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
 
@@ -197,8 +252,9 @@ def make_remote_code_model(chat_model: Path, directory: Path) -> Path:
 ADAPTER_TEMPLATE = QWEN_TEMPLATE.replace("You are a helpful assistant.", "You are a tuned expert.")
 
 
-def with_own_tokenizer(adapter: Path, base_dir: Path, directory: Path, chat_template: str = ADAPTER_TEMPLATE,
-                       eos_token: str | None = None) -> Path:
+def with_own_tokenizer(
+    adapter: Path, base_dir: Path, directory: Path, chat_template: str = ADAPTER_TEMPLATE, eos_token: str | None = None
+) -> Path:
     """A copy of ``adapter`` with a tokenizer saved beside it, as a Trainer saves one: the base's
     vocabulary, with ``chat_template`` (and ``eos_token``) of its own."""
     import shutil
@@ -224,8 +280,9 @@ def make_lora_with_added_tokens(base_dir: Path, directory: Path, tokens: tuple[s
     tok.add_tokens(list(tokens), special_tokens=True)
     base = Qwen2ForCausalLM.from_pretrained(base_dir)
     base.resize_token_embeddings(len(tok))
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                            modules_to_save=["embed_tokens"]))
+    model = get_peft_model(
+        base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens"])
+    )
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tok.save_pretrained(str(directory))

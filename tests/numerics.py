@@ -31,4 +31,6 @@ def assert_close_float32(actual: torch.Tensor, expected: torch.Tensor, reduction
     scale = max(float(expected.abs().max()), float(actual.abs().max()), 1.0)
     tol = reductions * EPS32 * scale
     diff = float((actual.float() - expected.float()).abs().max())
-    assert diff <= tol, f"max |difference| {diff:.3g} over the float32 bound {tol:.3g} ({reductions} terms × ε × {scale:.3g})"
+    assert diff <= tol, (
+        f"max |difference| {diff:.3g} over the float32 bound {tol:.3g} ({reductions} terms × ε × {scale:.3g})"
+    )

@@ -61,9 +61,15 @@ def ray_cluster(micro_zoo, home: Path, config: dict) -> Iterator[Cluster]:  # no
     from services.serving.ingress import ingress_env, start_local_ray
 
     db = f"sqlite:///{home / 'moerge.db'}"
-    env = {"MOERGE_HOME": str(home), "MOERGE_DATABASE_URL": db, "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        "MOERGE_HOME": str(home),
+        "MOERGE_DATABASE_URL": db,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     saved = {k: os.environ.get(k) for k in env}
     saved.update({k: os.environ.get(k) for k in ingress_env("haproxy")})
     os.environ.update(env)

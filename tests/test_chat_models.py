@@ -57,8 +57,14 @@ def adapters(qwen: Path, tmp_path_factory) -> dict[str, Path]:
     return {name: make_chat_lora(qwen, root / name, seed=i + 1, **kw) for i, (name, kw) in enumerate(kinds.items())}
 
 
-def reference(folder: Path, messages, max_new_tokens: int = 12, adapter: Path | None = None,
-              tokenizer: Path | None = None, **generate_kwargs):
+def reference(
+    folder: Path,
+    messages,
+    max_new_tokens: int = 12,
+    adapter: Path | None = None,
+    tokenizer: Path | None = None,
+    **generate_kwargs,
+):
     """transformers' own answer: the chat template (of ``tokenizer``'s folder, else the model's),
     then greedy ``generate`` with the model's generation_config (its eos list)."""
     tok = AutoTokenizer.from_pretrained(tokenizer or folder)
@@ -72,8 +78,7 @@ def reference(folder: Path, messages, max_new_tokens: int = 12, adapter: Path | 
     inputs = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     # greedy, without the model's own sampling defaults (its repetition_penalty 1.05): a request
     # to moerge says what it wants, as vLLM's SamplingParams do
-    generate_kwargs = {"repetition_penalty": 1.0, "top_k": None, "top_p": None, "temperature": None,
-                       **generate_kwargs}
+    generate_kwargs = {"repetition_penalty": 1.0, "top_k": None, "top_p": None, "temperature": None, **generate_kwargs}
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
     ids = out[0, inputs["input_ids"].shape[1] :].tolist()
@@ -121,8 +126,9 @@ def test_a_mistral_chat_model_equals_transformers_too(tmp_path: Path) -> None:
         eos = tok.eos_token_id
         want = ids[: ids.index(eos) + 1] if eos in ids else ids
         assert (result.token_ids, result.prompt_tokens, result.prompt_rule) == (want, prompt_len, "chat_template")
-        rendered = tok.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
-                                           add_generation_prompt=True)
+        rendered = tok.apply_chat_template(
+            [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=True
+        )
         assert rendered.count("<s>") == 1  # the template's BOS, not one more from the tokenizer
     with pytest.raises(ChatTemplateError, match="Only user and assistant roles"):
         engine.generate([chat((QUESTION, ("system", "late system prompt"), QUESTION))])
@@ -142,8 +148,9 @@ def test_an_assistant_prefill_is_continued(qwen: Path) -> None:
     tok = AutoTokenizer.from_pretrained(qwen)
     prefill = (*CONVERSATION, ("assistant", "Apple"))
     [result] = HFEngine(qwen).generate([chat(prefill)])
-    rendered = tok.apply_chat_template([{"role": r, "content": c} for r, c in prefill], tokenize=False,
-                                       continue_final_message=True)
+    rendered = tok.apply_chat_template(
+        [{"role": r, "content": c} for r, c in prefill], tokenize=False, continue_final_message=True
+    )
     assert rendered.endswith("<|im_start|>assistant\nApple")
     assert result.prompt_tokens == len(tok(rendered, add_special_tokens=False)["input_ids"])
 
@@ -175,8 +182,9 @@ def test_stops_on_every_eos_of_generation_config(qwen: Path) -> None:
         assert (r.token_ids, r.finish_reason, r.text) == ([end], "stop", "")
     [r] = engine.generate([chat(logit_bias=((endoftext, 100.0),), ignore_eos=True, max_new_tokens=5)])
     assert (r.token_ids, r.finish_reason) == ([endoftext] * 5, "length")
-    [r] = engine.generate([chat(logit_bias=((endoftext, 100.0),), ignore_eos=True, max_new_tokens=3,
-                                skip_special_tokens=False)])
+    [r] = engine.generate(
+        [chat(logit_bias=((endoftext, 100.0),), ignore_eos=True, max_new_tokens=3, skip_special_tokens=False)]
+    )
     assert r.text == ENDOFTEXT * 3
 
 
@@ -199,10 +207,15 @@ def test_penalties_and_bias_change_greedy_as_vllm_defines_them(qwen: Path) -> No
     tok = AutoTokenizer.from_pretrained(qwen)
     model = AutoModelForCausalLM.from_pretrained(qwen).eval()
     bias_token = tok.convert_tokens_to_ids(tok.tokenize(" the"))[0]
-    params = {"repetition_penalty": 1.3, "frequency_penalty": 2.0, "presence_penalty": 1.5,
-              "logit_bias": ((bias_token, 12.0),)}
-    prompt = tok.apply_chat_template([{"role": r, "content": c} for r, c in CONVERSATION], tokenize=False,
-                                     add_generation_prompt=True)
+    params = {
+        "repetition_penalty": 1.3,
+        "frequency_penalty": 2.0,
+        "presence_penalty": 1.5,
+        "logit_bias": ((bias_token, 12.0),),
+    }
+    prompt = tok.apply_chat_template(
+        [{"role": r, "content": c} for r, c in CONVERSATION], tokenize=False, add_generation_prompt=True
+    )
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
     out: list[int] = []
     with torch.inference_mode():
@@ -225,8 +238,9 @@ def test_the_models_own_sampling_defaults_are_not_applied(qwen: Path) -> None:
     """generation_config.json says repetition_penalty 1.2: a greedy request without one is not
     penalised (transformers' generate would fill it in), one that asks for 1.2 is."""
     engine = HFEngine(qwen)
-    plain, asked = engine.generate([chat(ignore_eos=True, max_new_tokens=16),
-                                    chat(ignore_eos=True, max_new_tokens=16, repetition_penalty=1.2)])
+    plain, asked = engine.generate(
+        [chat(ignore_eos=True, max_new_tokens=16), chat(ignore_eos=True, max_new_tokens=16, repetition_penalty=1.2)]
+    )
     ids, _, _ = reference(qwen, CONVERSATION, max_new_tokens=16, eos_token_id=None)
     penalised, _, _ = reference(qwen, CONVERSATION, max_new_tokens=16, eos_token_id=None, repetition_penalty=1.2)
     assert plain.token_ids == ids and asked.token_ids == penalised
@@ -237,12 +251,14 @@ def test_the_models_own_sampling_defaults_are_not_applied(qwen: Path) -> None:
 
 def test_top_k_one_is_greedy_and_sampling_is_seeded(qwen: Path) -> None:
     engine = HFEngine(qwen)
-    greedy, top1, a, b = engine.generate([
-        chat(ignore_eos=True),
-        chat(ignore_eos=True, temperature=1.5, top_k=1, seed=3),
-        chat(ignore_eos=True, temperature=1.5, min_p=0.05, seed=3),
-        chat(ignore_eos=True, temperature=1.5, min_p=0.05, seed=3),
-    ])
+    greedy, top1, a, b = engine.generate(
+        [
+            chat(ignore_eos=True),
+            chat(ignore_eos=True, temperature=1.5, top_k=1, seed=3),
+            chat(ignore_eos=True, temperature=1.5, min_p=0.05, seed=3),
+            chat(ignore_eos=True, temperature=1.5, min_p=0.05, seed=3),
+        ]
+    )
     assert top1.token_ids == greedy.token_ids
     assert a.token_ids == b.token_ids
 
@@ -252,8 +268,9 @@ def test_top_k_one_is_greedy_and_sampling_is_seeded(qwen: Path) -> None:
 
 def _base_state(engine: HFEngine) -> dict[str, torch.Tensor]:
     model = engine._peft.get_base_model() if engine._peft is not None else engine._base
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" not in k
-            and "modules_to_save" not in k}
+    return {
+        k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" not in k and "modules_to_save" not in k
+    }
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -286,8 +303,9 @@ def test_every_adapter_kind_answers_as_peft_and_the_base_stays_bit_identical(
     assert _same(_base_state(engine), before)
 
 
-def test_a_failed_adapter_load_leaves_the_engine_as_it_was(qwen: Path, adapters: dict[str, Path],
-                                                           tmp_path: Path) -> None:
+def test_a_failed_adapter_load_leaves_the_engine_as_it_was(
+    qwen: Path, adapters: dict[str, Path], tmp_path: Path
+) -> None:
     other = make_qwen_chat_model(tmp_path / "other")  # same architecture, other vocabulary size? no: other weights
     wrong = make_chat_lora(other, tmp_path / "wrong-shape", r=8)
     cfg = (wrong / "adapter_config.json").read_text()
@@ -307,8 +325,9 @@ def test_a_failed_adapter_load_leaves_the_engine_as_it_was(qwen: Path, adapters:
         assert [a.token_ids for a in again] == [a.token_ids for a in answers]
 
 
-def test_an_adapter_with_its_own_tokenizer_is_rendered_and_ended_by_it(qwen: Path, adapters: dict[str, Path],
-                                                                       tmp_path: Path) -> None:
+def test_an_adapter_with_its_own_tokenizer_is_rendered_and_ended_by_it(
+    qwen: Path, adapters: dict[str, Path], tmp_path: Path
+) -> None:
     """An adapter folder with a tokenizer of its own (a template, an EOS): its chats are rendered
     with its template and end at its EOS; the base and the other adapters keep theirs."""
     own = with_own_tokenizer(adapters["plain"], qwen, tmp_path / "own", eos_token=IM_START)
@@ -358,8 +377,9 @@ def _client(url: str):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def test_gateway_chat_through_the_openai_client_equals_transformers(gateway: str, qwen: Path,
-                                                                     adapters: dict[str, Path]) -> None:
+def test_gateway_chat_through_the_openai_client_equals_transformers(
+    gateway: str, qwen: Path, adapters: dict[str, Path]
+) -> None:
     messages = [{"role": r, "content": c} for r, c in CONVERSATION]
     for model, adapter in (("plain", adapters["plain"]), ("dora", adapters["dora"])):
         raw = _client(gateway).chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=12)
@@ -372,7 +392,9 @@ def test_gateway_chat_through_the_openai_client_equals_transformers(gateway: str
         assert raw.headers["x-moe-prompt-rule"] == "chat_template"
         assert reply.model_extra["moe"]["prompt_rule"] == "chat_template"
         stream = _client(gateway).chat.completions.create(model=model, messages=messages, max_tokens=12, stream=True)
-        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reply.choices[0].message.content
+        assert (
+            "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reply.choices[0].message.content
+        )
 
 
 def test_gateway_stops_on_generation_config_eos_and_honours_the_parameters(gateway: str, qwen: Path) -> None:
@@ -381,12 +403,18 @@ def test_gateway_stops_on_generation_config_eos_and_honours_the_parameters(gatew
     client = _client(gateway)
     messages = [{"role": "user", "content": "Hello"}]
     endoftext = token_id(qwen, ENDOFTEXT)
-    reply = client.chat.completions.create(model="plain", messages=messages, max_tokens=20,
-                                           logit_bias={str(endoftext): 100})
+    reply = client.chat.completions.create(
+        model="plain", messages=messages, max_tokens=20, logit_bias={str(endoftext): 100}
+    )
     assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == ("", "stop")
     assert reply.usage.completion_tokens == 1
-    reply = client.chat.completions.create(model="plain", messages=messages, max_tokens=4,
-                                           logit_bias={str(endoftext): 100}, extra_body={"ignore_eos": True})
+    reply = client.chat.completions.create(
+        model="plain",
+        messages=messages,
+        max_tokens=4,
+        logit_bias={str(endoftext): 100},
+        extra_body={"ignore_eos": True},
+    )
     assert (reply.choices[0].finish_reason, reply.usage.completion_tokens) == ("length", 4)
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="plain", messages=messages, max_tokens=250)
@@ -402,9 +430,12 @@ def test_after_a_dora_adapter_served_the_others_answer_as_before(gateway: str) -
     others = ["plain", "patterned", "rslora", "saves"]
 
     def answers() -> list[str]:
-        return [client.chat.completions.create(model=m, messages=messages, max_tokens=8,
-                                               extra_body={"ignore_eos": True}).choices[0].message.content
-                for m in others]
+        return [
+            client.chat.completions.create(model=m, messages=messages, max_tokens=8, extra_body={"ignore_eos": True})
+            .choices[0]
+            .message.content
+            for m in others
+        ]
 
     before = answers()
     for _ in range(3):
@@ -415,8 +446,9 @@ def test_after_a_dora_adapter_served_the_others_answer_as_before(gateway: str) -
 # ------------------------------------------------------------------------------------- strategies
 
 
-def test_strategies_answer_over_unusual_experts_and_say_whom_they_left_out(qwen: Path, adapters: dict[str, Path],
-                                                                          tmp_path: Path, monkeypatch) -> None:
+def test_strategies_answer_over_unusual_experts_and_say_whom_they_left_out(
+    qwen: Path, adapters: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
     """An expert without examples, a DoRA adapter, one with modules_to_save: example-based routers
     and token-level mixtures leave out what they cannot use, and answer with the rest."""
     from registry.service import Registry
@@ -426,20 +458,36 @@ def test_strategies_answer_over_unusual_experts_and_say_whom_they_left_out(qwen:
     monkeypatch.setenv("MOERGE_HOME", str(tmp_path / "home"))
     registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}", artifact_root=tmp_path / "store")
     registry.register_base("qwen-tiny", qwen)
-    topics = {"plain": "colours", "dora": "fruit", "patterned": "rivers", "rslora": "numbers", "saves": "trees",
-              "tied-head": "birds"}
+    topics = {
+        "plain": "colours",
+        "dora": "fruit",
+        "patterned": "rivers",
+        "rslora": "numbers",
+        "saves": "trees",
+        "tied-head": "birds",
+    }
     for name, folder in adapters.items():
-        examples = [{"prompt": f"Tell me about {topics[name]} number {i}", "reference": f"{topics[name]} {i}",
-                     "task": topics[name], "split": split} for i, split in ((i, "train" if i < 6 else "validation")
-                                                                           for i in range(8))]
+        examples = [
+            {
+                "prompt": f"Tell me about {topics[name]} number {i}",
+                "reference": f"{topics[name]} {i}",
+                "task": topics[name],
+                "split": split,
+            }
+            for i, split in ((i, "train" if i < 6 else "validation") for i in range(8))
+        ]
         registry.register_expert(name, "adapter", folder, base="qwen-tiny", examples=examples)
     registry.register_expert("silent", "adapter", adapters["plain"], base="qwen-tiny")  # no examples at all
     moe = MoE(ExpertPool(registry))
     messages = (("system", "Be brief."), ("user", "Tell me about fruit number 3"))
-    for strategy, left in (("moe/semantic", {"silent"}), ("moe/glider", {"silent", "dora", "saves"}),
-                           ("moe/ties", {"dora", "saves"})):
-        [(completion, routed)] = moe.run(strategy, ["Tell me about fruit number 3"], max_new_tokens=6,
-                                         messages=messages)
+    for strategy, left in (
+        ("moe/semantic", {"silent"}),
+        ("moe/glider", {"silent", "dora", "saves"}),
+        ("moe/ties", {"dora", "saves"}),
+    ):
+        [(completion, routed)] = moe.run(
+            strategy, ["Tell me about fruit number 3"], max_new_tokens=6, messages=messages
+        )
         assert completion.finish_reason in ("stop", "length")
         assert completion.prompt_rule == "chat_template", strategy
         assert set(completion.provenance.info.get("left_out", {})) == left, strategy
@@ -448,8 +496,9 @@ def test_strategies_answer_over_unusual_experts_and_say_whom_they_left_out(qwen:
     registry.close()
 
 
-def test_a_trusted_remote_code_base_merges_and_fits_token_routers(qwen: Path, adapters: dict[str, Path],
-                                                                  tmp_path: Path, monkeypatch) -> None:
+def test_a_trusted_remote_code_base_merges_and_fits_token_routers(
+    qwen: Path, adapters: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
     """A base registered with --trust-remote-code runs its own code in every path that loads it:
     the engines, the merges and the token routers' fitting (which loaded it without trust and
     failed)."""
@@ -464,21 +513,33 @@ def test_a_trusted_remote_code_base_merges_and_fits_token_routers(qwen: Path, ad
     registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}", artifact_root=tmp_path / "store")
     registry.register_base("custom-qwen", custom, trust_remote_code=True)
     for name, topic in (("plain", "colours"), ("rslora", "numbers")):
-        examples = [{"prompt": f"Tell me about {topic} number {i}", "reference": f"{topic} {i}", "task": topic,
-                     "split": "train" if i < 6 else "validation"} for i in range(8)]
+        examples = [
+            {
+                "prompt": f"Tell me about {topic} number {i}",
+                "reference": f"{topic} {i}",
+                "task": topic,
+                "split": "train" if i < 6 else "validation",
+            }
+            for i in range(8)
+        ]
         registry.register_expert(name, "adapter", adapters[name], base="custom-qwen", examples=examples)
     moe = MoE(ExpertPool(registry))
     for strategy in ("moe/ties", "moe/phatgoose"):
-        [(completion, _)] = moe.run(strategy, ["Tell me about numbers number 3"], max_new_tokens=4,
-                                    messages=(("user", "Tell me about numbers number 3"),))
+        [(completion, _)] = moe.run(
+            strategy,
+            ["Tell me about numbers number 3"],
+            max_new_tokens=4,
+            messages=(("user", "Tell me about numbers number 3"),),
+        )
         assert completion.finish_reason in ("stop", "length"), strategy
         assert {name for name, _ in completion.experts} <= {"plain", "rslora"}, strategy
         assert completion.experts, strategy
     registry.close()
 
 
-def test_the_admin_api_refuses_what_the_served_engine_cannot_serve(qwen: Path, adapters: dict[str, Path],
-                                                                  tmp_path: Path) -> None:
+def test_the_admin_api_refuses_what_the_served_engine_cannot_serve(
+    qwen: Path, adapters: dict[str, Path], tmp_path: Path
+) -> None:
     """The Ray gateway's backend knows the serve config (vLLM for this base): POST /v1/experts of
     a DoRA or modules_to_save adapter is refused, and leaves nothing behind."""
     import anyio
@@ -494,8 +555,10 @@ def test_the_admin_api_refuses_what_the_served_engine_cannot_serve(qwen: Path, a
         spec = {"name": name, "kind": "adapter", "source": str(adapters[name]), "base": "qwen-tiny"}
         with pytest.raises(RegistrationError, match=why):
             anyio.run(backend.register_expert, spec)
-    anyio.run(backend.register_expert, {"name": "plain", "kind": "adapter", "source": str(adapters["plain"]),
-                                        "base": "qwen-tiny"})
+    anyio.run(
+        backend.register_expert,
+        {"name": "plain", "kind": "adapter", "source": str(adapters["plain"]), "base": "qwen-tiny"},
+    )
     assert [e.name for e in registry.list_experts()] == ["plain"]
     assert sorted(p.name for p in (tmp_path / "store" / "experts").iterdir()) == ["plain"]
     registry.close()
@@ -514,7 +577,10 @@ def test_device_and_dtype_reach_the_engines(qwen: Path, adapters: dict[str, Path
     from services.gateway.backend import SamplingParams
 
     assert (resolve_device("auto"), resolve_dtype("auto")) == (
-        (torch.device("cuda"), resolve_dtype("auto")) if torch.cuda.is_available() else (torch.device("cpu"), torch.float32))
+        (torch.device("cuda"), resolve_dtype("auto"))
+        if torch.cuda.is_available()
+        else (torch.device("cpu"), torch.float32)
+    )
     engine = HFEngine(qwen, dtype="bfloat16")
     assert {p.dtype for p in engine.base_model.parameters()} == {torch.bfloat16}
     if not torch.cuda.is_available():
@@ -546,8 +612,20 @@ def test_cli_generate_chats_through_the_template(qwen: Path, adapters: dict[str,
 
     run("base", "add", "Qwen/tiny-chat", str(qwen))
     run("register", str(adapters["plain"]), "--name", "plain", "--base", "Qwen/tiny-chat")
-    out = run("generate", "Name a fruit", "--expert", "plain", "--chat", "--system", "Be brief.", "-n", "4",
-              "--usage", "--dtype", "bfloat16")
+    out = run(
+        "generate",
+        "Name a fruit",
+        "--expert",
+        "plain",
+        "--chat",
+        "--system",
+        "Be brief.",
+        "-n",
+        "4",
+        "--usage",
+        "--dtype",
+        "bfloat16",
+    )
     assert "prompt_rule=chat_template" in out
     raw = run("generate", "Name a fruit", "--expert", "plain", "-n", "4", "--usage")
     assert "prompt_rule=raw" in raw
@@ -569,8 +647,9 @@ def test_the_admin_api_returns_a_registrations_warnings(qwen: Path, adapters: di
     registry.register_base("qwen-tiny", qwen)
     backend = LocalBackend(registry)
     for name in ("a", "b"):  # every registration's warning, not only the process's first
-        card = anyio.run(backend.register_expert, {"name": name, "kind": "adapter", "source": str(folder),
-                                                    "base": "qwen-tiny"})
+        card = anyio.run(
+            backend.register_expert, {"name": name, "kind": "adapter", "source": str(folder), "base": "qwen-tiny"}
+        )
         assert len(card["warnings"]) == 1 and "'org/else'" in card["warnings"][0]
     registry.close()
 

@@ -159,11 +159,13 @@ def test_majority_vote_picks_the_most_frequent_answer():
 
 
 def test_majority_vote_entropy_zero_when_all_agree_and_max_when_all_differ():
-    same = Ensemble(k=3).execute(decision(("a", 0.4), ("b", 0.3), ("c", 0.3)), REQUEST,
-                                 ScriptedEngine({"a": "42", "b": "42", "c": "42"}))
+    same = Ensemble(k=3).execute(
+        decision(("a", 0.4), ("b", 0.3), ("c", 0.3)), REQUEST, ScriptedEngine({"a": "42", "b": "42", "c": "42"})
+    )
     assert same.text == "42" and same.agreement.entropy_bits == 0.0 and same.agreement.winner_share == 1.0
-    differ = Ensemble(k=3).execute(decision(("a", 0.4), ("b", 0.3), ("c", 0.3)), REQUEST,
-                                   ScriptedEngine({"a": "1", "b": "2", "c": "3"}))
+    differ = Ensemble(k=3).execute(
+        decision(("a", 0.4), ("b", 0.3), ("c", 0.3)), REQUEST, ScriptedEngine({"a": "1", "b": "2", "c": "3"})
+    )
     assert differ.agreement.entropy_bits == pytest.approx(math.log2(3))
     assert differ.text == "1"  # a three-way tie goes to the heaviest expert
 
@@ -205,8 +207,9 @@ def test_aggregator_gets_the_candidates_in_a_configurable_prompt():
         return "final"
 
     eng = ScriptedEngine({"a": "x", "b": "y", "c": "x", "judge": aggregator})
-    composer = Ensemble(k=3, vote="aggregate", aggregator="judge",
-                        aggregate_prompt=lambda q, cands: f"{q} | " + " / ".join(cands))
+    composer = Ensemble(
+        k=3, vote="aggregate", aggregator="judge", aggregate_prompt=lambda q, cands: f"{q} | " + " / ".join(cands)
+    )
     done = composer.execute(decision(("a", 0.5), ("b", 0.3), ("c", 0.2)), REQUEST, eng)
     assert done.text == "final"
     assert seen == ["Question? | x / y"]  # distinct candidates, best-ranked first
@@ -223,13 +226,15 @@ def test_aggregator_must_be_named_and_loaded():
         Ensemble(vote="aggregate")
     with pytest.raises(ComposeError, match="judge"):
         Ensemble(k=1, vote="aggregate", aggregator="judge").execute(
-            decision(("a", 1.0)), REQUEST, ScriptedEngine({"a": "x"}))
+            decision(("a", 1.0)), REQUEST, ScriptedEngine({"a": "x"})
+        )
 
 
 def test_ensemble_end_to_end_on_the_hf_engine(engine):
     prompt = "Sort the letters\ndcba\nAnswer: "
-    done = Ensemble(k=3).execute(decision(("e1", 0.5), ("e2", 0.3), ("e3", 0.2)),
-                                 GenerateRequest(prompt, max_new_tokens=5), engine)
+    done = Ensemble(k=3).execute(
+        decision(("e1", 0.5), ("e2", 0.3), ("e3", 0.2)), GenerateRequest(prompt, max_new_tokens=5), engine
+    )
     direct = engine.generate([GenerateRequest(prompt, target=e, max_new_tokens=5) for e in ("e1", "e2", "e3")])
     assert [o.text for o in done.outputs] == [r.text for r in direct]
     assert done.text in {r.text for r in direct}
@@ -333,8 +338,11 @@ def test_lorahub_weights_stay_in_bounds_and_never_lose_to_w_zero(tiny, tmp_path,
     from composer.lorahub import LoraHubObjective, lorahub_compose, lorahub_weights
 
     base, adapters, _ = tiny
-    examples = [("Reverse the string\nabc\nAnswer: ", "cba"), ("Reverse the string\nxyz\nAnswer: ", "zyx"),
-                ("Reverse the string\nhello\nAnswer: ", "olleh")]
+    examples = [
+        ("Reverse the string\nabc\nAnswer: ", "cba"),
+        ("Reverse the string\nxyz\nAnswer: ", "zyx"),
+        ("Reverse the string\nhello\nAnswer: ", "olleh"),
+    ]
     weights, loss = lorahub_weights(base, adapters, examples, budget=5, seed=0)
     assert set(weights) == set(adapters)
     assert all(-1.5 <= w <= 1.5 for w in weights.values())
@@ -363,18 +371,21 @@ def _step_engine() -> ScriptedEngine:
     def take_input(prompt: str) -> str:
         return prompt.split(": ", 1)[1]
 
-    return ScriptedEngine({
-        "rev": lambda p: take_input(p)[::-1],
-        "up": lambda p: take_input(p).upper() + "\n",
-        "base": lambda p: "base:" + p,
-    })
+    return ScriptedEngine(
+        {
+            "rev": lambda p: take_input(p)[::-1],
+            "up": lambda p: take_input(p).upper() + "\n",
+            "base": lambda p: "base:" + p,
+        }
+    )
 
 
 def test_stitching_feeds_step_one_into_step_two_and_records_who_wrote_what():
     router = KeywordRouter({"reverse": "rev", "uppercase": "up"})
     eng = _step_engine()
-    done = Stitch(router).execute(Decision("whole", [("rev", 1.0)]),
-                                  GenerateRequest("Reverse it, then make it uppercase: abc"), eng)
+    done = Stitch(router).execute(
+        Decision("whole", [("rev", 1.0)]), GenerateRequest("Reverse it, then make it uppercase: abc"), eng
+    )
     assert done.text == "CBA"
     assert [(s.expert, s.text, s.step) for s in done.segments] == [("rev", "cba", 0), ("up", "CBA", 1)]
     assert router.seen == ["Reverse it: abc", "Make it uppercase: cba"]  # step 1's output is step 2's input
@@ -395,7 +406,8 @@ def test_stitching_with_a_suite_format():
     eng = ScriptedEngine({"rev": zoo_expert(lambda x: x[::-1]), "up": zoo_expert(str.upper)})
     router = KeywordRouter({"reverse": "rev", "uppercase": "up"})
     done = Stitch(router, make_step_prompt=zoo_prompt).execute(
-        Decision("whole", []), GenerateRequest("First reverse it, and then make it uppercase\nabc\nAnswer: "), eng)
+        Decision("whole", []), GenerateRequest("First reverse it, and then make it uppercase\nabc\nAnswer: "), eng
+    )
     assert done.text == "CBA"
     assert router.seen == ["Reverse it\nabc\nAnswer: ", "Make it uppercase\ncba\nAnswer: "]
 
@@ -447,8 +459,13 @@ def test_provenance_json_is_plain_and_detached() -> None:
             outputs=[ExpertOutput(expert="e1", text="a", weight=float("-inf"), prompt_tokens=3, completion_tokens=1)],
             agreement=Agreement(entropy_bits=1.0, winner_share=0.5, distinct=2, votes=votes, method="vote"),
             segments=[Segment(expert="e1", text="a", step=0)],
-            decision_info={"scores": torch.tensor([0.25, 0.75]), 3: np.float32(0.5), "path": Path("/x"),
-                           "pair": (1, {2}), "seg": Segment(expert="e2", text="b", step=1)},
+            decision_info={
+                "scores": torch.tensor([0.25, 0.75]),
+                3: np.float32(0.5),
+                "path": Path("/x"),
+                "pair": (1, {2}),
+                "seg": Segment(expert="e2", text="b", step=1),
+            },
             info={"nested": {"deep": [float("nan"), True, None]}},
         ),
     )
@@ -457,11 +474,16 @@ def test_provenance_json_is_plain_and_detached() -> None:
     assert payload["experts"] == [{"name": "e1", "weight": 0.5}, {"name": "e2", "weight": None}]
     assert payload["outputs"][0]["weight"] is None and payload["outputs"][0]["completion_tokens"] == 1
     assert payload["agreement"]["votes"] == {"a": 2.0, "b": None}
-    assert payload["segments"] == [{"expert": "e1", "text": "a", "step": 0, "instruction": "", "prompt": "",
-                                    "weight": 1.0}]
-    assert payload["decision"] == {"scores": [0.25, 0.75], "3": 0.5, "path": "/x", "pair": [1, [2]],
-                                   "seg": {"expert": "e2", "text": "b", "step": 1, "instruction": "", "prompt": "",
-                                           "weight": 1.0}}
+    assert payload["segments"] == [
+        {"expert": "e1", "text": "a", "step": 0, "instruction": "", "prompt": "", "weight": 1.0}
+    ]
+    assert payload["decision"] == {
+        "scores": [0.25, 0.75],
+        "3": 0.5,
+        "path": "/x",
+        "pair": [1, [2]],
+        "seg": {"expert": "e2", "text": "b", "step": 1, "instruction": "", "prompt": "", "weight": 1.0},
+    }
     assert payload["info"] == {"nested": {"deep": [None, True, None]}}
     payload["agreement"]["votes"]["c"] = 1.0
     payload["info"]["nested"]["deep"].append(1)

@@ -26,10 +26,14 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"base": base, "lora": make_tiny_lora(base, root / "lora")}
 
 
-def test_a_change_made_elsewhere_is_seen_by_the_next_read(db_url: str, db_backend: str, tmp_path: Path,
-                                                          tiny: dict[str, Path]) -> None:
+def test_a_change_made_elsewhere_is_seen_by_the_next_read(
+    db_url: str, db_backend: str, tmp_path: Path, tiny: dict[str, Path]
+) -> None:
     db.upgrade(db_url)
-    gateway, cli = Registry(db_url, artifact_root=tmp_path / "store"), Registry(db_url, artifact_root=tmp_path / "store")
+    gateway, cli = (
+        Registry(db_url, artifact_root=tmp_path / "store"),
+        Registry(db_url, artifact_root=tmp_path / "store"),
+    )
     statements: list[str] = []
     event.listen(gateway.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
     try:

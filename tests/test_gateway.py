@@ -19,6 +19,8 @@ import pytest
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch when litellm loads
 
+import openai  # noqa: E402  (the [test] extra installs it: a missing client must fail, not skip)
+
 from composer.base import Completion, Provenance  # noqa: E402
 from composer.engine_protocol import EngineError  # noqa: E402
 from registry.errors import NotFoundError  # noqa: E402
@@ -27,9 +29,6 @@ from services.gateway import GatewaySettings, LocalBackend, create_app  # noqa: 
 from services.gateway.backend import SamplingParams  # noqa: E402
 from tests.factories import make_tiny_base, make_tiny_lora  # noqa: E402
 from tests.servers import serve  # noqa: E402
-
-import openai  # noqa: E402  (the [test] extra installs it: a missing client must fail, not skip)
-
 
 # ------------------------------------------------------------------------------------- fixtures
 
@@ -105,9 +104,10 @@ def world(tmp_path_factory) -> Iterator[World]:  # noqa: ANN001
     settings = GatewaySettings(require_keys=True, max_prompt_chars=500, request_timeout_s=60)
     open_settings = GatewaySettings(require_keys=False, request_timeout_s=0.5)
     open_backend = LocalBackend(w.registry, {"slow": _slow, "first": _first(w.backend)})
-    with serve(create_app(w.backend, w.registry, settings)) as url, serve(
-        create_app(open_backend, w.registry, open_settings)
-    ) as open_url:
+    with (
+        serve(create_app(w.backend, w.registry, settings)) as url,
+        serve(create_app(open_backend, w.registry, open_settings)) as open_url,
+    ):
         w.url, w.open_url = url, open_url
         yield w
     w.registry.close()
@@ -214,8 +214,10 @@ def test_completion_streamed_equals_non_streamed(world: World) -> None:
 
 
 def test_concurrent_requests_match_serial(world: World) -> None:
-    bodies = [{**CHAT, "model": m, "messages": [{"role": "user", "content": f"q{i}"}]}
-              for i, m in enumerate(["alpha", "beta"] * 3)]
+    bodies = [
+        {**CHAT, "model": m, "messages": [{"role": "user", "content": f"q{i}"}]}
+        for i, m in enumerate(["alpha", "beta"] * 3)
+    ]
 
     def ask(body: dict) -> str:
         with http(world, world.admin) as h:
@@ -465,8 +467,11 @@ def test_prompt_too_long(world: World) -> None:
         over = {**CHAT, "messages": [{"role": "user", "content": "x" * 500}], "max_tokens": 1}
         err = assert_error(h.post("/v1/chat/completions", json=over), 400, code="context_length_exceeded")
         assert "context is 128 tokens" in err["message"] and err["param"] == "messages"
-        err = assert_error(h.post("/v1/completions", json={"model": "alpha", "prompt": "x" * 120, "max_tokens": 20}),
-                           400, code="context_length_exceeded")
+        err = assert_error(
+            h.post("/v1/completions", json={"model": "alpha", "prompt": "x" * 120, "max_tokens": 20}),
+            400,
+            code="context_length_exceeded",
+        )
         assert err["param"] == "prompt"
         ok = {**CHAT, "messages": [{"role": "user", "content": "x" * 120}], "max_tokens": 1}
         assert h.post("/v1/chat/completions", json=ok).status_code == 200
@@ -620,7 +625,9 @@ def test_concurrent_requests_share_the_engines_next_call(world: World) -> None:
 
     calls.clear()
     with ThreadPoolExecutor(3) as pool:
-        jobs = [pool.submit(backend.run_expert, "alpha", f"q{i}", SamplingParams(max_tokens=13 if i == 0 else 5))
-                for i in range(3)]
+        jobs = [
+            pool.submit(backend.run_expert, "alpha", f"q{i}", SamplingParams(max_tokens=13 if i == 0 else 5))
+            for i in range(3)
+        ]
         outcomes = [j.exception() or j.result().text for j in jobs]
     assert all(isinstance(o, str) for o in outcomes[1:]), outcomes

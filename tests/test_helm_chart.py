@@ -342,9 +342,7 @@ def test_bundled_postgres_secret_carries_a_url_with_its_percent_encoded_password
     service = one(docs, "Service")
     assert service["spec"]["clusterIP"] == "None"  # headless, the StatefulSet's governing Service
     assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
-    assert (
-        service["spec"]["selector"].items() <= statefulset["spec"]["template"]["metadata"]["labels"].items()
-    )
+    assert service["spec"]["selector"].items() <= statefulset["spec"]["template"]["metadata"]["labels"].items()
     (postgres,) = statefulset["spec"]["template"]["spec"]["containers"]
     assert postgres["image"] == "postgres:17"
     env = env_of(postgres)
@@ -381,9 +379,7 @@ def test_external_database_from_an_existing_secret(chart):
     docs = manifests(chart, values)
     assert of_kind(docs, "Secret") == [] and of_kind(docs, "StatefulSet") == []
     job = one(docs, "Job")
-    pods = [t["spec"] for t in ray_pod_templates(one(docs, "RayService")).values()] + [
-        job["spec"]["template"]["spec"]
-    ]
+    pods = [t["spec"] for t in ray_pod_templates(one(docs, "RayService")).values()] + [job["spec"]["template"]["spec"]]
     for pod in pods:
         for container in pod["containers"]:
             ref = env_of(container)["MOERGE_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
@@ -394,9 +390,7 @@ def test_database_settings_that_do_not_add_up_fail_with_a_message_that_says_what
     message = render_error(chart, {"postgresql": {"enabled": False}})
     assert "postgresql.enabled=false: set database.url" in message and "database.existingSecret" in message
 
-    message = render_error(
-        chart, {"postgresql": {"enabled": False}, "database": {"url": "postgresql://u:p@db/moerge"}}
-    )
+    message = render_error(chart, {"postgresql": {"enabled": False}, "database": {"url": "postgresql://u:p@db/moerge"}})
     assert "database.url must start with postgresql+psycopg://" in message
     assert "u:p" not in message  # the password stays out of the error
 
@@ -462,9 +456,7 @@ def test_the_ray_head_waits_for_the_migrated_schema(chart, tmp_path):
         os.killpg(waiting.pid, signal.SIGTERM)
         waiting.wait(timeout=30)
 
-    subprocess.run(
-        [sys.executable, "-m", "services.cli", "db", "upgrade"], env=env, check=True, capture_output=True
-    )
+    subprocess.run([sys.executable, "-m", "services.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
     subprocess.run(script, env=env, check=True, timeout=120, capture_output=True)
 
     assert "waitInHead" in chart.values["migrations"]
@@ -483,14 +475,10 @@ def test_notes_say_how_to_reach_the_gateway_and_make_an_admin_key_with_the_real_
     assert command == "moerge keys create admin --scope admin"
     # The CLI parses these exact arguments (an unknown option would exit 2 before --help runs).
     args = command.split()[1:] + ["--help"]
-    done = subprocess.run(
-        [sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, check=False
-    )
+    done = subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert "--scope" in done.stdout
 
-    open_gateway = render(chart, {"serve": {"gateway": {"require_keys": False}}})[
-        "moerge/templates/NOTES.txt"
-    ]
+    open_gateway = render(chart, {"serve": {"gateway": {"require_keys": False}}})["moerge/templates/NOTES.txt"]
     assert "moerge keys create" not in open_gateway
     assert "without an API key" in open_gateway

@@ -97,8 +97,10 @@ def test_adapter_greedy_equals_peft_merged_weights(engine, zoo, adapter):
 
 
 def test_adapters_change_the_output(engine):
-    outs = {t: engine.generate([GenerateRequest(PROMPTS[0], target=t, max_new_tokens=12)])[0].token_ids
-            for t in (None, "a", "b")}
+    outs = {
+        t: engine.generate([GenerateRequest(PROMPTS[0], target=t, max_new_tokens=12)])[0].token_ids
+        for t in (None, "a", "b")
+    }
     assert outs[None] != outs["a"] and outs[None] != outs["b"] and outs["a"] != outs["b"]
 
 
@@ -160,7 +162,9 @@ def test_sampling_is_reproducible_per_seed(engine):
 
 def test_top_p_tiny_is_greedy(engine):
     greedy = engine.generate([GenerateRequest("Once", target="b", max_new_tokens=10)])[0]
-    nucleus = engine.generate([GenerateRequest("Once", target="b", max_new_tokens=10, temperature=1.0, top_p=1e-6, seed=4)])[0]
+    nucleus = engine.generate(
+        [GenerateRequest("Once", target="b", max_new_tokens=10, temperature=1.0, top_p=1e-6, seed=4)]
+    )[0]
     assert nucleus.token_ids == greedy.token_ids
 
 

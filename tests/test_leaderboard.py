@@ -34,8 +34,20 @@ from tests.servers import serve
 
 STRATEGIES = ["moe/oracle", "moe/random", "moe/base", "moe/semantic", "moe/skill-k3-vote", "moe/arrow", "moe/stitch"]
 N = 2  # queries per task and split: 16 test, 16 paraphrase, 12 composition
-DETERMINISTIC = ("n", "correct", "accuracy", "skipped", "routed", "routing_accuracy", "mean_experts",
-                 "prompt_tokens", "completion_tokens", "cost", "per_task", "confusion")
+DETERMINISTIC = (
+    "n",
+    "correct",
+    "accuracy",
+    "skipped",
+    "routed",
+    "routing_accuracy",
+    "mean_experts",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost",
+    "per_task",
+    "confusion",
+)
 ARTIFACTS = Path(os.environ.get("MOERGE_TEST_ARTIFACTS") or Path(__file__).parent / "artifacts")
 
 
@@ -103,8 +115,9 @@ def test_numbers_are_those_of_evaluate(cli_run, home):
         random_router.reset()  # a fresh `moerge eval` starts the seeded draw anew
         report = evaluate(entry, "skills", split, moe=moe, n_per_task=N, seed=0)
         assert (row.n, row.accuracy) == (report.n, pytest.approx(report.accuracy)), (entry, split)
-        assert row.routing_accuracy == (pytest.approx(report.routing_accuracy)
-                                        if report.routing_accuracy is not None else None), (entry, split)
+        assert row.routing_accuracy == (
+            pytest.approx(report.routing_accuracy) if report.routing_accuracy is not None else None
+        ), (entry, split)
         assert row.mean_experts == pytest.approx(report.mean_experts), (entry, split)
         assert row.prompt_tokens == sum(r.prompt_tokens for r in report.records), (entry, split)
         assert row.completion_tokens == sum(r.completion_tokens for r in report.records), (entry, split)
@@ -147,8 +160,12 @@ def test_the_same_seed_reproduces_the_same_numbers(cli_run, home):
 def test_grouped_and_naive_give_the_same_answers(home):
     with Registry() as reg:
         runner = LeaderboardRunner(reg, seed=0)
-        kwargs = {"strategies": ["moe/oracle", "moe/random", "moe/skill-k3-vote"],
-                  "experts": ["skill-reverse", "domain-math"], "splits": ["test", "composition"], "n_per_task": N}
+        kwargs = {
+            "strategies": ["moe/oracle", "moe/random", "moe/skill-k3-vote"],
+            "experts": ["skill-reverse", "domain-math"],
+            "splits": ["test", "composition"],
+            "n_per_task": N,
+        }
         grouped = runner.run("skills", mode="grouped", **kwargs)
         naive = runner.run("skills", mode="naive", **kwargs)
     assert grouped.results.keys() == naive.results.keys()
@@ -164,17 +181,31 @@ def test_a_user_suite_with_every_metric(home, tmp_path):
     reverse = make_split("test", 3, seed=5, skills=["reverse"])
     maxes = make_split("test", 3, seed=5, skills=["max"])
     rows = [{"prompt": e.prompt, "reference": e.reference, "task": "reverse", "split": "gen"} for e in reverse]
-    rows += [{"prompt": e.prompt, "reference": e.reference[:2], "task": "reverse", "split": "gen",
-              "metric": "contains"} for e in make_split("test", 3, seed=6, skills=["reverse"])]
-    rows += [{"prompt": e.prompt, "reference": e.reference, "task": "max", "split": "mc", "metric": "multiple_choice",
-              "choices": sorted({e.reference, e.input[0], e.input[-1], "0"})} for e in maxes]
+    rows += [
+        {"prompt": e.prompt, "reference": e.reference[:2], "task": "reverse", "split": "gen", "metric": "contains"}
+        for e in make_split("test", 3, seed=6, skills=["reverse"])
+    ]
+    rows += [
+        {
+            "prompt": e.prompt,
+            "reference": e.reference,
+            "task": "max",
+            "split": "mc",
+            "metric": "multiple_choice",
+            "choices": sorted({e.reference, e.input[0], e.input[-1], "0"}),
+        }
+        for e in maxes
+    ]
     path = tmp_path / "suite.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with Registry() as reg:
         import_suite(reg, "mine", path)
         runner = LeaderboardRunner(reg, seed=0)
-        out = runner.run("mine", strategies=["moe/oracle", "moe/skill-k3-vote"],
-                         experts=["skill-reverse", "skill-max", "domain-math"])
+        out = runner.run(
+            "mine",
+            strategies=["moe/oracle", "moe/skill-k3-vote"],
+            experts=["skill-reverse", "skill-max", "domain-math"],
+        )
         stored = save_run(reg, out)
         board = build_board(reg, stored.id)
     assert out.splits == ["gen", "mc"]
@@ -184,8 +215,10 @@ def test_a_user_suite_with_every_metric(home, tmp_path):
         gen = queries["gen"]
         budget = max(len(q.reference) + 4 if q.metric == "exact_match" else 64 for q in gen)
         answers = engine.generate([GenerateRequest(q.prompt, expert, budget) for q in gen])
-        expected = sum((a.text.strip() == q.reference) if q.metric == "exact_match"
-                       else (q.reference.lower() in a.text.lower()) for q, a in zip(gen, answers))
+        expected = sum(
+            (a.text.strip() == q.reference) if q.metric == "exact_match" else (q.reference.lower() in a.text.lower())
+            for q, a in zip(gen, answers)
+        )
         assert out.results[(f"expert:{expert}", "gen")].summary()["correct"] == expected
         mc = queries["mc"]
         picks = []
@@ -199,7 +232,9 @@ def test_a_user_suite_with_every_metric(home, tmp_path):
     # choices exactly as it does alone; a vote cannot score choices and skips them
     oracle_mc = out.results[("moe/oracle", "mc")]
     [chosen] = {o.chosen for o in oracle_mc.outcomes}
-    assert oracle_mc.skipped == 0 and "max" in runner._trained[chosen] and oracle_mc.summary()["routing_accuracy"] == 1.0
+    assert (
+        oracle_mc.skipped == 0 and "max" in runner._trained[chosen] and oracle_mc.summary()["routing_accuracy"] == 1.0
+    )
     alone = out.results[(f"expert:{chosen}", "mc")]
     assert [o.prediction for o in oracle_mc.outcomes] == [o.prediction for o in alone.outcomes]
     vote = {r["entry"]: r for r in board.rows}["moe/skill-k3-vote"]
@@ -214,12 +249,21 @@ def chromium(*args: str) -> subprocess.CompletedProcess:
     """Debian's chromium, headless; a missing browser is a failure (CI installs it: .ci/run)."""
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
-        pytest.fail("chromium is not installed (Debian: apt-get install -y chromium); .ci/run installs it",
-                    pytrace=False)
+        pytest.fail(
+            "chromium is not installed (Debian: apt-get install -y chromium); .ci/run installs it", pytrace=False
+        )
     with tempfile.TemporaryDirectory() as profile:
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={profile}"]
+        flags = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+        ]
         out = subprocess.run([exe, *flags, *args], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     return out

@@ -21,11 +21,30 @@ pytest_plugins = ["tests.conftest_db"]
 SPLITS = ["test", "paraphrase"]
 
 
-def outcome(split: str, task: str, correct: bool, experts: list[str], tokens: int, rate: float = 1.0,
-            ms: float = 10.0, routed: bool | None = None, level_query: bool = True) -> QueryOutcome:
-    return QueryOutcome(split, task, correct, "x", [(e, 1.0) for e in experts],
-                        (experts[0] if experts else "(base)") if level_query else None, routed,
-                        tokens - 2, 2, tokens / 1000 * rate, ms)
+def outcome(
+    split: str,
+    task: str,
+    correct: bool,
+    experts: list[str],
+    tokens: int,
+    rate: float = 1.0,
+    ms: float = 10.0,
+    routed: bool | None = None,
+    level_query: bool = True,
+) -> QueryOutcome:
+    return QueryOutcome(
+        split,
+        task,
+        correct,
+        "x",
+        [(e, 1.0) for e in experts],
+        (experts[0] if experts else "(base)") if level_query else None,
+        routed,
+        tokens - 2,
+        2,
+        tokens / 1000 * rate,
+        ms,
+    )
 
 
 def hand_made_run() -> RunOutcome:
@@ -45,12 +64,32 @@ def hand_made_run() -> RunOutcome:
             part = EntryOutcome(entry, kind, split, seconds=1.5)
             for i, (task, ok, experts, tokens, routed) in enumerate(spec[entry]):
                 flip = split == "paraphrase" and entry == "moe/oracle" and i == 1  # oracle misses one paraphrase
-                part.outcomes.append(outcome(split, task, ok and not flip, experts, tokens, ms=5.0 + i,
-                                             routed=routed, level_query=kind == "strategy"))
+                part.outcomes.append(
+                    outcome(
+                        split,
+                        task,
+                        ok and not flip,
+                        experts,
+                        tokens,
+                        ms=5.0 + i,
+                        routed=routed,
+                        level_query=kind == "strategy",
+                    )
+                )
             results[(entry, split)] = part
-    return RunOutcome(suite="skills", base_model="tiny", seed=3, n_per_task=2, splits=SPLITS, mode="grouped",
-                      entries=entries, results=results, n_queries=4, seconds=12.0,
-                      settings={"default_cost_per_1k_tokens": 1.0})
+    return RunOutcome(
+        suite="skills",
+        base_model="tiny",
+        seed=3,
+        n_per_task=2,
+        splits=SPLITS,
+        mode="grouped",
+        entries=entries,
+        results=results,
+        n_queries=4,
+        seconds=12.0,
+        settings={"default_cost_per_1k_tokens": 1.0},
+    )
 
 
 def test_a_run_round_trips_and_pools_its_splits(registry: Registry) -> None:

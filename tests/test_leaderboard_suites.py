@@ -29,10 +29,21 @@ pytest_plugins = ["tests.conftest_db"]
 
 GOOD = [
     {"prompt": "Reverse the string\nabc\nAnswer: ", "reference": "cba", "task": "reverse", "split": "test"},
-    {"prompt": "Count the letters\nabcd\nAnswer: ", "reference": "4", "task": "count", "split": "test",
-     "metric": "contains"},
-    {"prompt": "Which digit is biggest?\n193\nAnswer: ", "reference": "9", "choices": ["1", "9", "3"],
-     "task": "max", "split": "hard", "metric": "multiple_choice"},
+    {
+        "prompt": "Count the letters\nabcd\nAnswer: ",
+        "reference": "4",
+        "task": "count",
+        "split": "test",
+        "metric": "contains",
+    },
+    {
+        "prompt": "Which digit is biggest?\n193\nAnswer: ",
+        "reference": "9",
+        "choices": ["1", "9", "3"],
+        "task": "max",
+        "split": "hard",
+        "metric": "multiple_choice",
+    },
 ]
 
 
@@ -57,18 +68,18 @@ def test_a_good_file_imports_every_row_in_order(registry: Registry, tmp_path: Pa
 
 def test_every_bad_line_is_reported_and_nothing_is_imported(registry: Registry, tmp_path: Path) -> None:
     lines = [
-        GOOD[0],                                                            # 1 fine
-        '{"prompt": "x", "reference": ',                                    # 2 broken JSON
-        {"prompt": "p", "split": "test"},                                   # 3 no reference
-        {**GOOD[0], "metric": "fuzzy"},                                     # 4 unknown metric
-        {**GOOD[2], "reference": "7"},                                      # 5 reference not a choice
-        GOOD[1],                                                            # 6 fine
-        {**GOOD[0], "refrence": "typo"},                                    # 7 unknown field
-        {**GOOD[0]},                                                        # 8 duplicate of line 1
-        ["not", "an", "object"],                                            # 9 not an object
-        {**GOOD[0], "prompt": "other", "split": "all"},                     # 10 reserved split
+        GOOD[0],  # 1 fine
+        '{"prompt": "x", "reference": ',  # 2 broken JSON
+        {"prompt": "p", "split": "test"},  # 3 no reference
+        {**GOOD[0], "metric": "fuzzy"},  # 4 unknown metric
+        {**GOOD[2], "reference": "7"},  # 5 reference not a choice
+        GOOD[1],  # 6 fine
+        {**GOOD[0], "refrence": "typo"},  # 7 unknown field
+        {**GOOD[0]},  # 8 duplicate of line 1
+        ["not", "an", "object"],  # 9 not an object
+        {**GOOD[0], "prompt": "other", "split": "all"},  # 10 reserved split
         {"prompt": "q", "reference": "", "split": "test", "metric": "contains"},  # 11 empty contains
-        {**GOOD[0], "prompt": "y", "choices": ["a", "b"]},                  # 12 choices without MC
+        {**GOOD[0], "prompt": "y", "choices": ["a", "b"]},  # 12 choices without MC
     ]
     path = write_jsonl(tmp_path / "bad.jsonl", lines)
     with pytest.raises(SuiteImportError) as info:
@@ -92,8 +103,9 @@ def test_every_bad_line_is_reported_and_nothing_is_imported(registry: Registry, 
     assert registry.list_suites() == []
 
 
-def test_a_failing_store_leaves_no_half_suite(registry: Registry, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_store_leaves_no_half_suite(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Rows are inserted in one transaction: a database error on a late row keeps none."""
     rows = parse_rows(write_jsonl(tmp_path / "s.jsonl", GOOD))
     rows[2]["line"] = None  # the last row breaks a NOT NULL constraint, after two good ones
@@ -150,21 +162,41 @@ def test_cli_reports_line_numbers_and_imports_nothing(tmp_path: Path) -> None:
     env = {**os.environ, "MOERGE_HOME": str(tmp_path / "home")}
     env.pop("MOERGE_DATABASE_URL", None)
     bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD[0], '{"prompt": ', {**GOOD[1], "metric": "nope"}])
-    out = subprocess.run([sys.executable, "-m", "services.cli", "suite", "add", "mine", str(bad)],
-                         check=False, capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli", "suite", "add", "mine", str(bad)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert out.returncode == 1
     assert "line 2: not valid JSON" in out.stderr and "line 3: metric 'nope'" in out.stderr
     assert "Traceback" not in out.stderr
-    listed = subprocess.run([sys.executable, "-m", "services.cli", "suite", "list", "--json"],
-                            capture_output=True, text=True, env=env, check=True)
+    listed = subprocess.run(
+        [sys.executable, "-m", "services.cli", "suite", "list", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     assert [s["name"] for s in json.loads(listed.stdout)] == ["skills"]
 
     good = write_jsonl(tmp_path / "good.jsonl", GOOD)
-    out = subprocess.run([sys.executable, "-m", "services.cli", "suite", "add", "mine", str(good)],
-                         check=False, capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli", "suite", "add", "mine", str(good)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     assert "3 examples" in out.stdout
-    listed = subprocess.run([sys.executable, "-m", "services.cli", "suite", "list", "--json"],
-                            capture_output=True, text=True, env=env, check=True)
+    listed = subprocess.run(
+        [sys.executable, "-m", "services.cli", "suite", "list", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     mine = {s["name"]: s for s in json.loads(listed.stdout)}["mine"]
     assert mine["examples"] == 3 and mine["splits"] == ["test", "hard"]

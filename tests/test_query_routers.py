@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from routers import QUERY_ROUTERS
-from routers.base import Artifact, ExpertExample, ExpertInfo, RouteRequest, Router
+from routers.base import Artifact, ExpertExample, ExpertInfo, Router, RouteRequest
 from routers.baselines import BaseModelRouter, BestSingleRouter, OracleRouter, RandomRouter
 from routers.classifier import ClassifierRouter
 from routers.embedder import Embedder
@@ -26,8 +26,26 @@ def _word(rng: random.Random) -> str:
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(4, 8)))
 
 
-COUNTRIES = ["France", "Spain", "Italy", "Germany", "Japan", "Kenya", "Peru", "Canada", "Egypt", "Norway",
-             "Chile", "India", "Greece", "Poland", "Brazil", "Mexico", "Sweden", "Vietnam"]
+COUNTRIES = [
+    "France",
+    "Spain",
+    "Italy",
+    "Germany",
+    "Japan",
+    "Kenya",
+    "Peru",
+    "Canada",
+    "Egypt",
+    "Norway",
+    "Chile",
+    "India",
+    "Greece",
+    "Poland",
+    "Brazil",
+    "Mexico",
+    "Sweden",
+    "Vietnam",
+]
 
 TASKS = {
     "add": (
@@ -36,14 +54,22 @@ TASKS = {
         lambda v: str(v["a"] + v["b"]),
     ),
     "reverse": (
-        ["Reverse the string '{w}'.", "Write '{w}' backwards.", "Spell the word {w} in reverse order.",
-         "Reverse the letters of {w}."],
+        [
+            "Reverse the string '{w}'.",
+            "Write '{w}' backwards.",
+            "Spell the word {w} in reverse order.",
+            "Reverse the letters of {w}.",
+        ],
         lambda rng: {"w": _word(rng)},
         lambda v: v["w"][::-1],
     ),
     "upper": (
-        ["Convert '{w}' to uppercase.", "Write {w} in capital letters.", "Make the text '{w}' upper case.",
-         "Change {w} to all caps."],
+        [
+            "Convert '{w}' to uppercase.",
+            "Write {w} in capital letters.",
+            "Make the text '{w}' upper case.",
+            "Change {w} to all caps.",
+        ],
         lambda rng: {"w": _word(rng)},
         lambda v: v["w"].upper(),
     ),
@@ -112,8 +138,13 @@ def build(name: str, embedder: Embedder, **kw):
     if name == "retrieval":
         return RetrievalRouter(embedder=embedder, **kw)
     if name == "skill":
-        return SkillRouter(evaluate_fn=fake_evaluate, task_skills=TASK_SKILLS,
-                           validation_examples=VALIDATION_POOL, embedder=embedder, **kw)
+        return SkillRouter(
+            evaluate_fn=fake_evaluate,
+            task_skills=TASK_SKILLS,
+            validation_examples=VALIDATION_POOL,
+            embedder=embedder,
+            **kw,
+        )
     if name == "best-single":
         return BestSingleRouter(evaluate_fn=fake_evaluate, **kw)
     return QUERY_ROUTERS[name](**kw)
@@ -127,8 +158,10 @@ def clone(a: Artifact) -> Artifact:
 
 
 def same(a: Artifact, b: Artifact) -> bool:
-    return a.metadata == b.metadata and a.tensors.keys() == b.tensors.keys() and all(
-        torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors
+    return (
+        a.metadata == b.metadata
+        and a.tensors.keys() == b.tensors.keys()
+        and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
     )
 
 
@@ -136,7 +169,17 @@ def same(a: Artifact, b: Artifact) -> bool:
 
 
 def test_registry_lists_protocol_routers(embedder):
-    assert set(QUERY_ROUTERS) == {"classifier", "semantic", "retrieval", "skill", "oracle", "random", "base", "best-single", "all"}
+    assert set(QUERY_ROUTERS) == {
+        "classifier",
+        "semantic",
+        "retrieval",
+        "skill",
+        "oracle",
+        "random",
+        "base",
+        "best-single",
+        "all",
+    }
     for name in QUERY_ROUTERS:
         r = build(name, embedder)
         assert isinstance(r, Router) and r.name == name
@@ -211,19 +254,28 @@ def test_semantic_falls_back_when_far_from_everything(embedder):
         gen.add_expert(make_expert(t))
     assert gen.route(RouteRequest(FAR_QUERY)).experts == [("math-expert", 1.0)]
     # the calibration keeps most in-distribution validation prompts
-    kept = [gen.route(RouteRequest(e.prompt)).top == EXPERT_OF[e.task]
-            for t in BASE3 for e in examples(t, "validation", 10, 0)]
+    kept = [
+        gen.route(RouteRequest(e.prompt)).top == EXPERT_OF[e.task]
+        for t in BASE3
+        for e in examples(t, "validation", 10, 0)
+    ]
     assert sum(kept) / len(kept) >= 0.85
 
 
 # everyday requests that are not among routers/off_topic.py's (the gate's reference)
-EVERYDAY = ["How do I fix a flat bicycle tyre?", "Write a haiku about autumn leaves.",
-            "What time does the sun set in July?", "Plan a picnic menu for six people.",
-            "Which houseplants are easy to keep alive?"]
+EVERYDAY = [
+    "How do I fix a flat bicycle tyre?",
+    "Write a haiku about autumn leaves.",
+    "What time does the sun set in July?",
+    "Plan a picnic menu for six people.",
+    "Which houseplants are easy to keep alive?",
+]
 # drifted wordings of the tiny suite's tasks, never in any expert's examples
-DRIFTED = {"add": "Tell me the total when {a} and {b} are put together.",
-           "reverse": "Flip {w} so the last letter comes first.",
-           "upper": "Shout {w} in big letters."}
+DRIFTED = {
+    "add": "Tell me the total when {a} and {b} are put together.",
+    "reverse": "Flip {w} so the last letter comes first.",
+    "upper": "Shout {w} in big letters.",
+}
 
 
 def test_semantic_answers_with_the_best_scoring_expert_behind_one_gate(embedder):
@@ -233,7 +285,9 @@ def test_semantic_answers_with_the_best_scoring_expert_behind_one_gate(embedder)
     for t in BASE3:
         router.add_expert(make_expert(t))
     rng = random.Random(5)
-    queries = [DRIFTED[t].format(a=rng.randint(1, 999), b=rng.randint(1, 999), w=_word(rng)) for t in BASE3 for _ in range(4)]
+    queries = [
+        DRIFTED[t].format(a=rng.randint(1, 999), b=rng.randint(1, 999), w=_word(rng)) for t in BASE3 for _ in range(4)
+    ]
     queries += [p for t in BASE3 for p in test_prompts(t, 3)]
     for q in queries:
         d = router.route(RouteRequest(q))
@@ -251,19 +305,39 @@ def test_semantic_answers_with_the_best_scoring_expert_behind_one_gate(embedder)
 def test_semantic_gate_keeps_an_expert_of_everyday_requests(embedder):
     """An expert for a topic the everyday reference covers (cooking): its queries are no longer
     "nothing fits", and they reach it."""
-    cooking = ["How do I cook pasta al dente?", "How long do I roast a whole chicken?", "How do I make a risotto?",
-               "What is the best way to fry an egg?", "How do I bake a chocolate cake?", "How do I make pancakes?",
-               "How do I cook rice on the stove?", "How do I make a tomato sauce?", "How do I grill a steak?",
-               "How do I make a vegetable soup?", "How do I bake cookies?", "How do I boil potatoes?"]
-    expert = ExpertInfo(name="cooking-expert", kind="adapter", domains=("cooking",), skills=(),
-                        examples=tuple(ExpertExample(q, "", "cooking", "train" if i < 8 else "validation")
-                                       for i, q in enumerate(cooking)))
+    cooking = [
+        "How do I cook pasta al dente?",
+        "How long do I roast a whole chicken?",
+        "How do I make a risotto?",
+        "What is the best way to fry an egg?",
+        "How do I bake a chocolate cake?",
+        "How do I make pancakes?",
+        "How do I cook rice on the stove?",
+        "How do I make a tomato sauce?",
+        "How do I grill a steak?",
+        "How do I make a vegetable soup?",
+        "How do I bake cookies?",
+        "How do I boil potatoes?",
+    ]
+    expert = ExpertInfo(
+        name="cooking-expert",
+        kind="adapter",
+        domains=("cooking",),
+        skills=(),
+        examples=tuple(
+            ExpertExample(q, "", "cooking", "train" if i < 8 else "validation") for i, q in enumerate(cooking)
+        ),
+    )
     router = build("semantic", embedder)
     for t in BASE3:
         router.add_expert(make_expert(t))
     router.add_expert(expert)
-    queries = ["How do I make a lemon tart?", "How do I cook salmon in the oven?", "How do I make bread dough?",
-               "How do I cook lentils?"]
+    queries = [
+        "How do I make a lemon tart?",
+        "How do I cook salmon in the oven?",
+        "How do I make bread dough?",
+        "How do I cook lentils?",
+    ]
     decisions = [router.route(RouteRequest(q)) for q in queries]
     assert all(d.top == "cooking-expert" for d in decisions), [d.info for d in decisions]
     for t in BASE3:  # and the others still answer their own
@@ -274,8 +348,9 @@ def test_semantic_refits_artifacts_stored_before_the_joint_gate(embedder):
     router = build("semantic", embedder)
     fresh = router.fit_expert(make_expert("add"))
     assert router.accepts_artifact(fresh)
-    stale = Artifact({k: v for k, v in fresh.tensors.items() if k != "calibration_scores"},
-                     {**fresh.metadata, "threshold": "0.5"})
+    stale = Artifact(
+        {k: v for k, v in fresh.tensors.items() if k != "calibration_scores"}, {**fresh.metadata, "threshold": "0.5"}
+    )
     assert not router.accepts_artifact(stale)
 
 

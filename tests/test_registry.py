@@ -86,8 +86,15 @@ def test_register_adapter_with_examples(reg: Registry, lora: Path, tmp_path: Pat
         ],
     )
     e = reg.register_expert(
-        "math", "adapter", lora, base="tiny", domains=["math"], skills=["arithmetic"],
-        description="adds", examples=examples, cost=0.01,
+        "math",
+        "adapter",
+        lora,
+        base="tiny",
+        domains=["math"],
+        skills=["arithmetic"],
+        description="adds",
+        examples=examples,
+        cost=0.01,
     )
     assert (e.name, e.version, e.kind, e.status) == ("math", "1", "adapter", "ready")
     assert e.base is not None and e.base.name == "tiny"
@@ -208,7 +215,9 @@ def test_refuses_target_module_missing_from_base(reg: Registry, lora: Path) -> N
     cfg = json.loads((lora / "adapter_config.json").read_text())
     cfg["target_modules"] = ["q_proj", "c_attn"]
     (lora / "adapter_config.json").write_text(json.dumps(cfg))
-    assert_refused(reg, "target module 'c_attn' does not exist in base 'tiny'", name="x", kind="adapter", source=lora, base="tiny")
+    assert_refused(
+        reg, "target module 'c_attn' does not exist in base 'tiny'", name="x", kind="adapter", source=lora, base="tiny"
+    )
 
 
 def test_refuses_shapes_that_do_not_fit_the_base(reg: Registry, zoo: dict[str, Path]) -> None:
@@ -246,7 +255,9 @@ def test_refuses_symlink_escaping_the_source(reg: Registry, lora: Path, tmp_path
     outside = tmp_path / "secret.txt"
     outside.write_text("secret")
     (lora / "notes.txt").symlink_to(outside)
-    assert_refused(reg, "notes.txt is a symlink that escapes the source folder", name="x", kind="adapter", source=lora, base="tiny")
+    assert_refused(
+        reg, "notes.txt is a symlink that escapes the source folder", name="x", kind="adapter", source=lora, base="tiny"
+    )
     (lora / "notes.txt").unlink()
     (lora / "up.txt").symlink_to(Path("..") / "secret.txt")
     assert_refused(reg, "up.txt is a symlink that escapes", name="x", kind="adapter", source=lora, base="tiny")
@@ -260,7 +271,9 @@ def test_symlink_inside_the_source_is_copied(reg: Registry, lora: Path) -> None:
 
 
 def test_refuses_source_that_is_not_a_folder(reg: Registry, lora: Path, tmp_path: Path) -> None:
-    assert_refused(reg, "is not a directory", name="x", kind="adapter", source=lora / "adapter_config.json", base="tiny")
+    assert_refused(
+        reg, "is not a directory", name="x", kind="adapter", source=lora / "adapter_config.json", base="tiny"
+    )
     assert_refused(reg, "does not exist", name="x", kind="adapter", source=tmp_path / "nowhere", base="tiny")
 
 
@@ -278,13 +291,17 @@ def test_refuses_duplicate_name_and_version(reg: Registry, lora: Path) -> None:
     assert store_entries(reg) == before
 
 
-def test_refuses_too_large_and_too_many_files(db_url: str, artifact_root: Path, zoo: dict[str, Path], lora: Path) -> None:
+def test_refuses_too_large_and_too_many_files(
+    db_url: str, artifact_root: Path, zoo: dict[str, Path], lora: Path
+) -> None:
     from registry.db import upgrade
 
     upgrade(db_url)
     with Registry(db_url, artifact_root, limits=Limits(max_expert_bytes=10_000)) as small:
         small.register_base("tiny", zoo["base"])
-        assert_refused(small, "larger than the limit of 10000 bytes", name="x", kind="adapter", source=lora, base="tiny")
+        assert_refused(
+            small, "larger than the limit of 10000 bytes", name="x", kind="adapter", source=lora, base="tiny"
+        )
     with Registry(db_url, artifact_root, limits=Limits(max_files=2)) as few:
         assert_refused(few, "more than 2 files", name="x", kind="adapter", source=lora, base="tiny")
 
@@ -292,12 +309,44 @@ def test_refuses_too_large_and_too_many_files(db_url: str, artifact_root: Path, 
 def test_refuses_bad_example_rows_with_line_numbers(reg: Registry, lora: Path, tmp_path: Path) -> None:
     ok = {"prompt": "fine"}
     bad_json = write_examples(tmp_path / "a.jsonl", [ok, ok, "{oops"])
-    assert_refused(reg, r"examples a.jsonl line 3: not valid JSON", name="x", kind="adapter", source=lora, base="tiny", examples=bad_json)
+    assert_refused(
+        reg,
+        r"examples a.jsonl line 3: not valid JSON",
+        name="x",
+        kind="adapter",
+        source=lora,
+        base="tiny",
+        examples=bad_json,
+    )
     no_prompt = write_examples(tmp_path / "b.jsonl", [ok, {"reference": "r"}])
-    assert_refused(reg, r"examples b.jsonl line 2: 'prompt' must be a non-empty string", name="x", kind="adapter", source=lora, base="tiny", examples=no_prompt)
+    assert_refused(
+        reg,
+        r"examples b.jsonl line 2: 'prompt' must be a non-empty string",
+        name="x",
+        kind="adapter",
+        source=lora,
+        base="tiny",
+        examples=no_prompt,
+    )
     bad_split = write_examples(tmp_path / "c.jsonl", [{"prompt": "p", "split": "holdout"}])
-    assert_refused(reg, r"line 1: split 'holdout' is not one of", name="x", kind="adapter", source=lora, base="tiny", examples=bad_split)
-    assert_refused(reg, r"examples item 1: expected a JSON object", name="x", kind="adapter", source=lora, base="tiny", examples=[ok, "p"])
+    assert_refused(
+        reg,
+        r"line 1: split 'holdout' is not one of",
+        name="x",
+        kind="adapter",
+        source=lora,
+        base="tiny",
+        examples=bad_split,
+    )
+    assert_refused(
+        reg,
+        r"examples item 1: expected a JSON object",
+        name="x",
+        kind="adapter",
+        source=lora,
+        base="tiny",
+        examples=[ok, "p"],
+    )
 
 
 def test_refuses_bad_names_kinds_and_external_strings(reg: Registry, lora: Path) -> None:
@@ -309,7 +358,9 @@ def test_refuses_bad_names_kinds_and_external_strings(reg: Registry, lora: Path)
     assert_refused(reg, "cost per 1k tokens", name="x", kind="external", source="openai/gpt-4o", cost=-1)
 
 
-def test_refuses_model_without_config_or_with_pickled_weights(reg: Registry, zoo: dict[str, Path], tmp_path: Path) -> None:
+def test_refuses_model_without_config_or_with_pickled_weights(
+    reg: Registry, zoo: dict[str, Path], tmp_path: Path
+) -> None:
     model = Path(shutil.copytree(zoo["base"], tmp_path / "model"))
     (model / "config.json").unlink()
     assert_refused(reg, "model folder has no config.json", name="x", kind="model", source=model)
@@ -336,4 +387,12 @@ def test_failure_after_staging_leaves_nothing(reg: Registry, lora: Path, monkeyp
         raise OSError("disk full")
 
     monkeypatch.setattr(reg.store, "publish", broken_publish)
-    assert_refused(reg, "registering math failed, nothing was kept: disk full", name="math", kind="adapter", source=lora, base="tiny", examples=[{"prompt": "p"}])
+    assert_refused(
+        reg,
+        "registering math failed, nothing was kept: disk full",
+        name="math",
+        kind="adapter",
+        source=lora,
+        base="tiny",
+        examples=[{"prompt": "p"}],
+    )

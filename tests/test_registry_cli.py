@@ -27,8 +27,22 @@ def test_register_list_show_remove(home: Path, tmp_path: Path) -> None:
 
     assert "registered base tiny" in run("base", "add", "tiny", str(base))
     out = run(
-        "register", str(lora), "--name", "math", "--kind", "adapter", "--base", "tiny",
-        "--domain", "math", "--skill", "arithmetic", "--examples", str(examples), "--cost", "0.02",
+        "register",
+        str(lora),
+        "--name",
+        "math",
+        "--kind",
+        "adapter",
+        "--base",
+        "tiny",
+        "--domain",
+        "math",
+        "--skill",
+        "arithmetic",
+        "--examples",
+        str(examples),
+        "--cost",
+        "0.02",
     )
     assert "registered math version 1" in out and "2 examples" in out
     assert "version 2" in run("register", "openai/gpt-4o-mini", "--name", "math", "--kind", "external")
@@ -37,7 +51,9 @@ def test_register_list_show_remove(home: Path, tmp_path: Path) -> None:
     assert "math" in listing and "adapter" in listing and "external" in listing
     listed = json.loads(run("experts", "list", "--json"))
     assert [(e["name"], e["version"], e["kind"], e["base"]) for e in listed] == [
-        ("math", "1", "adapter", "tiny"), ("math", "2", "external", None)]
+        ("math", "1", "adapter", "tiny"),
+        ("math", "2", "external", None),
+    ]
 
     shown = json.loads(run("experts", "show", "math", "--version", "1", "--json"))
     assert shown["base"] == "tiny" and shown["examples"] == {"train": 1, "validation": 1}
@@ -72,8 +88,12 @@ def test_db_upgrade_downgrade(home: Path) -> None:
     assert "revision 0005" in run("db", "upgrade", "--revision", "head")
 
 
-def test_error_prints_one_red_line_and_exits_1(home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
-    monkeypatch.setattr(sys, "argv", ["moerge", "register", str(tmp_path / "nowhere"), "--name", "x", "--kind", "model"])
+def test_error_prints_one_red_line_and_exits_1(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(
+        sys, "argv", ["moerge", "register", str(tmp_path / "nowhere"), "--name", "x", "--kind", "model"]
+    )
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 1
@@ -82,9 +102,21 @@ def test_error_prints_one_red_line_and_exits_1(home: Path, monkeypatch: pytest.M
     assert err.count("error:") == 1 and "Traceback" not in err
 
 
-@pytest.mark.parametrize("command", [[], ["register"], ["base", "add"], ["experts", "list"], ["experts", "show"],
-                                     ["experts", "remove"], ["db", "upgrade"], ["db", "downgrade"],
-                                     ["keys", "create"], ["keys", "list"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["register"],
+        ["base", "add"],
+        ["experts", "list"],
+        ["experts", "show"],
+        ["experts", "remove"],
+        ["db", "upgrade"],
+        ["db", "downgrade"],
+        ["keys", "create"],
+        ["keys", "list"],
+    ],
+)
 def test_every_command_has_help(command: list[str]) -> None:
     result = CliRunner().invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
@@ -123,14 +155,16 @@ def test_register_refuses_what_the_configured_engine_cannot_serve(home: Path, tm
     base = make_tiny_base(tmp_path / "base")
     big = make_tiny_lora(base, tmp_path / "r16", r=16)
     dora = tmp_path / "dora"
-    get_peft_model(LlamaForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
-                   ).save_pretrained(dora)
+    get_peft_model(
+        LlamaForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
+    ).save_pretrained(dora)
     config = tmp_path / "serve.yaml"
     config.write_text("engines:\n  bases:\n    tiny: {engine: vllm, engine_args: {max_lora_rank: 8}}\n")
     run("base", "add", "tiny", str(base))
     for folder, why in ((big, "rank 16 is above the vllm engine's max_lora_rank 8"), (dora, "does not serve DoRA")):
-        result = CliRunner().invoke(app, ["register", str(folder), "--name", "x", "--base", "tiny",
-                                          "--serve-config", str(config)])
+        result = CliRunner().invoke(
+            app, ["register", str(folder), "--name", "x", "--base", "tiny", "--serve-config", str(config)]
+        )
         assert result.exit_code == 1 and why in str(result.exception), result.output
     assert "x" not in run("experts", "list").split("experts", 1)[1]
     run("register", str(dora), "--name", "x", "--base", "tiny")  # no serve config: the hf engine serves it
@@ -142,12 +176,29 @@ def test_tables_through_a_pipe_keep_every_cell_whole(home: Path, tmp_path: Path)
     run("base", "add", "a-base-model-with-a-rather-long-name", str(base))
     lora = make_tiny_lora(base, tmp_path / "lora")
     domains = ["contract-law-and-regulatory-compliance", "international-arbitration"]
-    run("register", str(lora), "--name", "legal-expert-for-long-contracts", "--kind", "adapter",
-        "--base", "a-base-model-with-a-rather-long-name", *[a for d in domains for a in ("--domain", d)],
-        "--skill", "clause-extraction-and-summarisation", "--cost", "0.125")
+    run(
+        "register",
+        str(lora),
+        "--name",
+        "legal-expert-for-long-contracts",
+        "--kind",
+        "adapter",
+        "--base",
+        "a-base-model-with-a-rather-long-name",
+        *[a for d in domains for a in ("--domain", d)],
+        "--skill",
+        "clause-extraction-and-summarisation",
+        "--cost",
+        "0.125",
+    )
     listing = run("experts", "list")
     assert "…" not in listing
     row = next(line for line in listing.splitlines() if "legal-expert-for-long-contracts" in line)
-    for cell in ("adapter", "a-base-model-with-a-rather-long-name", ", ".join(domains),
-                 "clause-extraction-and-summarisation", "0.125"):
+    for cell in (
+        "adapter",
+        "a-base-model-with-a-rather-long-name",
+        ", ".join(domains),
+        "clause-extraction-and-summarisation",
+        "0.125",
+    ):
         assert cell in row, (cell, row)

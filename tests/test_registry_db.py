@@ -52,8 +52,12 @@ def test_trust_remote_code_migration_keeps_the_bases(db_url: str, tmp_path: Path
     engine = create_engine(db_url)
     try:
         with engine.begin() as conn:
-            conn.execute(text("INSERT INTO base_models (name, uri, architecture, checksum, created_at) "
-                              "VALUES ('old', '/models/old', 'LlamaForCausalLM', 'c', CURRENT_TIMESTAMP)"))
+            conn.execute(
+                text(
+                    "INSERT INTO base_models (name, uri, architecture, checksum, created_at) "
+                    "VALUES ('old', '/models/old', 'LlamaForCausalLM', 'c', CURRENT_TIMESTAMP)"
+                )
+            )
     finally:
         engine.dispose()
     db.upgrade(db_url)
@@ -76,16 +80,22 @@ def test_leaderboard_migration_goes_down_to_0001_and_up_again(db_url: str, tmp_p
     engine = create_engine(db_url)
     try:
         with engine.begin() as conn:
-            conn.execute(text("INSERT INTO api_keys (name, scope, allowed_models, key_prefix, key_hash, created_at) "
-                              "VALUES ('k', 'user', '[]', 'mk-1', 'h', CURRENT_TIMESTAMP)"))
+            conn.execute(
+                text(
+                    "INSERT INTO api_keys (name, scope, allowed_models, key_prefix, key_hash, created_at) "
+                    "VALUES ('k', 'user', '[]', 'mk-1', 'h', CURRENT_TIMESTAMP)"
+                )
+            )
     finally:
         engine.dispose()
     db.upgrade(db_url)
     assert tables(db_url) == TABLES and db.current_revision(db_url) == "0005"
     with Registry(db_url, artifact_root=tmp_path / "store") as reg:
         reg.add_suite("s", [{"line": 1, "prompt": "p", "reference": "r", "split": "test"}])
-        reg.add_leaderboard_run({"suite": "s", "splits": ["test"]}, [
-            {"entry": "moe/x", "kind": "strategy", "split": "test", "n": 1, "correct": 1, "accuracy": 1.0}])
+        reg.add_leaderboard_run(
+            {"suite": "s", "splits": ["test"]},
+            [{"entry": "moe/x", "kind": "strategy", "split": "test", "n": 1, "correct": 1, "accuracy": 1.0}],
+        )
     db.downgrade(db_url, "0001")
     assert tables(db_url) == TABLES_0001 and db.current_revision(db_url) == "0001"
     engine = create_engine(db_url)
@@ -278,8 +288,11 @@ def test_sqlite_reads_go_on_while_a_writer_holds_the_write_lock(tmp_path: Path) 
         writer.execute("BEGIN IMMEDIATE")  # what every registry write opens with
         writer.execute("UPDATE experts SET description = 'edited' WHERE name = 'gpt'")
         answers: list = []
-        reader = threading.Thread(target=lambda: answers.append(
-            ([e.name for e in reg.list_experts()], reg.get_expert("gpt").description, reg.list_keys())))
+        reader = threading.Thread(
+            target=lambda: answers.append(
+                ([e.name for e in reg.list_experts()], reg.get_expert("gpt").description, reg.list_keys())
+            )
+        )
         reader.start()
         reader.join(timeout=5)
         finished = not reader.is_alive()
@@ -299,8 +312,15 @@ def test_strategies_are_stored_once_by_name(db_url: str, tmp_path: Path) -> None
     db.upgrade(db_url)
     with Registry(db_url, artifact_root=tmp_path / "store") as reg:
         empty = reg.strategies_fingerprint()
-        reg.add_strategy("legal", "classifier", "single", router_params={"epochs": 3}, experts=["a", "domain:legal"],
-                         fallback="a", description="the legal experts")
+        reg.add_strategy(
+            "legal",
+            "classifier",
+            "single",
+            router_params={"epochs": 3},
+            experts=["a", "domain:legal"],
+            fallback="a",
+            description="the legal experts",
+        )
         added = reg.strategies_fingerprint()
         assert added != empty
         stored = reg.get_strategy("legal")

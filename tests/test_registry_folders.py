@@ -59,8 +59,9 @@ def hf_cache_snapshot(folder: Path, cache: Path, repo: str = "Qwen/tiny-chat", r
     return snapshot
 
 
-def test_a_hub_id_names_a_base_and_a_cache_snapshot_registers(registry: Registry, qwen: Path, lora: Path,
-                                                               tmp_path: Path) -> None:
+def test_a_hub_id_names_a_base_and_a_cache_snapshot_registers(
+    registry: Registry, qwen: Path, lora: Path, tmp_path: Path
+) -> None:
     base = hf_cache_snapshot(qwen, tmp_path / "hub")
     trained = Path(shutil.copytree(lora, tmp_path / "trained-on-the-hub-id"))
     config = json.loads((trained / "adapter_config.json").read_text())
@@ -87,8 +88,9 @@ def test_a_symlink_out_of_the_cache_is_refused(registry: Registry, qwen: Path, l
     assert rows(registry) == (1, 0) and store_files(registry) == []
 
 
-def test_a_trainer_output_folder_registers_without_its_leftovers(registry: Registry, qwen: Path, lora: Path,
-                                                                  tmp_path: Path) -> None:
+def test_a_trainer_output_folder_registers_without_its_leftovers(
+    registry: Registry, qwen: Path, lora: Path, tmp_path: Path
+) -> None:
     folder = Path(shutil.copytree(lora, tmp_path / "checkpoint-500"))
     for leftover in ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "rng_state_1.pth"):
         (folder / leftover).write_bytes(b"\x80\x04pickle")
@@ -149,8 +151,9 @@ def test_base_remove_is_refused_while_used_unless_cascade(registry: Registry, qw
         registry.remove_base("qwen")
 
 
-def test_an_adapter_trained_on_another_model_is_registered_with_a_warning(registry: Registry, qwen: Path,
-                                                                          lora: Path, tmp_path: Path) -> None:
+def test_an_adapter_trained_on_another_model_is_registered_with_a_warning(
+    registry: Registry, qwen: Path, lora: Path, tmp_path: Path
+) -> None:
     folder = Path(shutil.copytree(lora, tmp_path / "other-base"))
     config = json.loads((folder / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "meta-llama/Llama-3.2-1B"
@@ -161,12 +164,15 @@ def test_an_adapter_trained_on_another_model_is_registered_with_a_warning(regist
 
 
 def test_an_external_experts_connection_is_checked_and_never_holds_a_key(registry: Registry, lora: Path) -> None:
-    e = registry.register_expert("gpt", "external", "openai/gpt-4o-mini", api_base="http://10.0.0.5:8000/v1",
-                                 api_key_env="TEAM_OPENAI_KEY")
+    e = registry.register_expert(
+        "gpt", "external", "openai/gpt-4o-mini", api_base="http://10.0.0.5:8000/v1", api_key_env="TEAM_OPENAI_KEY"
+    )
     assert (e.api_base, e.api_key_env) == ("http://10.0.0.5:8000/v1", "TEAM_OPENAI_KEY")
-    for kwargs, why in (({"api_key_env": "sk-proj-abcdefghijklmnop"}, "never the key itself"),
-                        ({"api_key_env": "my key"}, "not an environment variable name"),
-                        ({"api_base": "10.0.0.5:8000"}, "not an http"),):
+    for kwargs, why in (
+        ({"api_key_env": "sk-proj-abcdefghijklmnop"}, "never the key itself"),
+        ({"api_key_env": "my key"}, "not an environment variable name"),
+        ({"api_base": "10.0.0.5:8000"}, "not an http"),
+    ):
         with pytest.raises(RegistrationError, match=why):
             registry.register_expert("gpt", "external", "openai/gpt-4o-mini", **kwargs)
     with pytest.raises(RegistrationError, match="external experts only"):
@@ -175,7 +181,8 @@ def test_an_external_experts_connection_is_checked_and_never_holds_a_key(registr
 
 
 def test_an_adapter_with_its_own_tokenizer_registers_unless_it_changes_the_vocabulary(
-        registry: Registry, qwen: Path, lora: Path, tmp_path: Path) -> None:
+    registry: Registry, qwen: Path, lora: Path, tmp_path: Path
+) -> None:
     registry.register_base("qwen", qwen)
     # the base's vocabulary with a chat template of its own (a Trainer's checkpoint): kept whole
     own = with_own_tokenizer(lora, qwen, tmp_path / "instruct")
@@ -184,11 +191,16 @@ def test_an_adapter_with_its_own_tokenizer_registers_unless_it_changes_the_vocab
     kept = store_files(registry)
     # tokens added (embeddings resized and saved whole): refused, saying why and what to do instead
     added = make_lora_with_added_tokens(qwen, tmp_path / "added")
-    with pytest.raises(RegistrationError, match=r"adds 1 token\(s\) to the vocabulary of base 'qwen'.*'<tool_call>'.*kind 'model'"):
+    with pytest.raises(
+        RegistrationError, match=r"adds 1 token\(s\) to the vocabulary of base 'qwen'.*'<tool_call>'.*kind 'model'"
+    ):
         registry.register_expert("added", "adapter", added, base="qwen")
     # another model's tokenizer altogether
     other = Path(shutil.copytree(lora, tmp_path / "other-tokenizer"))
     make_bpe_tokenizer(vocab_size=300).save_pretrained(str(other))
-    with pytest.raises(RegistrationError, match=r"tokenizer is not the one of base 'qwen': of its 300 tokens 0 have other ids and 0 are new, and 100 of"):
+    with pytest.raises(
+        RegistrationError,
+        match=r"tokenizer is not the one of base 'qwen': of its 300 tokens 0 have other ids and 0 are new, and 100 of",
+    ):
         registry.register_expert("other", "adapter", other, base="qwen")
     assert rows(registry) == (1, 1) and store_files(registry) == kept

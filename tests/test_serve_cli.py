@@ -44,13 +44,24 @@ def test_moerge_serve_answers_through_haproxy_and_stops_on_sigterm(micro_zoo, tm
     config = tmp_path / "serve.yaml"
     config.write_text("strategies: {names: [moe/semantic]}\n")
     port = free_port()
-    env = {**os.environ, "MOERGE_HOME": str(home), "MOERGE_DATABASE_URL": db, "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "MOERGE_HOME": str(home),
+        "MOERGE_DATABASE_URL": db,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     moerge = shutil.which("moerge", path=os.path.dirname(sys.executable)) or "moerge"
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([moerge, "serve", "--port", str(port), "--config", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [moerge, "serve", "--port", str(port), "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
         _wait_for(log, "serving on", proc, 300)
         assert "ingress: haproxy" in log.read_text()

@@ -23,9 +23,10 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def cluster(micro_zoo, tmp_path_factory) -> Iterator[Cluster]:
-    config = {"engines": {"default": {"replicas": 2, "num_cpus": 1, "max_adapters_per_replica": 4}},
-              "strategies": {"names": ["moe/semantic", "moe/classifier", "moe/skill-k3-vote"],
-                             "refresh_interval_s": 0.5}}
+    config = {
+        "engines": {"default": {"replicas": 2, "num_cpus": 1, "max_adapters_per_replica": 4}},
+        "strategies": {"names": ["moe/semantic", "moe/classifier", "moe/skill-k3-vote"], "refresh_interval_s": 0.5},
+    }
     with ray_cluster(micro_zoo, tmp_path_factory.mktemp("serve-home"), config) as c:
         yield c
 
@@ -48,8 +49,8 @@ def test_expert_on_ray_equals_in_process_engine(cluster: Cluster) -> None:
 def test_a_base_answers_by_its_name_on_ray(cluster: Cluster) -> None:
     """The base's engine deployment answers for the base itself (no multiplexed id), whole and
     streamed, and /v1/models lists it."""
-    from services.engines.hf import HFEngine
     from composer.engine_protocol import GenerateRequest
+    from services.engines.hf import HFEngine
 
     assert cluster.base in {m.id for m in client(cluster).models.list().data}
     prompt, _ = zoo_prompt(cluster, adapters(cluster)[0])
@@ -65,15 +66,17 @@ def test_strategy_streams_with_provenance(cluster: Cluster) -> None:
     name = adapters(cluster)[0]
     prompt, _ = zoo_prompt(cluster, name)
     c = client(cluster)
-    whole = c.chat.completions.create(model="moe/semantic", messages=[{"role": "user", "content": prompt}],
-                                      max_tokens=24)
+    whole = c.chat.completions.create(
+        model="moe/semantic", messages=[{"role": "user", "content": prompt}], max_tokens=24
+    )
     moe = whole.model_extra["moe"]
     assert moe["strategy"] == "moe/semantic" and moe["router"] == "semantic"
     chosen = moe["experts"][0]["name"]
     assert chosen in adapters(cluster) or chosen == cluster.base
     pieces, final = [], None
-    stream = c.chat.completions.create(model="moe/semantic", messages=[{"role": "user", "content": prompt}],
-                                       max_tokens=24, stream=True)
+    stream = c.chat.completions.create(
+        model="moe/semantic", messages=[{"role": "user", "content": prompt}], max_tokens=24, stream=True
+    )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
@@ -90,8 +93,7 @@ def test_strategy_streams_with_provenance(cluster: Cluster) -> None:
         assert len(pieces) > len(re.findall(r"\s*\S+\s*|\s+", text)), pieces
     # the routed expert, asked directly, says the same: the strategy really ran it
     if chosen != cluster.base:
-        direct = c.chat.completions.create(model=chosen, messages=[{"role": "user", "content": prompt}],
-                                           max_tokens=24)
+        direct = c.chat.completions.create(model=chosen, messages=[{"role": "user", "content": prompt}], max_tokens=24)
         assert direct.choices[0].message.content == whole.choices[0].message.content
 
 
@@ -131,8 +133,12 @@ def test_concurrent_streams_each_get_their_own_text(cluster: Cluster) -> None:
     """Streams arriving together share the engine's batches, with each other and with requests
     not streamed: every stream still joins to exactly its own answer, however long each row runs."""
     c = client(cluster)
-    jobs = [(name, zoo_prompt(cluster, name, i=i)[0], max_tokens)
-            for name in adapters(cluster)[:3] for i in range(2) for max_tokens in (4, 24)]
+    jobs = [
+        (name, zoo_prompt(cluster, name, i=i)[0], max_tokens)
+        for name in adapters(cluster)[:3]
+        for i in range(2)
+        for max_tokens in (4, 24)
+    ]
     expected = [c.completions.create(model=m, prompt=p, max_tokens=n).choices[0].text for m, p, n in jobs]
 
     def streamed(job: tuple[str, str, int]) -> str:
@@ -172,8 +178,9 @@ def test_concurrent_requests_share_engine_batches(cluster: Cluster) -> None:
     c.completions.create(model=name, prompt=prompt, max_tokens=4)  # loaded before counting
     every_replica_stats()
     with ThreadPoolExecutor(8) as pool:
-        texts = list(pool.map(lambda _: c.completions.create(model=name, prompt=prompt, max_tokens=4).choices[0].text,
-                              range(8)))
+        texts = list(
+            pool.map(lambda _: c.completions.create(model=name, prompt=prompt, max_tokens=4).choices[0].text, range(8))
+        )
     stats = every_replica_stats()
     assert len(set(texts)) == 1  # greedy: one answer, whatever batch each row ran in
     calls, batches = (sum(s[k] for s in stats) for k in ("calls", "batches"))
@@ -184,11 +191,19 @@ def test_concurrent_requests_share_engine_batches(cluster: Cluster) -> None:
 
 def test_hot_registration_then_removal(cluster: Cluster) -> None:
     # a made-up skill whose examples look like nothing else: the semantic router must find it
-    examples = [{"prompt": f"Zorblify the quux token number {i}", "reference": "zorb", "split": "train"}
-                for i in range(6)]
-    body = {"name": "zorblifier", "kind": "adapter", "path": str(cluster.spare), "base": cluster.base,
-            "domains": ["zorb"], "skills": ["zorblify"], "description": "zorblifies quux tokens",
-            "examples": examples}
+    examples = [
+        {"prompt": f"Zorblify the quux token number {i}", "reference": "zorb", "split": "train"} for i in range(6)
+    ]
+    body = {
+        "name": "zorblifier",
+        "kind": "adapter",
+        "path": str(cluster.spare),
+        "base": cluster.base,
+        "domains": ["zorb"],
+        "skills": ["zorblify"],
+        "description": "zorblifies quux tokens",
+        "examples": examples,
+    }
     c = client(cluster)
     with httpx.Client(base_url=cluster.url, timeout=120) as h:
         r = h.post("/v1/experts", json=body)
@@ -200,8 +215,10 @@ def test_hot_registration_then_removal(cluster: Cluster) -> None:
         # routable once the strategies replica sees the registry change (seconds, no restart)
         chosen = None
         while time.monotonic() - t0 < 60:
-            r = h.post("/v1/completions", json={"model": "moe/semantic", "prompt": "Zorblify the quux token number 7",
-                                                "max_tokens": 8})
+            r = h.post(
+                "/v1/completions",
+                json={"model": "moe/semantic", "prompt": "Zorblify the quux token number 7", "max_tokens": 8},
+            )
             assert r.status_code == 200, r.text
             chosen = r.json()["moe"]["experts"][0]["name"]
             if chosen == "zorblifier":
@@ -214,8 +231,10 @@ def test_hot_registration_then_removal(cluster: Cluster) -> None:
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            r = h.post("/v1/completions", json={"model": "moe/semantic", "prompt": "Zorblify the quux token number 7",
-                                                "max_tokens": 8})
+            r = h.post(
+                "/v1/completions",
+                json={"model": "moe/semantic", "prompt": "Zorblify the quux token number 7", "max_tokens": 8},
+            )
             assert r.status_code == 200, r.text
             if r.json()["moe"]["experts"][0]["name"] != "zorblifier":
                 break
@@ -224,7 +243,9 @@ def test_hot_registration_then_removal(cluster: Cluster) -> None:
 
         # the next registration may get the deleted row's id (SQLite): the replica still caches the
         # removed expert's weights under that id, and must serve the new expert, not them
-        other = cluster.manifest.path_of(next(e for e in cluster.manifest.experts if e.name == adapters(cluster)[1]).path)
+        other = cluster.manifest.path_of(
+            next(e for e in cluster.manifest.experts if e.name == adapters(cluster)[1]).path
+        )
         body = {**body, "name": "zorblifier-two", "path": str(other), "examples": []}
         r = h.post("/v1/experts", json=body)
         assert r.status_code == 201, r.text
@@ -241,12 +262,21 @@ def test_a_strategy_posted_while_serving_answers_without_a_restart(cluster: Clus
     prompt, _ = zoo_prompt(cluster, names[1])
     c = client(cluster)
     with httpx.Client(base_url=cluster.url, timeout=120) as h:
-        bad = h.post("/v1/strategies", json={"name": "pair", "router": "semantic", "composer": "vote",
-                                              "composer_params": {"k": 0}, "experts": names})
+        bad = h.post(
+            "/v1/strategies",
+            json={
+                "name": "pair",
+                "router": "semantic",
+                "composer": "vote",
+                "composer_params": {"k": 0},
+                "experts": names,
+            },
+        )
         assert bad.status_code == 400 and "must be ≥ 1" in bad.json()["error"]["message"]
         assert not cluster.registry.list_strategies()
-        r = h.post("/v1/strategies", json={"name": "pair", "router": "semantic", "composer": "single",
-                                            "experts": names})
+        r = h.post(
+            "/v1/strategies", json={"name": "pair", "router": "semantic", "composer": "single", "experts": names}
+        )
         assert r.status_code == 201, r.text
         deadline = time.monotonic() + 30
         while "moe/pair" not in {m.id for m in c.models.list().data}:
@@ -260,8 +290,11 @@ def test_a_strategy_posted_while_serving_answers_without_a_restart(cluster: Clus
         assert r.status_code == 200, r.text
         chosen = r.json()["moe"]["experts"][0]["name"]
         assert chosen in names
-        streamed = "".join(chunk.choices[0].text for chunk in c.completions.create(
-            model="moe/pair", prompt=prompt, max_tokens=12, stream=True) if chunk.choices)
+        streamed = "".join(
+            chunk.choices[0].text
+            for chunk in c.completions.create(model="moe/pair", prompt=prompt, max_tokens=12, stream=True)
+            if chunk.choices
+        )
         assert streamed == r.json()["choices"][0]["text"]
         assert h.delete("/v1/strategies/pair").status_code == 200
 
@@ -274,8 +307,10 @@ def test_an_adapter_on_a_base_registered_while_serving_answers_without_a_restart
     cluster.registry.register_base("late-base", base_dir)
     adapter_dir = cluster.manifest.path_of(next(e for e in cluster.manifest.experts if e.name == name).path)
     with httpx.Client(base_url=cluster.url, timeout=120) as h:
-        r = h.post("/v1/experts", json={"name": "late-adapter", "kind": "adapter", "path": str(adapter_dir),
-                                        "base": "late-base"})
+        r = h.post(
+            "/v1/experts",
+            json={"name": "late-adapter", "kind": "adapter", "path": str(adapter_dir), "base": "late-base"},
+        )
         assert r.status_code == 201, r.text
         prompt, _ = zoo_prompt(cluster, name)
         reply = client(cluster).completions.create(model="late-adapter", prompt=prompt, max_tokens=24)

@@ -22,8 +22,10 @@ pytestmark = pytest.mark.timeout(600)
 def cluster(micro_zoo, tmp_path_factory) -> Iterator[Cluster]:
     # float32 like the hf engine, so greedy choices agree token for token
     engine_args = {"dtype": "float32", "seed": 0, "max_model_len": 256, "max_lora_rank": 16}
-    config = {"engines": {"default": {"engine": "vllm", "num_cpus": 1, "engine_args": engine_args}},
-              "strategies": {"names": ["moe/semantic"]}}
+    config = {
+        "engines": {"default": {"engine": "vllm", "num_cpus": 1, "engine_args": engine_args}},
+        "strategies": {"names": ["moe/semantic"]},
+    }
     with ray_cluster(micro_zoo, tmp_path_factory.mktemp("serve-vllm-home"), config) as c:
         yield c
 

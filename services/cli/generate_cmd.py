@@ -17,8 +17,12 @@ def generate(
     prompt: str = typer.Argument(..., help="The prompt: sent as is, or as a user message with --chat."),
     expert: str = typer.Option(..., "--expert", "-e", help="Registered expert name."),
     version: Optional[str] = typer.Option(None, help="Expert version (default: the latest)."),
-    chat: bool = typer.Option(False, "--chat", help="Send the prompt as a user message through the model's chat "
-                              "template (its last user turn, raw, where it has none)."),
+    chat: bool = typer.Option(
+        False,
+        "--chat",
+        help="Send the prompt as a user message through the model's chat "
+        "template (its last user turn, raw, where it has none).",
+    ),
     system: Optional[str] = typer.Option(None, "--system", help="With --chat: a system message before it."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy; above 0 samples."),
@@ -26,7 +30,9 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="Seed for sampled generation (reproducible per seed)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N, or auto (CUDA when present)."),
     dtype: str = typer.Option("auto", help="float32, bfloat16, float16, or auto (bfloat16 on CUDA, else float32)."),
-    show_usage: bool = typer.Option(False, "--usage", help="Also print token counts, the finish reason and the prompt rule."),
+    show_usage: bool = typer.Option(
+        False, "--usage", help="Also print token counts, the finish reason and the prompt rule."
+    ),
 ) -> None:
     """Generate a completion with one expert, on the hf engine (adapters load on their base)."""
     from registry.service import Registry

@@ -23,8 +23,9 @@ leaderboard_app = typer.Typer(
     help="Measure every expert alone and every strategy on a suite; show, report and compare runs.",
     no_args_is_help=True,
 )
-suite_app = typer.Typer(help="Benchmark suites: the built-in `skills` and user suites from JSONL.",
-                        no_args_is_help=True)
+suite_app = typer.Typer(
+    help="Benchmark suites: the built-in `skills` and user suites from JSONL.", no_args_is_help=True
+)
 app.add_typer(leaderboard_app, name="leaderboard")
 app.add_typer(suite_app, name="suite")
 
@@ -48,24 +49,61 @@ def _names(values: list[str] | None) -> list[str] | None:
 
 @leaderboard_app.command("run")
 def run(
-    suite: Annotated[str, typer.Option(help="Suite: `skills` (built in) or one added with `moerge suite add`.")] = "skills",
-    strategies: Annotated[list[str] | None, typer.Option(
-        "--strategies", "-s", help="Strategies to run, comma-separated or repeated (default: every one; `none`: no strategy).")] = None,
-    experts: Annotated[list[str] | None, typer.Option(
-        "--experts", "-e", help="Experts to run alone (default: every ready expert of the base; `none`: no expert).")] = None,
-    skip: Annotated[list[str] | None, typer.Option(
-        "--skip", help="Entries to leave out, comma-separated or repeated: strategies (moe/average-activation) or experts.")] = None,
-    splits: Annotated[list[str] | None, typer.Option(
-        "--splits", help="Splits (default: every split of the suite; skills: test, paraphrase, composition).")] = None,
-    n_per_task: Annotated[int | None, typer.Option(
-        "--n-per-task", min=1, help="Queries per task and split (default: the suite's sizes; a user suite: all).")] = None,
-    seed: Annotated[int, typer.Option(help="Suite sample and router seed: the same seed reproduces the same numbers.")] = 0,
-    base: Annotated[str | None, typer.Option(help="Base model whose experts to use (default: the one with most).")] = None,
-    default_cost: Annotated[float, typer.Option(
-        "--default-cost", min=0.0, help="Cost per 1k tokens of experts with no cost in the registry, and of the base.")] = 1.0,
+    suite: Annotated[
+        str, typer.Option(help="Suite: `skills` (built in) or one added with `moerge suite add`.")
+    ] = "skills",
+    strategies: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--strategies",
+            "-s",
+            help="Strategies to run, comma-separated or repeated (default: every one; `none`: no strategy).",
+        ),
+    ] = None,
+    experts: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--experts", "-e", help="Experts to run alone (default: every ready expert of the base; `none`: no expert)."
+        ),
+    ] = None,
+    skip: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--skip",
+            help="Entries to leave out, comma-separated or repeated: strategies (moe/average-activation) or experts.",
+        ),
+    ] = None,
+    splits: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--splits", help="Splits (default: every split of the suite; skills: test, paraphrase, composition)."
+        ),
+    ] = None,
+    n_per_task: Annotated[
+        int | None,
+        typer.Option(
+            "--n-per-task", min=1, help="Queries per task and split (default: the suite's sizes; a user suite: all)."
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Suite sample and router seed: the same seed reproduces the same numbers.")
+    ] = 0,
+    base: Annotated[
+        str | None, typer.Option(help="Base model whose experts to use (default: the one with most).")
+    ] = None,
+    default_cost: Annotated[
+        float,
+        typer.Option(
+            "--default-cost",
+            min=0.0,
+            help="Cost per 1k tokens of experts with no cost in the registry, and of the base.",
+        ),
+    ] = 1.0,
     mode: Annotated[str, typer.Option(help="grouped (batched by expert) or naive (one query at a time).")] = "grouped",
-    report: Annotated[Path | None, typer.Option(
-        "--report", help="HTML report path (default: $MOERGE_HOME/reports/leaderboard-<run>.html).")] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option("--report", help="HTML report path (default: $MOERGE_HOME/reports/leaderboard-<run>.html)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the stored board as JSON instead of a table.")] = False,
 ) -> None:
     """Run the leaderboard, store it in the registry DB, print the table and the HTML report's path."""
@@ -95,9 +133,12 @@ def run(
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
         task = bar.add_task("fitting / loading routers", total=len(entries) * n_queries)
         outcome = runner.run(
-            suite, strategies=[e for e in entries if not e.startswith("expert:")],
+            suite,
+            strategies=[e for e in entries if not e.startswith("expert:")],
             experts=[e.removeprefix("expert:") for e in entries if e.startswith("expert:")],
-            splits=_names(splits), n_per_task=n_per_task, mode=mode,
+            splits=_names(splits),
+            n_per_task=n_per_task,
+            mode=mode,
             progress=lambda what, n: bar.update(task, advance=n, description=what),
         )
         bar.update(task, description="done")
@@ -121,8 +162,10 @@ def show(
 def report_cmd(
     run_id: Annotated[int | None, typer.Option("--run", help="Run id (default: the newest).")] = None,
     suite: Annotated[str | None, typer.Option(help="The newest run of this suite.")] = None,
-    out: Annotated[Path | None, typer.Option(
-        "--out", "-o", help="Output file (default: $MOERGE_HOME/reports/leaderboard-<run>.html).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output file (default: $MOERGE_HOME/reports/leaderboard-<run>.html)."),
+    ] = None,
 ) -> None:
     """Write a run as one self-contained HTML file with its plots; prints the file's path."""
     from services.leaderboard.board import build_board
@@ -139,12 +182,21 @@ def runs(
     """Stored runs, newest first, to compare them over time."""
     from rich import box
 
-    table = Table("run", "when (UTC)", "suite", "base", "seed", "per task", "queries", "mode", "seconds",
-                  box=box.SIMPLE_HEAD)
+    table = Table(
+        "run", "when (UTC)", "suite", "base", "seed", "per task", "queries", "mode", "seconds", box=box.SIMPLE_HEAD
+    )
     for r in _registry().list_leaderboard_runs(suite, limit):
-        table.add_row(str(r.id), r.created_at.strftime("%Y-%m-%d %H:%M"), r.suite, r.base_model, str(r.seed),
-                      str(r.n_per_task if r.n_per_task is not None else "default"), str(r.n_queries), r.mode,
-                      f"{r.seconds:.0f}")
+        table.add_row(
+            str(r.id),
+            r.created_at.strftime("%Y-%m-%d %H:%M"),
+            r.suite,
+            r.base_model,
+            str(r.seed),
+            str(r.n_per_task if r.n_per_task is not None else "default"),
+            str(r.n_queries),
+            r.mode,
+            f"{r.seconds:.0f}",
+        )
     print_table(table)
 
 
@@ -159,9 +211,13 @@ def _print_board(run_id: int | None, suite: str | None, as_json: bool) -> None:
         return
     run = board.run
     per_task = run["n_per_task"] if run["n_per_task"] is not None else "default"
-    table = Table(title=f"leaderboard run {run['id']}: {run['suite']} on {run['base_model']} "
-                        f"(seed {run['seed']}, {per_task} per task, {run['n_queries']} queries, {run['mode']})",
-                  box=box.SIMPLE_HEAD, padding=(0, 1), title_justify="left")
+    table = Table(
+        title=f"leaderboard run {run['id']}: {run['suite']} on {run['base_model']} "
+        f"(seed {run['seed']}, {per_task} per task, {run['n_queries']} queries, {run['mode']})",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        title_justify="left",
+    )
     table.add_column("entry", no_wrap=True)
     for c in board.columns:
         table.add_column(c.short or c.header, justify="right", no_wrap=True)
@@ -183,7 +239,9 @@ def _print_board(run_id: int | None, suite: str | None, as_json: bool) -> None:
         "* best per column (moe/oracle left out). Dim rows: experts alone. acc = exact match per split; gap = "
         "oracle - acc (all); route = routing accuracy; exp/tok/cost = experts, tokens, cost per query; p50/p95 = "
         f"latency ms; AIQ over cost {board.cost_range[0]:.4g}-{board.cost_range[1]:.4g} per query (experts alone: "
-        + ("-" if zero is None else f"{zero:.3f}") + "). docs/leaderboard.md explains every column.")
+        + ("-" if zero is None else f"{zero:.3f}")
+        + "). docs/leaderboard.md explains every column."
+    )
     print_table(table)
 
 
@@ -202,7 +260,9 @@ def _write_report(run_id: int, out: Path | None) -> Path:
 @suite_app.command("add")
 def suite_add(
     name: Annotated[str, typer.Argument(help="Suite name (letters, digits, . _ -).")],
-    path: Annotated[Path, typer.Argument(help="JSONL file: one {prompt, reference, task, split, metric[, choices]} per line.")],
+    path: Annotated[
+        Path, typer.Argument(help="JSONL file: one {prompt, reference, task, split, metric[, choices]} per line.")
+    ],
     description: Annotated[str, typer.Option(help="What the suite measures.")] = "",
     replace: Annotated[bool, typer.Option("--replace", help="Replace a suite of the same name.")] = False,
 ) -> None:
@@ -220,12 +280,20 @@ def suite_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.
     from services.leaderboard.suites import SKILLS_SPLITS
 
     reg = _registry()
-    rows = [{"name": "skills", "examples": "generated", "splits": list(SKILLS_SPLITS), "builtin": True,
-             "description": "the zoo's skills suite (services/zoo/skills.py)"}]
+    rows = [
+        {
+            "name": "skills",
+            "examples": "generated",
+            "splits": list(SKILLS_SPLITS),
+            "builtin": True,
+            "description": "the zoo's skills suite (services/zoo/skills.py)",
+        }
+    ]
     for s in reg.list_suites():
         splits = list(dict.fromkeys(e.split for e in reg.get_suite_examples(s.name)))
-        rows.append({"name": s.name, "examples": s.n_examples, "splits": splits, "builtin": False,
-                     "description": s.description})
+        rows.append(
+            {"name": s.name, "examples": s.n_examples, "splits": splits, "builtin": False, "description": s.description}
+        )
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

@@ -14,8 +14,11 @@ from services.cli import app
 from services.cli.output import print_table
 
 console = Console()
-strategies_app = typer.Typer(help="Strategies: a router and a composer with their parameters, over an expert set. "
-                             "Add your own with `strategies add` (docs/strategies.md).", no_args_is_help=True)
+strategies_app = typer.Typer(
+    help="Strategies: a router and a composer with their parameters, over an expert set. "
+    "Add your own with `strategies add` (docs/strategies.md).",
+    no_args_is_help=True,
+)
 app.add_typer(strategies_app, name="strategies")
 
 
@@ -58,13 +61,15 @@ def list_strategies(as_json: bool = typer.Option(False, "--json", help="Print JS
 
     strategies = _catalog().all().values()
     if as_json:
-        typer.echo(json.dumps([{**definition_of(s), "level": s.level, "source": s.source} for s in strategies],
-                              indent=2))
+        typer.echo(
+            json.dumps([{**definition_of(s), "level": s.level, "source": s.source} for s in strategies], indent=2)
+        )
         return
     table = Table("strategy", "router", "composer", "level", "experts", "source", "description")
     for s in strategies:
-        table.add_row(s.name, s.router, s.composer, s.level, ",".join(s.experts) or "all", s.source.split(":")[0],
-                      s.description)
+        table.add_row(
+            s.name, s.router, s.composer, s.level, ",".join(s.experts) or "all", s.source.split(":")[0], s.description
+        )
     print_table(table)
 
 
@@ -89,16 +94,24 @@ def show_strategy(
     kinds = strategy_kinds(s)
     latest = {e.name: Candidate.of(e) for e in catalog.registry.list_experts(status="ready")}
     chosen = select_experts(s.experts, [c for c in latest.values() if c.kind in kinds])
-    doc = {**definition_of(s), "level": s.level, "source": s.source, "chooses_among": chosen,
-           "router_parameters": _method_params(router_class(s.router).PARAMS, s.router_params),
-           "composer_parameters": _method_params(composer_class(s.composer).PARAMS, s.composer_params)}
+    doc = {
+        **definition_of(s),
+        "level": s.level,
+        "source": s.source,
+        "chooses_among": chosen,
+        "router_parameters": _method_params(router_class(s.router).PARAMS, s.router_params),
+        "composer_parameters": _method_params(composer_class(s.composer).PARAMS, s.composer_params),
+    }
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
     console.print(f"[bold]{s.name}[/bold]  {s.description}", highlight=False)
     console.print(f"router {s.router} → composer {s.composer} ({s.level}-level; {s.source})", highlight=False)
-    console.print(f"experts: {', '.join(s.experts) or 'every expert'} → now {', '.join(chosen) or 'none'}"
-                  + (f"; fallback {s.fallback}" if s.fallback else ""), highlight=False)
+    console.print(
+        f"experts: {', '.join(s.experts) or 'every expert'} → now {', '.join(chosen) or 'none'}"
+        + (f"; fallback {s.fallback}" if s.fallback else ""),
+        highlight=False,
+    )
     for title, params in (("router", doc["router_parameters"]), ("composer", doc["composer_parameters"])):
         table = Table("parameter", "type", "value", "default", "help", title=f"{title} parameters")
         for p in params:
@@ -111,10 +124,20 @@ def add_strategy(
     name: str = typer.Argument(..., help="The new strategy's name; it is served as moe/NAME."),
     router: str = typer.Option(..., "--router", help="Router name (`moerge strategies methods` lists them)."),
     composer: str = typer.Option(..., "--composer", help="Composer name (`moerge strategies methods` lists them)."),
-    router_param: Optional[list[str]] = typer.Option(None, "--router-param", help="A router parameter, key=value; repeat for more."),
-    composer_param: Optional[list[str]] = typer.Option(None, "--composer-param", help="A composer parameter, key=value; repeat for more."),
-    experts: Optional[str] = typer.Option(None, "--experts", help="Expert names and filters (domain:…, skill:…, base:…, kind:…, tag:…), comma-separated; default: every expert."),
-    fallback: Optional[str] = typer.Option(None, "--fallback", help="The expert that answers when the router chooses none, or the chosen ones fail."),
+    router_param: Optional[list[str]] = typer.Option(
+        None, "--router-param", help="A router parameter, key=value; repeat for more."
+    ),
+    composer_param: Optional[list[str]] = typer.Option(
+        None, "--composer-param", help="A composer parameter, key=value; repeat for more."
+    ),
+    experts: Optional[str] = typer.Option(
+        None,
+        "--experts",
+        help="Expert names and filters (domain:…, skill:…, base:…, kind:…, tag:…), comma-separated; default: every expert.",
+    ),
+    fallback: Optional[str] = typer.Option(
+        None, "--fallback", help="The expert that answers when the router chooses none, or the chosen ones fail."
+    ),
     description: str = typer.Option("", "--description", help="What the strategy is for."),
     as_json: bool = typer.Option(False, "--json", help="Print the stored definition as JSON."),
 ) -> None:
@@ -122,14 +145,22 @@ def add_strategy(
     A running server serves it within seconds, without a restart."""
     from services.moe.definitions import definition_of
 
-    strategy = _catalog().add({
-        "name": name, "router": router, "composer": composer,
-        "router_params": _params(router_param, "--router-param"),
-        "composer_params": _params(composer_param, "--composer-param"),
-        "experts": experts or [], "fallback": fallback, "description": description,
-    })
+    strategy = _catalog().add(
+        {
+            "name": name,
+            "router": router,
+            "composer": composer,
+            "router_params": _params(router_param, "--router-param"),
+            "composer_params": _params(composer_param, "--composer-param"),
+            "experts": experts or [],
+            "fallback": fallback,
+            "description": description,
+        }
+    )
     if as_json:
-        typer.echo(json.dumps({**definition_of(strategy), "level": strategy.level, "source": strategy.source}, indent=2))
+        typer.echo(
+            json.dumps({**definition_of(strategy), "level": strategy.level, "source": strategy.source}, indent=2)
+        )
         return
     console.print(f"[green]added[/green] {strategy.name}: {strategy.router} → {strategy.composer}", highlight=False)
 
@@ -147,18 +178,36 @@ def list_methods(as_json: bool = typer.Option(False, "--json", help="Print JSON 
     from composer import composer_class, composer_names
     from routers import router_class, router_names
 
-    doc = {"routers": [{"name": n, "level": router_class(n).level, "kinds": list(router_class(n).kinds),
-                        "parameters": [p.describe() for p in router_class(n).PARAMS]} for n in router_names()],
-           "composers": [{"name": n, "level": composer_class(n).level,
-                          "parameters": [p.describe() for p in composer_class(n).PARAMS]} for n in composer_names()]}
+    doc = {
+        "routers": [
+            {
+                "name": n,
+                "level": router_class(n).level,
+                "kinds": list(router_class(n).kinds),
+                "parameters": [p.describe() for p in router_class(n).PARAMS],
+            }
+            for n in router_names()
+        ],
+        "composers": [
+            {
+                "name": n,
+                "level": composer_class(n).level,
+                "parameters": [p.describe() for p in composer_class(n).PARAMS],
+            }
+            for n in composer_names()
+        ],
+    }
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
     for kind in ("routers", "composers"):
         table = Table(kind[:-1], "level", "parameters", title=kind)
         for m in doc[kind]:
-            table.add_row(m["name"], m["level"], ", ".join(f"{p['name']}: {p['type']} = {p['default']}"
-                                                             for p in m["parameters"]) or "none")
+            table.add_row(
+                m["name"],
+                m["level"],
+                ", ".join(f"{p['name']}: {p['type']} = {p['default']}" for p in m["parameters"]) or "none",
+            )
         print_table(table)
 
 
@@ -197,13 +246,21 @@ def route(
 
 @app.command("eval")
 def eval_strategy(
-    strategy: str = typer.Option(..., "--strategy", "-s", help="Strategy (moe/…) or expert:<name> for one expert alone."),
-    split: str = typer.Option("test", help="The split: test | paraphrase | composition | validation for skills; a user suite's own."),
+    strategy: str = typer.Option(
+        ..., "--strategy", "-s", help="Strategy (moe/…) or expert:<name> for one expert alone."
+    ),
+    split: str = typer.Option(
+        "test", help="The split: test | paraphrase | composition | validation for skills; a user suite's own."
+    ),
     suite: str = typer.Option("skills", help="Suite name: the built-in skills, or one added with `moerge suite add`."),
-    n_per_task: Optional[int] = typer.Option(None, "--n-per-task", min=1, help="Examples per task (default per split)."),
+    n_per_task: Optional[int] = typer.Option(
+        None, "--n-per-task", min=1, help="Examples per task (default per split)."
+    ),
     seed: int = typer.Option(0, help="Suite and router seed: the same seed reproduces the same numbers."),
     base: Optional[str] = typer.Option(None, help="Base model whose experts to use."),
-    as_json: bool = typer.Option(False, "--json", help="Print the full report with per-query records as JSON, and nothing else."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the full report with per-query records as JSON, and nothing else."
+    ),
 ) -> None:
     """Evaluate a strategy on a suite split; the last line is `accuracy=<fraction>` (with --json, the
     report alone: its `accuracy` field)."""
@@ -220,6 +277,9 @@ def eval_strategy(
         table.add_row(task, f"{acc:.3f}")
     print_table(table)
     extra = f"routing_accuracy={report.routing_accuracy:.3f} " if report.routing_accuracy is not None else ""
-    console.print(f"{extra}mean_experts={report.mean_experts:.2f} router_ms_p50={report.router_ms_p50:.1f} "
-                  f"router_ms_p95={report.router_ms_p95:.1f} seconds={report.seconds:.1f}", highlight=False)
+    console.print(
+        f"{extra}mean_experts={report.mean_experts:.2f} router_ms_p50={report.router_ms_p50:.1f} "
+        f"router_ms_p95={report.router_ms_p95:.1f} seconds={report.seconds:.1f}",
+        highlight=False,
+    )
     typer.echo(f"accuracy={report.accuracy:.4f}")

@@ -54,19 +54,50 @@ def _shown_warnings() -> Iterator[None]:
 
 @app.command("register")
 def register(
-    source: Annotated[str, typer.Argument(help="Adapter or model folder, or a litellm model string (openai/gpt-4o-mini) for --kind external.")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Adapter or model folder, or a litellm model string (openai/gpt-4o-mini) for --kind external."
+        ),
+    ],
     name: Annotated[str, typer.Option("--name", "-n", help="Expert name (letters, digits, . _ -).")],
     kind: Annotated[str, typer.Option("--kind", "-k", help="adapter | model | external.")] = "adapter",
-    base: Annotated[Optional[str], typer.Option("--base", "-b", help="Registered base model (required for adapters).")] = None,
-    version: Annotated[Optional[str], typer.Option("--version", help="Version label; default: the next integer.")] = None,
-    domain: Annotated[Optional[list[str]], typer.Option("--domain", "-d", help="A domain it covers (repeatable).")] = None,
+    base: Annotated[
+        Optional[str], typer.Option("--base", "-b", help="Registered base model (required for adapters).")
+    ] = None,
+    version: Annotated[
+        Optional[str], typer.Option("--version", help="Version label; default: the next integer.")
+    ] = None,
+    domain: Annotated[
+        Optional[list[str]], typer.Option("--domain", "-d", help="A domain it covers (repeatable).")
+    ] = None,
     skill: Annotated[Optional[list[str]], typer.Option("--skill", "-s", help="A skill it has (repeatable).")] = None,
     description: Annotated[str, typer.Option("--description", help="One or two sentences on what it is good at.")] = "",
-    examples: Annotated[Optional[Path], typer.Option("--examples", help="JSONL of {prompt, reference?, task?, split?} rows.")] = None,
+    examples: Annotated[
+        Optional[Path], typer.Option("--examples", help="JSONL of {prompt, reference?, task?, split?} rows.")
+    ] = None,
     cost: Annotated[Optional[float], typer.Option("--cost", help="Cost per 1k tokens (for the leaderboard).")] = None,
-    api_base: Annotated[Optional[str], typer.Option("--api-base", help="External experts: the OpenAI-compatible server to call (http://host:port/v1).")] = None,
-    api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="External experts: the NAME of the environment variable that holds the key (the key itself is never stored).")] = None,
-    serve_config: Annotated[Optional[Path], typer.Option("--serve-config", envvar="MOERGE_SERVE_CONFIG", help="The serve config the cluster runs with: an adapter its base's engine cannot serve (vLLM and DoRA, a rank above max_lora_rank) is refused now, not at serve time.")] = None,
+    api_base: Annotated[
+        Optional[str],
+        typer.Option(
+            "--api-base", help="External experts: the OpenAI-compatible server to call (http://host:port/v1)."
+        ),
+    ] = None,
+    api_key_env: Annotated[
+        Optional[str],
+        typer.Option(
+            "--api-key-env",
+            help="External experts: the NAME of the environment variable that holds the key (the key itself is never stored).",
+        ),
+    ] = None,
+    serve_config: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--serve-config",
+            envvar="MOERGE_SERVE_CONFIG",
+            help="The serve config the cluster runs with: an adapter its base's engine cannot serve (vLLM and DoRA, a rank above max_lora_rank) is refused now, not at serve time.",
+        ),
+    ] = None,
 ) -> None:
     """Register an expert: validate it, copy its files into the artifact store, record it."""
     if serve_config is not None and kind == "adapter" and base:
@@ -74,8 +105,10 @@ def register(
         from services.serving.config import load_config
 
         engines = load_config(serve_config).engines
-        check_servable({"name": name, "kind": kind, "base": base, "source": source},
-                       lambda b: (engines.for_base(b).engine, engines.for_base(b).engine_args))
+        check_servable(
+            {"name": name, "kind": kind, "base": base, "source": source},
+            lambda b: (engines.for_base(b).engine, engines.for_base(b).engine_args),
+        )
     with _registry() as reg, _shown_warnings():
         expert = reg.register_expert(
             name,
@@ -101,21 +134,41 @@ def register(
 
 @base_app.command("add")
 def base_add(
-    name: Annotated[str, typer.Argument(help="Name to register the base model under; a hub id such as Qwen/Qwen2.5-7B-Instruct is fine.")],
-    path: Annotated[Path, typer.Argument(help="Folder with config.json, safetensors weights and a tokenizer (an HF cache snapshot folder works).")],
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="The model brings its own code (config.json auto_map, .py files) and you allow every engine to run it.")] = False,
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="Name to register the base model under; a hub id such as Qwen/Qwen2.5-7B-Instruct is fine."
+        ),
+    ],
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder with config.json, safetensors weights and a tokenizer (an HF cache snapshot folder works)."
+        ),
+    ],
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code",
+            help="The model brings its own code (config.json auto_map, .py files) and you allow every engine to run it.",
+        ),
+    ] = False,
 ) -> None:
     """Register a base model folder (its files stay where they are)."""
     with _registry() as reg:
         base = reg.register_base(name, path, trust_remote_code=trust_remote_code)
     code = " (runs its own code: --trust-remote-code)" if base.trust_remote_code else ""
-    console.print(f"registered base [bold]{base.name}[/bold] ({base.architecture}) at {base.uri}{code}", highlight=False)
+    console.print(
+        f"registered base [bold]{base.name}[/bold] ({base.architecture}) at {base.uri}{code}", highlight=False
+    )
 
 
 @base_app.command("remove")
 def base_remove(
     name: Annotated[str, typer.Argument(help="The base model's name.")],
-    cascade: Annotated[bool, typer.Option("--cascade", help="Remove the experts built on it too (every version, with their files).")] = False,
+    cascade: Annotated[
+        bool, typer.Option("--cascade", help="Remove the experts built on it too (every version, with their files).")
+    ] = False,
 ) -> None:
     """Remove a base model's record; its folder is left alone. Refused while experts use it, unless --cascade."""
     with _registry() as reg:
@@ -211,7 +264,9 @@ def experts_show(
 @experts_app.command("remove")
 def experts_remove(
     name: Annotated[str, typer.Argument(help="Expert name.")],
-    version: Annotated[Optional[str], typer.Option("--version", help="Only this version; default: every version.")] = None,
+    version: Annotated[
+        Optional[str], typer.Option("--version", help="Only this version; default: every version.")
+    ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Remove an expert (one version, or all of them) with its files and routing artifacts."""
@@ -263,7 +318,9 @@ def db_current() -> None:
 def keys_create(
     name: Annotated[str, typer.Argument(help="A name for the key (who or what uses it).")],
     scope: Annotated[str, typer.Option("--scope", help="user | admin.")] = "user",
-    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="A model it may call (repeatable); default: all.")] = None,
+    model: Annotated[
+        Optional[list[str]], typer.Option("--model", "-m", help="A model it may call (repeatable); default: all.")
+    ] = None,
     rpm: Annotated[Optional[int], typer.Option("--rpm", help="Requests per minute; default: unlimited.")] = None,
 ) -> None:
     """Create an API key and print it once (only its hash is stored)."""
@@ -298,4 +355,3 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")]) ->
     with _registry() as reg:
         reg.revoke_key(name)
     console.print(f"revoked key {name}", highlight=False)
-

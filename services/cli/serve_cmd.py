@@ -16,21 +16,36 @@ from services.cli import app
 console = Console()
 
 # what every Ray worker needs to find the same registry and stay offline
-FORWARDED_ENV = ("MOERGE_HOME", "MOERGE_DATABASE_URL", "MOERGE_ARTIFACT_ROOT", "HF_HUB_OFFLINE",
-                 "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")
+FORWARDED_ENV = (
+    "MOERGE_HOME",
+    "MOERGE_DATABASE_URL",
+    "MOERGE_ARTIFACT_ROOT",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "TOKENIZERS_PARALLELISM",
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+)
 
 
 @app.command("serve")
 def serve_command(
-    config: Path | None = typer.Option(None, "--config", "-c", help="Serve config YAML (docs/serving.md); "
-                                          "defaults fit a 2-core machine."),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="Serve config YAML (docs/serving.md); defaults fit a 2-core machine."
+    ),
     host: str | None = typer.Option(None, help="Interface to listen on (config: host; default 127.0.0.1)."),
     port: int | None = typer.Option(None, help="Port to listen on (config: port; default 8000)."),
-    ray: bool = typer.Option(True, "--ray/--no-ray", help="Ray Serve deployments (default), or everything in "
-                             "this one process (hf engines, no replicas)."),
-    require_keys: bool | None = typer.Option(None, "--require-keys/--no-require-keys",
-                                                help="Demand API keys (`moerge keys create`). Default: the "
-                                                "config's gateway.require_keys (off for the embedded default)."),
+    ray: bool = typer.Option(
+        True,
+        "--ray/--no-ray",
+        help="Ray Serve deployments (default), or everything in this one process (hf engines, no replicas).",
+    ),
+    require_keys: bool | None = typer.Option(
+        None,
+        "--require-keys/--no-require-keys",
+        help="Demand API keys (`moerge keys create`). Default: the "
+        "config's gateway.require_keys (off for the embedded default).",
+    ),
 ) -> None:
     """Serve every registered expert and strategy over the OpenAI-compatible API until Ctrl-C (or SIGTERM).
 
@@ -44,8 +59,10 @@ def serve_command(
     cfg = cfg.model_copy(update=updates)
     console.print(f"registry: {database_url()}  (artifacts under {moerge_home()})", highlight=False)
     if not cfg.gateway.require_keys:
-        console.print("[yellow]API keys are not required[/yellow]: anyone who can reach this port has admin "
-                      "rights. Use this on localhost only (--require-keys to turn keys on).")
+        console.print(
+            "[yellow]API keys are not required[/yellow]: anyone who can reach this port has admin "
+            "rights. Use this on localhost only (--require-keys to turn keys on)."
+        )
     if ray:
         _serve_on_ray(cfg)
     else:
@@ -62,8 +79,11 @@ def _serve_on_ray(cfg) -> None:
     env.setdefault("MOERGE_HOME", str(moerge_home()))
     env.setdefault("MOERGE_DATABASE_URL", database_url())
     if address and cfg.ingress != "proxy":
-        console.print(f"joining {address}: its processes' environment decides the ingress, not the config's "
-                      f"{cfg.ingress!r} (docs/serving.md)", highlight=False)
+        console.print(
+            f"joining {address}: its processes' environment decides the ingress, not the config's "
+            f"{cfg.ingress!r} (docs/serving.md)",
+            highlight=False,
+        )
     with console.status("starting Ray" + (f" (joining {address})" if address else " (local)")):
         start_local_ray(cfg.ingress, env, cfg.host, cfg.port, address=address)
     # imported once Ray is up: Serve reads the ingress switches when it is first imported
@@ -75,8 +95,11 @@ def _serve_on_ray(cfg) -> None:
     t0 = time.perf_counter()
     with console.status("deploying the gateway, engines and strategies"):
         serve.run(build_app({"config": cfg.model_dump()}), name=APP_NAME, route_prefix="/")
-    console.print(f"[green]serving[/green] on http://{cfg.host}:{cfg.port}/v1  (ingress: {cfg.ingress}; deployed "
-                  f"in {time.perf_counter() - t0:.1f} s; Ctrl-C stops)", highlight=False)
+    console.print(
+        f"[green]serving[/green] on http://{cfg.host}:{cfg.port}/v1  (ingress: {cfg.ingress}; deployed "
+        f"in {time.perf_counter() - t0:.1f} s; Ctrl-C stops)",
+        highlight=False,
+    )
     _stop_on_signals()
     try:
         while True:
@@ -118,18 +141,31 @@ def _serve_in_process(cfg) -> None:
 
     for base in registry.list_bases():
         if engines.for_base(base.name).engine != "hf":
-            console.print(f"[yellow]base {base.name}: --no-ray serves it on the hf engine[/yellow] (the config's "
-                          f"{engines.for_base(base.name).engine!r} engine runs on Ray)", highlight=False)
+            console.print(
+                f"[yellow]base {base.name}: --no-ray serves it on the hf engine[/yellow] (the config's "
+                f"{engines.for_base(base.name).engine!r} engine runs on Ray)",
+                highlight=False,
+            )
     # the serve config's engine_args (device, dtype, adapter_mode, max_batch_size) hold here too
-    backend = LocalBackend(registry, engine_kwargs=hf_engine_args(engines.default.engine_args),
-                           engine_for_base=lambda base: ("hf", engine_for_base(base)[1]))
+    backend = LocalBackend(
+        registry,
+        engine_kwargs=hf_engine_args(engines.default.engine_args),
+        engine_for_base=lambda base: ("hf", engine_for_base(base)[1]),
+    )
     # strategies generate on the backend's engines: one copy of each base, batched with the rest
     catalog = StrategyCatalog(registry, file=cfg.strategies.file, refresh_interval_s=cfg.strategies.refresh_interval_s)
-    host = StrategyHost(registry, cfg.strategies.names, engine_factory=lambda pool: PoolEngine(pool, backend),
-                        refresh_interval_s=cfg.strategies.refresh_interval_s, catalog=catalog)
+    host = StrategyHost(
+        registry,
+        cfg.strategies.names,
+        engine_factory=lambda pool: PoolEngine(pool, backend),
+        refresh_interval_s=cfg.strategies.refresh_interval_s,
+        catalog=catalog,
+    )
     backend.add_strategies(backend_strategies(host))  # a live view: strategies added later are served too
     settings = GatewaySettings(require_keys=cfg.gateway.require_keys, request_timeout_s=cfg.gateway.request_timeout_s)
-    console.print(f"[green]serving[/green] on http://{cfg.host}:{cfg.port}/v1 (in process; Ctrl-C stops)",
-                  highlight=False)
-    uvicorn.run(create_app(backend, registry, settings, catalog=catalog), host=cfg.host, port=cfg.port, log_level="warning")
-
+    console.print(
+        f"[green]serving[/green] on http://{cfg.host}:{cfg.port}/v1 (in process; Ctrl-C stops)", highlight=False
+    )
+    uvicorn.run(
+        create_app(backend, registry, settings, catalog=catalog), host=cfg.host, port=cfg.port, log_level="warning"
+    )

@@ -18,7 +18,9 @@ from rich.table import Table  # noqa: E402
 from services.cli import app  # noqa: E402
 from services.cli.output import print_table  # noqa: E402
 
-zoo_app = typer.Typer(help="Build the offline zoo: a small Llama base, LoRA experts, a full-model expert.", no_args_is_help=True)
+zoo_app = typer.Typer(
+    help="Build the offline zoo: a small Llama base, LoRA experts, a full-model expert.", no_args_is_help=True
+)
 app.add_typer(zoo_app, name="zoo")
 console = Console()
 
@@ -46,7 +48,11 @@ def build(
     size: str = typer.Option("small", "--size", help="micro (tests, < 1 min) or small (the benchmark zoo)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default $MOERGE_HOME/zoo/<size>)."),
     seed: int = typer.Option(0, "--seed", help="Seed for data and initialisation."),
-    register: bool = typer.Option(False, "--register", help="Register the base and every expert (with examples) in the registry; only when every floor held."),
+    register: bool = typer.Option(
+        False,
+        "--register",
+        help="Register the base and every expert (with examples) in the registry; only when every floor held.",
+    ),
 ) -> None:
     """Train the zoo on the CPU and print every model's score on every skill.
 
@@ -76,12 +82,16 @@ def _print_floors(manifest) -> None:
     """The one line that says whether every floor held, then each miss on its own line."""
     if not manifest.failures:
         f = manifest.floors
-        console.print(f"[bold green]floors: every floor held[/bold green] (seed {manifest.seed}: "
-                      f"{len(manifest.experts)} experts ≥ {f['own_min']:.0%} on their own skills, "
-                      f"≤ {f['foreign_max']:.0%} on the others; the base ≤ {f['base_max']:.0%})", highlight=False)
+        console.print(
+            f"[bold green]floors: every floor held[/bold green] (seed {manifest.seed}: "
+            f"{len(manifest.experts)} experts ≥ {f['own_min']:.0%} on their own skills, "
+            f"≤ {f['foreign_max']:.0%} on the others; the base ≤ {f['base_max']:.0%})",
+            highlight=False,
+        )
         return
-    console.print(f"[bold red]floors: {len(manifest.failures)} missed[/bold red]; "
-                  "the zoo is not registered", highlight=False)
+    console.print(
+        f"[bold red]floors: {len(manifest.failures)} missed[/bold red]; the zoo is not registered", highlight=False
+    )
     for f in manifest.failures:
         console.print(f"[red]below floor:[/red] {f}", highlight=False)
 
@@ -98,8 +108,10 @@ def register_cmd(
 
     manifest = ZooManifest.load(path)
     if manifest.failures and not below_floors:
-        raise MoergeError(f"this zoo missed {len(manifest.failures)} floor(s) when it was built "
-                          f"({manifest.failures[0]}); rebuild it, or pass --below-floors to register it anyway")
+        raise MoergeError(
+            f"this zoo missed {len(manifest.failures)} floor(s) when it was built "
+            f"({manifest.failures[0]}); rebuild it, or pass --below-floors to register it anyway"
+        )
     _register(manifest)
 
 
@@ -109,5 +121,8 @@ def _register(manifest) -> None:
 
     with Registry() as registry, console.status("registering the zoo …") as status:
         experts = register_zoo(manifest, registry, on_expert=lambda name: status.update(f"registered {name}"))
-    console.print(f"registered base {zoo_base_name(manifest)} and {len(experts)} experts: "
-                  + ", ".join(f"{e.name}@{e.version}" for e in experts), highlight=False)
+    console.print(
+        f"registered base {zoo_base_name(manifest)} and {len(experts)} experts: "
+        + ", ".join(f"{e.name}@{e.version}" for e in experts),
+        highlight=False,
+    )

@@ -38,8 +38,10 @@ def refusal(engine: str, engine_args: dict[str, Any], adapter_dir: str | Path) -
         return "vLLM does not serve DoRA adapters (use_dora); serve this base with the hf engine"
     saved = [m for m in config.get("modules_to_save") or () if m not in ("classifier", "score")]
     if saved:  # vLLM's peft_helper takes a classification head only
-        return (f"vLLM does not serve adapters with modules_to_save ({', '.join(saved)}); "
-                "serve this base with the hf engine")
+        return (
+            f"vLLM does not serve adapters with modules_to_save ({', '.join(saved)}); "
+            "serve this base with the hf engine"
+        )
     if config.get("lora_bias"):
         return "vLLM does not serve LoRA adapters with a bias (lora_bias); serve this base with the hf engine"
     if not engine_args.get("enable_lora", True):
@@ -47,6 +49,8 @@ def refusal(engine: str, engine_args: dict[str, Any], adapter_dir: str | Path) -
     max_rank = int(engine_args.get("max_lora_rank", DEFAULT_MAX_LORA_RANK))
     rank = adapter_rank(config)
     if rank > max_rank:
-        return (f"its LoRA rank {rank} is above the vllm engine's max_lora_rank {max_rank}; "
-                f"set engine_args.max_lora_rank >= {rank} in the serve config")
+        return (
+            f"its LoRA rank {rank} is above the vllm engine's max_lora_rank {max_rank}; "
+            f"set engine_args.max_lora_rank >= {rank} in the serve config"
+        )
     return None

@@ -12,8 +12,13 @@ import torch
 
 from composer.engine_protocol import EngineError
 
-DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-          "float16": torch.float16, "half": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

@@ -98,7 +98,9 @@ class ExternalEngine:
         if refused is not None:
             raise UnsupportedParameterError(
                 f"{refused!r} is not part of the provider API that external model {model!r} is called "
-                "through; leave it out, or ask a local expert", refused)
+                "through; leave it out, or ask a local expert",
+                refused,
+            )
 
         messages = [{"role": role, "content": content} for role, content in request.messages]
         extra: dict[str, Any] = {}

@@ -144,8 +144,10 @@ class HFEngine:
     def _touches_tied_weights(self, name: str) -> bool:
         assert self._peft is not None
         embedding = self._peft.get_input_embeddings().weight
-        return any(isinstance(m, BaseTunerLayer) and _holds(m, name) and m.get_base_layer().weight is embedding
-                   for m in self._peft.modules())
+        return any(
+            isinstance(m, BaseTunerLayer) and _holds(m, name) and m.get_base_layer().weight is embedding
+            for m in self._peft.modules()
+        )
 
     def _drop_partial(self, name: str) -> None:
         """A load that failed half-way (a wrong shape) leaves layers injected under ``name``:
@@ -232,7 +234,10 @@ class HFEngine:
         return results  # type: ignore[return-value]
 
     def _generate_batch(
-        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch: list[GenerateRequest],
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        batch: list[GenerateRequest],
         emits: Sequence[Emit | None] | None = None,
     ) -> list[GenerateResult]:
         pad_id = _pad_id(tokenizer)
@@ -333,9 +338,7 @@ class HFEngine:
         for i, r in enumerate(requests):
             target = None if r.target in (None, self.base_name) else r.target
             if target is not None and target not in self._adapters and target not in self._models:
-                raise EngineError(
-                    f"target {target!r} is not loaded on this engine (loaded: {sorted(self.targets())})"
-                )
+                raise EngineError(f"target {target!r} is not loaded on this engine (loaded: {sorted(self.targets())})")
             groups[target].append(i)
         return sorted(groups.items(), key=lambda item: item[0] != self._merged or item[0] is None)
 
@@ -419,8 +422,9 @@ class _RowLogits(LogitsProcessor):
     Rows without any of these pass through untouched.
     """
 
-    def __init__(self, batch: list[GenerateRequest], prompts: list[list[int]], prompt_len: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self, batch: list[GenerateRequest], prompts: list[list[int]], prompt_len: int, device: torch.device
+    ) -> None:
         self.prompt_len = prompt_len
         self.rows: list[tuple[int, GenerateRequest, torch.Tensor | None, torch.Generator | None]] = []
         for row, r in enumerate(batch):
@@ -475,10 +479,18 @@ class _BatchStreamer(BaseStreamer):
     """transformers' streamer hook for a batch: ``generate`` hands it the prompt first, then each
     step's new token of every row; rows with an emit stream through their own ``_DeltaStreamer``."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, batch: list[GenerateRequest],
-                 emits: Sequence[Emit | None], stops: Sequence[frozenset[int]]) -> None:
-        self.rows = [(row, _DeltaStreamer(tokenizer, request, emit, stops[row]))
-                     for row, (request, emit) in enumerate(zip(batch, emits, strict=True)) if emit is not None]
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        batch: list[GenerateRequest],
+        emits: Sequence[Emit | None],
+        stops: Sequence[frozenset[int]],
+    ) -> None:
+        self.rows = [
+            (row, _DeltaStreamer(tokenizer, request, emit, stops[row]))
+            for row, (request, emit) in enumerate(zip(batch, emits, strict=True))
+            if emit is not None
+        ]
         self.size = len(batch)
         self._prompt = True
 
@@ -505,8 +517,9 @@ class _DeltaStreamer:
     characters, which a stop string completed later would cut. Tokens after the row's end (its EOS,
     its own token limit: the batch goes on for longer rows, padding the finished ones) are ignored."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, request: GenerateRequest, emit: Emit,
-                 ends: frozenset[int]) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, request: GenerateRequest, emit: Emit, ends: frozenset[int]
+    ) -> None:
         self.tokenizer, self.emit, self.ends = tokenizer, emit, ends
         self.skip_special = request.skip_special_tokens
         self.stop = [s for s in request.stop if s]
@@ -545,8 +558,13 @@ class _RowStops(StoppingCriteria):
     """Per-row stop: one of the row's stop ids (the model's end tokens, its stop_token_ids), its
     own max_new_tokens, or one of its stop strings in the completion."""
 
-    def __init__(self, batch: list[GenerateRequest], prompt_len: int, tokenizer: PreTrainedTokenizerBase,
-                 ends: Sequence[frozenset[int]]) -> None:
+    def __init__(
+        self,
+        batch: list[GenerateRequest],
+        prompt_len: int,
+        tokenizer: PreTrainedTokenizerBase,
+        ends: Sequence[frozenset[int]],
+    ) -> None:
         self.limits = [r.max_new_tokens for r in batch]
         self.stops = [r.stop for r in batch]
         self.skip_special = [r.skip_special_tokens for r in batch]
@@ -562,7 +580,8 @@ class _RowStops(StoppingCriteria):
             if self.done[row]:  # sticky: the rows after an end are padding
                 continue
             text_stop = bool(stops) and any(
-                s in self.tokenizer.decode(input_ids[row, self.prompt_len :], skip_special_tokens=self.skip_special[row])
+                s
+                in self.tokenizer.decode(input_ids[row, self.prompt_len :], skip_special_tokens=self.skip_special[row])
                 for s in stops
             )
             self.done[row] = produced >= self.limits[row] or last[row] in self.ends[row] or text_stop
@@ -570,8 +589,12 @@ class _RowStops(StoppingCriteria):
 
 
 def _finish(
-    tokenizer: PreTrainedTokenizerBase, request: GenerateRequest, produced: list[int], prompt_tokens: int,
-    ends: frozenset[int], rule: str = "raw",
+    tokenizer: PreTrainedTokenizerBase,
+    request: GenerateRequest,
+    produced: list[int],
+    prompt_tokens: int,
+    ends: frozenset[int],
+    rule: str = "raw",
 ) -> GenerateResult:
     ids = produced[: request.max_new_tokens]
     reason = "length"
@@ -637,9 +660,7 @@ def _holds(module: BaseTunerLayer, adapter: str) -> bool:
     return any(adapter in getattr(module, attr, {}) for attr in ("lora_A", "lora_embedding_A"))
 
 
-def _pad(
-    rows: list[list[int]], pad_id: int, *, left: bool, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(rows: list[list[int]], pad_id: int, *, left: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

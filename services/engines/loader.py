@@ -47,8 +47,11 @@ def hf_engine_for(registry: Registry, expert: Expert, **engine_kwargs) -> tuple[
     if expert.kind == "adapter":
         if expert.base is None:
             raise MoergeError(f"adapter {expert.name!r} has no base model recorded")
-        engine = HFEngine(Path(expert.base.uri), base_name=expert.base.name,
-                          **{"trust_remote_code": bool(expert.base.trust_remote_code), **engine_kwargs})
+        engine = HFEngine(
+            Path(expert.base.uri),
+            base_name=expert.base.name,
+            **{"trust_remote_code": bool(expert.base.trust_remote_code), **engine_kwargs},
+        )
         engine.load_adapter(expert.name, path)
         return engine, expert.name
     if expert.kind == "model":

@@ -31,7 +31,6 @@ from composer.engine_protocol import (
     RequestError,
 )
 
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -58,16 +57,17 @@ def adapter_tokenizer(folder: str | Path, base_tokenizer: Any) -> Any | None:
         return None
     own = load_tokenizer(folder)
     if len(own) != len(base_tokenizer):
-        raise EngineError(f"the tokenizer in adapter folder {folder} has {len(own)} tokens, its base's "
-                          f"{len(base_tokenizer)}: an adapter runs on its base's vocabulary")
+        raise EngineError(
+            f"the tokenizer in adapter folder {folder} has {len(own)} tokens, its base's "
+            f"{len(base_tokenizer)}: an adapter runs on its base's vocabulary"
+        )
     return None if _rendering(own) == _rendering(base_tokenizer) else own
 
 
 def _rendering(tokenizer: Any) -> tuple:
     """What decides the prompt ids and the end of an answer: the template, the special tokens, and
     whether the tokenizer adds BOS/EOS to a plain prompt."""
-    return (tokenizer.chat_template, tokenizer.bos_token_id, tokenizer.eos_token_id,
-            tuple(tokenizer("a")["input_ids"]))
+    return (tokenizer.chat_template, tokenizer.bos_token_id, tokenizer.eos_token_id, tuple(tokenizer("a")["input_ids"]))
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -87,8 +87,11 @@ def render(tokenizer: Any, request: GenerateRequest) -> tuple[list[int], PromptR
             raise ChatTemplateError(f"the model's chat template refuses these messages: {exc}", "messages") from exc
         return list(tokenizer(text, add_special_tokens=False)["input_ids"]), "chat_template"
     if request.messages and not any(role == "user" for role, _ in request.messages):
-        raise RequestError("messages holds no user message, and this model has no chat template to render "
-                           "the others with (its prompt is the last user message)", "messages")
+        raise RequestError(
+            "messages holds no user message, and this model has no chat template to render "
+            "the others with (its prompt is the last user message)",
+            "messages",
+        )
     rule: PromptRule = "last_user_message" if request.messages else "raw"
     return list(tokenizer(request.prompt)["input_ids"]), rule
 
@@ -123,8 +126,11 @@ def check_context(prompt_tokens: int, request: GenerateRequest, context: int | N
 def check_logit_bias(request: GenerateRequest, vocab_size: int) -> None:
     bad = [t for t, _ in request.logit_bias if not 0 <= t < vocab_size]
     if bad:
-        raise RequestError(f"logit_bias names token ids outside this model's vocabulary of {vocab_size}: "
-                           f"{', '.join(map(str, bad[:5]))}", "logit_bias")
+        raise RequestError(
+            f"logit_bias names token ids outside this model's vocabulary of {vocab_size}: "
+            f"{', '.join(map(str, bad[:5]))}",
+            "logit_bias",
+        )
 
 
 def context_length(config: Any) -> int | None:

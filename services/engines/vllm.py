@@ -137,9 +137,7 @@ class VLLMEngine:
         self._llm.llm_engine.remove_lora(request.lora_int_id)
 
     def load_model(self, name: str, path: str | Path) -> None:
-        raise EngineError(
-            f"model {name!r}: the vllm engine holds one model; serve {path} on a VLLMEngine of its own"
-        )
+        raise EngineError(f"model {name!r}: the vllm engine holds one model; serve {path} on a VLLMEngine of its own")
 
     def unload_model(self, name: str) -> None:
         raise EngineError(f"model {name!r} is not loaded on this engine (the vllm engine loads no extra models)")
@@ -316,8 +314,9 @@ def _llvmlite_handle_scan_safe() -> None:
     if handle is None or getattr(type(handle), "_scan_safe", False):
         return
     cls = type(handle)
-    handle.__class__ = type(cls.__name__, (cls,), {"__slots__": (), "__dict__": property(lambda self: {}),
-                                                    "_scan_safe": True})
+    handle.__class__ = type(
+        cls.__name__, (cls,), {"__slots__": (), "__dict__": property(lambda self: {}), "_scan_safe": True}
+    )
 
 
 class _HostState:

@@ -183,15 +183,19 @@ def _sse(payload: Any) -> str:
 # ------------------------------------------------------------------------------------- the app
 
 
-def create_app(backend: Backend, registry: Registry, settings: GatewaySettings | None = None,
-               limiter: Limiter | None = None, catalog: StrategyCatalog | None = None) -> FastAPI:
+def create_app(
+    backend: Backend,
+    registry: Registry,
+    settings: GatewaySettings | None = None,
+    limiter: Limiter | None = None,
+    catalog: StrategyCatalog | None = None,
+) -> FastAPI:
     """The gateway's FastAPI app; ``limiter`` counts the per-key rate limits (default: in this
     process's memory; several replicas share one, services/serving/rate_limits.py); ``catalog``:
     the strategies ``/v1/strategies`` lists and changes (default: the registry's, and the
     ``MOERGE_STRATEGIES`` file's)."""
     settings = settings or GatewaySettings()
-    auth = Authenticator(registry, require_keys=settings.require_keys, window_s=settings.rate_window_s,
-                         limiter=limiter)
+    auth = Authenticator(registry, require_keys=settings.require_keys, window_s=settings.rate_window_s, limiter=limiter)
     metrics = GatewayMetrics()
 
     @asynccontextmanager
@@ -255,13 +259,18 @@ def create_app(backend: Backend, registry: Registry, settings: GatewaySettings |
 
     # -- completions ---------------------------------------------------------------------------
 
-    def prepare(body: ChatCompletionRequest | CompletionRequest, prompt: str, principal: Principal,
-                messages: tuple[tuple[str, str], ...] = ()) -> SamplingParams:
+    def prepare(
+        body: ChatCompletionRequest | CompletionRequest,
+        prompt: str,
+        principal: Principal,
+        messages: tuple[tuple[str, str], ...] = (),
+    ) -> SamplingParams:
         """Everything checked before the backend is asked; the sampling parameters."""
         unsupported = body.unsupported()
         if unsupported is not None:
-            raise APIError(400, f"{unsupported!r} is not supported by moerge", code="unsupported_parameter",
-                           param=unsupported)
+            raise APIError(
+                400, f"{unsupported!r} is not supported by moerge", code="unsupported_parameter", param=unsupported
+            )
         check_model_allowed(principal, body.model)
         chars = sum(len(content) for _, content in messages) if messages else len(prompt)
         if chars > settings.max_prompt_chars:
@@ -362,7 +371,9 @@ def create_app(backend: Backend, registry: Registry, settings: GatewaySettings |
                 if include_usage:
                     usage = usage_of(completion)
                     if chat:
-                        yield _sse(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=[], usage=usage))
+                        yield _sse(
+                            ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=[], usage=usage)
+                        )
                     else:
                         yield _sse(CompletionChunk(id=chunk_id, created=created, model=model, choices=[], usage=usage))
             except (MoergeError, TimeoutError) as exc:

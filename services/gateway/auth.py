@@ -80,8 +80,9 @@ class RateLimiter:
 
 
 class Authenticator:
-    def __init__(self, registry: Registry, require_keys: bool = True, window_s: float = 60.0,
-                 limiter: Limiter | None = None) -> None:
+    def __init__(
+        self, registry: Registry, require_keys: bool = True, window_s: float = 60.0, limiter: Limiter | None = None
+    ) -> None:
         self.registry = registry
         self.require_keys = require_keys
         self.limiter = limiter if limiter is not None else RateLimiter(window_s)
@@ -102,7 +103,10 @@ class Authenticator:
         key = self.registry.verify_key(token)
         if key is None:
             raise APIError(
-                401, "invalid or revoked API key", type="authentication_error", code="invalid_api_key",
+                401,
+                "invalid or revoked API key",
+                type="authentication_error",
+                code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
             )
         if key.rpm_limit:
@@ -137,9 +141,7 @@ class Authenticator:
         """A key with the admin scope."""
         principal = await self.user(request)
         if not principal.is_admin:
-            raise APIError(
-                403, "this endpoint needs an admin key", type="permission_error", code="admin_required"
-            )
+            raise APIError(403, "this endpoint needs an admin key", type="permission_error", code="admin_required")
         return principal
 
 

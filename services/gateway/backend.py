@@ -122,8 +122,9 @@ def base_completion(base: str, output: ExpertOutput) -> Completion:
     return Completion(
         text=output.text,
         finish_reason=output.finish_reason,
-        provenance=Provenance(composer="direct", router=None, experts=[(base, 1.0)], outputs=[output],
-                              info={"kind": "base"}),
+        provenance=Provenance(
+            composer="direct", router=None, experts=[(base, 1.0)], outputs=[output], info={"kind": "base"}
+        ),
     )
 
 
@@ -172,8 +173,10 @@ def check_servable(spec: dict, engine_for_base: Callable[[str], tuple[str, dict[
     engine, args = engine_for_base(str(base))
     why = refusal(engine, args, Path(str(source)).expanduser())
     if why is not None:
-        raise RegistrationError(f"expert {spec.get('name')!r} cannot be served on base {base!r}: "
-                                f"the {engine} engine configured for it refuses it: {why}")
+        raise RegistrationError(
+            f"expert {spec.get('name')!r} cannot be served on base {base!r}: "
+            f"the {engine} engine configured for it refuses it: {why}"
+        )
 
 
 def is_strategy(model: str) -> bool:
@@ -371,8 +374,11 @@ class LocalBackend:
             ModelInfo(id=e.name, kind=e.kind, version=e.version, created=int(e.created_at.timestamp()))
             for e in latest.values()
         ]
-        out += [ModelInfo(id=b.name, kind="base", created=int(b.created_at.timestamp()))
-                for b in self.registry.list_bases() if b.name not in latest]
+        out += [
+            ModelInfo(id=b.name, kind="base", created=int(b.created_at.timestamp()))
+            for b in self.registry.list_bases()
+            if b.name not in latest
+        ]
         out += [ModelInfo(id=name, kind="strategy") for name in sorted(set(self._strategies))]
         return out
 
@@ -418,6 +424,7 @@ class LocalBackend:
     async def register_expert(self, spec: dict) -> dict:
         if self._engine_for_base is not None:
             check_servable(spec, self._engine_for_base)
+
         def register() -> tuple[Expert, list[str]]:
             import warnings
 
@@ -437,8 +444,9 @@ class LocalBackend:
 
     # -- experts (blocking; called in a worker thread, or by a strategy) ------------------------
 
-    def run_expert(self, model: str, prompt: str, params: SamplingParams,
-                   emit: Callable[[str], None] | None = None) -> Completion:
+    def run_expert(
+        self, model: str, prompt: str, params: SamplingParams, emit: Callable[[str], None] | None = None
+    ) -> Completion:
         """One expert answers alone. Blocking: call it from a thread (strategies run in one).
         ``emit``: handed the text in pieces while it is generated, where the engine can."""
         name, version = split_ref(model)
@@ -464,8 +472,9 @@ class LocalBackend:
             output = output_of(expert.name, result, weight=1.0)
         return direct_completion(expert, output)
 
-    def _run_base(self, name: str, prompt: str, params: SamplingParams,
-                  emit: Callable[[str], None] | None = None) -> Completion:
+    def _run_base(
+        self, name: str, prompt: str, params: SamplingParams, emit: Callable[[str], None] | None = None
+    ) -> Completion:
         """A registered base model answering itself (``model`` is its name): on the engine its
         adapters share."""
         try:
@@ -496,10 +505,14 @@ class LocalBackend:
             else:
                 slot = self._slot_for(expert)
 
-                def prepare(slot: _Slot = slot, expert: Expert = expert,  # type: ignore[misc]
-                            request: GenerateRequest = request) -> GenerateRequest:
+                def prepare(
+                    slot: _Slot = slot,
+                    expert: Expert = expert,  # type: ignore[misc]
+                    request: GenerateRequest = request,
+                ) -> GenerateRequest:
                     self._load(slot, expert)
                     return replace(request, target=slot.targets[expert.id] if expert.kind == "adapter" else None)
+
             waits.append((slot, _enqueue(slot, prepare, None)))
         outcomes = []
         for slot, w in waits:  # every one waited for, so none is left queued when one fails
@@ -533,8 +546,9 @@ class LocalBackend:
 
     def _load_base(self, slot: _Slot, base: Any) -> None:
         if slot.engine is None:
-            slot.engine = self._new_engine(Path(base.uri), base_name=base.name,
-                                           trust_remote_code=bool(getattr(base, "trust_remote_code", False)))
+            slot.engine = self._new_engine(
+                Path(base.uri), base_name=base.name, trust_remote_code=bool(getattr(base, "trust_remote_code", False))
+            )
 
     def _slot_for(self, expert: Expert) -> _Slot:
         if expert.kind == "adapter":
@@ -557,8 +571,11 @@ class LocalBackend:
         if slot.engine is None:
             if expert.kind == "adapter":
                 assert expert.base is not None
-                slot.engine = self._new_engine(Path(expert.base.uri), base_name=expert.base.name,
-                                               trust_remote_code=bool(expert.base.trust_remote_code))
+                slot.engine = self._new_engine(
+                    Path(expert.base.uri),
+                    base_name=expert.base.name,
+                    trust_remote_code=bool(expert.base.trust_remote_code),
+                )
             else:
                 slot.engine = self._new_engine(self._path(expert), base_name=f"expert{expert.id}")
                 slot.targets[expert.id] = slot.engine.base_name
@@ -641,12 +658,16 @@ def external_engine_for(expert: Expert) -> Any:
     key = None
     if expert.api_key_env:
         if expert.api_key_env not in external_key_vars():
-            raise EngineError(f"external expert {expert.ref} takes its key from ${expert.api_key_env}, which this "
-                              f"server does not let external experts read: list it in {EXTERNAL_KEY_VARS}")
+            raise EngineError(
+                f"external expert {expert.ref} takes its key from ${expert.api_key_env}, which this "
+                f"server does not let external experts read: list it in {EXTERNAL_KEY_VARS}"
+            )
         key = os.environ.get(expert.api_key_env)
         if not key:
-            raise EngineError(f"external expert {expert.ref} takes its key from ${expert.api_key_env}, "
-                              "which is not set on this server")
+            raise EngineError(
+                f"external expert {expert.ref} takes its key from ${expert.api_key_env}, "
+                "which is not set on this server"
+            )
     elif expert.api_base:
         key = "no-key"  # litellm's openai provider needs one; not the environment's
     return ExternalEngine(api_base=expert.api_base, api_key=key)

@@ -29,31 +29,54 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r, ns = self.registry, namespace
         self.requests = Counter(
-            "gateway_requests", "HTTP requests answered, by route, model and status code.",
-            ["endpoint", "model", "status"], namespace=ns, registry=r,
+            "gateway_requests",
+            "HTTP requests answered, by route, model and status code.",
+            ["endpoint", "model", "status"],
+            namespace=ns,
+            registry=r,
         )
         self.latency = Histogram(
-            "gateway_request_seconds", "Time from request to the last byte of the response.",
-            ["endpoint", "model"], namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
+            "gateway_request_seconds",
+            "Time from request to the last byte of the response.",
+            ["endpoint", "model"],
+            namespace=ns,
+            registry=r,
+            buckets=LATENCY_BUCKETS,
         )
         self.in_flight = Gauge(
-            "gateway_requests_in_flight", "Requests being answered now.", namespace=ns, registry=r,
+            "gateway_requests_in_flight",
+            "Requests being answered now.",
+            namespace=ns,
+            registry=r,
         )
         self.router_seconds = Histogram(
-            "router_decision_seconds", "Time the strategy's router took to decide (from provenance).",
-            ["strategy"], namespace=ns, registry=r, buckets=ROUTER_BUCKETS,
+            "router_decision_seconds",
+            "Time the strategy's router took to decide (from provenance).",
+            ["strategy"],
+            namespace=ns,
+            registry=r,
+            buckets=ROUTER_BUCKETS,
         )
         self.selections = Counter(
-            "expert_selections", "Experts chosen to answer, by the model (expert or strategy) asked for.",
-            ["model", "expert"], namespace=ns, registry=r,
+            "expert_selections",
+            "Experts chosen to answer, by the model (expert or strategy) asked for.",
+            ["model", "expert"],
+            namespace=ns,
+            registry=r,
         )
         self.tokens = Counter(
-            "tokens", "Tokens processed over every engine call, by model and kind (prompt|completion).",
-            ["model", "kind"], namespace=ns, registry=r,
+            "tokens",
+            "Tokens processed over every engine call, by model and kind (prompt|completion).",
+            ["model", "kind"],
+            namespace=ns,
+            registry=r,
         )
         self.errors = Counter(
-            "gateway_errors", "Error responses, by route and OpenAI error type.",
-            ["endpoint", "type"], namespace=ns, registry=r,
+            "gateway_errors",
+            "Error responses, by route and OpenAI error type.",
+            ["endpoint", "type"],
+            namespace=ns,
+            registry=r,
         )
 
     def observe_completion(self, model: str, completion: Completion, router_ms: float | None) -> None:

@@ -450,8 +450,11 @@ class StrategyDefinition(BaseModel):
     composer: str = Field(min_length=1)
     router_params: dict[str, Any] = Field(default_factory=dict)
     composer_params: dict[str, Any] = Field(default_factory=dict)
-    experts: list[str] = Field(default_factory=list, description="expert names, and filters domain:…, skill:…, "
-                               "base:…, kind:…, tag:…; empty: every expert the methods take")
+    experts: list[str] = Field(
+        default_factory=list,
+        description="expert names, and filters domain:…, skill:…, "
+        "base:…, kind:…, tag:…; empty: every expert the methods take",
+    )
     fallback: str | None = None
     description: str = ""
 

@@ -48,8 +48,11 @@ class Board:
             "splits": self.splits,
             "columns": [{"key": c.key, "header": c.header, "better": c.better, "help": c.help} for c in self.columns],
             "rows": [
-                {**row, "values": {c.key: c.get(row) for c in self.columns},
-                 "best": sorted(k for k, entries in self.best.items() if row["entry"] in entries)}
+                {
+                    **row,
+                    "values": {c.key: c.get(row) for c in self.columns},
+                    "best": sorted(k for k, entries in self.best.items() if row["entry"] in entries),
+                }
                 for row in self.rows
             ],
             "cost_range": list(self.cost_range),
@@ -83,8 +86,10 @@ def build_board(registry: Registry, run_id: int | None = None, suite: str | None
     oracle = by_entry.get(ORACLE)
     for row in rows:
         row["gap_to_oracle"] = (
-            {s: _gap(oracle["splits"].get(s), row["splits"].get(s)) for s in splits} | {ALL: _gap(oracle["all"], row["all"])}
-            if oracle is not None else None
+            {s: _gap(oracle["splits"].get(s), row["splits"].get(s)) for s in splits}
+            | {ALL: _gap(oracle["all"], row["all"])}
+            if oracle is not None
+            else None
         )
 
     # cost-quality frontiers: a strategy's own point with the experts' points (RouterBench's frontier
@@ -93,8 +98,10 @@ def build_board(registry: Registry, run_id: int | None = None, suite: str | None
     expert_points = [p for e, p in points.items() if by_entry[e]["kind"] == "expert"]
     costs = [c for c, _ in points.values()]
     cost_range = (min(costs), max(costs)) if costs else (0.0, 0.0)
-    zero = {"aiq": aiq(expert_points, cost_range) if expert_points else None,
-            "frontier": [list(p) for p in frontier(expert_points)]}
+    zero = {
+        "aiq": aiq(expert_points, cost_range) if expert_points else None,
+        "frontier": [list(p) for p in frontier(expert_points)],
+    }
     for row in rows:
         own = points.get(row["entry"])
         if row["kind"] == "strategy" and own is not None:
@@ -124,28 +131,90 @@ def make_columns(splits: list[str]) -> list[Column]:
 
         return get
 
-    cols = [Column(f"acc_{s}", s, acc(s), "high", ".3f", f"accuracy on the {s} split",
-                   short=s if len(s) <= 6 else s[:4] + ".") for s in splits]
+    cols = [
+        Column(
+            f"acc_{s}", s, acc(s), "high", ".3f", f"accuracy on the {s} split", short=s if len(s) <= 6 else s[:4] + "."
+        )
+        for s in splits
+    ]
     cols += [
         Column("acc_all", "all", acc(ALL), "high", ".3f", "accuracy over every query of every split"),
-        Column("gap", "gap to oracle", lambda r: (r["gap_to_oracle"] or {}).get(ALL), "low", "+.3f",
-               "oracle's accuracy minus this one's, all splits (needs moe/oracle in the run)", short="gap"),
-        Column("routing", "routing acc", lambda r: r["all"]["routing_accuracy"], "high", ".3f",
-               "top expert was trained on the gold task (query-level strategies; single-skill queries)",
-               short="route"),
-        Column("experts", "experts/query", lambda r: r["all"]["mean_experts"], None, ".2f",
-               "mean experts called per query (a mixture counts every expert it mixes)", short="exp", cli_fmt=".1f"),
-        Column("tokens", "tokens/query", lambda r: per_query(r["all"], "tokens"), "low", ".1f",
-               "prompt + completion tokens of every engine call, per query", short="tok", cli_fmt=".0f"),
-        Column("cost", "cost/query", lambda r: per_query(r["all"], "cost"), "low", ".4f",
-               "tokens / 1000 × each expert's registry cost per 1k tokens (default for none)", short="cost",
-               cli_fmt=".4g"),
-        Column("p50", "p50 ms", lambda r: r["all"]["latency_p50_ms"], "low", ".1f",
-               "median per-query latency (routing + token share of its batch)", short="p50", cli_fmt=".0f"),
-        Column("p95", "p95 ms", lambda r: r["all"]["latency_p95_ms"], "low", ".1f", "95th percentile latency",
-               short="p95", cli_fmt=".0f"),
-        Column("aiq", "AIQ", lambda r: r["aiq"], "high", ".3f",
-               "RouterBench AIQ: area under the non-decreasing convex hull of this strategy + the experts"),
+        Column(
+            "gap",
+            "gap to oracle",
+            lambda r: (r["gap_to_oracle"] or {}).get(ALL),
+            "low",
+            "+.3f",
+            "oracle's accuracy minus this one's, all splits (needs moe/oracle in the run)",
+            short="gap",
+        ),
+        Column(
+            "routing",
+            "routing acc",
+            lambda r: r["all"]["routing_accuracy"],
+            "high",
+            ".3f",
+            "top expert was trained on the gold task (query-level strategies; single-skill queries)",
+            short="route",
+        ),
+        Column(
+            "experts",
+            "experts/query",
+            lambda r: r["all"]["mean_experts"],
+            None,
+            ".2f",
+            "mean experts called per query (a mixture counts every expert it mixes)",
+            short="exp",
+            cli_fmt=".1f",
+        ),
+        Column(
+            "tokens",
+            "tokens/query",
+            lambda r: per_query(r["all"], "tokens"),
+            "low",
+            ".1f",
+            "prompt + completion tokens of every engine call, per query",
+            short="tok",
+            cli_fmt=".0f",
+        ),
+        Column(
+            "cost",
+            "cost/query",
+            lambda r: per_query(r["all"], "cost"),
+            "low",
+            ".4f",
+            "tokens / 1000 × each expert's registry cost per 1k tokens (default for none)",
+            short="cost",
+            cli_fmt=".4g",
+        ),
+        Column(
+            "p50",
+            "p50 ms",
+            lambda r: r["all"]["latency_p50_ms"],
+            "low",
+            ".1f",
+            "median per-query latency (routing + token share of its batch)",
+            short="p50",
+            cli_fmt=".0f",
+        ),
+        Column(
+            "p95",
+            "p95 ms",
+            lambda r: r["all"]["latency_p95_ms"],
+            "low",
+            ".1f",
+            "95th percentile latency",
+            short="p95",
+            cli_fmt=".0f",
+        ),
+        Column(
+            "aiq",
+            "AIQ",
+            lambda r: r["aiq"],
+            "high",
+            ".3f",
+            "RouterBench AIQ: area under the non-decreasing convex hull of this strategy + the experts",
+        ),
     ]
     return cols
 

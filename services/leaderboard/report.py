@@ -54,16 +54,16 @@ def render(board: Board) -> str:
 <title>{e(title)}</title>
 <style>{CSS}</style>
 </head>
-<body data-run="{e(run['id'])}">
+<body data-run="{e(run["id"])}">
 <header>
 <h1>{e(title)}</h1>
-<p class="meta">{' · '.join(meta)}</p>
+<p class="meta">{" · ".join(meta)}</p>
 </header>
 <section id="table-section">
 <h2>Leaderboard</h2>
 <div class="scroll">{table(board)}</div>
 <p class="note">★ best in its column (moe/oracle left out: it needs the gold task). Click a header to sort.
-Zero router (experts alone, mixed at random): AIQ {fmt(board.zero_router.get('aiq'), '.3f')}.
+Zero router (experts alone, mixed at random): AIQ {fmt(board.zero_router.get("aiq"), ".3f")}.
 Cost range for AIQ: {board.cost_range[0]:.4f} – {board.cost_range[1]:.4f} per query.</p>
 </section>
 <section id="accuracy-section">
@@ -112,7 +112,7 @@ def table(board: Board) -> str:
         )
     return (
         f'<table id="leaderboard"><thead><tr><th data-key="entry">entry</th><th data-key="kind">kind</th>{head}</tr>'
-        f'</thead><tbody>{"".join(body)}</tbody></table>'
+        f"</thead><tbody>{''.join(body)}</tbody></table>"
     )
 
 
@@ -124,20 +124,30 @@ def accuracy_plot(board: Board) -> str:
     bar_h, gap, left, width, top = 9, 8, 230, 560, 28
     group_h = bar_h * len(splits) + gap
     height = top + group_h * len(board.rows) + 30
-    out = [(f'<svg class="plot" id="plot-accuracy" xmlns="http://www.w3.org/2000/svg" width="{left + width + 40}" '
-            f'height="{height}" role="img" aria-label="accuracy by split per entry">')]
+    out = [
+        (
+            f'<svg class="plot" id="plot-accuracy" xmlns="http://www.w3.org/2000/svg" width="{left + width + 40}" '
+            f'height="{height}" role="img" aria-label="accuracy by split per entry">'
+        )
+    ]
     for i, s in enumerate(splits):  # legend
         x = left + i * 130
-        out.append(f'<rect x="{x}" y="6" width="12" height="12" fill="{SPLIT_COLOURS[i % len(SPLIT_COLOURS)]}"/>'
-                   f'<text x="{x + 16}" y="16" class="legend">{e(s)}</text>')
+        out.append(
+            f'<rect x="{x}" y="6" width="12" height="12" fill="{SPLIT_COLOURS[i % len(SPLIT_COLOURS)]}"/>'
+            f'<text x="{x + 16}" y="16" class="legend">{e(s)}</text>'
+        )
     for t in (0, 0.25, 0.5, 0.75, 1.0):
         x = left + t * width
-        out.append(f'<line x1="{x}" y1="{top - 4}" x2="{x}" y2="{height - 26}" class="grid"/>'
-                   f'<text x="{x}" y="{height - 12}" class="tick" text-anchor="middle">{t:g}</text>')
+        out.append(
+            f'<line x1="{x}" y1="{top - 4}" x2="{x}" y2="{height - 26}" class="grid"/>'
+            f'<text x="{x}" y="{height - 12}" class="tick" text-anchor="middle">{t:g}</text>'
+        )
     for j, row in enumerate(board.rows):
         y0 = top + j * group_h
-        out.append(f'<text x="{left - 8}" y="{y0 + group_h / 2}" class="label" text-anchor="end" '
-                   f'dominant-baseline="middle">{e(row["entry"])}</text>')
+        out.append(
+            f'<text x="{left - 8}" y="{y0 + group_h / 2}" class="label" text-anchor="end" '
+            f'dominant-baseline="middle">{e(row["entry"])}</text>'
+        )
         for i, s in enumerate(splits):
             m = row["splits"].get(s)
             if not m or not m["n"]:
@@ -147,7 +157,7 @@ def accuracy_plot(board: Board) -> str:
                 f'<rect class="bar" data-entry="{e(row["entry"])}" data-split="{e(s)}" x="{left}" '
                 f'y="{y0 + i * bar_h}" width="{w:.2f}" height="{bar_h - 1}" '
                 f'fill="{SPLIT_COLOURS[i % len(SPLIT_COLOURS)]}"><title>{e(row["entry"])} · {e(s)}: '
-                f'{m["accuracy"]:.3f} ({m["correct"]}/{m["n"]})</title></rect>'
+                f"{m['accuracy']:.3f} ({m['correct']}/{m['n']})</title></rect>"
             )
     out.append("</svg>")
     return "".join(out)
@@ -178,47 +188,68 @@ def frontier_plot(board: Board) -> str:
     shown = max((r for r in strategies if r["entry"] != ORACLE), key=lambda r: r["aiq"], default=None)
     options = "".join(
         f'<option value="{e(r["entry"])}"{" selected" if r is shown else ""}>{e(r["entry"])} '
-        f'(AIQ {r["aiq"]:.3f})</option>' for r in sorted(strategies, key=lambda r: -r["aiq"]))
-    out = [f'<label class="picker">frontier of <select id="frontier-select">{options}</select></label>'
-           if strategies else "",
-           (f'<svg class="plot" id="plot-frontier" xmlns="http://www.w3.org/2000/svg" width="{width}" '
-            f'height="{height}" role="img" aria-label="cost per query against accuracy">')]
+        f"(AIQ {r['aiq']:.3f})</option>"
+        for r in sorted(strategies, key=lambda r: -r["aiq"])
+    )
+    out = [
+        f'<label class="picker">frontier of <select id="frontier-select">{options}</select></label>'
+        if strategies
+        else "",
+        (
+            f'<svg class="plot" id="plot-frontier" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+            f'height="{height}" role="img" aria-label="cost per query against accuracy">'
+        ),
+    ]
     for t in (0, 0.25, 0.5, 0.75, 1.0):
-        out.append(f'<line x1="{left}" y1="{sy(t)}" x2="{width - right}" y2="{sy(t)}" class="grid"/>'
-                   f'<text x="{left - 6}" y="{sy(t)}" class="tick" text-anchor="end" '
-                   f'dominant-baseline="middle">{t:g}</text>')
+        out.append(
+            f'<line x1="{left}" y1="{sy(t)}" x2="{width - right}" y2="{sy(t)}" class="grid"/>'
+            f'<text x="{left - 6}" y="{sy(t)}" class="tick" text-anchor="end" '
+            f'dominant-baseline="middle">{t:g}</text>'
+        )
     for k in range(5):
         c = lo + k * (hi - lo) / 4
         out.append(f'<text x="{sx(c)}" y="{height - bottom + 16}" class="tick" text-anchor="middle">{c:.4g}</text>')
-    out.append(f'<text x="{(left + width - right) / 2}" y="{height - 6}" class="axis" text-anchor="middle">'
-               'cost per query</text><text x="14" y="{0}" class="axis" text-anchor="middle" '
-               'transform="rotate(-90 14 {0})">accuracy (all splits)</text>'.format((top + height - bottom) / 2))
+    out.append(
+        f'<text x="{(left + width - right) / 2}" y="{height - 6}" class="axis" text-anchor="middle">'
+        'cost per query</text><text x="14" y="{0}" class="axis" text-anchor="middle" '
+        'transform="rotate(-90 14 {0})">accuracy (all splits)</text>'.format((top + height - bottom) / 2)
+    )
     zero = board.zero_router.get("frontier") or []
     if zero:
-        out.append(f'<polyline class="frontier zero" points="{path(zero, board.cost_range[1])}">'
-                   f'<title>experts alone (zero router), AIQ {fmt(board.zero_router.get("aiq"), ".3f")}</title>'
-                   '</polyline>')
+        out.append(
+            f'<polyline class="frontier zero" points="{path(zero, board.cost_range[1])}">'
+            f"<title>experts alone (zero router), AIQ {fmt(board.zero_router.get('aiq'), '.3f')}</title>"
+            "</polyline>"
+        )
     for r in strategies:
         style = "" if r is shown else ' style="display:none"'
-        out.append(f'<polyline class="frontier strategy" data-entry="{e(r["entry"])}"{style} '
-                   f'points="{path(r["frontier"], board.cost_range[1])}"><title>{e(r["entry"])} + experts: '
-                   f'AIQ {r["aiq"]:.3f}</title></polyline>')
+        out.append(
+            f'<polyline class="frontier strategy" data-entry="{e(r["entry"])}"{style} '
+            f'points="{path(r["frontier"], board.cost_range[1])}"><title>{e(r["entry"])} + experts: '
+            f"AIQ {r['aiq']:.3f}</title></polyline>"
+        )
     for r in board.rows:
         m = r["all"]
         if not m["n"]:
             continue
         c, a = m["cost"] / m["n"], m["accuracy"]
         colour = EXPERT_COLOUR if r["kind"] == "expert" else STRATEGY_COLOUR
-        out.append(f'<circle class="point {e(r["kind"])}" data-entry="{e(r["entry"])}" cx="{sx(c):.2f}" '
-                   f'cy="{sy(a):.2f}" r="4.5" fill="{colour}"><title>{e(r["entry"])}: cost {c:.4f}, '
-                   f'accuracy {a:.3f}</title></circle>')
+        out.append(
+            f'<circle class="point {e(r["kind"])}" data-entry="{e(r["entry"])}" cx="{sx(c):.2f}" '
+            f'cy="{sy(a):.2f}" r="4.5" fill="{colour}"><title>{e(r["entry"])}: cost {c:.4f}, '
+            f"accuracy {a:.3f}</title></circle>"
+        )
         if r["kind"] == "strategy":
-            out.append(f'<text class="point-label" x="{sx(c) + 6:.2f}" y="{sy(a) - 5:.2f}">'
-                       f'{e(r["entry"].removeprefix("moe/"))}</text>')
+            out.append(
+                f'<text class="point-label" x="{sx(c) + 6:.2f}" y="{sy(a) - 5:.2f}">'
+                f"{e(r['entry'].removeprefix('moe/'))}</text>"
+            )
     out.append("</svg>")
-    out.append('<p class="note">Grey: experts alone; red: strategies. Dashed: the experts-only frontier (zero '
-               'router). Solid: the chosen strategy mixed with the experts; its AIQ is the area under it over '
-               'the cost range, divided by the range.</p>')
+    out.append(
+        '<p class="note">Grey: experts alone; red: strategies. Dashed: the experts-only frontier (zero '
+        "router). Solid: the chosen strategy mixed with the experts; its AIQ is the area under it over "
+        "the cost range, divided by the range.</p>"
+    )
     return "".join(out)
 
 
@@ -227,8 +258,9 @@ def confusion_plots(board: Board) -> str:
     if not rows:
         return '<p class="note">No query-level strategy in this run: nothing routed per query.</p>'
     shown = max(rows, key=lambda r: (r["entry"] != ORACLE, r["all"]["routing_accuracy"] or 0.0))
-    options = "".join(f'<option value="{e(r["entry"])}"{" selected" if r is shown else ""}>{e(r["entry"])}</option>'
-                      for r in rows)
+    options = "".join(
+        f'<option value="{e(r["entry"])}"{" selected" if r is shown else ""}>{e(r["entry"])}</option>' for r in rows
+    )
     out = [f'<label class="picker">strategy <select id="confusion-select">{options}</select></label>']
     for r in rows:
         out.append(heatmap(r["entry"], r["all"]["confusion"], hidden=r is not shown))
@@ -241,26 +273,36 @@ def heatmap(entry: str, confusion: dict[str, dict[str, int]], hidden: bool = Fal
     cell, left, top = 30, 170, 130
     width, height = left + cell * len(experts) + 20, top + cell * len(tasks) + 10
     style = ' style="display:none"' if hidden else ""
-    out = [(f'<svg class="plot heatmap" data-entry="{e(entry)}"{style} xmlns="http://www.w3.org/2000/svg" '
-            f'width="{width}" height="{height}" role="img" aria-label="routing confusion of {e(entry)}">')]
+    out = [
+        (
+            f'<svg class="plot heatmap" data-entry="{e(entry)}"{style} xmlns="http://www.w3.org/2000/svg" '
+            f'width="{width}" height="{height}" role="img" aria-label="routing confusion of {e(entry)}">'
+        )
+    ]
     for j, x in enumerate(experts):
         cx = left + j * cell + cell / 2
         out.append(f'<text class="label" x="{cx}" y="{top - 6}" transform="rotate(-55 {cx} {top - 6})">{e(x)}</text>')
     for i, t in enumerate(tasks):
         total = sum(confusion[t].values()) or 1
         y = top + i * cell
-        out.append(f'<text class="label" x="{left - 6}" y="{y + cell / 2}" text-anchor="end" '
-                   f'dominant-baseline="middle">{e(t)}</text>')
+        out.append(
+            f'<text class="label" x="{left - 6}" y="{y + cell / 2}" text-anchor="end" '
+            f'dominant-baseline="middle">{e(t)}</text>'
+        )
         for j, x in enumerate(experts):
             n = confusion[t].get(x, 0)
             share = n / total
-            out.append(f'<rect class="cell" x="{left + j * cell}" y="{y}" width="{cell - 1}" height="{cell - 1}" '
-                       f'fill="rgba(31,119,180,{0.06 + 0.94 * share:.3f})"><title>gold {e(t)} → {e(x)}: {n} '
-                       f'({share:.0%})</title></rect>')
+            out.append(
+                f'<rect class="cell" x="{left + j * cell}" y="{y}" width="{cell - 1}" height="{cell - 1}" '
+                f'fill="rgba(31,119,180,{0.06 + 0.94 * share:.3f})"><title>gold {e(t)} → {e(x)}: {n} '
+                f"({share:.0%})</title></rect>"
+            )
             if n:
                 colour = "#fff" if share > 0.5 else "#222"
-                out.append(f'<text class="count" x="{left + j * cell + cell / 2}" y="{y + cell / 2}" '
-                           f'text-anchor="middle" dominant-baseline="middle" fill="{colour}">{n}</text>')
+                out.append(
+                    f'<text class="count" x="{left + j * cell + cell / 2}" y="{y + cell / 2}" '
+                    f'text-anchor="middle" dominant-baseline="middle" fill="{colour}">{n}</text>'
+                )
     out.append("</svg>")
     return "".join(out)
 

@@ -28,6 +28,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from composer.base import ComposeError
 from composer.engine_protocol import GenerateRequest, ScoreRequest
 from registry.errors import MoergeError, NotFoundError
 from registry.service import Registry
@@ -35,7 +36,6 @@ from services.leaderboard.store import ALL
 from services.leaderboard.suites import Query, is_correct, load_queries
 from services.moe.evaluate import strategy_records as evaluate_strategy_records  # moerge eval's own code path
 from services.moe.pool import ExpertPool
-from composer.base import ComposeError
 from services.moe.strategies import MoE, Strategy
 
 MODES = ("grouped", "naive")
@@ -95,14 +95,25 @@ class RunOutcome:
             parts = [self.results[(entry, s)] for s in self.splits]
             rows.extend(p.summary() for p in parts)
             pooled = [o for p in parts for o in p.outcomes]
-            rows.append(summarise(entry, parts[0].kind, ALL, pooled, sum(p.skipped for p in parts),
-                                  sum(p.seconds for p in parts)))
+            rows.append(
+                summarise(
+                    entry, parts[0].kind, ALL, pooled, sum(p.skipped for p in parts), sum(p.seconds for p in parts)
+                )
+            )
         return rows
 
     def run_row(self) -> dict:
-        return {"suite": self.suite, "base_model": self.base_model, "seed": self.seed, "n_per_task": self.n_per_task,
-                "splits": list(self.splits), "mode": self.mode, "n_queries": self.n_queries,
-                "seconds": self.seconds, "settings": dict(self.settings)}
+        return {
+            "suite": self.suite,
+            "base_model": self.base_model,
+            "seed": self.seed,
+            "n_per_task": self.n_per_task,
+            "splits": list(self.splits),
+            "mode": self.mode,
+            "n_queries": self.n_queries,
+            "seconds": self.seconds,
+            "settings": dict(self.settings),
+        }
 
 
 def percentile(values: Sequence[float], q: int) -> float:
@@ -152,8 +163,16 @@ class LeaderboardRunner:
     """Runs entries over one ``MoE`` (one expert pool, one base). ``seed`` draws the suite and
     seeds the routers; the same seed reproduces the same answers."""
 
-    def __init__(self, registry: Registry, *, base: str | None = None, seed: int = 0, default_cost: float = 1.0,
-                 max_new_tokens: int = 64, moe: MoE | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        base: str | None = None,
+        seed: int = 0,
+        default_cost: float = 1.0,
+        max_new_tokens: int = 64,
+        moe: MoE | None = None,
+    ) -> None:
         if default_cost < 0:
             raise MoergeError(f"the default cost per 1k tokens must be >= 0, not {default_cost}")
         self.registry = registry
@@ -162,10 +181,14 @@ class LeaderboardRunner:
         self.pool = self.moe.pool
         self.default_cost = default_cost
         self.max_new_tokens = max_new_tokens  # generation budget of `contains` queries
-        self.rates = {name: (rec.cost_per_1k_tokens if rec.cost_per_1k_tokens is not None else default_cost)
-                      for name, rec in self.pool.records.items()}
-        self._trained = {name: {ex.task for ex in info.examples if ex.split == "train" and ex.task}
-                         for name, info in self.pool.experts.items()}
+        self.rates = {
+            name: (rec.cost_per_1k_tokens if rec.cost_per_1k_tokens is not None else default_cost)
+            for name, rec in self.pool.records.items()
+        }
+        self._trained = {
+            name: {ex.task for ex in info.examples if ex.split == "train" and ex.task}
+            for name, info in self.pool.experts.items()
+        }
         self._known_tasks = set().union(*self._trained.values()) if self._trained else set()
         self._tokenizer = None
 
@@ -186,17 +209,27 @@ class LeaderboardRunner:
         names = list(self.pool.names()) if experts is None else list(experts)
         unknown = [n for n in names if n not in self.pool.experts]
         if unknown:
-            raise NotFoundError(f"no ready expert {', '.join(map(repr, unknown))} on base {self.pool.base.name!r}; "
-                                f"experts: {', '.join(self.pool.names())}")
+            raise NotFoundError(
+                f"no ready expert {', '.join(map(repr, unknown))} on base {self.pool.base.name!r}; "
+                f"experts: {', '.join(self.pool.names())}"
+            )
         if strategies is None:  # every built-in, and every user strategy over this pool's experts
             chosen = [name for name, strategy in self.moe.catalog.all().items() if self._runs_here(strategy)]
         else:
             chosen = [self.moe.strategy(s).name for s in strategies]
         return [EXPERT_PREFIX + n for n in dict.fromkeys(names)] + list(dict.fromkeys(chosen))
 
-    def run(self, suite: str = "skills", *, strategies: Sequence[str] | None = None,
-            experts: Sequence[str] | None = None, splits: Sequence[str] | None = None,
-            n_per_task: int | None = None, mode: str = "grouped", progress: Progress | None = None) -> RunOutcome:
+    def run(
+        self,
+        suite: str = "skills",
+        *,
+        strategies: Sequence[str] | None = None,
+        experts: Sequence[str] | None = None,
+        splits: Sequence[str] | None = None,
+        n_per_task: int | None = None,
+        mode: str = "grouped",
+        progress: Progress | None = None,
+    ) -> RunOutcome:
         if mode not in MODES:
             raise MoergeError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         entries = self.resolve(strategies, experts)
@@ -220,18 +253,32 @@ class LeaderboardRunner:
         else:
             self._naive(entries, queries, results, progress)
         return RunOutcome(
-            suite=suite, base_model=self.pool.base.name, seed=self.seed, n_per_task=n_per_task,
-            splits=list(queries), mode=mode, entries=entries, results=results,
-            n_queries=sum(len(q) for q in queries.values()), seconds=time.perf_counter() - t0,
-            settings={"default_cost_per_1k_tokens": self.default_cost,
-                      "expert_cost_per_1k_tokens": dict(sorted(self.rates.items())),
-                      "max_new_tokens_contains": self.max_new_tokens},
+            suite=suite,
+            base_model=self.pool.base.name,
+            seed=self.seed,
+            n_per_task=n_per_task,
+            splits=list(queries),
+            mode=mode,
+            entries=entries,
+            results=results,
+            n_queries=sum(len(q) for q in queries.values()),
+            seconds=time.perf_counter() - t0,
+            settings={
+                "default_cost_per_1k_tokens": self.default_cost,
+                "expert_cost_per_1k_tokens": dict(sorted(self.rates.items())),
+                "max_new_tokens_contains": self.max_new_tokens,
+            },
         )
 
     # ------------------------------------------------------------------ schedules
 
-    def _grouped(self, entries: list[str], queries: dict[str, list[Query]],
-                 results: dict[tuple[str, str], EntryOutcome], progress: Progress) -> None:
+    def _grouped(
+        self,
+        entries: list[str],
+        queries: dict[str, list[Query]],
+        results: dict[tuple[str, str], EntryOutcome],
+        progress: Progress,
+    ) -> None:
         everything = [q for qs in queries.values() for q in qs]
         max_new = self._max_new(queries)
         for entry in entries:
@@ -255,8 +302,13 @@ class LeaderboardRunner:
                     part.outcomes, part.skipped, part.seconds = outcomes, skipped, time.perf_counter() - t0
                     progress(f"{entry} · {split}", len(qs))
 
-    def _naive(self, entries: list[str], queries: dict[str, list[Query]],
-               results: dict[tuple[str, str], EntryOutcome], progress: Progress) -> None:
+    def _naive(
+        self,
+        entries: list[str],
+        queries: dict[str, list[Query]],
+        results: dict[tuple[str, str], EntryOutcome],
+        progress: Progress,
+    ) -> None:
         max_new = self._max_new(queries)
         for split, qs in queries.items():
             for entry in entries:
@@ -289,18 +341,40 @@ class LeaderboardRunner:
         if gen:
             t0 = time.perf_counter()
             answers = self.pool.engine.generate(
-                [GenerateRequest(queries[i].prompt, target, max_new[queries[i].split]) for i in gen])
+                [GenerateRequest(queries[i].prompt, target, max_new[queries[i].split]) for i in gen]
+            )
             shares = _shares([r.prompt_tokens + r.completion_tokens for r in answers], time.perf_counter() - t0)
             for i, r, ms in zip(gen, answers, shares):
                 q = queries[i]
-                out[i] = QueryOutcome(q.split, q.task, is_correct(q, r.text), r.text, [(name, 1.0)], None, None,
-                                      r.prompt_tokens, r.completion_tokens,
-                                      (r.prompt_tokens + r.completion_tokens) / 1000 * rate, ms)
+                out[i] = QueryOutcome(
+                    q.split,
+                    q.task,
+                    is_correct(q, r.text),
+                    r.text,
+                    [(name, 1.0)],
+                    None,
+                    None,
+                    r.prompt_tokens,
+                    r.completion_tokens,
+                    (r.prompt_tokens + r.completion_tokens) / 1000 * rate,
+                    ms,
+                )
         if mc:
             for i, (choice, p_tok, c_tok, ms) in zip(mc, self._choose([queries[i] for i in mc], [target] * len(mc))):
                 q = queries[i]
-                out[i] = QueryOutcome(q.split, q.task, is_correct(q, choice), choice, [(name, 1.0)], None, None,
-                                      p_tok, c_tok, (p_tok + c_tok) / 1000 * rate, ms)
+                out[i] = QueryOutcome(
+                    q.split,
+                    q.task,
+                    is_correct(q, choice),
+                    choice,
+                    [(name, 1.0)],
+                    None,
+                    None,
+                    p_tok,
+                    c_tok,
+                    (p_tok + c_tok) / 1000 * rate,
+                    ms,
+                )
         return [out[i] for i in range(len(queries))]
 
     def _strategy(self, strategy: Strategy, queries: list[Query], max_new: int) -> tuple[list[QueryOutcome], int]:
@@ -315,14 +389,26 @@ class LeaderboardRunner:
             records = evaluate_strategy_records(self.moe, strategy, gen, max_new)
             elapsed_ms = (time.perf_counter() - t0) * 1000
             routing_ms = sum(r.router_ms for r in records)
-            shares = _shares([r.prompt_tokens + r.completion_tokens for r in records],
-                             max(0.0, elapsed_ms - routing_ms) / 1000)
+            shares = _shares(
+                [r.prompt_tokens + r.completion_tokens for r in records], max(0.0, elapsed_ms - routing_ms) / 1000
+            )
             for q, r, ms in zip(gen, records, shares):
                 chosen = (r.experts[0][0] if r.experts else NO_EXPERT) if query_level else None
-                outcomes.append(QueryOutcome(
-                    q.split, q.task, is_correct(q, r.prediction), r.prediction, list(r.experts), chosen,
-                    r.routing_correct if q.task in self._known_tasks else None, r.prompt_tokens, r.completion_tokens, self._cost(r.provenance, r.experts),
-                    r.router_ms + ms))
+                outcomes.append(
+                    QueryOutcome(
+                        q.split,
+                        q.task,
+                        is_correct(q, r.prediction),
+                        r.prediction,
+                        list(r.experts),
+                        chosen,
+                        r.routing_correct if q.task in self._known_tasks else None,
+                        r.prompt_tokens,
+                        r.completion_tokens,
+                        self._cost(r.provenance, r.experts),
+                        r.router_ms + ms,
+                    )
+                )
         skipped = 0
         if mc and strategy.composer == "single" and query_level:
             routed = [self.moe.route(strategy, q.prompt, q.task) for q in mc]
@@ -334,9 +420,21 @@ class LeaderboardRunner:
                 judged = q.task in self._known_tasks  # a gold task some expert was trained on
                 routing_ok = (q.task in self._trained.get(t, set())) if (t is not None and judged) else None
                 rate = self.rates.get(t, self.default_cost) if t is not None else self.default_cost
-                outcomes.append(QueryOutcome(q.split, q.task, is_correct(q, choice), choice, experts,
-                                             t if t is not None else NO_EXPERT, routing_ok, p_tok, c_tok,
-                                             (p_tok + c_tok) / 1000 * rate, r.router_ms + ms))
+                outcomes.append(
+                    QueryOutcome(
+                        q.split,
+                        q.task,
+                        is_correct(q, choice),
+                        choice,
+                        experts,
+                        t if t is not None else NO_EXPERT,
+                        routing_ok,
+                        p_tok,
+                        c_tok,
+                        (p_tok + c_tok) / 1000 * rate,
+                        r.router_ms + ms,
+                    )
+                )
         else:
             skipped = len(mc)
         return outcomes, skipped
@@ -355,8 +453,9 @@ class LeaderboardRunner:
             mine = scores[k : k + len(q.choices)]
             k += len(q.choices)
             best = max(range(len(mine)), key=lambda j: (mine[j].logprob, -j))
-            out.append((q.choices[best], len(tokenizer(q.prompt)["input_ids"]) * len(mine),
-                        sum(s.num_tokens for s in mine)))
+            out.append(
+                (q.choices[best], len(tokenizer(q.prompt)["input_ids"]) * len(mine), sum(s.num_tokens for s in mine))
+            )
         shares = _shares([p + c for _, p, c in out], seconds)
         return [(c, p, n, ms) for (c, p, n), ms in zip(out, shares)]
 
@@ -388,7 +487,8 @@ class LeaderboardRunner:
         for split, qs in queries.items():
             exact = [q.reference for q in qs if q.metric == "exact_match"]
             budgets = ([self.pool.token_budget(exact)] if exact else []) + [
-                self.max_new_tokens for q in qs if q.metric == "contains"]
+                self.max_new_tokens for q in qs if q.metric == "contains"
+            ]
             out[split] = max(budgets, default=1)
         return out
 
@@ -403,8 +503,9 @@ class LeaderboardRunner:
             self.moe.router_for(strategy)
             self.moe.composer(strategy)
             if first is not None:
-                self.moe.run(strategy, [first.prompt], [first.task],
-                             max_new_tokens=self.pool.token_budget([first.reference]))
+                self.moe.run(
+                    strategy, [first.prompt], [first.task], max_new_tokens=self.pool.token_budget([first.reference])
+                )
 
     def _rewind(self, strategy: Strategy) -> None:
         router = self.moe.router_for(strategy)
@@ -415,8 +516,9 @@ class LeaderboardRunner:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.pool.base_path),
-                                                            trust_remote_code=bool(self.pool.base.trust_remote_code))
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                str(self.pool.base_path), trust_remote_code=bool(self.pool.base.trust_remote_code)
+            )
         return self._tokenizer
 
 

@@ -33,15 +33,33 @@ def save_run(registry: Registry, outcome: RunOutcome) -> LeaderboardRun:
     return registry.add_leaderboard_run(run, outcome.result_rows())
 
 
-def load_run(registry: Registry, run_id: int | None = None,
-             suite: str | None = None) -> tuple[LeaderboardRun, list[LeaderboardResult]]:
+def load_run(
+    registry: Registry, run_id: int | None = None, suite: str | None = None
+) -> tuple[LeaderboardRun, list[LeaderboardResult]]:
     run = registry.get_leaderboard_run(run_id, suite)
     return run, registry.get_leaderboard_results(run.id)
 
 
-RESULT_FIELDS = ("entry", "kind", "split", "n", "correct", "accuracy", "skipped", "routed", "routing_accuracy",
-                 "mean_experts", "prompt_tokens", "completion_tokens", "cost", "latency_p50_ms", "latency_p95_ms",
-                 "seconds", "per_task", "confusion")
+RESULT_FIELDS = (
+    "entry",
+    "kind",
+    "split",
+    "n",
+    "correct",
+    "accuracy",
+    "skipped",
+    "routed",
+    "routing_accuracy",
+    "mean_experts",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "seconds",
+    "per_task",
+    "confusion",
+)
 
 
 def result_dict(row: LeaderboardResult) -> dict:

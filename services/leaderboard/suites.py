@@ -103,15 +103,17 @@ def parse_rows(path: str | Path) -> list[dict]:
                 errors.append((n, f"duplicate of line {seen[key]} (same prompt in split {obj['split']!r})"))
                 continue
             seen[key] = n
-            rows.append({
-                "line": n,
-                "prompt": obj["prompt"],
-                "reference": obj["reference"],
-                "task": obj.get("task", ""),
-                "split": obj["split"],
-                "metric": obj.get("metric", "exact_match"),
-                "choices": list(obj["choices"]) if obj.get("metric") == "multiple_choice" else None,
-            })
+            rows.append(
+                {
+                    "line": n,
+                    "prompt": obj["prompt"],
+                    "reference": obj["reference"],
+                    "task": obj.get("task", ""),
+                    "split": obj["split"],
+                    "metric": obj.get("metric", "exact_match"),
+                    "choices": list(obj["choices"]) if obj.get("metric") == "multiple_choice" else None,
+                }
+            )
             if len(rows) > MAX_ROWS:
                 errors.append((n, f"more than {MAX_ROWS} rows"))
                 break
@@ -164,15 +166,17 @@ def _row_problems(obj: object) -> list[str]:
     return out
 
 
-def import_suite(registry: Registry, name: str, path: str | Path, *, description: str = "",
-                 replace: bool = False) -> Suite:
+def import_suite(
+    registry: Registry, name: str, path: str | Path, *, description: str = "", replace: bool = False
+) -> Suite:
     """Validate ``path`` completely, then store it as suite ``name`` in one transaction."""
     if name in BUILTIN_SUITES:
         raise MoergeError(f"suite name {name!r} is built in; choose another name")
     rows = parse_rows(path)
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return registry.add_suite(name, rows, description=description, source=str(Path(path).resolve()),
-                              checksum=digest, replace=replace)
+    return registry.add_suite(
+        name, rows, description=description, source=str(Path(path).resolve()), checksum=digest, replace=replace
+    )
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -185,8 +189,9 @@ def suite_splits(registry: Registry, suite: str) -> list[str]:
     return list(dict.fromkeys(e.split for e in registry.get_suite_examples(suite)))
 
 
-def load_queries(registry: Registry, suite: str, splits: list[str] | None = None,
-                 n_per_task: int | None = None, seed: int = 0) -> dict[str, list[Query]]:
+def load_queries(
+    registry: Registry, suite: str, splits: list[str] | None = None, n_per_task: int | None = None, seed: int = 0
+) -> dict[str, list[Query]]:
     """The suite's queries per split. The skills suite is drawn from ``seed`` exactly as
     ``evaluate`` draws it; a user suite keeps file order, and with ``n_per_task`` takes a seeded
     sample of each task (in file order), so the same seed always gives the same queries."""
@@ -194,8 +199,9 @@ def load_queries(registry: Registry, suite: str, splits: list[str] | None = None
     splits = list(splits or available)
     unknown = [s for s in splits if s not in available and not (suite == "skills" and s == "validation")]
     if unknown:
-        raise NotFoundError(f"suite {suite!r} has no split {', '.join(map(repr, unknown))}; "
-                            f"it has {', '.join(available)}")
+        raise NotFoundError(
+            f"suite {suite!r} has no split {', '.join(map(repr, unknown))}; it has {', '.join(available)}"
+        )
     if suite == "skills":
         from services.moe.evaluate import load_suite
 
@@ -213,10 +219,12 @@ def load_queries(registry: Registry, suite: str, splits: list[str] | None = None
                 by_task[r.task].append(r)
             keep = set()
             for task, items in by_task.items():
-                picked = items if len(items) <= n_per_task else random.Random(f"{seed}:{split}:{task}").sample(
-                    items, n_per_task)
+                picked = (
+                    items
+                    if len(items) <= n_per_task
+                    else random.Random(f"{seed}:{split}:{task}").sample(items, n_per_task)
+                )
                 keep.update(r.id for r in picked)
             chosen = [r for r in chosen if r.id in keep]
-        out[split] = [Query(r.prompt, r.reference, r.task, r.split, r.metric, tuple(r.choices or ()))
-                      for r in chosen]
+        out[split] = [Query(r.prompt, r.reference, r.task, r.split, r.metric, tuple(r.choices or ())) for r in chosen]
     return out

@@ -25,19 +25,25 @@ def leaderboard_router(registry: Registry) -> APIRouter:
     router = APIRouter(tags=["leaderboard"])
 
     @router.get("/leaderboard", response_class=HTMLResponse, summary="The leaderboard as a page")
-    def page(run: int | None = Query(None, description="run id (default: the newest)"),
-             suite: str | None = Query(None, description="newest run of this suite")) -> HTMLResponse:
+    def page(
+        run: int | None = Query(None, description="run id (default: the newest)"),
+        suite: str | None = Query(None, description="newest run of this suite"),
+    ) -> HTMLResponse:
         try:
             board = build_board(registry, run, suite)
         except NotFoundError as exc:
             return HTMLResponse(
                 f"<!doctype html><meta charset=utf-8><title>moerge leaderboard</title><h1>moerge leaderboard</h1>"
-                f"<p>{escape(str(exc))}</p>", status_code=404)
+                f"<p>{escape(str(exc))}</p>",
+                status_code=404,
+            )
         return HTMLResponse(render(board))
 
     @router.get("/v1/leaderboard", summary="The leaderboard as JSON")
-    def data(run: int | None = Query(None, description="run id (default: the newest)"),
-             suite: str | None = Query(None, description="newest run of this suite")) -> JSONResponse:
+    def data(
+        run: int | None = Query(None, description="run id (default: the newest)"),
+        suite: str | None = Query(None, description="newest run of this suite"),
+    ) -> JSONResponse:
         try:
             board = build_board(registry, run, suite)
         except NotFoundError as exc:
@@ -46,6 +52,8 @@ def leaderboard_router(registry: Registry) -> APIRouter:
 
     @router.get("/v1/leaderboard/runs", summary="Stored leaderboard runs, newest first")
     def runs(suite: str | None = None, limit: int = Query(50, ge=1, le=1000)) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [run_dict(r) for r in registry.list_leaderboard_runs(suite, limit)]})
+        return JSONResponse(
+            {"object": "list", "data": [run_dict(r) for r in registry.list_leaderboard_runs(suite, limit)]}
+        )
 
     return router

@@ -33,8 +33,7 @@ def strategies_file() -> Path | None:
 
 
 class StrategyCatalog:
-    def __init__(self, registry: Registry, *, file: str | Path | None = None,
-                 refresh_interval_s: float = 1.0) -> None:
+    def __init__(self, registry: Registry, *, file: str | Path | None = None, refresh_interval_s: float = 1.0) -> None:
         self.registry = registry
         self.file = Path(file) if file is not None else strategies_file()
         self.from_file: dict[str, Strategy] = {s.name: s for s in load_file(self.file)} if self.file else {}
@@ -99,10 +98,16 @@ class StrategyCatalog:
     def add(self, definition: Mapping[str, Any]) -> Strategy:
         """Check and store a definition; nothing is stored when it is refused."""
         strategy, _ = self.check(definition)
-        self.registry.add_strategy(strategy.name.removeprefix("moe/"), strategy.router, strategy.composer,
-                                   router_params=strategy.router_params, composer_params=strategy.composer_params,
-                                   experts=list(strategy.experts), fallback=strategy.fallback,
-                                   description=strategy.description)
+        self.registry.add_strategy(
+            strategy.name.removeprefix("moe/"),
+            strategy.router,
+            strategy.composer,
+            router_params=strategy.router_params,
+            composer_params=strategy.composer_params,
+            experts=list(strategy.experts),
+            fallback=strategy.fallback,
+            description=strategy.description,
+        )
         self._checked_at = -float("inf")  # this process sees it at once
         return strategy
 

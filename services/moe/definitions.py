@@ -49,8 +49,9 @@ def parse_definition(data: Mapping[str, Any], *, source: str = "registry") -> St
         raise DefinitionError(f"a strategy definition is a mapping with {', '.join(FIELDS)}, not {data!r}")
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
-        raise DefinitionError(f"unknown field(s) {', '.join(unknown)} in a strategy definition "
-                              f"(its fields: {', '.join(FIELDS)})")
+        raise DefinitionError(
+            f"unknown field(s) {', '.join(unknown)} in a strategy definition (its fields: {', '.join(FIELDS)})"
+        )
     for required in ("name", "router", "composer"):
         if not isinstance(data.get(required), str) or not data[required]:
             raise DefinitionError(f"a strategy definition needs {required!r} (a string)")
@@ -70,12 +71,16 @@ def parse_definition(data: Mapping[str, Any], *, source: str = "registry") -> St
         raise DefinitionError(f"{full}: unknown composer {composer!r} (composers: {', '.join(composer_names())})")
     if router_cls.level != composer_cls.level:
         fitting = [c for c in composer_names() if composer_class(c).level == router_cls.level]
-        raise DefinitionError(f"{full}: router {router!r} decides per {router_cls.level}, composer {composer!r} "
-                              f"executes per {composer_cls.level}; with {router!r} use {' or '.join(fitting)}")
-    router_params = check_params(f"{full}: router {router}", router_cls.PARAMS,
-                                 _as_dict(data.get("router_params"), "router_params"))
-    composer_params = check_params(f"{full}: composer {composer}", composer_cls.PARAMS,
-                                   _as_dict(data.get("composer_params"), "composer_params"))
+        raise DefinitionError(
+            f"{full}: router {router!r} decides per {router_cls.level}, composer {composer!r} "
+            f"executes per {composer_cls.level}; with {router!r} use {' or '.join(fitting)}"
+        )
+    router_params = check_params(
+        f"{full}: router {router}", router_cls.PARAMS, _as_dict(data.get("router_params"), "router_params")
+    )
+    composer_params = check_params(
+        f"{full}: composer {composer}", composer_cls.PARAMS, _as_dict(data.get("composer_params"), "composer_params")
+    )
     experts = _as_list(data.get("experts"), "experts")
     split_expert_set(experts)  # the shape; the names are checked against the registry
     fallback = data.get("fallback")
@@ -89,8 +94,17 @@ def parse_definition(data: Mapping[str, Any], *, source: str = "registry") -> St
     description = data.get("description") or ""
     if not isinstance(description, str):
         raise DefinitionError(f"{full}: description is a string, not {description!r}")
-    return Strategy(full, router, composer, description or f"{router} → {composer}", router_params,
-                    composer_params, experts=tuple(experts), fallback=fallback, source=source)
+    return Strategy(
+        full,
+        router,
+        composer,
+        description or f"{router} → {composer}",
+        router_params,
+        composer_params,
+        experts=tuple(experts),
+        fallback=fallback,
+        source=source,
+    )
 
 
 def check_against_registry(strategy: Strategy, experts: Iterable) -> str:  # noqa: ANN001 - registry Experts
@@ -103,28 +117,36 @@ def check_against_registry(strategy: Strategy, experts: Iterable) -> str:  # noq
     names, filters = split_expert_set(strategy.experts)
     missing = [n for n in names if n not in ready]
     if missing:
-        raise DefinitionError(f"{strategy.name}: no ready expert named {', '.join(missing)} "
-                              f"(ready: {', '.join(sorted(ready)) or 'none'})")
+        raise DefinitionError(
+            f"{strategy.name}: no ready expert named {', '.join(missing)} (ready: {', '.join(sorted(ready)) or 'none'})"
+        )
     if filters and not any(all(c.matches(k, v) for k, v in filters) for c in ready.values()):
-        raise DefinitionError(f"{strategy.name}: no ready expert matches "
-                              + " and ".join(f"{k}:{v}" for k, v in filters))
+        raise DefinitionError(
+            f"{strategy.name}: no ready expert matches " + " and ".join(f"{k}:{v}" for k, v in filters)
+        )
     kinds = strategy_kinds(strategy)
     chosen = [ready[n] for n in select_experts(strategy.experts, ready.values())] if strategy.experts else []
     wrong = [f"{c.name} ({c.kind})" for c in chosen if c.kind not in kinds]
     if wrong:
-        raise DefinitionError(f"{strategy.name}: router {strategy.router!r} with composer {strategy.composer!r} "
-                              f"takes {' and '.join(kinds)} experts, not {', '.join(wrong)}")
+        raise DefinitionError(
+            f"{strategy.name}: router {strategy.router!r} with composer {strategy.composer!r} "
+            f"takes {' and '.join(kinds)} experts, not {', '.join(wrong)}"
+        )
     bases = sorted({c.base for c in chosen if c.base is not None})
     if len(bases) > 1:
-        raise DefinitionError(f"{strategy.name}: its experts are on {len(bases)} base models ({', '.join(bases)}); "
-                              "a strategy runs over one base's experts (filter with base:<name>)")
+        raise DefinitionError(
+            f"{strategy.name}: its experts are on {len(bases)} base models ({', '.join(bases)}); "
+            "a strategy runs over one base's experts (filter with base:<name>)"
+        )
     if strategy.fallback is not None:
         fb = ready.get(strategy.fallback)
         if fb is None:
             raise DefinitionError(f"{strategy.name}: no ready expert named {strategy.fallback!r} for the fallback")
         if fb.kind not in ("adapter", "model") or (bases and fb.base != bases[0]):
-            raise DefinitionError(f"{strategy.name}: the fallback {fb.name} must be an adapter or model on "
-                                  f"{bases[0] if bases else 'the strategy base'}")
+            raise DefinitionError(
+                f"{strategy.name}: the fallback {fb.name} must be an adapter or model on "
+                f"{bases[0] if bases else 'the strategy base'}"
+            )
         bases = bases or ([fb.base] if fb.base else [])
     return bases[0] if bases else ""
 
@@ -158,14 +180,30 @@ def load_file(path: str | Path) -> list[Strategy]:
 
 def definition_of(strategy: Strategy) -> dict[str, Any]:
     """A strategy as the definition that makes it (what the API and `strategies show --json` print)."""
-    return {"name": strategy.name, "router": strategy.router, "composer": strategy.composer,
-            "router_params": dict(strategy.router_params), "composer_params": dict(strategy.composer_params),
-            "experts": list(strategy.experts), "fallback": strategy.fallback, "description": strategy.description}
+    return {
+        "name": strategy.name,
+        "router": strategy.router,
+        "composer": strategy.composer,
+        "router_params": dict(strategy.router_params),
+        "composer_params": dict(strategy.composer_params),
+        "experts": list(strategy.experts),
+        "fallback": strategy.fallback,
+        "description": strategy.description,
+    }
 
 
 def strategy_of_record(record) -> Strategy:  # noqa: ANN001 - a registry StrategyRecord
     """A stored definition as a ``Strategy`` (checked again: a plugin may have gone away)."""
-    return parse_definition({"name": record.name, "router": record.router, "composer": record.composer,
-                             "router_params": record.router_params, "composer_params": record.composer_params,
-                             "experts": record.experts, "fallback": record.fallback,
-                             "description": record.description}, source="registry")
+    return parse_definition(
+        {
+            "name": record.name,
+            "router": record.router,
+            "composer": record.composer,
+            "router_params": record.router_params,
+            "composer_params": record.composer_params,
+            "experts": record.experts,
+            "fallback": record.fallback,
+            "description": record.description,
+        },
+        source="registry",
+    )

@@ -24,8 +24,7 @@ DEFAULT_PER_TASK = {"test": 25, "paraphrase": 25, "composition": 20, "validation
 CONTAINS_MAX_NEW_TOKENS = 64  # the leaderboard's default for `contains` queries
 
 
-def load_suite(suite: str, split: str, n_per_task: int | None = None, seed: int = 0,
-               registry=None) -> list[Example]:  # noqa: ANN001
+def load_suite(suite: str, split: str, n_per_task: int | None = None, seed: int = 0, registry=None) -> list[Example]:  # noqa: ANN001
     """A split's queries: the built-in skills suite drawn from ``seed``, or a suite registered with
     ``moerge suite add`` (exact-match and contains queries; ``n_per_task`` takes the
     leaderboard's seeded sample of each task)."""
@@ -36,8 +35,10 @@ def load_suite(suite: str, split: str, n_per_task: int | None = None, seed: int 
 
         [queries] = load_queries(registry, suite, [split], n_per_task, seed).values()
         if any(q.metric == "multiple_choice" for q in queries):
-            raise NotFoundError(f"suite {suite!r}/{split} has multiple-choice queries, which are scored by "
-                                "log-likelihood: run them with `moerge leaderboard run`")
+            raise NotFoundError(
+                f"suite {suite!r}/{split} has multiple-choice queries, which are scored by "
+                "log-likelihood: run them with `moerge leaderboard run`"
+            )
         return [Example(q.prompt, q.reference, q.task, q.split, (), "", metric=q.metric) for q in queries]
     if split not in SPLITS or split == "train":
         raise NotFoundError(f"unknown split {split!r}; evaluate on one of test, paraphrase, composition, validation")

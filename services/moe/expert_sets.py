@@ -30,8 +30,13 @@ class Candidate:
 
     @classmethod
     def of(cls, record) -> Candidate:  # noqa: ANN001 - a registry Expert
-        return cls(record.name, record.kind, record.base.name if record.base is not None else None,
-                   tuple(record.domains or ()), tuple(record.skills or ()))
+        return cls(
+            record.name,
+            record.kind,
+            record.base.name if record.base is not None else None,
+            tuple(record.domains or ()),
+            tuple(record.skills or ()),
+        )
 
     def matches(self, key: str, value: str) -> bool:
         if key == "domain":
@@ -55,8 +60,9 @@ def split_expert_set(entries: Sequence[str]) -> tuple[list[str], list[tuple[str,
         if ":" in entry:
             key, _, value = entry.partition(":")
             if key not in FILTER_KEYS or not value:
-                raise DefinitionError(f"unknown expert filter {entry!r}: filters are "
-                                      + ", ".join(f"{k}:<value>" for k in FILTER_KEYS))
+                raise DefinitionError(
+                    f"unknown expert filter {entry!r}: filters are " + ", ".join(f"{k}:<value>" for k in FILTER_KEYS)
+                )
             filters.append((key, value))
         else:
             try:

@@ -34,8 +34,7 @@ log = logging.getLogger("moerge.moe")
 
 
 class ExpertPool:
-    def __init__(self, registry: Registry, base: str | None = None, *, max_batch_size: int = 64,
-                 engine=None) -> None:
+    def __init__(self, registry: Registry, base: str | None = None, *, max_batch_size: int = 64, engine=None) -> None:
         self.registry = registry
         # an engine that already serves every expert by name (the Ray deployments' RemoteEngine);
         # None: this process builds its own hf engine
@@ -94,7 +93,8 @@ class ExpertPool:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(
-                str(self.base_path), trust_remote_code=bool(self.base.trust_remote_code))
+                str(self.base_path), trust_remote_code=bool(self.base.trust_remote_code)
+            )
         lengths = [len(self._tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references]
         return max(lengths, default=0) + slack
 
@@ -113,8 +113,12 @@ class ExpertPool:
         """Every expert of the pool on one hf engine in this process (adapters on the base, models
         by name). Merges need it even when ``engine`` is remote: merged adapters live on this disk."""
         if self._engine is None:
-            engine = HFEngine(self.base_path, base_name=self.base.name, max_batch_size=self.max_batch_size,
-                              trust_remote_code=bool(self.base.trust_remote_code))
+            engine = HFEngine(
+                self.base_path,
+                base_name=self.base.name,
+                max_batch_size=self.max_batch_size,
+                trust_remote_code=bool(self.base.trust_remote_code),
+            )
             for name, info in self.experts.items():
                 if info.kind == "adapter":
                     engine.load_adapter(name, info.adapter_path)
@@ -128,16 +132,27 @@ class ExpertPool:
         if self._mixture_engine is None:
             from composer.molora import MoLoRA
 
-            engine = HFEngine(self.base_path, base_name=self.base.name, adapter_mode="unmerged",
-                              max_batch_size=self.max_batch_size, trust_remote_code=bool(self.base.trust_remote_code))
+            engine = HFEngine(
+                self.base_path,
+                base_name=self.base.name,
+                adapter_mode="unmerged",
+                max_batch_size=self.max_batch_size,
+                trust_remote_code=bool(self.base.trust_remote_code),
+            )
             self._molora = MoLoRA(engine.base_model)
             self._mixture_engine = engine
         return self._mixture_engine, self._molora
 
     # ------------------------------------------------------------------ routing artifacts
 
-    def fitted(self, router: Router, router_name: str, experts: list[str] | None = None,
-               refit: bool = False, left_out: dict[str, str] | None = None) -> dict[str, float]:
+    def fitted(
+        self,
+        router: Router,
+        router_name: str,
+        experts: list[str] | None = None,
+        refit: bool = False,
+        left_out: dict[str, str] | None = None,
+    ) -> dict[str, float]:
         """Load every expert's stored artifact for ``router_name`` into ``router``, fitting (and
         storing) the ones that have none, or one the router does not accept (``accepts_artifact``:
         e.g. fitted by an older recipe). Returns seconds spent fitting, per fitted expert.
@@ -148,8 +163,9 @@ class ExpertPool:
         fit_seconds: dict[str, float] = {}
         for name in experts if experts is not None else list(self.experts):
             info, rec = self.experts[name], self.records[name]
-            stored = self.registry.get_artifacts(router=router_name, expert=name, version=rec.version,
-                                                 kind=ROUTING_ARTIFACT)
+            stored = self.registry.get_artifacts(
+                router=router_name, expert=name, version=rec.version, kind=ROUTING_ARTIFACT
+            )
             artifact = None
             if stored and not refit:
                 artifact = read_artifact(self.registry.artifact_path(stored[0]) / ARTIFACT_FILE)
@@ -161,8 +177,14 @@ class ExpertPool:
                     t0 = time.perf_counter()
                     artifact = router.fit_expert(info)
                     fit_seconds[name] = time.perf_counter() - t0
-                    self.registry.add_artifact(router_name, ROUTING_ARTIFACT, artifact_bytes(artifact), expert=name,
-                                               version=rec.version, filename=ARTIFACT_FILE)
+                    self.registry.add_artifact(
+                        router_name,
+                        ROUTING_ARTIFACT,
+                        artifact_bytes(artifact),
+                        expert=name,
+                        version=rec.version,
+                        filename=ARTIFACT_FILE,
+                    )
                 router.load_expert(info, artifact)
             except ExpertUnusable as exc:  # what routers raise for an expert they cannot take
                 log.warning("router %s leaves out expert %s: %s", router_name, name, exc)
@@ -182,8 +204,9 @@ class ExpertPool:
             if router.load_head(read_artifact(self.registry.artifact_path(artifact) / ARTIFACT_FILE)):
                 return True
         router.retrain()
-        self.registry.add_artifact(router_name, HEAD_ARTIFACT, artifact_bytes(router.head_artifact()),
-                                   filename=ARTIFACT_FILE)
+        self.registry.add_artifact(
+            router_name, HEAD_ARTIFACT, artifact_bytes(router.head_artifact()), filename=ARTIFACT_FILE
+        )
         return False
 
 

@@ -61,26 +61,66 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("moe/classifier", "classifier", "single", "MoDEM: fine-tuned MiniLM classifier → one expert"),
         Strategy("moe/semantic", "semantic", "single", "nearest experts by MiniLM example embeddings, with fallback"),
         Strategy("moe/retrieval", "retrieval", "single", "PHATGOOSE's retrieval baseline: max cosine → one expert"),
-        Strategy("moe/skill-k3-vote", "skill", "vote", "Symbolic-MoE: recruit 3 experts by skill, majority vote",
-                 {"k": 3}, {"k": 3}),
-        Strategy("moe/skill-k3-weighted", "skill", "weighted-vote",
-                 "Symbolic-MoE: recruit 3 experts by skill, router-weighted vote", {"k": 3}, {"k": 3}),
+        Strategy(
+            "moe/skill-k3-vote",
+            "skill",
+            "vote",
+            "Symbolic-MoE: recruit 3 experts by skill, majority vote",
+            {"k": 3},
+            {"k": 3},
+        ),
+        Strategy(
+            "moe/skill-k3-weighted",
+            "skill",
+            "weighted-vote",
+            "Symbolic-MoE: recruit 3 experts by skill, router-weighted vote",
+            {"k": 3},
+            {"k": 3},
+        ),
         Strategy("moe/phatgoose", "phatgoose", "mixture", "PHATGOOSE: learned per-module gates, top-2 per token"),
-        Strategy("moe/average-activation", "average-activation", "mixture",
-                 "PHATGOOSE's average-activation baseline, top-2 per token"),
+        Strategy(
+            "moe/average-activation",
+            "average-activation",
+            "mixture",
+            "PHATGOOSE's average-activation baseline, top-2 per token",
+        ),
         Strategy("moe/arrow", "arrow", "mixture", "Arrow: SVD prototypes of the LoRA factors, top-2 per token"),
         # α = 1000, the top of the paper's range, chosen on the validation split of the small zoo
         # (0.992 vs 0.984 at α = 100; docs/benchmarks.md)
-        Strategy("moe/glider", "glider", "mixture", "GLIDER: PHATGOOSE local scores + α·global task similarity",
-                 {"alpha": 1000.0}),
-        Strategy("moe/task-arithmetic", "all", "merge", "uniform task-arithmetic merge of every adapter (ΔW space)",
-                 composer_params={"method": "task_arithmetic"}),
-        Strategy("moe/ties", "all", "merge", "TIES merge of every adapter (ΔW space, density 0.5)",
-                 composer_params={"method": "ties", "density": 0.5}),
-        Strategy("moe/dare", "all", "merge", "DARE-TIES merge of every adapter (ΔW space, density 0.5)",
-                 composer_params={"method": "dare_ties", "density": 0.5}),
-        Strategy("moe/stitch", "semantic", "stitch",
-                 "split a chained request into steps, route each step (semantic), feed outputs forward"),
+        Strategy(
+            "moe/glider",
+            "glider",
+            "mixture",
+            "GLIDER: PHATGOOSE local scores + α·global task similarity",
+            {"alpha": 1000.0},
+        ),
+        Strategy(
+            "moe/task-arithmetic",
+            "all",
+            "merge",
+            "uniform task-arithmetic merge of every adapter (ΔW space)",
+            composer_params={"method": "task_arithmetic"},
+        ),
+        Strategy(
+            "moe/ties",
+            "all",
+            "merge",
+            "TIES merge of every adapter (ΔW space, density 0.5)",
+            composer_params={"method": "ties", "density": 0.5},
+        ),
+        Strategy(
+            "moe/dare",
+            "all",
+            "merge",
+            "DARE-TIES merge of every adapter (ΔW space, density 0.5)",
+            composer_params={"method": "dare_ties", "density": 0.5},
+        ),
+        Strategy(
+            "moe/stitch",
+            "semantic",
+            "stitch",
+            "split a chained request into steps, route each step (semantic), feed outputs forward",
+        ),
     ]
 }
 
@@ -163,8 +203,10 @@ class MoE:
             chosen = [n for n in chosen if n in keep]
         if not chosen:
             why = self.left_out.get(f"composer:{strategy.name}") or {}
-            raise ComposeError(f"{strategy.name}: none of the ready experts on base {base} fits its expert set"
-                               + (" (" + "; ".join(f"{n}: {w}" for n, w in why.items()) + ")" if why else ""))
+            raise ComposeError(
+                f"{strategy.name}: none of the ready experts on base {base} fits its expert set"
+                + (" (" + "; ".join(f"{n}: {w}" for n, w in why.items()) + ")" if why else "")
+            )
         return chosen
 
     # ------------------------------------------------------------------ routers
@@ -216,8 +258,10 @@ class MoE:
         left_out: dict[str, str] = {}
         self.fit_seconds[key] = self.pool.fitted(router, stored_as, experts, left_out=left_out)
         if experts and len(left_out) == len(experts):
-            raise ComposeError(f"router {name!r} can use none of the experts: "
-                               + "; ".join(f"{n}: {why}" for n, why in left_out.items()))
+            raise ComposeError(
+                f"router {name!r} can use none of the experts: "
+                + "; ".join(f"{n}: {why}" for n, why in left_out.items())
+            )
         self.left_out[key] = left_out
         if "head" in cls.needs:  # the classifier's head over every expert: stored, or trained here
             t0 = time.perf_counter()
@@ -231,8 +275,9 @@ class MoE:
         runs for every query)."""
         key = repr(strategy)
         if key not in self._strategy_routers:
-            self._strategy_routers[key] = self.router(strategy.router, strategy.router_params,
-                                                      self.experts_of(strategy))
+            self._strategy_routers[key] = self.router(
+                strategy.router, strategy.router_params, self.experts_of(strategy)
+            )
         return self._strategy_routers[key]
 
     def route(self, strategy: Strategy | str, prompt: str, task: str | None = None) -> Routed:
@@ -258,8 +303,13 @@ class MoE:
             paths = self.pool.adapters()
             adapters = {n: paths[n] for n in self.experts_of(strategy)}
             params.setdefault("weighting", "uniform")
-            composer = Merged(self.pool.base_path, adapters, moerge_home() / "cache" / "merged",
-                              trust_remote_code=bool(self.pool.base.trust_remote_code), **params)
+            composer = Merged(
+                self.pool.base_path,
+                adapters,
+                moerge_home() / "cache" / "merged",
+                trust_remote_code=bool(self.pool.base.trust_remote_code),
+                **params,
+            )
         elif cls is Stitch:
             composer = Stitch(self.router_for(strategy), make_step_prompt=zoo_step_prompt, **params)
         elif cls.level == "token":  # the MoLoRA mixture (composer.mixture; numba, imported on use)
@@ -301,8 +351,9 @@ class MoE:
         routed = self.route_many(strategy, prompts, tasks)
         return self.answer(strategy, prompts, routed, conversations, **sampling)
 
-    def route_many(self, strategy: Strategy, prompts: Sequence[str],
-                   tasks: Sequence[str | None] | None = None) -> list[Routed]:
+    def route_many(
+        self, strategy: Strategy, prompts: Sequence[str], tasks: Sequence[str | None] | None = None
+    ) -> list[Routed]:
         """``run``'s first half: the router and the composer built (a bad composer fails before
         any routing), then one decision per prompt."""
         tasks = list(tasks) if tasks is not None else [None] * len(prompts)
@@ -315,9 +366,14 @@ class MoE:
         router or an in-process model: true for the single and ensemble composers."""
         return isinstance(self.composer(strategy), (Single, Ensemble))
 
-    def answer(self, strategy: Strategy, prompts: Sequence[str], routed: Sequence[Routed],
-               conversations: Sequence[tuple[tuple[str, str], ...]] | None = None,
-               **sampling) -> list[tuple[Completion, Routed]]:
+    def answer(
+        self,
+        strategy: Strategy,
+        prompts: Sequence[str],
+        routed: Sequence[Routed],
+        conversations: Sequence[tuple[tuple[str, str], ...]] | None = None,
+        **sampling,
+    ) -> list[tuple[Completion, Routed]]:
         """``run``'s second half: the composer executes the decisions ``route`` made. ``sampling``:
         ``run``'s keywords (``GenerateRequest``'s fields)."""
         composer = self.composer(strategy)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import anyio
@@ -47,6 +48,7 @@ from services.gateway.backend import (
     split_ref,
 )
 from services.gateway.protocol import ExpertCard
+from services.moe.catalog import StrategyCatalog
 from services.moe.strategies import Routed
 from services.serving.batching import PacedBatcher
 from services.serving.config import EnginesConfig, ServeConfig, load_config
@@ -54,7 +56,6 @@ from services.serving.engine_server import INTERNAL_LOGGING, engine_deployment
 from services.serving.lookup import ExpertLookup, ExpertRow
 from services.serving.rate_limits import SharedRateLimiter
 from services.serving.remote import RemoteEngine, Targets, acall_with_retry
-from services.moe.catalog import StrategyCatalog
 from services.serving.strategy_host import StrategyHost, servable_strategies, served_names
 
 APP_NAME = "moerge"
@@ -66,13 +67,24 @@ APP_NAME = "moerge"
 class StrategyServer:
     """Ray Serve deployment around a ``StrategyHost`` whose engine is the remote engines."""
 
-    def __init__(self, engines: dict[str, DeploymentHandle], models: DeploymentHandle, names: list[str] | None,
-                 refresh_interval_s: float, strategies_file: str | None = None) -> None:
+    def __init__(
+        self,
+        engines: dict[str, DeploymentHandle],
+        models: DeploymentHandle,
+        names: list[str] | None,
+        refresh_interval_s: float,
+        strategies_file: str | None = None,
+    ) -> None:
         targets = Targets(engines, models)
         registry = Registry()
         catalog = StrategyCatalog(registry, file=strategies_file, refresh_interval_s=refresh_interval_s)
-        self.host = StrategyHost(registry, names, engine_factory=lambda pool: RemoteEngine(pool, targets),
-                                 refresh_interval_s=refresh_interval_s, catalog=catalog)
+        self.host = StrategyHost(
+            registry,
+            names,
+            engine_factory=lambda pool: RemoteEngine(pool, targets),
+            refresh_interval_s=refresh_interval_s,
+            catalog=catalog,
+        )
         self._batches: PacedBatcher | None = None
 
     def names(self) -> list[str]:
@@ -89,7 +101,9 @@ class StrategyServer:
             self._batches = PacedBatcher(self._complete_together, max_calls=32, wait_s=0.005)
         return await self._batches.submit((name, prompt, params))
 
-    async def _complete_together(self, items: list[tuple[str, str, SamplingParams]]) -> list[Completion | BaseException]:
+    async def _complete_together(
+        self, items: list[tuple[str, str, SamplingParams]]
+    ) -> list[Completion | BaseException]:
         """Concurrent requests share ``MoE.run`` calls, one per (strategy, sampling parameters):
         routed per prompt, then batched per expert on the engines. A batch closes when the previous
         one is done (``PacedBatcher``): requests that arrive while the routers work wait for the
@@ -103,10 +117,8 @@ class StrategyServer:
             prompts = [items[i][1] for i in idx]
             conversations = [items[i][2].messages for i in idx]
             try:
-                done = await anyio.to_thread.run_sync(
-                    lambda: self.host.complete_many(name, prompts, conversations,  # noqa: B023
-                                                    **params.generation())
-                )
+                run_group = partial(self.host.complete_many, name, prompts, conversations, **params.generation())
+                done = await anyio.to_thread.run_sync(run_group)
             except Exception as exc:  # noqa: BLE001 - this group's callers get it; other groups go on
                 done = [exc] * len(idx)
             for i, completion in zip(idx, done):
@@ -124,9 +136,16 @@ class RayBackend(LocalBackend):
     """``LocalBackend``'s registry side (models, registration, removal, external experts) with the
     engines and strategies behind Ray Serve handles."""
 
-    def __init__(self, registry: Registry, engines: dict[str, DeploymentHandle], models: DeploymentHandle,
-                 strategies: DeploymentHandle, strategy_names: list[str],
-                 engine_for_base: Any = None, catalog: StrategyCatalog | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        engines: dict[str, DeploymentHandle],
+        models: DeploymentHandle,
+        strategies: DeploymentHandle,
+        strategy_names: list[str],
+        engine_for_base: Any = None,
+        catalog: StrategyCatalog | None = None,
+    ) -> None:
         super().__init__(registry, engine_for_base=engine_for_base)
         self.catalog = catalog or StrategyCatalog(registry)
         self.lookup = ExpertLookup(registry)  # the per-request read, without SQLite's write lock
@@ -240,9 +259,16 @@ class RayBackend(LocalBackend):
 
 @serve.ingress()
 class Gateway:
-    def __init__(self, engines: dict[str, DeploymentHandle], models: DeploymentHandle, strategies: DeploymentHandle,
-                 strategy_names: list[str], settings: dict[str, Any], engines_config: dict[str, Any] | None = None,
-                 strategies_file: str | None = None) -> None:
+    def __init__(
+        self,
+        engines: dict[str, DeploymentHandle],
+        models: DeploymentHandle,
+        strategies: DeploymentHandle,
+        strategy_names: list[str],
+        settings: dict[str, Any],
+        engines_config: dict[str, Any] | None = None,
+        strategies_file: str | None = None,
+    ) -> None:
         self.registry = Registry()
         self.catalog = StrategyCatalog(self.registry, file=strategies_file)
         served = EnginesConfig.model_validate(engines_config or {})
@@ -251,8 +277,15 @@ class Gateway:
             cfg = served.for_base(base)
             return cfg.engine, cfg.engine_args
 
-        self.backend = RayBackend(self.registry, engines, models, strategies, strategy_names,
-                                  engine_for_base=engine_for_base, catalog=self.catalog)
+        self.backend = RayBackend(
+            self.registry,
+            engines,
+            models,
+            strategies,
+            strategy_names,
+            engine_for_base=engine_for_base,
+            catalog=self.catalog,
+        )
         self.settings = GatewaySettings(**settings)
         # one set of per-key windows for every gateway replica (rate_limits.py)
         self.limiter = SharedRateLimiter(self.settings.rate_window_s)
@@ -310,27 +343,37 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     engines = {}
     for base in registry.list_bases():
         cfg = config.engines.for_base(base.name)
-        deployment = engine_deployment(deployment_name(base.name), max_loaded=cfg.max_adapters_per_replica,
-                                       replicas=cfg.replicas, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+        deployment = engine_deployment(
+            deployment_name(base.name),
+            max_loaded=cfg.max_adapters_per_replica,
+            replicas=cfg.replicas,
+            num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus,
+        )
         # the registry's opt-in for the base's own code, never a prompt (transformers and vLLM
         # both take the flag; False makes a base with an auto_map fail clearly instead)
         engine_args = {**cfg.engine_args, "trust_remote_code": bool(base.trust_remote_code)}
         engines[base.name] = deployment.bind(base.name, cfg.engine, engine_args)
     m = config.models
-    models = engine_deployment("models", max_loaded=m.max_models_per_replica, replicas=m.replicas,
-                               num_cpus=m.num_cpus, num_gpus=m.num_gpus).bind(None, config.engines.default.engine,
-                                                                              config.engines.default.engine_args)
+    models = engine_deployment(
+        "models", max_loaded=m.max_models_per_replica, replicas=m.replicas, num_cpus=m.num_cpus, num_gpus=m.num_gpus
+    ).bind(None, config.engines.default.engine, config.engines.default.engine_args)
     s = config.strategies
     names = servable_strategies(s.names, StrategyCatalog(registry, file=s.file))  # a bad file fails here, at once
-    strategies = serve.deployment(StrategyServer, name="strategies", num_replicas=s.replicas,
-                                  ray_actor_options={"num_cpus": s.num_cpus,
-                                                     "runtime_env": _runtime_env_with(STRATEGIES_RAY_ENV)},
-                                  max_ongoing_requests=64, logging_config=INTERNAL_LOGGING,
-                                  ).bind(engines, models, names, s.refresh_interval_s, s.file)
+    strategies = serve.deployment(
+        StrategyServer,
+        name="strategies",
+        num_replicas=s.replicas,
+        ray_actor_options={"num_cpus": s.num_cpus, "runtime_env": _runtime_env_with(STRATEGIES_RAY_ENV)},
+        max_ongoing_requests=64,
+        logging_config=INTERNAL_LOGGING,
+    ).bind(engines, models, names, s.refresh_interval_s, s.file)
     g = config.gateway
     settings = {"require_keys": g.require_keys, "request_timeout_s": g.request_timeout_s}
-    return serve.deployment(Gateway, name="gateway", num_replicas=g.replicas,
-                            ray_actor_options={"num_cpus": g.num_cpus,
-                                               "runtime_env": _runtime_env_with(GATEWAY_RAY_ENV)},
-                            max_ongoing_requests=256).bind(engines, models, strategies, names, settings,
-                                                           config.engines.model_dump(), s.file)
+    return serve.deployment(
+        Gateway,
+        name="gateway",
+        num_replicas=g.replicas,
+        ray_actor_options={"num_cpus": g.num_cpus, "runtime_env": _runtime_env_with(GATEWAY_RAY_ENV)},
+        max_ongoing_requests=256,
+    ).bind(engines, models, strategies, names, settings, config.engines.model_dump(), s.file)

@@ -31,8 +31,9 @@ class PacedBatcher(Generic[T, R]):
     of the calls waiting beside it. ``run`` returns one outcome per item, in order: a result, or an
     exception for that caller alone; an exception ``run`` raises goes to every caller of the batch."""
 
-    def __init__(self, run: Callable[[list[T]], Awaitable[list[R | BaseException]]], *, max_calls: int,
-                 wait_s: float) -> None:
+    def __init__(
+        self, run: Callable[[list[T]], Awaitable[list[R | BaseException]]], *, max_calls: int, wait_s: float
+    ) -> None:
         self._run = run
         self.max_calls = max_calls
         self.wait_s = wait_s

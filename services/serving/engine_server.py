@@ -165,15 +165,20 @@ class EngineServerBase:
                 self._targets[mid] = target
                 return self._loaded(mid, target)
             if expert.kind == "model":  # a full model never runs code of its own
-                self._models[mid] = build_engine(self.kind, path, target,
-                                                 {**self.engine_args, "trust_remote_code": False})
+                self._models[mid] = build_engine(
+                    self.kind, path, target, {**self.engine_args, "trust_remote_code": False}
+                )
                 return self._loaded(mid, None)
             if expert.kind == "adapter" and expert.base is not None and self.engine is None:
                 # an adapter whose base got no engine deployment (registered after start-up):
                 # it runs on an engine of its own over that base, one base copy per adapter, until
                 # a restart deploys the base and its adapters share one engine
-                engine = build_engine(self.kind, Path(expert.base.uri), expert.base.name,
-                                      {**self.engine_args, "trust_remote_code": bool(expert.base.trust_remote_code)})
+                engine = build_engine(
+                    self.kind,
+                    Path(expert.base.uri),
+                    expert.base.name,
+                    {**self.engine_args, "trust_remote_code": bool(expert.base.trust_remote_code)},
+                )
                 engine.load_adapter(target, path)
                 self._models[mid] = engine
                 return self._loaded(mid, target)
@@ -297,8 +302,9 @@ class EngineServerBase:
 
             return tracked
 
-        together = _Call([r for c in calls for r in c.requests],
-                         [emit_of(i, e) for i, c in enumerate(calls) for e in c.emits])
+        together = _Call(
+            [r for c in calls for r in c.requests], [emit_of(i, e) for i, c in enumerate(calls) for e in c.emits]
+        )
         counts = self._batch_counts
         counts["batches"] += 1
         counts["calls"] += len(calls)

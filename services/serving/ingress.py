@@ -51,8 +51,15 @@ def ingress_env(ingress: Ingress) -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in INGRESS_ENV[ingress].items()}
 
 
-def start_local_ray(ingress: Ingress, env: dict[str, str], host: str, port: int, *, address: str | None = None,
-                    num_cpus: int | None = None) -> None:
+def start_local_ray(
+    ingress: Ingress,
+    env: dict[str, str],
+    host: str,
+    port: int,
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+) -> None:
     """``ray.init`` + ``serve.start`` with ``ingress``'s switches seen by every Ray process.
 
     ``env`` (MOERGE_HOME, offline flags, ...) goes to every worker through the job's runtime_env.
@@ -63,6 +70,11 @@ def start_local_ray(ingress: Ingress, env: dict[str, str], host: str, port: int,
     import ray
     from ray import serve
 
-    ray.init(address=address or None, num_cpus=num_cpus, runtime_env={"env_vars": {**env, **switches}},
-             include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address=address or None,
+        num_cpus=num_cpus,
+        runtime_env={"env_vars": {**env, **switches}},
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     serve.start(http_options={"host": host, "port": port})

@@ -59,8 +59,11 @@ _COLUMNS = (Expert.id, Expert.name, Expert.version, Expert.kind, Expert.status, 
 
 
 def _query(with_version: bool):
-    q = (select(*_COLUMNS).outerjoin(BaseModel, Expert.base_model_id == BaseModel.id)
-         .where(Expert.name == bindparam("name")))
+    q = (
+        select(*_COLUMNS)
+        .outerjoin(BaseModel, Expert.base_model_id == BaseModel.id)
+        .where(Expert.name == bindparam("name"))
+    )
     if with_version:
         q = q.where(Expert.version == bindparam("version"))
     return q.order_by(Expert.id.desc()).limit(1)

@@ -36,8 +36,14 @@ from composer.engine_protocol import (
 )
 
 # what a dead / restarting replica looks like to a caller; all of it is worth another try
-TRANSIENT = (RayActorError, ActorDiedError, ActorUnavailableError, BackPressureError, DeploymentUnavailableError,
-             ReplicaUnavailableError)
+TRANSIENT = (
+    RayActorError,
+    ActorDiedError,
+    ActorUnavailableError,
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)  # ~16 s in all: long enough for Serve to replace a replica
 
 
@@ -159,4 +165,3 @@ class RemoteEngine:
 
     load_model = load_adapter
     unload_model = unload_adapter
-

@@ -52,8 +52,11 @@ def servable_strategies(names: list[str] | None, catalog: StrategyCatalog) -> li
 
 def served_names(configured: list[str], catalog: StrategyCatalog) -> list[str]:
     """``configured`` (``servable_strategies``), then every strategy stored in the registry."""
-    stored = [n for n, s in catalog.user().items()
-              if s.source == "registry" and n not in configured and not needs_gold_task(s)]
+    stored = [
+        n
+        for n, s in catalog.user().items()
+        if s.source == "registry" and n not in configured and not needs_gold_task(s)
+    ]
     return configured + stored
 
 
@@ -134,8 +137,9 @@ class StrategyHost:
             raise NotFoundError(f"strategy {strategy.name} is not served here (served: {', '.join(self.names)})")
         return strategy
 
-    def complete_many(self, name: str, prompts: list[str], conversations: list | None = None,
-                      **sampling) -> list[Completion]:
+    def complete_many(
+        self, name: str, prompts: list[str], conversations: list | None = None, **sampling
+    ) -> list[Completion]:
         """Several prompts for one strategy in one ``MoE.run`` (routers decide per prompt; the
         engine calls are batched by expert). If an engine fails, each prompt is answered alone so
         the fall-back applies to the prompts that need it. ``sampling``: ``MoE.run``'s
@@ -148,8 +152,10 @@ class StrategyHost:
             results = None
         if results is None:  # each caller gets its own answer, or its own error
             own = conversations or [sampling.get("messages", ())] * len(prompts)
-            return [self._complete_or_error(name, p, {**sampling, "messages": c})  # type: ignore[misc]
-                    for p, c in zip(prompts, own)]
+            return [
+                self._complete_or_error(name, p, {**sampling, "messages": c})  # type: ignore[misc]
+                for p, c in zip(prompts, own)
+            ]
         out = []
         for completion, routed in results:
             completion.provenance.decision_info = {**completion.provenance.decision_info, "router_ms": routed.router_ms}
@@ -176,8 +182,9 @@ class StrategyHost:
         completion.provenance.decision_info = {**completion.provenance.decision_info, "router_ms": routed.router_ms}
         return completion
 
-    def _run(self, strategy: Strategy, prompts: list[str], sampling: dict,
-             conversations: list | None = None) -> list[tuple[Completion, Routed]]:
+    def _run(
+        self, strategy: Strategy, prompts: list[str], sampling: dict, conversations: list | None = None
+    ) -> list[tuple[Completion, Routed]]:
         """``MoE.run`` under the lock, but for a strategy whose answer only calls a remote engine
         (``engine_factory``; single and ensemble composers) the lock covers the routing alone: the
         generation on the engine deployments then runs beside other requests' routing (a stream's
@@ -201,8 +208,9 @@ class StrategyHost:
         info = {**routed.decision.info, "router_ms": routed.router_ms}
         return Routed(replace(routed.decision, info=info), routed.router_ms)
 
-    def _fall_back(self, moe: MoE, strategy: Strategy, prompt: str, first: EngineError,
-                   sampling: dict) -> tuple[Completion, Routed]:
+    def _fall_back(
+        self, moe: MoE, strategy: Strategy, prompt: str, first: EngineError, sampling: dict
+    ) -> tuple[Completion, Routed]:
         """The router's ranking, top expert failed: try the others in order."""
         from composer.engine_protocol import GenerateRequest
 

@@ -85,12 +85,16 @@ SIZES: dict[str, ZooSize] = {
     # experts stay weak; the floors check specialisation (base and foreign skills stay low) and
     # that every expert learned something of its own skill.
     "micro": ZooSize(
-        hidden=128, layers=2, intermediate=384,
+        hidden=128,
+        layers=2,
+        intermediate=384,
         pretrain=TrainSpec(steps=200, lr=3e-3, batch_size=48, warmup=20),
         lora=TrainSpec(steps=40, lr=5e-3, batch_size=32, warmup=5),
-        lora_rank=16, lora_alpha=32,
+        lora_rank=16,
+        lora_alpha=32,
         full=TrainSpec(steps=40, lr=2e-3, batch_size=32, warmup=5),
-        n_test=24, n_validation=16,
+        n_test=24,
+        n_validation=16,
         floors=Floors(own_min=0.0, base_max=0.2, foreign_max=0.3, best_own_min=0.25),
         text_fraction=0.0,
     ),
@@ -103,15 +107,27 @@ SIZES: dict[str, ZooSize] = {
     # fresh try (new initial weights, another order of its rows), up to 3x the cycle in all
     # (TrainSpec.max_steps). See docs/zoo.md.
     "small": ZooSize(
-        hidden=128, layers=2, intermediate=384,
-        pretrain=TrainSpec(steps=2400, lr=3e-3, batch_size=64, warmup=30, check_every=100, min_steps=300,
-                           cooldown=100, schedule="constant"),
-        lora=TrainSpec(steps=360, lr=4e-3, batch_size=64, warmup=15, check_every=30, min_steps=60,
-                       max_steps=1080, cooldown=30),
-        lora_rank=32, lora_alpha=64,
-        full=TrainSpec(steps=500, lr=3e-3, batch_size=64, warmup=10, check_every=50, min_steps=100,
-                       max_steps=1500),
-        n_test=60, n_validation=40,
+        hidden=128,
+        layers=2,
+        intermediate=384,
+        pretrain=TrainSpec(
+            steps=2400,
+            lr=3e-3,
+            batch_size=64,
+            warmup=30,
+            check_every=100,
+            min_steps=300,
+            cooldown=100,
+            schedule="constant",
+        ),
+        lora=TrainSpec(
+            steps=360, lr=4e-3, batch_size=64, warmup=15, check_every=30, min_steps=60, max_steps=1080, cooldown=30
+        ),
+        lora_rank=32,
+        lora_alpha=64,
+        full=TrainSpec(steps=500, lr=3e-3, batch_size=64, warmup=10, check_every=50, min_steps=100, max_steps=1500),
+        n_test=60,
+        n_validation=40,
         floors=Floors(own_min=0.9, base_max=0.2, foreign_max=0.3),
         text_fraction=0.0,
         # 40/40, or two checks in a row at >= 38/40: from the base above the hard skills reach
@@ -232,8 +248,14 @@ class _Progress:
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._p = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=False)
+            self._p = Progress(
+                TextColumn("{task.description:<28}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                transient=False,
+            )
             self._p.__enter__()
         return self
 
@@ -283,11 +305,21 @@ def build_zoo(size: str, out_dir: Path, seed: int = 0, progress: bool = True) ->
         cfg = llama_config(tok, spec.hidden, spec.layers, intermediate=spec.intermediate)
         jobs_stats: dict[str, dict] = {"pretrain_base": {}}
         base_stats = jobs_stats["pretrain_base"]
-        base_check = (_passes(tok, generic_probe(BASE_CHECK_TASKS, spec.n_validation, seed), spec.base_check_at, base_stats)
-                      if spec.pretrain.check_every else None)
-        base, _ = pretrain_base(tok, cfg, spec.pretrain, seed, spec.text_fraction,
-                                on_step=bars.phase("pretrain base", spec.pretrain.budget), stats=base_stats,
-                                good_enough=base_check)
+        base_check = (
+            _passes(tok, generic_probe(BASE_CHECK_TASKS, spec.n_validation, seed), spec.base_check_at, base_stats)
+            if spec.pretrain.check_every
+            else None
+        )
+        base, _ = pretrain_base(
+            tok,
+            cfg,
+            spec.pretrain,
+            seed,
+            spec.text_fraction,
+            on_step=bars.phase("pretrain base", spec.pretrain.budget),
+            stats=base_stats,
+            good_enough=base_check,
+        )
         bars.end_phase("copies" if base_stats.get("passed") else "")
         base.save_pretrained(out_dir / "base")
         timings["pretrain_base"] = time.perf_counter() - t0
@@ -305,15 +337,18 @@ def build_zoo(size: str, out_dir: Path, seed: int = 0, progress: bool = True) ->
         run_order = sorted(jobs, key=lambda j: -_JOB_COST.get(j, 0))
         workers = _workers(len(jobs))
         if workers == 1:
-            for i, job in enumerate(jobs):
+            for job in jobs:
                 on_step = bars.phase(_job_label(job), (spec.full if job == FULL_JOB else spec.lora).budget)
                 jobs_stats[_job_name(job)] = _train_expert(str(out_dir), size, seed, job, on_step=on_step)[1]
         else:
             done = bars.advance(f"experts ({workers} processes)", len(jobs))
             ctx = multiprocessing.get_context("spawn")  # fork after torch's threads start is unsafe
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                     initargs=(max(1, (os.cpu_count() or 1) // workers),)) as pool:
-                for future in as_completed([pool.submit(_train_expert, str(out_dir), size, seed, job) for job in run_order]):
+            with ProcessPoolExecutor(
+                workers, mp_context=ctx, initializer=_worker_init, initargs=(max(1, (os.cpu_count() or 1) // workers),)
+            ) as pool:
+                for future in as_completed(
+                    [pool.submit(_train_expert, str(out_dir), size, seed, job) for job in run_order]
+                ):
                     job, stats = future.result()  # a failed expert stops the build with its own error
                     jobs_stats[_job_name(job)] = stats
                     done()
@@ -333,8 +368,16 @@ def build_zoo(size: str, out_dir: Path, seed: int = 0, progress: bool = True) ->
 
         # -- outcomes, from the files on disk ---------------------------------------------
         t0 = time.perf_counter()
-        manifest = ZooManifest(size, seed, base_entry, experts, suite=suite, floors=asdict(spec.floors),
-                               machine=machine_record(), root=str(out_dir.resolve()))
+        manifest = ZooManifest(
+            size,
+            seed,
+            base_entry,
+            experts,
+            suite=suite,
+            floors=asdict(spec.floors),
+            machine=machine_record(),
+            root=str(out_dir.resolve()),
+        )
         manifest.outcomes = measure_outcomes(manifest, advance=bars.advance("evaluate", len(experts) + 1))
         timings["evaluate"] = time.perf_counter() - t0
 
@@ -348,8 +391,17 @@ def build_zoo(size: str, out_dir: Path, seed: int = 0, progress: bool = True) ->
 
 FULL_JOB = "full"  # the job name of the full fine-tuned domain model (the others are skill names)
 # Relative cost of each job (CPU seconds on the small zoo; increment's with the plateau stop), for ordering.
-_JOB_COST = {"caesar": 82, "dashes": 75, "double": 67, "uppercase": 55, "increment": 50, "reverse": 25,
-             FULL_JOB: 19, "count": 16, "max": 12}
+_JOB_COST = {
+    "caesar": 82,
+    "dashes": 75,
+    "double": 67,
+    "uppercase": 55,
+    "increment": 50,
+    "reverse": 25,
+    FULL_JOB: 19,
+    "count": 16,
+    "max": 12,
+}
 
 
 def _job_name(job: str) -> str:
@@ -383,8 +435,9 @@ def _expert_data(spec: ZooSize, seed: int, job: str) -> tuple[list[Example], lis
     return make_split("train", n, seed, skills), make_split("validation", spec.n_validation, seed, skills)
 
 
-def _train_expert(out_dir: str, size: str, seed: int, job: str,
-                  on_step: Callable[[int, float], None] | None = None) -> tuple[str, dict]:
+def _train_expert(
+    out_dir: str, size: str, seed: int, job: str, on_step: Callable[[int, float], None] | None = None
+) -> tuple[str, dict]:
     """Train one expert from the saved base and save it under ``experts/`` (runs in a worker).
     Returns the job and its training stats (steps, seconds, checks; ``wall``: load to save)."""
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -395,15 +448,33 @@ def _train_expert(out_dir: str, size: str, seed: int, job: str,
     train, val = _expert_data(spec, seed, job)
     pairs = [(e.prompt, e.reference) for e in train]
     if job == FULL_JOB:
-        model, _ = train_full(base, tok, pairs, spec.full, seed, on_step=on_step,
-                              good_enough=_passes(tok, val, spec.stop_at, stats, spec.plateau_at), stats=stats)
+        model, _ = train_full(
+            base,
+            tok,
+            pairs,
+            spec.full,
+            seed,
+            on_step=on_step,
+            good_enough=_passes(tok, val, spec.stop_at, stats, spec.plateau_at),
+            stats=stats,
+        )
         rel = root / "experts" / _job_name(job)
         model.save_pretrained(rel)
         tok.save_pretrained(str(rel))
     else:
         i = list(SKILLS).index(job)
-        model, _ = train_lora(base, tok, pairs, spec.lora, spec.lora_rank, spec.lora_alpha, seed + i,
-                              on_step=on_step, good_enough=_passes(tok, val, spec.stop_at, stats, spec.plateau_at), stats=stats)
+        model, _ = train_lora(
+            base,
+            tok,
+            pairs,
+            spec.lora,
+            spec.lora_rank,
+            spec.lora_alpha,
+            seed + i,
+            on_step=on_step,
+            good_enough=_passes(tok, val, spec.stop_at, stats, spec.plateau_at),
+            stats=stats,
+        )
         model.save_pretrained(root / "experts" / _job_name(job))
     stats["wall"] = round(time.perf_counter() - t0, 1)
     stats["cpu"] = round(time.process_time() - cpu0, 1)  # CPU seconds of this process (load-independent)
@@ -415,17 +486,36 @@ def _expert_entry(out_dir: Path, spec: ZooSize, seed: int, job: str) -> ExpertEn
     if job == FULL_JOB:
         name = _job_name(job)
         skills = list(MODEL_EXPERT_SKILLS)
-        return _entry(out_dir, name, "model", f"experts/{name}", [MODEL_EXPERT_DOMAIN], skills,
-                      f"Full fine-tune of {BASE_NAME} on the {MODEL_EXPERT_DOMAIN} domain's counting skills "
-                      f"({', '.join(skills)}): a standalone model, not an adapter.", train, val)
+        return _entry(
+            out_dir,
+            name,
+            "model",
+            f"experts/{name}",
+            [MODEL_EXPERT_DOMAIN],
+            skills,
+            f"Full fine-tune of {BASE_NAME} on the {MODEL_EXPERT_DOMAIN} domain's counting skills "
+            f"({', '.join(skills)}): a standalone model, not an adapter.",
+            train,
+            val,
+        )
     skill = SKILLS[job]
-    return _entry(out_dir, skill.expert_name, "adapter", f"experts/{skill.expert_name}", [skill.domain], [job],
-                  f"LoRA (r={spec.lora_rank}) on {BASE_NAME} for the '{job}' skill: "
-                  f"{skill.templates[0].lower()}. Tags: {', '.join(skill.tags)}.", train, val)
+    return _entry(
+        out_dir,
+        skill.expert_name,
+        "adapter",
+        f"experts/{skill.expert_name}",
+        [skill.domain],
+        [job],
+        f"LoRA (r={spec.lora_rank}) on {BASE_NAME} for the '{job}' skill: "
+        f"{skill.templates[0].lower()}. Tags: {', '.join(skill.tags)}.",
+        train,
+        val,
+    )
 
 
-def _passes(tok, validation: list[Example], threshold: float, stats: dict | None = None,
-            plateau: float = 1.01) -> Callable[[torch.nn.Module], bool]:
+def _passes(
+    tok, validation: list[Example], threshold: float, stats: dict | None = None, plateau: float = 1.01
+) -> Callable[[torch.nn.Module], bool]:
     """Stop condition for expert training: every task of the validation split at ``threshold``,
     or at ``plateau`` on two checks in a row. With ``stats``, each check's accuracy (the lowest
     over the tasks) goes to ``stats["val"]``."""
@@ -441,8 +531,17 @@ def _passes(tok, validation: list[Example], threshold: float, stats: dict | None
     return check
 
 
-def _entry(out_dir: Path, name: str, kind: str, rel: str, domains: list[str], skills: list[str],
-           description: str, train: list[Example], val: list[Example]) -> ExpertEntry:
+def _entry(
+    out_dir: Path,
+    name: str,
+    kind: str,
+    rel: str,
+    domains: list[str],
+    skills: list[str],
+    description: str,
+    train: list[Example],
+    val: list[Example],
+) -> ExpertEntry:
     tr, va = f"examples/{name}/train.jsonl", f"examples/{name}/validation.jsonl"
     _write_examples(out_dir / tr, train)
     _write_examples(out_dir / va, val)
@@ -459,7 +558,9 @@ def measure_outcomes(manifest: ZooManifest, advance: Callable[[], None] = lambda
     advance()
     adapters = [e for e in manifest.experts if e.kind == "adapter"]
     if adapters:
-        peft_model = PeftModel.from_pretrained(base, str(manifest.path_of(adapters[0].path)), adapter_name=adapters[0].name)
+        peft_model = PeftModel.from_pretrained(
+            base, str(manifest.path_of(adapters[0].path)), adapter_name=adapters[0].name
+        )
         for e in adapters[1:]:
             peft_model.load_adapter(str(manifest.path_of(e.path)), adapter_name=e.name)
         for e in adapters:

@@ -15,15 +15,15 @@ from services.zoo.skills import Example, exact_match
 
 
 @torch.inference_mode()
-def generate_greedy(model, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                    max_new_tokens: int, batch_size: int = 128) -> list[str]:
+def generate_greedy(
+    model, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 128
+) -> list[str]:
     """Greedy completions, batched with left padding, stopping at EOS."""
     model.eval()
     tokenizer.padding_side = "left"
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True,
-                        add_special_tokens=False)
+        enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False)
         gen = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,

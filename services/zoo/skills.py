@@ -146,52 +146,84 @@ SKILLS: dict[str, Skill] = {
     s.name: s
     for s in [
         Skill(
-            "increment", "math", ("arithmetic", "addition", "successor", "numbers"),
+            "increment",
+            "math",
+            ("arithmetic", "addition", "successor", "numbers"),
             ("Add one to the number", "Increment the number", "What comes after this number?"),
             ("Give the next integer", "Count one up from here"),
-            "add one", _gen_increment, _increment,
+            "add one",
+            _gen_increment,
+            _increment,
         ),
         Skill(
-            "count", "math", ("counting", "length", "letters", "numbers"),
+            "count",
+            "math",
+            ("counting", "length", "letters", "numbers"),
             ("Count the letters", "How many letters?", "Give the length"),
             ("Number of characters here?", "Tell me how long this word is"),
-            "count the letters", _gen_count, _count,
+            "count the letters",
+            _gen_count,
+            _count,
         ),
         Skill(
-            "max", "math", ("maximum", "largest", "digits", "comparison"),
+            "max",
+            "math",
+            ("maximum", "largest", "digits", "comparison"),
             ("Find the largest digit", "Which digit is biggest?", "Give the max digit"),
             ("Pick the highest digit", "What is the greatest digit here?"),
-            "take the largest digit", _gen_max, _max_digit,
+            "take the largest digit",
+            _gen_max,
+            _max_digit,
         ),
         Skill(
-            "reverse", "text", ("reversal", "string", "order", "backwards"),
+            "reverse",
+            "text",
+            ("reversal", "string", "order", "backwards"),
             ("Reverse the string", "Write it backwards", "Reverse this text"),
             ("Flip the letter order", "Spell it back to front"),
-            "reverse it", _gen_reverse, _reverse,
+            "reverse it",
+            _gen_reverse,
+            _reverse,
         ),
         Skill(
-            "double", "text", ("doubling", "repeat", "letters", "stutter"),
+            "double",
+            "text",
+            ("doubling", "repeat", "letters", "stutter"),
             ("Double every letter", "Write each letter twice", "Repeat each letter"),
             ("Say every character two times", "Stutter each letter"),
-            "double every letter", _gen_double, _double,
+            "double every letter",
+            _gen_double,
+            _double,
         ),
         Skill(
-            "uppercase", "text", ("case", "capital", "uppercase", "letters"),
+            "uppercase",
+            "text",
+            ("case", "capital", "uppercase", "letters"),
             ("Convert to uppercase", "Make it upper case", "Write in capitals"),
             ("Use all capital letters", "Shout this word"),
-            "make it uppercase", _gen_upper, _upper,
+            "make it uppercase",
+            _gen_upper,
+            _upper,
         ),
         Skill(
-            "caesar", "text", ("cipher", "shift", "encode", "letters"),
+            "caesar",
+            "text",
+            ("cipher", "shift", "encode", "letters"),
             ("Shift each letter by one", "Apply a Caesar shift of 1", "Encode with shift +1"),
             ("Move every letter one step on", "Replace each letter by the next"),
-            "shift each letter by one", _gen_caesar, _caesar,
+            "shift each letter by one",
+            _gen_caesar,
+            _caesar,
         ),
         Skill(
-            "dashes", "text", ("separators", "hyphens", "spelling", "letters"),
+            "dashes",
+            "text",
+            ("separators", "hyphens", "spelling", "letters"),
             ("Put dashes between the letters", "Spell it with hyphens", "Join the letters with dashes"),
             ("Separate each character by a minus sign", "Hyphenate every letter"),
-            "put dashes between the letters", _gen_dashes, _dashes,
+            "put dashes between the letters",
+            _gen_dashes,
+            _dashes,
         ),
     ]
 }
@@ -244,28 +276,62 @@ GENERIC_TASKS: dict[str, GenericTask] = {
         # LoRA learn a copy-family skill in ~150 steps; one that does not, never gets there), so
         # half of the pre-training rows are copies, of lowercase words and of mixed text (which
         # also makes the base emit uppercase letters and digits).
-        GenericTask("repeat", ("Repeat it", "Say it again", "Echo the text"),
-                    lambda r: _letters(r, 2, 9), lambda x: x, weight=2),
-        GenericTask("copy", ("Copy the text", "Repeat it exactly", "Write the same"),
-                    lambda r: _mixed(r, 2, 9, MIXED + "-.,:"), lambda x: x, weight=2),
-        GenericTask("twice", ("Write it twice", "Say it two times", "Double the text"),
-                    lambda r: _mixed(r, 1, 5), lambda x: x + x),
-        GenericTask("rotate", ("Move the first letter to the end", "Rotate left by one", "Rotate the text"),
-                    lambda r: _mixed(r, 3, 8), lambda x: x[1:] + x[:1]),
-        GenericTask("lowercase", ("Convert to lowercase", "Make it lower case", "Write in small letters"),
-                    lambda r: _mixed(r, 3, 8, string.ascii_letters), lambda x: x.lower()),
-        GenericTask("capitalize", ("Capitalize the first letter", "Start with a capital", "Capitalize it"),
-                    lambda r: _letters(r, 2, 8), lambda x: x[:1].upper() + x[1:]),
+        GenericTask(
+            "repeat", ("Repeat it", "Say it again", "Echo the text"), lambda r: _letters(r, 2, 9), lambda x: x, weight=2
+        ),
+        GenericTask(
+            "copy",
+            ("Copy the text", "Repeat it exactly", "Write the same"),
+            lambda r: _mixed(r, 2, 9, MIXED + "-.,:"),
+            lambda x: x,
+            weight=2,
+        ),
+        GenericTask(
+            "twice",
+            ("Write it twice", "Say it two times", "Double the text"),
+            lambda r: _mixed(r, 1, 5),
+            lambda x: x + x,
+        ),
+        GenericTask(
+            "rotate",
+            ("Move the first letter to the end", "Rotate left by one", "Rotate the text"),
+            lambda r: _mixed(r, 3, 8),
+            lambda x: x[1:] + x[:1],
+        ),
+        GenericTask(
+            "lowercase",
+            ("Convert to lowercase", "Make it lower case", "Write in small letters"),
+            lambda r: _mixed(r, 3, 8, string.ascii_letters),
+            lambda x: x.lower(),
+        ),
+        GenericTask(
+            "capitalize",
+            ("Capitalize the first letter", "Start with a capital", "Capitalize it"),
+            lambda r: _letters(r, 2, 8),
+            lambda x: x[:1].upper() + x[1:],
+        ),
         # The primitives of the slow skills, with other constants (measured: from a base without
         # them, dashes, double and caesar needed up to the whole 1,080-step budget): spaces
         # between the characters (dashes), each character three times (double), every letter
         # one back (caesar).
-        GenericTask("spaced", ("Put spaces between the characters", "Spell it with spaces", "Space it out"),
-                    lambda r: _mixed(r, 2, 8), lambda x: " ".join(x)),
-        GenericTask("triple", ("Write each character three times", "Triple every character", "Say each one thrice"),
-                    lambda r: _mixed(r, 1, 4), lambda x: "".join(c * 3 for c in x)),
-        GenericTask("shift_back", ("Shift each letter back by one", "Move every letter one step back", "Decode with shift -1"),
-                    lambda r: _letters(r, 3, 8), lambda x: "".join(LOWER[(LOWER.index(c) - 1) % 26] if c in LOWER else c for c in x)),
+        GenericTask(
+            "spaced",
+            ("Put spaces between the characters", "Spell it with spaces", "Space it out"),
+            lambda r: _mixed(r, 2, 8),
+            lambda x: " ".join(x),
+        ),
+        GenericTask(
+            "triple",
+            ("Write each character three times", "Triple every character", "Say each one thrice"),
+            lambda r: _mixed(r, 1, 4),
+            lambda x: "".join(c * 3 for c in x),
+        ),
+        GenericTask(
+            "shift_back",
+            ("Shift each letter back by one", "Move every letter one step back", "Decode with shift -1"),
+            lambda r: _letters(r, 3, 8),
+            lambda x: "".join(LOWER[(LOWER.index(c) - 1) % 26] if c in LOWER else c for c in x),
+        ),
     ]
 }
 
@@ -360,8 +426,9 @@ def _other_answers(x: str, exclude: str) -> set[str]:
     return out
 
 
-def _draw(rng: random.Random, gen: Callable[[random.Random], str], ok: Callable[[str], bool],
-          n: int, key: str, pool: str) -> list[str]:
+def _draw(
+    rng: random.Random, gen: Callable[[random.Random], str], ok: Callable[[str], bool], n: int, key: str, pool: str
+) -> list[str]:
     seen: list[str] = []
     have: set[str] = set()
     for _ in range(n * 200):
@@ -406,8 +473,18 @@ def composition_examples(parts: tuple[str, ...], n: int, seed: int = 0) -> list[
         clauses = [SKILLS[p].clause for p in parts]
         instr = COMPOSITION_TEMPLATES[i % len(COMPOSITION_TEMPLATES)].format(a=clauses[0], b=clauses[1])
         instr = instr[0].upper() + instr[1:]
-        out.append(Example(format_prompt(instr, x), chain(x), composition_name(parts), "composition",
-                           tuple(parts), "text", instr, x))
+        out.append(
+            Example(
+                format_prompt(instr, x),
+                chain(x),
+                composition_name(parts),
+                "composition",
+                tuple(parts),
+                "text",
+                instr,
+                x,
+            )
+        )
     return out
 
 
@@ -431,6 +508,7 @@ def generic_probe(tasks: Sequence[str], n_per_task: int, seed: int = 0) -> list[
         for _ in range(n_per_task):
             x = task.generate(rng)
             instruction = rng.choice(task.templates)
-            out.append(Example(format_prompt(instruction, x), task.apply(x), name, "probe", (name,), "generic",
-                               instruction, x))
+            out.append(
+                Example(format_prompt(instruction, x), task.apply(x), name, "probe", (name,), "generic", instruction, x)
+            )
     return out

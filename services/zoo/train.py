@@ -59,8 +59,9 @@ class TrainSpec:
         return max(self.steps, self.max_steps)
 
 
-def llama_config(tok: PreTrainedTokenizerFast, hidden: int, layers: int, head_dim: int = 32,
-                 intermediate: int | None = None) -> LlamaConfig:
+def llama_config(
+    tok: PreTrainedTokenizerFast, hidden: int, layers: int, head_dim: int = 32, intermediate: int | None = None
+) -> LlamaConfig:
     heads = hidden // head_dim
     return LlamaConfig(
         vocab_size=len(tok),
@@ -219,8 +220,15 @@ def train_loop(
             model.train()
     model.eval()
     if stats is not None:
-        stats.update(steps=len(losses), tries=tries[0] + 1, passed=passed, seconds=round(time.perf_counter() - t_start, 1), checks=checks,
-                     check_seconds=round(check_s, 1), final_loss=round(losses[-1], 4) if losses else None)
+        stats.update(
+            steps=len(losses),
+            tries=tries[0] + 1,
+            passed=passed,
+            seconds=round(time.perf_counter() - t_start, 1),
+            checks=checks,
+            check_seconds=round(check_s, 1),
+            final_loss=round(losses[-1], 4) if losses else None,
+        )
     return losses
 
 
@@ -251,8 +259,9 @@ def pretrain_base(
 
 
 def lora_config(r: int, alpha: int) -> LoraConfig:
-    return LoraConfig(r=r, lora_alpha=alpha, target_modules=LORA_TARGETS, lora_dropout=0.0,
-                      bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=LORA_TARGETS, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"
+    )
 
 
 def train_lora(
@@ -271,8 +280,17 @@ def train_lora(
     torch.manual_seed(seed)
     model = get_peft_model(base, lora_config(r, alpha))
     check = (lambda: good_enough(model)) if good_enough else None
-    losses = train_loop(model, encode_pairs(tok, pairs), spec, tok.pad_token_id, seed, on_step, check, stats,
-                        fresh_start=lambda k: reset_lora(model, seed + 1000 * k))
+    losses = train_loop(
+        model,
+        encode_pairs(tok, pairs),
+        spec,
+        tok.pad_token_id,
+        seed,
+        on_step,
+        check,
+        stats,
+        fresh_start=lambda k: reset_lora(model, seed + 1000 * k),
+    )
     return model, losses
 
 
@@ -306,6 +324,7 @@ def train_full(
         for name, p in base.named_parameters():
             p.copy_(start[name])
 
-    losses = train_loop(base, encode_pairs(tok, pairs), spec, tok.pad_token_id, seed, on_step, check, stats,
-                        fresh_start)
+    losses = train_loop(
+        base, encode_pairs(tok, pairs), spec, tok.pad_token_id, seed, on_step, check, stats, fresh_start
+    )
     return base, losses

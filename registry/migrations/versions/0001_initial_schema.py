@@ -48,8 +48,10 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
-            ["base_model_id"], ["base_models.id"],
-            name=op.f("fk_experts_base_model_id_base_models"), ondelete="RESTRICT",
+            ["base_model_id"],
+            ["base_models.id"],
+            name=op.f("fk_experts_base_model_id_base_models"),
+            ondelete="RESTRICT",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_experts")),
         sa.UniqueConstraint("name", "version", name=op.f("uq_experts_name_version")),

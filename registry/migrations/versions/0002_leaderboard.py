@@ -85,7 +85,9 @@ def upgrade() -> None:
         sa.Column("per_task", sa.JSON(), nullable=False),
         sa.Column("confusion", sa.JSON(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["run_id"], ["leaderboard_runs.id"], name=op.f("fk_leaderboard_results_run_id_leaderboard_runs"),
+            ["run_id"],
+            ["leaderboard_runs.id"],
+            name=op.f("fk_leaderboard_results_run_id_leaderboard_runs"),
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_leaderboard_results")),
