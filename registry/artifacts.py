@@ -1,4 +1,5 @@
-"""The artifact store: a folder tree that holds expert files and routing artifacts.
+"""Routing artifacts (``Artifacts``: the rows) and the artifact store (``ArtifactStore``: a folder
+tree that holds expert files and routing artifacts).
 
 Layout under the root::
 
@@ -17,10 +18,15 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 
-from registry.validation import SourceFile
+from sqlalchemy import select
+
+from registry.db import SessionScope
+from registry.errors import MoergeError
+from registry.models import Artifact, Expert
+from registry.validation import Limits, SourceFile, check_name, scan_source
 
 STAGING = ".staging"
 CHUNK = 1 << 20
@@ -157,3 +163,125 @@ def file_digests(folder: Path) -> dict[str, str]:
 def verify(folder: Path, checksum: str) -> bool:
     """Whether a stored folder still matches its recorded checksum."""
     return folder.is_dir() and tree_checksum(file_digests(folder)) == checksum
+
+
+# --- routing artifacts: the rows -----------------------------------------------------------------
+
+
+class Artifacts:
+    """The ``artifacts`` rows (what a router fitted, per expert or for the router as a whole) and
+    their files in the store. ``get_expert``: ``Experts.get_expert``, to resolve an expert name."""
+
+    def __init__(
+        self,
+        session: SessionScope,
+        reading: SessionScope,
+        store: ArtifactStore,
+        limits: Limits,
+        get_expert: Callable[[str, str | None], Expert],
+    ) -> None:
+        self._session = session
+        self._reading = reading
+        self.store = store
+        self.limits = limits
+        self._get_expert = get_expert
+
+    def add_artifact(
+        self,
+        router: str,
+        kind: str,
+        data: bytes | str | os.PathLike,
+        expert: str | None = None,
+        version: str | None = None,
+        filename: str = "artifact.bin",
+    ) -> Artifact:
+        """Store a router's artifact for an expert (latest version unless given), or for the
+        router as a whole when ``expert`` is None. Replaces an earlier one of the same kind.
+
+        ``data``: bytes (written as ``filename``), or a file or folder to copy in.
+        """
+        check_name(router, "router name")
+        check_name(kind, "artifact kind")
+        target = self._get_expert(expert, version) if expert is not None else None
+        staged = self.store.stage()
+        published: Path | None = None
+        replaced: list[str] = []
+        try:
+            if isinstance(data, (bytes, bytearray)):
+                check_name(filename, "artifact filename")
+                checksum, size = self.store.write_bytes(bytes(data), staged, filename)
+            else:
+                src = Path(data)
+                if src.is_dir():
+                    _, files = scan_source(src, self.limits)
+                elif src.is_file():
+                    files = [SourceFile(rel=PurePosixPath(src.name), path=src.resolve(), size=src.stat().st_size)]
+                else:
+                    raise MoergeError(f"artifact source {str(data)!r} does not exist")
+                checksum, size = self.store.copy_in(files, staged)
+            owner = target.ref if target is not None else "_all"
+            rel = ArtifactStore.artifact_rel(router, owner, kind)
+            with self._session() as s:
+                q = select(Artifact).where(Artifact.router == router, Artifact.kind == kind)
+                q = q.where(Artifact.expert_id == target.id if target is not None else Artifact.expert_id.is_(None))
+                for previous in s.scalars(q):
+                    s.delete(previous)
+                    replaced.append(previous.path)
+                s.flush()
+                row = Artifact(
+                    expert_id=target.id if target is not None else None,
+                    router=router,
+                    kind=kind,
+                    path=rel,
+                    checksum=checksum,
+                    size_bytes=size,
+                )
+                s.add(row)
+                s.flush()
+                published = self.store.publish(staged, rel)
+        except BaseException:
+            self.store.discard(published)
+            raise
+        finally:
+            if staged.exists():
+                self.store.discard(staged)
+        for rel in replaced:  # the new artifact is committed: the old files can go
+            self.store.discard(self.store.resolve(rel))
+        return row
+
+    def get_artifacts(
+        self,
+        router: str | None = None,
+        expert: str | None = None,
+        version: str | None = None,
+        kind: str | None = None,
+    ) -> list[Artifact]:
+        """Artifacts filtered by router, expert (latest version unless given) and kind."""
+        expert_id = self._get_expert(expert, version).id if expert is not None else None
+        with self._reading() as s:
+            q = select(Artifact)
+            if router is not None:
+                q = q.where(Artifact.router == router)
+            if expert_id is not None:
+                q = q.where(Artifact.expert_id == expert_id)
+            if kind is not None:
+                q = q.where(Artifact.kind == kind)
+            return list(s.scalars(q.order_by(Artifact.id)))
+
+    def artifact_path(self, artifact: Artifact) -> Path:
+        return self.store.resolve(artifact.path)
+
+    def remove_artifacts(self, router: str, expert: str | None = None, version: str | None = None) -> int:
+        """Delete a router's artifacts (for one expert, or all of them) with their files."""
+        expert_id = self._get_expert(expert, version).id if expert is not None else None
+        rels: list[str] = []
+        with self._session() as s:
+            q = select(Artifact).where(Artifact.router == router)
+            if expert_id is not None:
+                q = q.where(Artifact.expert_id == expert_id)
+            for a in s.scalars(q):
+                rels.append(a.path)
+                s.delete(a)
+        for rel in rels:
+            self.store.discard(self.store.resolve(rel))
+        return len(rels)

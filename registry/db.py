@@ -7,8 +7,8 @@ when it is opened; a server database (Postgres) is migrated explicitly with ``mo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from alembic import command
@@ -78,6 +78,11 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One transaction: commit on success, roll back on any error."""
     with factory() as session, session.begin():
         yield session
+
+
+# How the registry's parts open a transaction: ``with scope() as session:`` (``Registry.session``
+# and ``Registry.reading`` are two).
+SessionScope = Callable[[], AbstractContextManager[Session]]
 
 
 # --- migrations --------------------------------------------------------------------------------

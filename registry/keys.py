@@ -1,4 +1,4 @@
-"""API keys for the gateway: generated here, shown once, stored only as a hash.
+"""API keys for the gateway (the ``api_keys`` rows): generated here, shown once, stored only as a hash.
 
 Keys are 256-bit random tokens, so a plain sha256 is enough to store them (the slow password
 hashes exist for guessable secrets); it also lets the gateway find a key by its hash in one
@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from registry.db import SessionScope
 from registry.errors import MoergeError, NotFoundError
 from registry.models import KEY_SCOPES, ApiKey
 from registry.validation import check_name
@@ -84,3 +85,30 @@ def revoke_key(session: Session, name: str) -> ApiKey:
     if record.revoked_at is None:
         record.revoked_at = datetime.now(timezone.utc)
     return record
+
+
+class Keys:
+    """``Registry.keys``: the functions above, each in a transaction of its own."""
+
+    def __init__(self, session: SessionScope, reading: SessionScope) -> None:
+        self._session = session
+        self._reading = reading
+
+    def create_key(
+        self, name: str, scope: str = "user", models: list[str] | tuple[str, ...] = (), rpm: int | None = None
+    ) -> tuple[ApiKey, str]:
+        """Returns (record, plaintext key). The plaintext is not stored anywhere: show it once."""
+        with self._session() as s:
+            return create_key(s, name, scope, models, rpm)
+
+    def verify_key(self, plaintext: str) -> ApiKey | None:
+        with self._reading() as s:
+            return verify_key(s, plaintext)
+
+    def list_keys(self) -> list[ApiKey]:
+        with self._reading() as s:
+            return list_keys(s)
+
+    def revoke_key(self, name: str) -> ApiKey:
+        with self._session() as s:
+            return revoke_key(s, name)

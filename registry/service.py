@@ -1,11 +1,15 @@
-"""The registry: base models, experts (adapter | model | external), routing artifacts, API keys.
+"""The registry's entry point: ``Registry`` opens the database and the artifact store, and each
+concern lives in a module of its own:
 
-A registration is validated completely before anything is written. Files are then copied into a
-staging folder inside the artifact store; the rows are inserted in one transaction and the staged
-folder is moved into place (one rename) before that transaction commits. Any failure rolls the
-transaction back and deletes the staged or moved files, so a refused or lost registration leaves
-no row and no file. Two registrations of the same name + version race on the unique constraint:
-exactly one wins, the other gets ``RegistrationError``.
+    registry/experts.py      base models and experts: registration, versions, lookup, removal
+    registry/artifacts.py    routing artifacts, and the artifact store that holds every file
+    registry/keys.py         the gateway's API keys
+    registry/strategies.py   strategy definitions users add
+    registry/suites.py       leaderboard suites and their examples
+    registry/runs.py         leaderboard runs and their results
+
+Each part is an attribute (``registry.experts.register_expert(...)``); the methods below are
+one-line delegates with the same names, so callers keep saying ``registry.register_expert(...)``.
 
 Records returned by the registry are detached ORM objects (``expire_on_commit=False``): their
 columns and ``base`` are loaded; read examples with ``get_examples``. For anything else, open
@@ -17,23 +21,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from registry import keys as _keys
-from registry import strategies as _strategies
-from registry.artifacts import ArtifactStore
+from registry.artifacts import Artifacts, ArtifactStore
 from registry.config import artifact_root as default_artifact_root
 from registry.config import database_url
 from registry.db import ensure_schema, make_engine, make_sessionmaker, session_scope
-from registry.errors import MoergeError, NotFoundError, RegistrationError
+from registry.experts import Experts
+from registry.keys import Keys
 from registry.models import (
-    EXPERT_KINDS,
-    EXPERT_STATUSES,
     ApiKey,
     Artifact,
     BaseModel,
@@ -45,27 +44,10 @@ from registry.models import (
     Suite,
     SuiteExample,
 )
-from registry.validation import (
-    Limits,
-    SourceFile,
-    check_base_name,
-    check_connection,
-    check_external,
-    check_labels,
-    check_name,
-    check_version,
-    inspect_base,
-    load_examples,
-    scan_source,
-    validate_adapter,
-    validate_model,
-)
-
-AUTO_VERSION_RETRIES = 5
-
-
-class _VersionTaken(Exception):
-    """Another registration took this name + version after our first check."""
+from registry.runs import Runs
+from registry.strategies import Strategies
+from registry.suites import Suites
+from registry.validation import Limits
 
 
 class Registry:
@@ -82,6 +64,14 @@ class Registry:
         ensure_schema(self.engine)
         self._sessions = make_sessionmaker(self.engine)
         self._read_sessions = make_sessionmaker(self.engine, read_only=True)
+        # The parts get ``session`` and ``reading``, not the sessionmakers: those are looked up on
+        # each transaction, so swapping one (bench/bench_registry_reads.py) reaches every part.
+        self.experts = Experts(self.session, self.reading, self.store, self.limits)
+        self.artifacts = Artifacts(self.session, self.reading, self.store, self.limits, self.experts.get_expert)
+        self.keys = Keys(self.session, self.reading)
+        self.strategies = Strategies(self.session, self.reading)
+        self.suites = Suites(self.session, self.reading)
+        self.runs = Runs(self.session, self.reading)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -105,68 +95,19 @@ class Registry:
         with session_scope(self._read_sessions) as session:
             yield session
 
-    # --- base models -----------------------------------------------------------------------------
+    # --- base models and experts (registry/experts.py) -------------------------------------------
 
     def register_base(self, name: str, path: str | os.PathLike, trust_remote_code: bool = False) -> BaseModel:
-        """Record a base model folder (config.json, safetensors, a tokenizer). Its files are not
-        copied. ``name`` may be a hub id (``Qwen/Qwen2.5-7B-Instruct``). A base that brings its own
-        code is refused unless ``trust_remote_code`` (then every engine loading it runs that code)."""
-        check_base_name(name)
-        folder = Path(path).expanduser().resolve()
-        info = inspect_base(folder, trust_remote_code=trust_remote_code)
-        with self.session() as s:
-            if s.scalar(select(BaseModel.id).where(BaseModel.name == name)) is not None:
-                raise RegistrationError(f"base model {name!r} is already registered")
-            base = BaseModel(
-                name=name,
-                uri=str(folder),
-                architecture=info.architecture,
-                checksum=info.fingerprint,
-                trust_remote_code=bool(trust_remote_code and info.remote_code),
-            )
-            s.add(base)
-            try:
-                s.flush()
-            except IntegrityError:
-                raise RegistrationError(f"base model {name!r} is already registered") from None
-        return base
+        return self.experts.register_base(name, path, trust_remote_code)
 
     def remove_base(self, name: str, cascade: bool = False) -> tuple[BaseModel, list[Expert]]:
-        """Remove a base model's record (its folder stays: it was never copied). Refused while
-        experts are built on it, unless ``cascade``, which removes those experts first, every
-        version, with their files. Returns the base and the experts removed."""
-        with self.reading() as s:
-            base = s.scalar(select(BaseModel).where(BaseModel.name == name))
-            if base is None:
-                raise NotFoundError(f"no base model named {name!r}")
-            users = sorted({e.name for e in s.scalars(select(Expert).where(Expert.base_model_id == base.id))})
-        if users and not cascade:
-            raise RegistrationError(
-                f"base model {name!r} is used by {len(users)} expert(s) ({', '.join(users)}); remove them "
-                "first, or remove the base with --cascade to remove them too"
-            )
-        removed = [e for user in users for e in self.remove_expert(user)]
-        with self.session() as s:
-            row = s.scalar(select(BaseModel).where(BaseModel.name == name))
-            if row is None:
-                raise NotFoundError(f"no base model named {name!r}")
-            if s.scalar(select(Expert.id).where(Expert.base_model_id == row.id)) is not None:
-                raise RegistrationError(f"base model {name!r} got a new expert while it was being removed; try again")
-            s.delete(row)
-        return base, removed
+        return self.experts.remove_base(name, cascade)
 
     def get_base(self, name: str) -> BaseModel:
-        with self.reading() as s:
-            base = s.scalar(select(BaseModel).where(BaseModel.name == name))
-        if base is None:
-            raise NotFoundError(f"no base model named {name!r} (register it with `moerge base add`)")
-        return base
+        return self.experts.get_base(name)
 
     def list_bases(self) -> list[BaseModel]:
-        with self.reading() as s:
-            return list(s.scalars(select(BaseModel).order_by(BaseModel.name)))
-
-    # --- experts ---------------------------------------------------------------------------------
+        return self.experts.list_bases()
 
     def register_expert(
         self,
@@ -184,221 +125,41 @@ class Registry:
         api_base: str | None = None,
         api_key_env: str | None = None,
     ) -> Expert:
-        """Validate, store and record an expert; returns its record.
-
-        ``source``: a peft LoRA folder (adapter), a Hugging Face model folder (model) or a litellm
-        model string such as ``openai/gpt-4o-mini`` (external). ``version`` defaults to the next
-        integer for ``name``. ``status`` is ``ready`` unless the caller still has to fit routing
-        artifacts (then ``pending``, and ``set_status`` once they are stored). ``api_base`` and
-        ``api_key_env`` (external experts only): the server to call, and the name of the
-        environment variable that holds the key on the machines that call it.
-        """
-        # 1. validate everything; nothing is written yet
-        check_name(name)
-        if kind not in EXPERT_KINDS:
-            raise RegistrationError(f"expert kind must be one of {', '.join(EXPERT_KINDS)}, not {kind!r}")
-        if version is not None:
-            check_version(str(version))
-            version = str(version)
-        if status not in EXPERT_STATUSES:
-            raise RegistrationError(f"status must be one of {', '.join(EXPERT_STATUSES)}, not {status!r}")
-        if cost is not None and (not isinstance(cost, (int, float)) or cost < 0 or cost != cost):
-            raise RegistrationError(f"cost per 1k tokens must be a number >= 0, not {cost!r}")
-        if not isinstance(description, str) or len(description) > 10_000:
-            raise RegistrationError("description must be a string of at most 10000 characters")
-        domain_list = check_labels(domains, "domain")
-        skill_list = check_labels(skills, "skill")
-        rows = load_examples(examples, self.limits)
-
-        base_row = self.get_base(base) if base is not None else None
-        if kind == "adapter" and base_row is None:
-            raise RegistrationError("an adapter expert needs --base: the registered base model it was trained on")
-        if kind == "external" and base_row is not None:
-            raise RegistrationError("an external expert has no base model")
-        if kind != "external" and (api_base or api_key_env):
-            raise RegistrationError("api_base and api_key_env are for external experts only")
-        check_connection(api_base, api_key_env)
-
-        if kind == "external":
-            uri, files, source_label = check_external(str(source)), [], str(source)
-        else:
-            root, files = scan_source(source, self.limits)
-            source_label = str(root)
-            if kind == "adapter":
-                assert base_row is not None
-                validate_adapter(root, files, base_row.name, base_row.uri)
-            else:
-                validate_model(root, files)
-
-        if version is not None:
-            with self.session() as s:
-                if self._find(s, name, version) is not None:
-                    raise RegistrationError(f"expert {name} version {version} already exists")
-
-        # 2. stage files, 3. insert rows and move files in, in one transaction
-        staged = self.store.stage() if files else None
-        try:
-            checksum, size = self.store.copy_in(files, staged) if staged else ("", 0)
-            for attempt in range(AUTO_VERSION_RETRIES):
-                try:
-                    return self._insert(
-                        staged=staged,
-                        name=name,
-                        kind=kind,
-                        version=version,
-                        base_row=base_row,
-                        uri=uri if kind == "external" else None,
-                        source=source_label,
-                        domains=domain_list,
-                        skills=skill_list,
-                        description=description,
-                        rows=rows,
-                        cost=None if cost is None else float(cost),
-                        api_base=api_base,
-                        api_key_env=api_key_env,
-                        status=status,
-                        checksum=checksum,
-                        size=size,
-                    )
-                except (IntegrityError, _VersionTaken):
-                    # an automatic version raced another registration of this name: take the next one
-                    if version is None and attempt + 1 < AUTO_VERSION_RETRIES:
-                        continue
-                    raise RegistrationError(
-                        f"expert {name} version {version or '(next)'} already exists (registered concurrently)"
-                    ) from None
-            raise AssertionError("unreachable")
-        except MoergeError:
-            raise
-        except Exception as exc:
-            raise RegistrationError(f"registering {name} failed, nothing was kept: {exc}") from exc
-        finally:
-            if staged is not None and staged.exists():
-                self.store.discard(staged)
-
-    def _insert(
-        self, *, staged: Path | None, name: str, version: str | None, base_row: BaseModel | None, rows: list, **fields
-    ) -> Expert:
-        published: Path | None = None
-        try:
-            with self.session() as s:
-                v = version or self._next_version(s, name)
-                if self._find(s, name, v) is not None:  # committed meanwhile; a racing one fails on flush
-                    raise _VersionTaken(v)
-                rel = ArtifactStore.expert_rel(name, v) if staged is not None else None
-                expert = Expert(
-                    name=name,
-                    version=v,
-                    kind=fields["kind"],
-                    base=s.get(BaseModel, base_row.id) if base_row is not None else None,
-                    uri=fields["uri"] or str(self.store.resolve(rel)),
-                    store_path=rel,
-                    source=fields["source"],
-                    domains=fields["domains"],
-                    skills=fields["skills"],
-                    description=fields["description"],
-                    status=fields["status"],
-                    checksum=fields["checksum"],
-                    size_bytes=fields["size"],
-                    cost_per_1k_tokens=fields["cost"],
-                    api_base=fields.get("api_base"),
-                    api_key_env=fields.get("api_key_env"),
-                )
-                expert.examples = [
-                    ExpertExample(prompt=r.prompt, reference=r.reference, task=r.task, split=r.split) for r in rows
-                ]
-                s.add(expert)
-                s.flush()  # the unique (name, version) check happens here; the loser stops
-                if staged is not None:
-                    published = self.store.publish(staged, rel)
-            return expert
-        except BaseException:
-            self.store.discard(published)
-            raise
-
-    @staticmethod
-    def _find(s: Session, name: str, version: str) -> Expert | None:
-        return s.scalar(select(Expert).where(Expert.name == name, Expert.version == version))
-
-    @staticmethod
-    def _next_version(s: Session, name: str) -> str:
-        versions = s.scalars(select(Expert.version).where(Expert.name == name))
-        numbers = [int(v) for v in versions if v.isdigit()]
-        return str(max(numbers, default=0) + 1)
+        return self.experts.register_expert(
+            name,
+            kind,
+            source,
+            base,
+            version,
+            domains,
+            skills,
+            description,
+            examples,
+            cost,
+            status,
+            api_base,
+            api_key_env,
+        )
 
     def list_experts(self, kind: str | None = None, status: str | None = None) -> list[Expert]:
-        with self.reading() as s:
-            q = select(Expert)
-            if kind is not None:
-                q = q.where(Expert.kind == kind)
-            if status is not None:
-                q = q.where(Expert.status == status)
-            return list(s.scalars(q.order_by(Expert.name, Expert.id)))
+        return self.experts.list_experts(kind, status)
 
     def get_expert(self, name: str, version: str | None = None) -> Expert:
-        """An expert by name: the given version, or the most recently registered one."""
-        with self.reading() as s:
-            q = select(Expert).where(Expert.name == name)
-            if version is not None:
-                q = q.where(Expert.version == str(version))
-            expert = s.scalars(q.order_by(Expert.id.desc()).limit(1)).first()
-        if expert is None:
-            what = f"{name} version {version}" if version is not None else name
-            raise NotFoundError(f"no expert {what}")
-        return expert
+        return self.experts.get_expert(name, version)
 
     def get_examples(self, name: str, version: str | None = None, split: str | None = None) -> list[ExpertExample]:
-        expert = self.get_expert(name, version)
-        with self.reading() as s:
-            q = select(ExpertExample).where(ExpertExample.expert_id == expert.id)
-            if split is not None:
-                q = q.where(ExpertExample.split == split)
-            return list(s.scalars(q.order_by(ExpertExample.id)))
+        return self.experts.get_examples(name, version, split)
 
     def expert_path(self, expert: Expert) -> Path | None:
-        """The folder holding an adapter's or model's files (None for external experts)."""
-        return self.store.resolve(expert.store_path) if expert.store_path else None
+        return self.experts.expert_path(expert)
 
     def set_status(self, name: str, version: str, status: str) -> Expert:
-        if status not in EXPERT_STATUSES:
-            raise MoergeError(f"status must be one of {', '.join(EXPERT_STATUSES)}, not {status!r}")
-        with self.session() as s:
-            expert = self._find(s, name, str(version))
-            if expert is None:
-                raise NotFoundError(f"no expert {name} version {version}")
-            expert.status = status
-            expert.updated_at = datetime.now(timezone.utc)
-        return expert
+        return self.experts.set_status(name, version, status)
 
     def remove_expert(self, name: str, version: str | None = None) -> list[Expert]:
-        """Remove one version (or, without ``version``, every version) with its files and artifacts."""
-        moved: list[tuple[Path, str]] = []
-        try:
-            with self.session() as s:
-                q = select(Expert).where(Expert.name == name)
-                if version is not None:
-                    q = q.where(Expert.version == str(version))
-                experts = list(s.scalars(q.order_by(Expert.id)))
-                if not experts:
-                    what = f"{name} version {version}" if version is not None else name
-                    raise NotFoundError(f"no expert {what}")
-                rels = [a.path for e in experts for a in e.artifacts] + [e.store_path for e in experts if e.store_path]
-                for e in experts:
-                    s.delete(e)
-                s.flush()
-                for rel in rels:  # moved aside now, deleted once the delete commits
-                    aside = self.store.trash(rel)
-                    if aside is not None:
-                        moved.append((aside, rel))
-        except BaseException:
-            for aside, rel in reversed(moved):
-                self.store.restore(aside, rel)
-            raise
-        for aside, _ in moved:
-            self.store.discard(aside)
-        return experts
+        return self.experts.remove_expert(name, version)
 
-    # --- routing artifacts -----------------------------------------------------------------------
+    # --- routing artifacts (registry/artifacts.py) -----------------------------------------------
 
     def add_artifact(
         self,
@@ -409,59 +170,7 @@ class Registry:
         version: str | None = None,
         filename: str = "artifact.bin",
     ) -> Artifact:
-        """Store a router's artifact for an expert (latest version unless given), or for the
-        router as a whole when ``expert`` is None. Replaces an earlier one of the same kind.
-
-        ``data``: bytes (written as ``filename``), or a file or folder to copy in.
-        """
-        check_name(router, "router name")
-        check_name(kind, "artifact kind")
-        target = self.get_expert(expert, version) if expert is not None else None
-        staged = self.store.stage()
-        published: Path | None = None
-        replaced: list[str] = []
-        try:
-            if isinstance(data, (bytes, bytearray)):
-                check_name(filename, "artifact filename")
-                checksum, size = self.store.write_bytes(bytes(data), staged, filename)
-            else:
-                src = Path(data)
-                if src.is_dir():
-                    _, files = scan_source(src, self.limits)
-                elif src.is_file():
-                    files = [SourceFile(rel=PurePosixPath(src.name), path=src.resolve(), size=src.stat().st_size)]
-                else:
-                    raise MoergeError(f"artifact source {str(data)!r} does not exist")
-                checksum, size = self.store.copy_in(files, staged)
-            owner = target.ref if target is not None else "_all"
-            rel = ArtifactStore.artifact_rel(router, owner, kind)
-            with self.session() as s:
-                q = select(Artifact).where(Artifact.router == router, Artifact.kind == kind)
-                q = q.where(Artifact.expert_id == target.id if target is not None else Artifact.expert_id.is_(None))
-                for previous in s.scalars(q):
-                    s.delete(previous)
-                    replaced.append(previous.path)
-                s.flush()
-                row = Artifact(
-                    expert_id=target.id if target is not None else None,
-                    router=router,
-                    kind=kind,
-                    path=rel,
-                    checksum=checksum,
-                    size_bytes=size,
-                )
-                s.add(row)
-                s.flush()
-                published = self.store.publish(staged, rel)
-        except BaseException:
-            self.store.discard(published)
-            raise
-        finally:
-            if staged.exists():
-                self.store.discard(staged)
-        for rel in replaced:  # the new artifact is committed: the old files can go
-            self.store.discard(self.store.resolve(rel))
-        return row
+        return self.artifacts.add_artifact(router, kind, data, expert, version, filename)
 
     def get_artifacts(
         self,
@@ -470,82 +179,48 @@ class Registry:
         version: str | None = None,
         kind: str | None = None,
     ) -> list[Artifact]:
-        """Artifacts filtered by router, expert (latest version unless given) and kind."""
-        expert_id = self.get_expert(expert, version).id if expert is not None else None
-        with self.reading() as s:
-            q = select(Artifact)
-            if router is not None:
-                q = q.where(Artifact.router == router)
-            if expert_id is not None:
-                q = q.where(Artifact.expert_id == expert_id)
-            if kind is not None:
-                q = q.where(Artifact.kind == kind)
-            return list(s.scalars(q.order_by(Artifact.id)))
+        return self.artifacts.get_artifacts(router, expert, version, kind)
 
     def artifact_path(self, artifact: Artifact) -> Path:
-        return self.store.resolve(artifact.path)
+        return self.artifacts.artifact_path(artifact)
 
     def remove_artifacts(self, router: str, expert: str | None = None, version: str | None = None) -> int:
-        """Delete a router's artifacts (for one expert, or all of them) with their files."""
-        expert_id = self.get_expert(expert, version).id if expert is not None else None
-        rels: list[str] = []
-        with self.session() as s:
-            q = select(Artifact).where(Artifact.router == router)
-            if expert_id is not None:
-                q = q.where(Artifact.expert_id == expert_id)
-            for a in s.scalars(q):
-                rels.append(a.path)
-                s.delete(a)
-        for rel in rels:
-            self.store.discard(self.store.resolve(rel))
-        return len(rels)
+        return self.artifacts.remove_artifacts(router, expert, version)
 
-    # --- API keys --------------------------------------------------------------------------------
+    # --- API keys (registry/keys.py) -------------------------------------------------------------
 
     def create_key(
         self, name: str, scope: str = "user", models: list[str] | tuple[str, ...] = (), rpm: int | None = None
     ) -> tuple[ApiKey, str]:
-        """Returns (record, plaintext key). The plaintext is not stored anywhere: show it once."""
-        with self.session() as s:
-            return _keys.create_key(s, name, scope, models, rpm)
+        return self.keys.create_key(name, scope, models, rpm)
 
     def verify_key(self, plaintext: str) -> ApiKey | None:
-        with self.reading() as s:
-            return _keys.verify_key(s, plaintext)
+        return self.keys.verify_key(plaintext)
 
     def list_keys(self) -> list[ApiKey]:
-        with self.reading() as s:
-            return _keys.list_keys(s)
+        return self.keys.list_keys()
 
     def revoke_key(self, name: str) -> ApiKey:
-        with self.session() as s:
-            return _keys.revoke_key(s, name)
+        return self.keys.revoke_key(name)
 
-    # --- strategies users define (registry/strategies.py) ---------------------------------------
+    # --- strategies users define (registry/strategies.py) ----------------------------------------
 
-    def add_strategy(self, name: str, router: str, composer: str, **fields) -> StrategyRecord:  # noqa: ANN003
-        """Store a definition that services/moe/definitions.py has checked (fields: router_params,
-        composer_params, experts, fallback, description)."""
-        with self.session() as s:
-            return _strategies.add_strategy(s, name, router, composer, **fields)
+    def add_strategy(self, name: str, router: str, composer: str, **fields: Any) -> StrategyRecord:
+        return self.strategies.add_strategy(name, router, composer, **fields)
 
     def list_strategies(self) -> list[StrategyRecord]:
-        with self.reading() as s:
-            return _strategies.list_strategies(s)
+        return self.strategies.list_strategies()
 
     def get_strategy(self, name: str) -> StrategyRecord:
-        with self.reading() as s:
-            return _strategies.get_strategy(s, name)
+        return self.strategies.get_strategy(name)
 
     def remove_strategy(self, name: str) -> StrategyRecord:
-        with self.session() as s:
-            return _strategies.remove_strategy(s, name)
+        return self.strategies.remove_strategy(name)
 
     def strategies_fingerprint(self) -> tuple:
-        with self.reading() as s:
-            return _strategies.fingerprint(s)
+        return self.strategies.strategies_fingerprint()
 
-    # --- leaderboard: user suites and runs -------------------------------------------------------
+    # --- leaderboard suites (registry/suites.py) and runs (registry/runs.py) ---------------------
 
     def add_suite(
         self,
@@ -557,111 +232,33 @@ class Registry:
         checksum: str = "",
         replace: bool = False,
     ) -> Suite:
-        """Store a suite and all its examples in one transaction (rows are validated by the caller:
-        ``services.leaderboard.suites``). ``replace`` swaps out an existing suite of that name."""
-        check_name(name, "suite name")
-        if not rows:
-            raise RegistrationError(f"suite {name!r} has no examples")
-        with self.session() as s:
-            existing = s.scalar(select(Suite).where(Suite.name == name))
-            if existing is not None:
-                if not replace:
-                    raise RegistrationError(f"suite {name!r} already exists (use --replace to import it again)")
-                s.delete(existing)
-                s.flush()
-            suite = Suite(name=name, description=description, source=source, checksum=checksum, n_examples=len(rows))
-            s.add(suite)
-            try:
-                s.flush()  # the unique name first: a concurrent import of the same name stops here
-            except IntegrityError:
-                raise RegistrationError(f"suite {name!r} already exists (imported concurrently)") from None
-            s.add_all(
-                SuiteExample(
-                    suite_id=suite.id,
-                    line=r["line"],
-                    prompt=r["prompt"],
-                    reference=r["reference"],
-                    task=r.get("task", ""),
-                    split=r["split"],
-                    metric=r.get("metric", "exact_match"),
-                    choices=r.get("choices"),
-                )
-                for r in rows
-            )
-            s.flush()
-        return suite
+        return self.suites.add_suite(
+            name, rows, description=description, source=source, checksum=checksum, replace=replace
+        )
 
     def get_suite(self, name: str) -> Suite:
-        with self.reading() as s:
-            suite = s.scalar(select(Suite).where(Suite.name == name))
-        if suite is None:
-            raise NotFoundError(f"no suite named {name!r} (import one with `moerge suite add`)")
-        return suite
+        return self.suites.get_suite(name)
 
     def list_suites(self) -> list[Suite]:
-        with self.reading() as s:
-            return list(s.scalars(select(Suite).order_by(Suite.name)))
+        return self.suites.list_suites()
 
     def get_suite_examples(self, name: str, split: str | None = None) -> list[SuiteExample]:
-        suite = self.get_suite(name)
-        with self.reading() as s:
-            q = select(SuiteExample).where(SuiteExample.suite_id == suite.id)
-            if split is not None:
-                q = q.where(SuiteExample.split == split)
-            return list(s.scalars(q.order_by(SuiteExample.id)))
+        return self.suites.get_suite_examples(name, split)
 
     def remove_suite(self, name: str) -> Suite:
-        with self.session() as s:
-            suite = s.scalar(select(Suite).where(Suite.name == name))
-            if suite is None:
-                raise NotFoundError(f"no suite named {name!r}")
-            s.delete(suite)
-        return suite
+        return self.suites.remove_suite(name)
 
     def add_leaderboard_run(self, run: dict, results: list[dict]) -> LeaderboardRun:
-        """Store a run and every result row in one transaction: a run is either whole or absent.
-        ``run`` holds LeaderboardRun columns, each of ``results`` LeaderboardResult columns."""
-        with self.session() as s:
-            row = LeaderboardRun(**run)
-            row.results = [LeaderboardResult(**r) for r in results]
-            s.add(row)
-            s.flush()
-        return row
+        return self.runs.add_leaderboard_run(run, results)
 
     def list_leaderboard_runs(self, suite: str | None = None, limit: int | None = None) -> list[LeaderboardRun]:
-        """Runs, newest first."""
-        with self.reading() as s:
-            q = select(LeaderboardRun)
-            if suite is not None:
-                q = q.where(LeaderboardRun.suite == suite)
-            q = q.order_by(LeaderboardRun.id.desc())
-            if limit is not None:
-                q = q.limit(limit)
-            return list(s.scalars(q))
+        return self.runs.list_leaderboard_runs(suite, limit)
 
     def get_leaderboard_run(self, run_id: int | None = None, suite: str | None = None) -> LeaderboardRun:
-        """A run by id, or the newest one (of ``suite``, when given)."""
-        with self.reading() as s:
-            if run_id is not None:
-                run = s.get(LeaderboardRun, run_id)
-            else:
-                q = select(LeaderboardRun)
-                if suite is not None:
-                    q = q.where(LeaderboardRun.suite == suite)
-                run = s.scalars(q.order_by(LeaderboardRun.id.desc()).limit(1)).first()
-        if run is None:
-            what = f"run {run_id}" if run_id is not None else "run" + (f" of suite {suite!r}" if suite else "")
-            raise NotFoundError(f"no leaderboard {what} (start one with `moerge leaderboard run`)")
-        return run
+        return self.runs.get_leaderboard_run(run_id, suite)
 
     def get_leaderboard_results(self, run_id: int) -> list[LeaderboardResult]:
-        with self.reading() as s:
-            q = select(LeaderboardResult).where(LeaderboardResult.run_id == run_id)
-            return list(s.scalars(q.order_by(LeaderboardResult.id)))
+        return self.runs.get_leaderboard_results(run_id)
 
     def remove_leaderboard_run(self, run_id: int) -> None:
-        with self.session() as s:
-            run = s.get(LeaderboardRun, run_id)
-            if run is None:
-                raise NotFoundError(f"no leaderboard run {run_id}")
-            s.delete(run)
+        self.runs.remove_leaderboard_run(run_id)

@@ -6,10 +6,13 @@ is checked (services/moe/definitions.py) before ``add_strategy`` is called, in t
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from registry.db import SessionScope
 from registry.errors import DefinitionError, NotFoundError
 from registry.models import StrategyRecord
 from registry.validation import check_name
@@ -71,3 +74,33 @@ def fingerprint(session: Session) -> tuple:
         select(func.count(StrategyRecord.id), func.max(StrategyRecord.updated_at), func.max(StrategyRecord.id))
     ).one()
     return tuple(row)
+
+
+class Strategies:
+    """``Registry.strategies``: the functions above, each in a transaction of its own."""
+
+    def __init__(self, session: SessionScope, reading: SessionScope) -> None:
+        self._session = session
+        self._reading = reading
+
+    def add_strategy(self, name: str, router: str, composer: str, **fields: Any) -> StrategyRecord:
+        """Store a definition that services/moe/definitions.py has checked (fields: router_params,
+        composer_params, experts, fallback, description)."""
+        with self._session() as s:
+            return add_strategy(s, name, router, composer, **fields)
+
+    def list_strategies(self) -> list[StrategyRecord]:
+        with self._reading() as s:
+            return list_strategies(s)
+
+    def get_strategy(self, name: str) -> StrategyRecord:
+        with self._reading() as s:
+            return get_strategy(s, name)
+
+    def remove_strategy(self, name: str) -> StrategyRecord:
+        with self._session() as s:
+            return remove_strategy(s, name)
+
+    def strategies_fingerprint(self) -> tuple:
+        with self._reading() as s:
+            return fingerprint(s)
