@@ -37,6 +37,7 @@ class RequestError(EngineError):
     ``code`` and ``param``), as opposed to an engine that cannot serve right now."""
 
     code = "invalid_request"
+    http_status = 400
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)

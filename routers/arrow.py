@@ -13,7 +13,10 @@ import torch
 
 from routers.base import Artifact, ExpertInfo
 from routers.params import Param
-from routers.tokenwise import TokenwiseRouter, read_lora_factors, require_adapter
+from routers.tokenwise import Gate, TokenwiseRouter, read_lora_factors, require_adapter
+
+# s_e = |⟨h, v_e⟩|, neither h nor v normalised
+ARROW = Gate("arrow", absolute=True)
 
 
 def top_right_singular_vector(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -33,7 +36,7 @@ class ArrowRouter(TokenwiseRouter):
     comparison runs used 10)."""
 
     name = "arrow"
-    gate = "arrow"
+    gate = ARROW
     PARAMS = (
         Param("top_k", "int", 2, "experts mixed per token and module", minimum=1),
         Param("temperature", "float", 1.0, "softmax temperature of the per-token scores", minimum=1e-6),

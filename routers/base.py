@@ -16,10 +16,17 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from registry.errors import MoergeError
 from routers.params import Param
 
 
-class ExpertUnusable(ValueError):
+class RouterError(MoergeError):
+    """A router cannot fit or route as it is set up: no experts loaded, a fitting hook missing,
+    a query back end that does not exist. The gateway answers 503 (the strategy exists, but
+    cannot answer now)."""
+
+
+class ExpertUnusable(RouterError):
     """This router (or composer) cannot use this expert: no examples to fit on, an adapter kind
     it cannot express. The strategy leaves the expert out and says so; other errors still fail."""
 
@@ -112,16 +119,35 @@ class Router(Protocol):
 
 
 class BaseRouter:
-    """Mixin: ``add_expert`` is ``fit_expert`` followed by ``load_expert``."""
+    """What the strategy runtime reads of every router class (built-ins and ``moerge.routers``
+    plugins subclass it), and ``add_expert`` as ``fit_expert`` followed by ``load_expert``."""
 
+    name = "router"
     level = "query"  # query: a Decision per query | token: a MixtureSpec the MoLoRA layer applies
     kinds: tuple[str, ...] = ("adapter", "model")  # the expert kinds it can choose among
-    # what the strategy runtime hands it (services/moe/strategies.py ``NEEDS``): embedder,
-    # validation (evaluate_fn + validation_examples), task_skills, seed, gold_task, local
+    # what the strategy runtime hands it (``MoE._supply`` in services/moe/strategies.py): embedder,
+    # validation (evaluate_fn + validation_examples), task_skills, seed, gold_task, local, head
     needs: frozenset[str] = frozenset()
     PARAMS: tuple[Param, ...] = ()  # user-settable parameters (routers/params.py)
 
+    def fit_expert(self, expert: ExpertInfo) -> Artifact:
+        raise NotImplementedError
+
+    def load_expert(self, expert: ExpertInfo, artifact: Artifact) -> None:
+        raise NotImplementedError
+
+    def remove_expert(self, name: str) -> None:
+        raise NotImplementedError
+
+    def route(self, request: RouteRequest) -> Decision | MixtureSpec:
+        raise NotImplementedError
+
+    def accepts_artifact(self, artifact: Artifact) -> bool:
+        """Whether a stored artifact is one this router can load (False: fitted by an older
+        recipe, so the pool fits it again)."""
+        return True
+
     def add_expert(self, expert: ExpertInfo) -> Artifact:
-        artifact = self.fit_expert(expert)  # type: ignore[attr-defined]
-        self.load_expert(expert, artifact)  # type: ignore[attr-defined]
+        artifact = self.fit_expert(expert)
+        self.load_expert(expert, artifact)
         return artifact

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +51,8 @@ def _linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.to(dtype), cached[1], cached[2]).to(x.dtype)
 
 
-def bert_layer(layer: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """transformers' BertLayer forward (eval, sdpa), kernel for kernel in the same order — so the
+def bert_layer(layer: Any, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """transformers' BertLayer (``Any``: torch types submodules as Tensor | Module) forward (eval, sdpa), kernel for kernel in the same order — so the
     same numbers — without its Python: module dispatch and a signature inspection on every call
     (``apply_chunking_to_forward``) cost ~0.3 ms per layer, a fifth of a routing decision."""
     att, out = layer.attention.self, layer.attention.output
@@ -68,7 +69,9 @@ def bert_layer(layer: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor 
     return F.layer_norm(_linear(layer.output.dense, inner) + hidden, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
-def run_layers(layers: Sequence[torch.nn.Module], hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def run_layers(
+    layers: Sequence[torch.nn.Module] | torch.nn.ModuleList, hidden: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
     """BERT layers over ``hidden`` with ``mask`` as the layers' attention_mask (None: attend to
     everything, as BertModel passes for an unpadded batch; or an additive float mask). Layers in
     training mode (dropout) go through their own forward."""

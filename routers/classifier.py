@@ -100,7 +100,7 @@ def _additive_mask(mask: torch.Tensor) -> torch.Tensor:
     return (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
 
 
-def _run_layers(layers: Sequence[nn.Module], hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _run_layers(layers: Sequence[nn.Module] | nn.ModuleList, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # eval-mode layers are stepped through kernel by kernel (same numbers, less Python); layers
     # being trained (dropout) run their own forward
     return run_layers(layers, hidden, _additive_mask(mask))
@@ -348,6 +348,7 @@ class ClassifierRouter(EmbeddingRouter):
         """The trained head (its top layers and linear layer) with its labels and key."""
         if self._stale or self.head is None:
             self.retrain()
+        assert self.head is not None  # retrain sets it
         tensors = {k: v.detach().clone().contiguous() for k, v in self.head.state_dict().items()}
         return Artifact(tensors=tensors, metadata={"key": self.head_key(), "labels": json.dumps(self.labels)})
 
@@ -379,6 +380,7 @@ class ClassifierRouter(EmbeddingRouter):
 
     def _probabilities(self, prompt: str) -> dict[str, float]:
         head = self.head
+        assert head is not None  # probabilities() trained it
         if self.train_layers:
             # the frozen layers below the trained ones: the embedder's query path (ONNX Runtime)
             hidden, mask = self.emb.query_hidden(prompt, self._split)
@@ -394,7 +396,7 @@ class ClassifierRouter(EmbeddingRouter):
         if not self.experts:
             return self.fallback(self.fallback_expert, reason="no experts")
         probs = self.probabilities(request.prompt)
-        label = max(probs, key=probs.get)
+        label = max(probs, key=probs.__getitem__)
         info = {"label": label, "probs": {k: round(v, 4) for k, v in probs.items()}}
         if label == OTHER or label not in self.experts:
             return self.fallback(self.fallback_expert, reason="classified as other", **info)

@@ -28,6 +28,9 @@ class QueryRouter(BaseRouter):
     """Base for query-level routers: keeps loaded experts in registration order."""
 
     name: str = "query"
+    # a query-level decision names experts to call: any kind an engine can answer, external APIs
+    # included (a strategy's expert set names them; the default pools hold adapters and models)
+    kinds: tuple[str, ...] = ("adapter", "model", "external")
 
     def __init__(self) -> None:
         self.experts: OrderedDict[str, ExpertInfo] = OrderedDict()

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from routers.base import RouterError
 from routers.bert_layers import MATMUL_DTYPE, run_layers, steppable
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class Embedder:
     ) -> None:
         query_backend = query_backend or default_query_backend()
         if query_backend not in QUERY_BACKENDS:
-            raise ValueError(
+            raise RouterError(
                 f"query_backend ({QUERY_BACKEND_ENV}) must be one of {', '.join(QUERY_BACKENDS)}, not {query_backend!r}"
             )
         self.model_path = Path(model_path) if model_path else None

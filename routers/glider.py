@@ -23,10 +23,14 @@ import torch.nn.functional as F
 
 from routers.base import Artifact, ExpertInfo, MixtureSpec, RouteRequest
 from routers.params import Param
-from routers.phatgoose import PhatgooseRouter
+from routers.phatgoose import PHATGOOSE, PhatgooseRouter
+from routers.tokenwise import Gate
 
 Embedder = Callable[[Sequence[str]], torch.Tensor]  # texts -> [n, d]
 TASK_KEY = "glider.task_embedding"
+
+# z_e = s_e(PHATGOOSE) + α · g_e, from its own vectors or else PHATGOOSE's (the same trained gates)
+GLIDER = Gate("glider", vectors=("glider", PHATGOOSE.name), standardise=True, global_term=True)
 
 EXPERT_PROMPT = (
     "Here are examples of inputs a specialised model was trained on:\n{examples}\n\n"
@@ -55,7 +59,7 @@ class GliderRouter(PhatgooseRouter):
     """
 
     name = "glider"
-    gate = "glider"
+    gate = GLIDER
     needs = frozenset({"local"})  # PHATGOOSE's gates, shared with moe/phatgoose
     PARAMS = (
         Param("alpha", "float", 100.0, "weight α of the global task similarity", minimum=0),

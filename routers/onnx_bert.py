@@ -30,10 +30,12 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from routers.base import RouterError
 from routers.bert_layers import bert_layer
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ class _Stepped(torch.nn.Module):
     """Embeddings + the first ``layers`` layers, returning their hidden states stacked: the graph
     we export."""
 
-    def __init__(self, bert: torch.nn.Module, layers: int) -> None:
+    def __init__(self, bert: Any, layers: int) -> None:  # a transformers BertModel
         super().__init__()
         self.bert, self.layers = bert, layers
 
@@ -78,7 +80,7 @@ class _Stepped(torch.nn.Module):
         return torch.stack(states)
 
 
-def export(bert: torch.nn.Module, layers: int, path: Path) -> None:
+def export(bert: Any, layers: int, path: Path) -> None:
     """Export ``bert`` (a transformers BertModel in eval mode) up to its ``layers``-th layer to
     ``path``, atomically."""
     example = torch.tensor([[101, 7592, 2088, 102]])  # any short sequence: the length is dynamic
@@ -104,6 +106,7 @@ def export(bert: torch.nn.Module, layers: int, path: Path) -> None:
             )
     finally:
         quiet.setLevel(level)
+    assert program is not None  # dynamo=True returns the program
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
     os.close(fd)
     try:
@@ -148,7 +151,7 @@ def quantize_int8(fp32_path: Path, path: Path) -> None:
             os.unlink(tmp)
 
 
-def _graph(bert: torch.nn.Module, layers: int, precision: str, directory: Path, digest: str) -> Path:
+def _graph(bert: Any, layers: int, precision: str, directory: Path, digest: str) -> Path:
     """The graph file for these weights, layers and precision under ``directory``, made if missing."""
     fp32 = directory / f"bert-{digest[:32]}-L{layers}.onnx"
     if not fp32.exists():
@@ -187,15 +190,13 @@ class OnnxBert:
         return torch.from_numpy(out)
 
     @classmethod
-    def for_model(
-        cls, bert: torch.nn.Module, layers: int | None = None, threads: int = 1, precision: str = "fp32"
-    ) -> "OnnxBert":
+    def for_model(cls, bert: Any, layers: int | None = None, threads: int = 1, precision: str = "fp32") -> "OnnxBert":
         """The session for ``bert``'s weights up to ``layers`` layers (None: all) in ``precision``
         (``PRECISIONS``): from this process's sessions, else the disk cache, else a fresh export
         (~5 s; int8 quantises that graph, ~3 s more). The classifier runs the layers below its
         trained ones, so it needs a graph that stops there."""
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+            raise RouterError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         layers = len(bert.encoder.layer) if layers is None else layers
         key = (weights_hash(bert), layers, threads, precision)
         with _SESSIONS_LOCK:

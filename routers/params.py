@@ -42,7 +42,8 @@ class Param:
             value = float(value)
         if value is None and self.default is None:
             return None
-        if not isinstance(value, want) or (self.type != "bool" and isinstance(value, bool)):
+        of_type = isinstance(value, want)  # kept apart: narrowing ``value`` to ``object`` hides its type
+        if not of_type or (self.type != "bool" and isinstance(value, bool)):
             raise DefinitionError(f"{owner}: parameter {self.name!r} takes {self.type}, not {value!r}")
         if self.choices and value not in self.choices:
             raise DefinitionError(

@@ -24,9 +24,11 @@ from collections.abc import Iterator
 
 import torch
 
+from registry.errors import DefinitionError
 from routers.base import Artifact, ExpertInfo
 from routers.params import Param
 from routers.tokenwise import (
+    Gate,
     LoraFactors,
     TokenwiseRouter,
     load_base,
@@ -53,7 +55,7 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], device, max_length: in
     the target tokens the expert was trained to produce (the official code's decoder targets).
     ``loss_on="sequence"``: labels on every token."""
     if loss_on not in ("answer", "sequence"):
-        raise ValueError(f"loss_on must be 'answer' or 'sequence', not {loss_on!r}")
+        raise DefinitionError(f"loss_on must be 'answer' or 'sequence', not {loss_on!r}")
     full = tokenizer([p + a for p, a in pairs])["input_ids"]
     prompt = tokenizer([p for p, _ in pairs])["input_ids"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -191,7 +193,7 @@ def mean_activations(
                 m = torch.zeros_like(mask, dtype=torch.float)
                 m[torch.arange(len(m)), mask.sum(1) - 1] = 1.0
             else:
-                raise ValueError(f"tokens must be 'all', 'answer' or 'last', not {tokens!r}")
+                raise DefinitionError(f"tokens must be 'all', 'answer' or 'last', not {tokens!r}")
             weights[:] = [m / m.sum(1, keepdim=True)]
             model(input_ids=ids, attention_mask=mask)
             count += ids.shape[0]
@@ -201,12 +203,18 @@ def mean_activations(
     return {m: (s / count).cpu() for m, s in sums.items()}
 
 
+# s_e = LN(h) · LN(v_e) / √d; σ is not applied at inference (the vectors are routing keys only)
+PHATGOOSE = Gate("phatgoose", standardise=True)
+# routed exactly like PHATGOOSE, from its own (mean-activation) vectors
+AVERAGE_ACTIVATION = Gate("average-activation", standardise=True)
+
+
 class PhatgooseRouter(TokenwiseRouter):
     """Token-level router with post-hoc trained gate vectors (PHATGOOSE); top-k = 2 by default."""
 
     name = "phatgoose"
-    gate = "phatgoose"
-    PARAMS = (
+    gate = PHATGOOSE
+    PARAMS: tuple[Param, ...] = (
         Param("top_k", "int", 2, "experts mixed per token and module", minimum=1),
         Param("steps", "int", 100, "gate training steps per expert", minimum=1, fit=True),
         Param("lr", "float", 5e-3, "gate learning rate", minimum=0, fit=True),
@@ -238,10 +246,10 @@ class PhatgooseRouter(TokenwiseRouter):
         return artifact.metadata.get("recipe") == self.recipe
 
     def fit_expert(self, expert: ExpertInfo) -> Artifact:
-        require_adapter(expert)
+        adapter = require_adapter(expert)
         model, tokenizer = load_base(str(expert.base_path), expert.base_trust_remote_code)
         pairs = training_pairs(expert, tokenizer.eos_token, limit=self.max_examples)
-        factors = read_lora_factors(expert.adapter_path)
+        factors = read_lora_factors(adapter)
         vectors, summary = train_gates(
             model,
             tokenizer,
@@ -271,8 +279,8 @@ class AverageActivationRouter(TokenwiseRouter):
     read in e's own model (base + e's LoRA)."""
 
     name = "average-activation"
-    gate = "average-activation"
-    PARAMS = (
+    gate = AVERAGE_ACTIVATION
+    PARAMS: tuple[Param, ...] = (
         Param("top_k", "int", 2, "experts mixed per token and module", minimum=1),
         Param("max_examples", "int", 1000, "examples averaged per expert", minimum=1, fit=True),
         Param("with_expert", "bool", True, "read activations in the expert's own model (else the base's)", fit=True),
@@ -300,10 +308,10 @@ class AverageActivationRouter(TokenwiseRouter):
         return artifact.metadata.get("recipe") == self.recipe
 
     def fit_expert(self, expert: ExpertInfo) -> Artifact:
-        require_adapter(expert)
+        adapter = require_adapter(expert)
         model, tokenizer = load_base(str(expert.base_path), expert.base_trust_remote_code)
         pairs = training_pairs(expert, tokenizer.eos_token, limit=self.max_examples)
-        factors = read_lora_factors(expert.adapter_path)
+        factors = read_lora_factors(adapter)
         vectors = mean_activations(
             model,
             tokenizer,

@@ -43,6 +43,7 @@ class RetrievalRouter(EmbeddingRouter):
             self._matrix, self._owner = stack_rows(
                 [self.artifacts[n].tensors["embeddings"] for n in self.names], self.emb.dim if self.experts else 0
             )
+        assert self._owner is not None
         return self._matrix, self._owner
 
     def scores(self, prompt: str) -> torch.Tensor:

@@ -121,6 +121,7 @@ class SemanticRouter(EmbeddingRouter):
             counts = torch.bincount(self._owner, minlength=len(self.names)).tolist()
             self._slices = [(sum(counts[:i]), sum(counts[: i + 1])) for i in range(len(counts))]
             self._gate, self._gate_parts = self._calibrate_gate()
+        assert self._owner is not None
         return self._matrix, self._owner
 
     def _calibrate_gate(self) -> tuple[float, dict[str, float]]:
@@ -135,6 +136,7 @@ class SemanticRouter(EmbeddingRouter):
 
     def _scores_of(self, queries: torch.Tensor) -> torch.Tensor:
         """[queries, experts] top-m-mean cosines of unit-norm query embeddings."""
+        assert self._matrix is not None  # _index() built it
         sims = queries @ self._matrix.T
         return torch.stack([top_m_mean(sims[:, a:b], self.top_m) for a, b in self._slices], dim=1)
 

@@ -41,7 +41,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from routers.base import Artifact, Decision, ExpertExample, ExpertInfo, ExpertUnusable, RouteRequest
+from registry.errors import DefinitionError
+from routers.base import Artifact, Decision, ExpertExample, ExpertInfo, ExpertUnusable, RouteRequest, RouterError
 from routers.common import EmbeddingRouter, EvaluateFn, dumps, expert_tasks, validation_set
 from routers.embedder import Embedder
 from routers.params import Param
@@ -90,7 +91,7 @@ class SkillRouter(EmbeddingRouter):
         skill_match: str = "both",
     ) -> None:
         if skill_match not in ("both", "keywords", "questions"):
-            raise ValueError(f"skill_match must be both | keywords | questions, not {skill_match!r}")
+            raise DefinitionError(f"skill_match must be both | keywords | questions, not {skill_match!r}")
         super().__init__()
         self.evaluate_fn = evaluate_fn
         self.task_skills = {t: list(s) for t, s in (task_skills or {}).items()}
@@ -115,13 +116,13 @@ class SkillRouter(EmbeddingRouter):
 
     def fit_expert(self, expert: ExpertInfo) -> Artifact:
         if self.evaluate_fn is None:
-            raise ValueError("skill router: fit_expert needs an evaluate_fn(expert, examples) -> [bool]")
+            raise RouterError("skill router: fit_expert needs an evaluate_fn(expert, examples) -> [bool]")
         examples = validation_set(expert, self.validation_examples)
         if not examples:
             raise ExpertUnusable(f"skill router: no validation examples to profile {expert.name!r}")
         correct = [bool(c) for c in self.evaluate_fn(expert, examples)]
         if len(correct) != len(examples):
-            raise ValueError("skill router: evaluate_fn returned a different number of results")
+            raise RouterError("skill router: evaluate_fn returned a different number of results")
         profile: dict[str, int] = {}
         carriers: dict[str, list[str]] = {}
         for ex, ok in zip(examples, correct):

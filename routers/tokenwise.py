@@ -6,6 +6,10 @@ routing vector (its artifact, keyed by the base model's module name such as
 applies inside the forward pass through ``composer.molora``. The engine takes each expert's
 vectors from ``router.gate_vectors(name)``.
 
+How the vectors score a token is the router's ``Gate``, declared next to the router class and
+registered in ``composer.gates.GATES`` under the name ``MixtureSpec.gate`` carries; the MoLoRA
+layer (its PyTorch path and its CPU kernel alike) reads the gate's fields, never its name.
+
 This module also holds the reader of peft LoRA folders (``read_lora_factors``), used both by the
 routers that fit from factors and by the MoLoRA layer: composer depends on routers' types, never
 the other way round.
@@ -13,12 +17,14 @@ the other way round.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig
 from peft.utils import load_peft_weights
 from peft.utils.other import get_pattern_key
@@ -68,14 +74,63 @@ def read_lora_factors(adapter_path: str | Path, device: str | torch.device = "cp
     out: dict[str, LoraFactors] = {}
     for module, ab in sorted(parts.items()):
         if set(ab) != {"A", "B"}:
-            raise ValueError(f"{adapter_path}: module {module} lacks lora_A or lora_B")
+            raise ExpertUnusable(f"{adapter_path}: module {module} lacks lora_A or lora_B")
         r = ab["A"].shape[0]
         alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
         scale = alpha / (r**0.5 if config.use_rslora else r)
         out[module] = LoraFactors(A=ab["A"], B=ab["B"], scale=float(scale))
     if not out:
-        raise ValueError(f"{adapter_path}: no LoRA factors found")
+        raise ExpertUnusable(f"{adapter_path}: no LoRA factors found")
     return out
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A token-level gate formula: how the routing vectors v_e score a module input h.
+
+        s_e = LN(h) · LN(v_e) / √d   ``standardise`` (PHATGOOSE: LN is zero mean, unit variance
+                                     over d, no affine, as nn.LayerNorm(elementwise_affine=False))
+        s_e = h · v_e                otherwise
+        s_e = |s_e|                  ``absolute`` (Arrow: removes the SVD sign ambiguity)
+        z_e = s_e / T + α · g_e      ``global_term`` (GLIDER: g_e the query's global score per
+                                     expert, ``MixtureSpec.global_scores``; α = 0 leaves s_e / T)
+
+    then softmax over the experts, keep the top-k, renormalise (``composer.molora``, which reads
+    these fields in its PyTorch path and passes them to its CPU kernel). ``vectors``: the stored
+    vector kinds the gate reads, in order of preference (default: its own name). ``top_k``: the
+    default k of a router that declares this gate.
+    """
+
+    name: str
+    vectors: tuple[str, ...] = ()
+    standardise: bool = False
+    absolute: bool = False
+    global_term: bool = False
+    top_k: int = 2
+    eps: float = 1e-5  # PHATGOOSE standardises with nn.LayerNorm's default eps
+
+    def __post_init__(self) -> None:
+        if not self.vectors:
+            object.__setattr__(self, "vectors", (self.name,))
+
+    def keys(self, v: torch.Tensor) -> torch.Tensor:
+        """Routing vectors [..., d] as the scores read them: LN(v) / √d where standardised (the
+        1/√d folded into the keys once instead of scaling every token), else v itself."""
+        if not self.standardise:
+            return v
+        d = v.shape[-1]
+        return F.layer_norm(v, (d,), eps=self.eps) / math.sqrt(d)
+
+    def torch_scores(self, x: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
+        """s [T, M] for tokens x [T, d] (fp32) and keys_t [d, M], columns made by ``keys``;
+        before the temperature and the global term."""
+        z = (F.layer_norm(x, (x.shape[-1],), eps=self.eps) if self.standardise else x) @ keys_t
+        return z.abs() if self.absolute else z
+
+    @property
+    def kernel_args(self) -> tuple[bool, bool, float]:
+        """``composer.molora_kernels.route``'s (standardise, absolute, eps) for this gate."""
+        return self.standardise, self.absolute, self.eps
 
 
 @lru_cache(maxsize=2)
@@ -106,24 +161,27 @@ def training_pairs(
     return pairs[:limit] if limit is not None else pairs
 
 
-def require_adapter(expert: ExpertInfo) -> None:
+def require_adapter(expert: ExpertInfo) -> Path:
+    """The expert's adapter folder; an expert that is no LoRA adapter on a known base is unusable."""
     if expert.kind != "adapter" or expert.adapter_path is None or expert.base_path is None:
         raise ExpertUnusable(f"expert {expert.name!r}: token-level routing needs a LoRA adapter on a known base")
+    return expert.adapter_path
 
 
 class TokenwiseRouter(BaseRouter):
     """Keeps each expert's per-module routing vectors and answers with a ``MixtureSpec``.
 
-    Subclasses set ``name`` and ``gate`` and implement ``fit_expert``.
+    Subclasses set ``name`` and ``gate`` (their ``Gate``, registered in ``composer.gates``) and
+    implement ``fit_expert``.
     """
 
     name = "tokenwise"
-    gate = ""
+    gate: Gate
     level = "token"
     kinds = ("adapter",)
 
-    def __init__(self, top_k: int = 2, temperature: float = 1.0):
-        self.top_k = top_k
+    def __init__(self, top_k: int | None = None, temperature: float = 1.0):
+        self.top_k = self.gate.top_k if top_k is None else top_k
         self.temperature = temperature
         self.experts: dict[str, ExpertInfo] = {}
         self._vectors: dict[str, dict[str, torch.Tensor]] = {}
@@ -147,7 +205,7 @@ class TokenwiseRouter(BaseRouter):
         return MixtureSpec(
             router=self.name,
             experts=names,
-            gate=self.gate,
+            gate=self.gate.name,
             top_k=min(self.top_k, len(names)),
             temperature=self.temperature,
         )

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from routers import onnx_bert
-from routers.base import ExpertExample, ExpertInfo, RouteRequest
+from routers.base import ExpertExample, ExpertInfo, RouteRequest, RouterError
 from routers.classifier import ClassifierRouter
 from routers.embedder import Embedder
 from routers.semantic import SemanticRouter
@@ -110,7 +110,7 @@ def test_export_is_cached_on_disk_and_keyed_by_the_weights(tmp_path, monkeypatch
 
 
 def test_unknown_query_backend_is_refused():
-    with pytest.raises(ValueError, match="query_backend"):
+    with pytest.raises(RouterError, match="query_backend"):
         Embedder(query_backend="tensorrt")
 
 
@@ -163,7 +163,7 @@ def test_the_query_backend_comes_from_the_environment(monkeypatch):
     assert Embedder().query_backend == "onnx-int8"
     assert Embedder(query_backend="torch").query_backend == "torch"  # an argument still wins
     monkeypatch.setenv("MOERGE_ROUTER_QUERY_BACKEND", "int4")
-    with pytest.raises(ValueError, match="MOERGE_ROUTER_QUERY_BACKEND"):
+    with pytest.raises(RouterError, match="MOERGE_ROUTER_QUERY_BACKEND"):
         Embedder()
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from routers import QUERY_ROUTERS
-from routers.base import Artifact, ExpertExample, ExpertInfo, Router, RouteRequest
+from routers.base import Artifact, ExpertExample, ExpertInfo, Router, RouteRequest, RouterError
 from routers.baselines import BaseModelRouter, BestSingleRouter, OracleRouter, RandomRouter
 from routers.classifier import ClassifierRouter
 from routers.embedder import Embedder
@@ -440,7 +440,7 @@ def test_skill_profile_and_recruiting(embedder):
     for t in BASE3:
         sampled.load_expert(make_expert(t), arts[t])
     assert sampled.route(RouteRequest(test_prompts("add", 1)[0])).top == "math-expert"
-    with pytest.raises(ValueError):
+    with pytest.raises(RouterError, match="evaluate_fn"):
         SkillRouter(embedder=embedder).fit_expert(make_expert("add"))
 
 
