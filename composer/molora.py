@@ -9,12 +9,13 @@ where p comes from a gate computed per token and module (routing math in fp32) a
 top-k experts are kept, renormalised. With none active the layer returns ``W h`` unchanged, and
 ``MoLoRA.uninstall()`` puts the original modules back, so the base is restored exactly.
 
-Gates (``MixtureSpec.gate``), from the routing vectors v_e each router fits per module:
-  phatgoose            s_e = LN(h) · LN(v_e) / √d (LN: zero mean, unit variance, no affine;
-                       σ is not applied at inference)
-  average-activation   the same, with v_e the mean module input over e's training data
-  arrow                s_e = |⟨h, v_e⟩|, v_e the top right-singular vector of ΔW_e
-  glider               z_e = s_e(phatgoose) + α · g_e, g_e a per-row (per-query) global score
+Gates (``MixtureSpec.gate``, a name looked up in ``composer.gates.GATES``), from the routing
+vectors v_e each router fits per module. Each is a ``routers.tokenwise.Gate`` that declares its
+formula, and this layer reads only those fields:
+  standardise          s_e = LN(h) · LN(v_e) / √d (LN: zero mean, unit variance, no affine), else
+                       s_e = h · v_e; phatgoose, average-activation and glider standardise
+  absolute             s_e = |s_e| (arrow: v_e the top right-singular vector of ΔW_e)
+  global_term          z_e = s_e + α · g_e, g_e a per-row (per-query) global score (glider)
 then z / T (T = ``MixtureSpec.temperature``; 1 leaves PHATGOOSE's scores as they are),
 softmax over the experts, top-k, renormalise. α = 0 takes the PHATGOOSE path untouched, so it
 reproduces PHATGOOSE bit for bit.
@@ -29,7 +30,8 @@ Typical use by an engine (the mixture stays installed; each batch activates its 
     stats.per_expert()                        # mean gate probability per expert (provenance)
     mix.uninstall()
 
-``glider`` reads the ``phatgoose`` vectors when an expert has no ``glider`` vectors of its own.
+A gate reads the first of its ``vectors`` kinds an expert has: ``glider`` reads the ``phatgoose``
+vectors when an expert has no ``glider`` vectors of its own.
 
 How it runs: layers that read the same tensor (q/k/v, gate/up) form a ``_Group`` that routes
 the tokens once for all of them. On CPU without autograd (how the engines generate) that is one
@@ -45,7 +47,6 @@ taken over the top-k logits), which is below what greedy decoding notices but no
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,21 +54,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from composer import molora_kernels
+from composer.base import ComposeError
+from composer.gates import GATES, check_vector_kind, get_gate
 from routers.base import MixtureSpec
-from routers.tokenwise import LoraFactors, read_lora_factors
+from routers.tokenwise import Gate, LoraFactors, read_lora_factors
 
-GATES = ("phatgoose", "average-activation", "arrow", "glider")
-_STANDARDISED = {"phatgoose", "average-activation", "glider"}
-_LN_EPS = 1e-5  # PHATGOOSE standardises with nn.LayerNorm(elementwise_affine=False), eps 1e-5
-
-
-def _vector_kind(gate: str) -> tuple[str, ...]:
-    """Which stored vectors a gate reads, in order of preference."""
-    return ("glider", "phatgoose") if gate == "glider" else (gate,)
+__all__ = ["GATES", "Gate", "MoLoRA", "MoLoRALinear", "RoutingStats", "mixture"]
 
 
 @dataclass
@@ -75,7 +70,7 @@ class _Config:
     """The active routing configuration, shared by all layers of one model."""
 
     experts: tuple[str, ...]
-    gate: str
+    gate: Gate
     top_k: int
     alpha: float
     temperature: float
@@ -115,7 +110,7 @@ class _Stack:
     """A group's factors and routing vectors for one configuration, stacked across experts and
     members (G members, N experts, rank R: the largest rank, smaller ones zero-padded)."""
 
-    keys_t: torch.Tensor  # [d_in, G*N] routing vectors (standardised where the gate asks), / √d_in
+    keys_t: torch.Tensor  # [d_in, G*N] routing vectors as ``Gate.keys`` makes them
     A_t: torch.Tensor  # [d_in, G*N*R] every member's and expert's A, scale folded in (fp32)
     B: list[torch.Tensor]  # per member [N*R, d_out] (fp32)
     index: dict[str, int]  # member module name -> row g; members with none of the experts are absent
@@ -181,9 +176,7 @@ class _Group:
                 keys[g, i] = m._vector(cfg.gate, e).to(dev)
                 present[g, i] = True
             B.append(Bg)
-        if cfg.gate in _STANDARDISED:
-            # LN(h)·LN(v)/√d: the 1/√d is folded into the keys once instead of scaling every token
-            keys = F.layer_norm(keys, (d_in,), eps=_LN_EPS) / math.sqrt(d_in)
+        keys = cfg.gate.keys(keys)  # standardised gates: LN(v)/√d, the 1/√d folded in once
         kernel = None
         if dev.type == "cpu":
             kernel = _KernelStack(
@@ -228,11 +221,12 @@ class _Group:
         """_gate's routing, every token in one kernel call, which also keeps each member's top-k
         (expert, weight) pairs for the products."""
         ks = stack.kernel
+        assert ks is not None  # the kernel path runs on CPU, where the stack has one
         G, N, _ = stack.shape
         T = x.shape[0]
         k = min(cfg.top_k, N)
         bias, seq = np.zeros((0, N), dtype=np.float32), 1
-        if cfg.gate == "glider" and cfg.alpha != 0.0 and cfg.global_scores is not None:
+        if cfg.gate.global_term and cfg.alpha != 0.0 and cfg.global_scores is not None:
             bias = (cfg.alpha * cfg.global_scores).cpu().numpy()  # [queries, N]
             # a query's tokens are consecutive: its batch row's, or its rows' where
             # num_return_sequences / beams expanded the batch row-wise (as _gate's repeat_interleave)
@@ -241,11 +235,13 @@ class _Group:
         idx = np.empty((T, G, k), dtype=np.int64)
         w = np.empty((T, G, k), dtype=np.float32)
         p = torch.empty(T, G, N)
+        standardise, absolute, eps = cfg.gate.kernel_args
         molora_kernels.route(
             xn,
             ks.keys,
-            cfg.gate in _STANDARDISED,
-            _LN_EPS,
+            standardise,
+            absolute,
+            eps,
             cfg.temperature,
             bias,
             seq,
@@ -261,16 +257,10 @@ class _Group:
     def _gate(rows: int, x: torch.Tensor, cfg: _Config, stack: _Stack) -> torch.Tensor:
         """Mixture weights p [T, G, N]: zero outside each member's top-k, the kept ones sum to 1."""
         G, N, _ = stack.shape
-        if cfg.gate in _STANDARDISED:
-            z = F.layer_norm(x, (x.shape[-1],), eps=_LN_EPS) @ stack.keys_t  # keys carry the 1/√d
-        elif cfg.gate == "arrow":
-            z = (x @ stack.keys_t).abs()
-        else:
-            raise ValueError(f"unknown gate {cfg.gate!r}")
-        z = z.view(-1, G, N)
+        z = cfg.gate.torch_scores(x, stack.keys_t).view(-1, G, N)  # standardised keys carry the 1/√d
         if cfg.temperature != 1.0:
             z = z / cfg.temperature
-        if cfg.gate == "glider" and cfg.alpha != 0.0 and cfg.global_scores is not None:
+        if cfg.gate.global_term and cfg.alpha != 0.0 and cfg.global_scores is not None:
             g = cfg.global_scores.to(z.device)
             if g.shape[0] != rows:  # num_return_sequences / beams expand the batch row-wise
                 g = g.repeat_interleave(rows // g.shape[0], dim=0)
@@ -324,12 +314,12 @@ class MoLoRALinear(nn.Module):
         stack = self.group.stack(cfg)
         return stack if stack is not None and self.name in stack.index else None
 
-    def _vector(self, gate: str, expert: str) -> torch.Tensor:
-        for kind in _vector_kind(gate):
+    def _vector(self, gate: Gate, expert: str) -> torch.Tensor:
+        for kind in gate.vectors:
             v = self.vectors.get(kind, {}).get(expert)
             if v is not None:
                 return v.float()
-        raise KeyError(f"expert {expert!r} has no {gate!r} routing vector for module {self.name}")
+        raise ComposeError(f"expert {expert!r} has no {gate.name!r} routing vector for module {self.name}")
 
     def gate_weights(self, h: torch.Tensor, cfg: _Config, stack: _Stack) -> torch.Tensor:
         """Per-token mixture weights [..., N] in fp32: zero outside the top-k, kept ones sum to 1."""
@@ -349,6 +339,7 @@ class MoLoRALinear(nn.Module):
         flat = y.reshape(-1, y.shape[-1])
         if routed.picked is not None:  # kernel: each token's picked experts only
             x, idx, w = routed.picked
+            assert stack.kernel is not None  # routed by the kernel: the CPU stack
             A, B = stack.kernel.A[g], stack.kernel.B[g]
             if flat.dtype == torch.float32 and flat.is_contiguous():  # into the fresh base output
                 molora_kernels.add_products(flat.numpy(), x, A, B, idx, w, g)
@@ -356,6 +347,7 @@ class MoLoRALinear(nn.Module):
             acc = torch.zeros(flat.shape)
             molora_kernels.add_products(acc.numpy(), x, A, B, idx, w, g)
             return (flat + acc.to(flat.dtype)).view(y.shape)
+        assert routed.ah is not None  # the PyTorch path's products
         delta = routed.ah[:, g]  # all experts in one product, the unpicked ones weigh 0
         if flat.dtype == torch.float32:  # y += delta @ B in one kernel, into the fresh base output
             return flat.addmm_(delta, stack.B[g]).view(y.shape)
@@ -427,17 +419,17 @@ class MoLoRA:
         gates: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     ) -> None:
         """Load an expert's LoRA factors (a peft folder, or factors already read) and its routing
-        vectors per gate kind: ``{"phatgoose": {module: v}, "arrow": {...}, ...}``."""
+        vectors per kind (the kinds registered gates read): ``{"phatgoose": {module: v}, ...}``."""
         factors = read_lora_factors(adapter) if isinstance(adapter, (str, Path)) else dict(adapter)
-        modules = dict(self.model.named_modules())
+        linears = {n: m for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
         for module in factors:
-            if module not in self.layers and not isinstance(modules.get(module), nn.Linear):
-                raise ValueError(f"expert {name!r} adapts {module!r}, which is no nn.Linear of the base model")
+            if module not in self.layers and module not in linears:
+                raise ComposeError(f"expert {name!r} adapts {module!r}, which is no nn.Linear of the base model")
         for module, f in factors.items():
-            layer = self.layers.get(module) or self._wrap(module, modules[module])
+            layer = self.layers.get(module) or self._wrap(module, linears[module])
             base = layer.base
             if f.A.shape[1] != base.in_features or f.B.shape[0] != base.out_features:
-                raise ValueError(f"expert {name!r}: factor shapes do not fit {module}")
+                raise ComposeError(f"expert {name!r}: factor shapes do not fit {module}")
             layer.factors[name] = f
         self._regroup()
         self.experts.add(name)
@@ -445,12 +437,11 @@ class MoLoRA:
             self.set_gate_vectors(name, kind, vectors)
 
     def set_gate_vectors(self, name: str, kind: str, vectors: Mapping[str, torch.Tensor]) -> None:
-        if kind not in GATES:
-            raise ValueError(f"unknown gate kind {kind!r}; expected one of {GATES}")
+        check_vector_kind(kind)  # UnknownGate, naming the kinds the registered gates read
         for module, layer in self.layers.items():
             if name in layer.factors:
                 if module not in vectors:
-                    raise KeyError(f"{kind} vectors of expert {name!r} lack module {module}")
+                    raise ComposeError(f"{kind} vectors of expert {name!r} lack module {module}")
                 layer.vectors.setdefault(kind, {})[name] = vectors[module].detach().float()
                 layer.invalidate()
 
@@ -472,7 +463,7 @@ class MoLoRA:
             self._unwrap(module)
         self.experts.clear()
 
-    def _wrap(self, module: str, linear: nn.Module) -> MoLoRALinear:
+    def _wrap(self, module: str, linear: nn.Linear) -> MoLoRALinear:
         layer = MoLoRALinear(linear, module)
         parent, _, child = module.rpartition(".")
         setattr(self.model.get_submodule(parent) if parent else self.model, child, layer)
@@ -504,32 +495,32 @@ class MoLoRA:
         row: rows may differ only in their GLIDER global scores."""
         rows = [specs] if isinstance(specs, MixtureSpec) else list(specs)
         if not rows:
-            raise ValueError("no MixtureSpec given")
+            raise ComposeError("no MixtureSpec given")
         first = rows[0]
         shared = (tuple(first.experts), first.gate, first.top_k, first.alpha, first.temperature)
         for s in rows[1:]:
             if (tuple(s.experts), s.gate, s.top_k, s.alpha, s.temperature) != shared:
-                raise ValueError("rows of one batch must share experts, gate, top_k, alpha and temperature")
-        if first.gate not in GATES:
-            raise ValueError(f"unknown gate {first.gate!r}; expected one of {GATES}")
+                raise ComposeError("rows of one batch must share experts, gate, top_k, alpha and temperature")
+        gate = get_gate(first.gate)  # UnknownGate, naming the registered ones
         missing = [e for e in first.experts if e not in self.experts]
         if missing:
-            raise KeyError(f"experts not installed in this mixture: {missing}")
+            raise ComposeError(f"experts not installed in this mixture: {missing}")
         if not first.experts or first.top_k < 1:
-            raise ValueError("a mixture needs at least one expert and top_k >= 1")
+            raise ComposeError("a mixture needs at least one expert and top_k >= 1")
         global_scores = None
-        if first.gate == "glider" and first.alpha != 0.0:
-            if any(s.global_scores is None for s in rows):
-                raise ValueError("GLIDER with alpha != 0 needs global_scores for every row")
+        if gate.global_term and first.alpha != 0.0:
+            scores = [s.global_scores for s in rows]
+            if any(s is None for s in scores):
+                raise ComposeError(f"gate {gate.name!r} with alpha != 0 needs global_scores for every row")
             global_scores = torch.tensor(
-                [[float(s.global_scores[e]) for e in first.experts] for s in rows],
+                [[float(s[e]) for e in first.experts] for s in scores if s is not None],
                 dtype=torch.float32,
                 device=next(self.model.parameters()).device,
             )
         stats = RoutingStats(tuple(first.experts)) if record_stats else None
         self._config = _Config(
             experts=tuple(first.experts),
-            gate=first.gate,
+            gate=gate,
             top_k=first.top_k,
             alpha=float(first.alpha),
             temperature=float(first.temperature),

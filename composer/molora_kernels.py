@@ -34,16 +34,18 @@ def _compiled(fn: Callable) -> Callable:
 
 
 @_compiled
-def route(x, keys, standardise, eps, temperature, bias, seq, present, k, idx, w, p):  # pragma: no cover - compiled
+def route(x, keys, standardise, absolute, eps, temperature, bias, seq, present, k, idx, w, p):  # pragma: no cover
     """Top-k mixture weights of every token for every member of a group.
 
-    x [T, d] the input; keys [G, N, d] routing vectors (standardised gates: LN(v)/√d, else v);
-    standardise: score LN(x)·key (PHATGOOSE family) or |x·key| (Arrow); temperature divides the
-    scores; bias [rows, N] is added to every token of a row (GLIDER's α·global score; rows = 0:
-    none), a row being ``seq`` consecutive tokens; present [G, N] marks the experts that adapt each
-    member (the others are never picked). Writes idx / w [T, G, k] (the kept experts, best first,
-    and their softmax over the kept scores; idx -1 with weight 0 where fewer than k are present)
-    and p [T, G, N] (w scattered, zero elsewhere).
+    The gate's formula comes as its fields (``routers.tokenwise.Gate.kernel_args``), never its
+    name: x [T, d] the input; keys [G, N, d] routing vectors as ``Gate.keys`` made them
+    (standardised gates: LN(v)/√d, else v); standardise: score LN(x)·key (LayerNorm eps ``eps``;
+    the PHATGOOSE family), else x·key; absolute: take |score| (Arrow); temperature divides the
+    scores; bias [rows, N] is added to every token of a row (a gate's α·global term, GLIDER's;
+    rows = 0: none), a row being ``seq`` consecutive tokens; present [G, N] marks the experts that
+    adapt each member (the others are never picked). Writes idx / w [T, G, k] (the kept experts,
+    best first, and their softmax over the kept scores; idx -1 with weight 0 where fewer than k
+    are present) and p [T, G, N] (w scattered, zero elsewhere).
     """
     T, d = x.shape
     G, N, _ = keys.shape
@@ -69,7 +71,7 @@ def route(x, keys, standardise, eps, temperature, bias, seq, present, k, idx, w,
                 s = np.float32(0.0)
                 for i in range(d):
                     s += xs[i] * keys[g, n, i]
-                if not standardise:
+                if absolute:
                     s = abs(s)
                 if temperature != 1.0:
                     s = s / temperature

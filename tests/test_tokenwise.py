@@ -10,12 +10,16 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from composer import gates
+from composer.base import ComposeError
+from composer.gates import GATES, UnknownGate, register_gate
 from composer.molora import MoLoRA, MoLoRALinear, mixture
+from routers import TOKEN_ROUTERS
 from routers.arrow import ArrowRouter, top_right_singular_vector
-from routers.base import ExpertExample, ExpertInfo, MixtureSpec, RouteRequest
+from routers.base import Artifact, ExpertExample, ExpertInfo, MixtureSpec, RouteRequest
 from routers.glider import GliderRouter
 from routers.phatgoose import AverageActivationRouter, PhatgooseRouter
-from routers.tokenwise import load_base, read_lora_factors
+from routers.tokenwise import Gate, TokenwiseRouter, load_base, read_lora_factors
 from tests.factories import make_tiny_base, make_tiny_lora
 from tests.numerics import assert_close_float32, decoder_reductions
 
@@ -79,7 +83,7 @@ def phatgoose(zoo):
 def install(model, zoo, router, gate=None, names=None):
     mix = MoLoRA(model)
     for name in names or list(zoo[1]):
-        mix.add_expert(name, zoo[1][name].adapter_path, {gate or router.gate: router.gate_vectors(name)})
+        mix.add_expert(name, zoo[1][name].adapter_path, {gate or router.gate.name: router.gate_vectors(name)})
     return mix
 
 
@@ -458,3 +462,107 @@ def test_cpu_kernels_serve_a_bfloat16_model(zoo, batch, phatgoose, monkeypatch):
         reference = logits(model, batch)
     assert kernel.dtype == torch.bfloat16
     torch.testing.assert_close(kernel.float(), reference.float(), rtol=2e-2, atol=2e-2)
+
+
+# -- gates -----------------------------------------------------------------------------------
+
+
+def test_every_token_level_router_declares_a_registered_gate():
+    for router_cls in TOKEN_ROUTERS.values():
+        assert GATES[router_cls.gate.name] is router_cls.gate
+    routers = (PhatgooseRouter, AverageActivationRouter, ArrowRouter, GliderRouter)
+    assert [r.gate.name for r in routers] == [r.name for r in routers]
+    assert [r.gate.standardise for r in routers] == [True, True, False, True]
+    assert [r.gate.absolute for r in routers] == [False, False, True, False]
+    assert [r.gate.global_term for r in routers] == [False, False, False, True]
+    assert GliderRouter.gate.vectors == ("glider", "phatgoose")  # its own, else PHATGOOSE's
+    assert ArrowRouter.gate.vectors == ("arrow",)
+
+
+def test_an_unknown_gate_is_refused_with_the_registered_names(zoo, model):
+    mix = MoLoRA(model)
+    factors = read_lora_factors(zoo[1]["upper"].adapter_path)
+    mix.add_expert("upper", factors)
+    with pytest.raises(UnknownGate) as err:
+        mix.activate(MixtureSpec("t", ["upper"], "no-such-gate", top_k=1))
+    assert isinstance(err.value, ComposeError)
+    assert "'no-such-gate'" in str(err.value)
+    assert all(name in str(err.value) for name in ("phatgoose", "average-activation", "arrow", "glider"))
+    with pytest.raises(UnknownGate, match="no-such-kind.*arrow.*glider.*phatgoose"):
+        mix.set_gate_vectors("upper", "no-such-kind", {m: torch.zeros(f.A.shape[1]) for m, f in factors.items()})
+    with pytest.raises(ComposeError, match="registered already"):  # a name cannot change its formula
+        register_gate(Gate("arrow"))
+    assert register_gate(ArrowRouter.gate) is GATES["arrow"]  # the same gate again: a no-op
+    mix.uninstall()
+
+
+class SignedDotRouter(TokenwiseRouter):
+    """A token-level router of a formula no built-in has: s_e = h · v_e / T (neither standardised
+    nor absolute), declared in its gate alone."""
+
+    name = "signed-dot"
+    gate = Gate("signed-dot")
+
+    def fit_expert(self, expert: ExpertInfo) -> Artifact:
+        gen = torch.Generator().manual_seed(len(expert.name))
+        factors = read_lora_factors(expert.adapter_path)
+        return Artifact(tensors={m: torch.randn(f.A.shape[1], generator=gen) for m, f in factors.items()})
+
+
+def test_a_new_gate_runs_in_the_mixture_and_the_kernel(zoo, model, batch, monkeypatch):
+    """A router of a new gate, found as a plugin is (``composer.gates`` reads the gate its class
+    declares), is routed by the MoLoRA layer as its gate declares, in the PyTorch path and the
+    CPU kernel alike; composer/molora.py knows nothing of it."""
+    import composer.molora as molora
+    import composer.molora_kernels as kernels
+
+    monkeypatch.setattr(gates, "GATES", dict(gates.GATES))  # undone after the test
+    monkeypatch.setattr(gates, "_plugins_read", False)
+    monkeypatch.setattr(gates, "plugin_routers", lambda: {"signed-dot": SignedDotRouter})
+    router = SignedDotRouter(temperature=0.5)
+    mix = MoLoRA(model)
+    for name, expert in zoo[1].items():
+        router.add_expert(expert)
+        factors = read_lora_factors(expert.adapter_path)
+        if name == "double":
+            factors = {m: f for m, f in factors.items() if ".mlp." in m}
+        mix.add_expert(name, factors, {router.gate.name: router.gate_vectors(name)})
+    assert gates.GATES["signed-dot"] is router.gate and router.gate.vectors == ("signed-dot",)
+    names = list(zoo[1])
+    spec = router.route(RouteRequest("abc ->"))
+    assert spec.gate == "signed-dot" and spec.top_k == 2 == router.gate.top_k and spec.temperature == 0.5
+
+    module = "model.layers.1.mlp.down_proj"
+    mix.activate(spec)
+    layer = mix.layers[module]
+    h = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    p = layer.gate_weights(h, layer.config, layer._build_stack(layer.config))
+    z = h.reshape(-1, h.shape[-1]) @ torch.stack([router.gate_vectors(n)[module] for n in names]).T / 0.5
+    top, idx = z.topk(2, dim=-1)
+    expected = torch.zeros_like(z).scatter_(-1, idx, torch.softmax(top, dim=-1))
+    torch.testing.assert_close(p.reshape(-1, len(names)), expected)
+    mix.deactivate()
+
+    calls = []
+    route = kernels.route
+    monkeypatch.setattr(kernels, "route", lambda *a: calls.append(a[2:5]) or route(*a))
+
+    def run():
+        with mix.routing(spec) as stats:
+            out = logits(model, batch), model.generate(**batch, max_new_tokens=6, do_sample=False)
+        return out, stats.per_module()
+
+    (kernel_logits, kernel_tokens), kernel_stats = run()
+    assert calls and set(calls) == {(False, False, router.gate.eps)}  # the kernel got the gate's fields
+    monkeypatch.setattr(molora, "_USE_KERNELS", False)
+    calls.clear()
+    (torch_logits, torch_tokens), torch_stats = run()
+    assert not calls
+    assert_close_float32(kernel_logits, torch_logits, decoder_reductions(model.config))
+    assert torch.equal(kernel_tokens, torch_tokens)
+    for name, per_expert in torch_stats.items():
+        assert kernel_stats[name] == pytest.approx(per_expert, abs=1e-5)
+        if ".mlp." not in name:
+            assert per_expert["double"] == 0.0 == kernel_stats[name]["double"]
+    mix.uninstall()
+    assert not torch.equal(kernel_logits, logits(model, batch))  # the mixture was active: it changed the output
