@@ -17,6 +17,10 @@ from __future__ import annotations
 
 from importlib import import_module
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from composer.base import BaseComposer
 
 # Every composer by name → "module:Class", imported on first use (merges pull in torch, mixtures
 # numba). Installed plugins add theirs through the ``moerge.composers`` entry-point group.
@@ -29,7 +33,7 @@ COMPOSERS: dict[str, str] = {
     "mixture": "composer.mixture:TokenwiseMixture",
 }
 PLUGIN_GROUP = "moerge.composers"
-_loaded: dict[str, type] = {}
+_loaded: dict[str, type[BaseComposer]] = {}
 _plugins: dict | None = None  # name -> entry point, read once
 
 
@@ -44,14 +48,20 @@ def composer_names() -> list[str]:
     return [*COMPOSERS, *_plugin_entry_points()]
 
 
-def composer_class(name: str) -> type | None:
+def composer_class(name: str) -> type[BaseComposer] | None:
     """The composer class registered as ``name`` (built-in or plugin), or None."""
     if name not in _loaded:
         if name in COMPOSERS:
             module, attr = COMPOSERS[name].split(":")
             _loaded[name] = getattr(import_module(module), attr)
         elif name in _plugin_entry_points():
-            _loaded[name] = _plugin_entry_points()[name].load()
+            from composer.base import BaseComposer, ComposeError
+
+            cls = _plugin_entry_points()[name].load()
+            if not (isinstance(cls, type) and issubclass(cls, BaseComposer)):
+                # the runtime reads what a composer declares (level, kinds, runs_on, from_strategy)
+                raise ComposeError(f"composer plugin {name!r} ({cls!r}) is no subclass of composer.base.BaseComposer")
+            _loaded[name] = cls
         else:
             return None
     return _loaded[name]

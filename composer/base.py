@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -192,6 +192,84 @@ class Composer(Protocol):
     name: str
 
     def execute(self, decision: Decision, request: GenerateRequest, engine: Engine) -> Completion: ...
+
+
+class StrategyRuntime(Protocol):
+    """What a composer may ask of the runtime that builds it (``services.moe.strategies.MoE``):
+    composers import no service code, so this is the whole of what they see of it."""
+
+    @property
+    def base_path(self) -> Path: ...
+
+    @property
+    def trust_remote_code(self) -> bool:
+        """The base runs its own modelling code."""
+
+    @property
+    def merge_cache(self) -> Path:
+        """Where merged adapters are kept."""
+
+    @property
+    def max_batch_size(self) -> int: ...
+
+    def experts_of(self, strategy: Any) -> list[str]:
+        """The experts ``strategy`` may use (its expert set, of the kinds its methods take)."""
+
+    def adapter_paths(self, names: Iterable[str]) -> dict[str, Path]: ...
+
+    def router_for(self, strategy: Any) -> Any:
+        """The strategy's router, built over its expert set."""
+
+    def mixture(self) -> tuple[Engine, Any]:
+        """The token-level mixture's engine and its MoLoRA layer (composer.molora)."""
+
+    def step_prompt(self, instruction: str, text: str) -> str:
+        """A stitched step's prompt for the next expert."""
+
+
+class BaseComposer:
+    """What the strategy runtime reads of every composer class, declared rather than guessed:
+    built-ins and plugins (the ``moerge.composers`` entry-point group) subclass it.
+
+    - ``level``: ``query`` takes a router's ``Decision``; ``token`` a ``MixtureSpec``.
+    - ``kinds``: the expert kinds it can combine (with the router's, they bound a strategy's set).
+    - ``PARAMS``: its user-settable parameters (routers/params.py), what ``strategies show`` lists.
+    - ``runs_on``: the engine ``execute`` is given. ``pool``: the pool's engine, which may be a
+      served one in another process. ``local``: the in-process engine, for composers that load
+      what they make (a merged adapter). ``mixture``: the engine the MoLoRA layer is installed in.
+    - ``engine_only``: every answer is engine calls alone, with no router or in-process model at
+      answer time (the single expert, the ensembles): a server may answer it beside the router.
+    - ``one_base``: it computes in one base model's weights (a merge, a mixture), so its experts
+      are adapters of one base; the others may mix bases, full models and external experts.
+    """
+
+    name = "composer"
+    level = "query"
+    kinds: tuple[str, ...] = ("adapter", "model", "external")
+    PARAMS: tuple = ()
+    runs_on = "pool"
+    engine_only = False
+    one_base = False
+
+    @staticmethod
+    def usable(adapters: Mapping[str, Path | None]) -> tuple[Mapping[str, Path | None], dict[str, str]]:
+        """The experts it can take of ``adapters`` (name -> adapter folder), and why it leaves the
+        others out: every one, by default."""
+        return dict(adapters), {}
+
+    @classmethod
+    def from_strategy(cls, runtime: StrategyRuntime, strategy: Any) -> BaseComposer:
+        """This composer for ``strategy``: by default, built from its declared parameters alone."""
+        return cls(**strategy.composer_params)
+
+    def execute(self, decision: Any, request: GenerateRequest, engine: Engine) -> Completion:
+        raise NotImplementedError
+
+    def execute_batch(
+        self, decisions: Sequence[Any], requests: Sequence[GenerateRequest], engine: Engine
+    ) -> list[Completion]:
+        """Many decisions at once; composers that can batch engine calls override it."""
+        return [self.execute(d, r, engine) for d, r in zip(decisions, requests)]
 
 
 # ---------------------------------------------------------------------------------- helpers

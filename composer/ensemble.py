@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from composer.base import (
+    BaseComposer,
     Completion,
     ComposeError,
     ExpertOutput,
@@ -55,9 +56,10 @@ def default_aggregate_prompt(question: str, candidates: list[str]) -> str:
     )
 
 
-class Ensemble:
+class Ensemble(BaseComposer):
     level = "query"
-    PARAMS = (
+    engine_only = True
+    PARAMS: tuple[Param, ...] = (
         Param("k", "int", 3, "experts that answer each query (the router's top k)", minimum=1),
         Param("aggregator", "str", None, "an expert that writes the final answer from the others' (vote = aggregate)"),
         Param("vote", "str", "majority", "how the answers combine", choices=VOTES),
@@ -99,9 +101,9 @@ class Ensemble:
         for decision, recruits in zip(decisions, plans):
             if not recruits:
                 raise ComposeError(f"{self.name}: the router ({decision.router}) recruited no expert")
-        needed = {n for recruits in plans for n, _ in recruits} | (
-            {self.aggregator} if self.vote == "aggregate" else set()
-        )
+        needed = {n for recruits in plans for n, _ in recruits}
+        if self.vote == "aggregate" and self.aggregator is not None:  # __init__ requires it
+            needed.add(self.aggregator)
         require_targets(engine, sorted(needed), self.name)
         flat = [with_target(r, name) for r, recruits in zip(requests, plans) for name, _ in recruits]
         results = engine.generate(flat)
@@ -132,7 +134,7 @@ class Ensemble:
             prompt = self.aggregate_prompt(request.prompt, candidates)
             [agg] = engine.generate([with_target(request, self.aggregator, prompt)])
             outputs.append(output_of(self.aggregator, agg, role="aggregator"))  # type: ignore[arg-type]
-            text, finish = agg.text, agg.finish_reason
+            text, finish = agg.text, str(agg.finish_reason)
             info.update(aggregator=self.aggregator, candidates=candidates)
         else:
             if self.vote == "majority":

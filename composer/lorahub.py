@@ -93,11 +93,11 @@ class LoraHubObjective:
             raise ComposeError(f"lorahub: example ({prompt!r}, {reference!r}) has an empty prompt or reference")
         return context + target, len(context)
 
-    def compose(self, weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    def compose(self, weights: Sequence[float] | np.ndarray) -> dict[str, torch.Tensor]:
         return combine_factor_states(self.states, weights)
 
     @torch.inference_mode()
-    def cross_entropy(self, weights: Sequence[float]) -> float:
+    def cross_entropy(self, weights: Sequence[float] | np.ndarray) -> float:
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(self.model, self.compose(weights), adapter_name=SLOT)
@@ -121,7 +121,7 @@ class LoraHubObjective:
             per_example.extend((nll.sum(1) / counted).tolist())
         return float(np.mean(per_example))
 
-    def __call__(self, weights: Sequence[float]) -> float:
+    def __call__(self, weights: Sequence[float] | np.ndarray) -> float:
         w = np.asarray(weights, dtype=float)
         return self.cross_entropy(w) + self.l1 * float(np.abs(w).mean())
 

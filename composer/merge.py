@@ -41,13 +41,17 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from composer.base import (
+    BaseComposer,
     Completion,
     ComposeError,
     Provenance,
+    StrategyRuntime,
     output_of,
     top_experts,
     with_target,
@@ -205,13 +209,15 @@ def _build(
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ComposeError(f"merge: an adapter does not load on base {base_path}: {exc}") from exc
 
-    ranks = [model.peft_config[n].r for n in names]
-    if any(model.peft_config[n].rank_pattern for n in names):
-        ranks = [max([model.peft_config[n].r, *model.peft_config[n].rank_pattern.values()]) for n in names]
+    configs: list[Any] = [model.peft_config[n] for n in names]  # LoraConfigs (peft types them PeftConfig)
+    ranks = [c.r for c in configs]
+    if any(c.rank_pattern for c in configs):
+        ranks = [max([c.r, *c.rank_pattern.values()]) for c in configs]
     rank = sum(ranks) if combination_type == "cat" else (svd_rank or sum(ranks))
     if combination_type != "cat":
         # the SVD keeps at most min(d_out, d_in) directions in any module
-        smallest = min(min(m.in_features, m.out_features) for m in model.modules() if isinstance(m, LoraLayer))
+        lora_layers: list[Any] = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        smallest = min(min(m.in_features, m.out_features) for m in lora_layers)
         rank = min(rank, smallest)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # DARE's drop masks come from torch's global RNG
@@ -219,10 +225,10 @@ def _build(
             adapters=names,
             weights=list(weights),
             adapter_name="merged",
-            combination_type=combination_type,  # type: ignore[arg-type]
+            combination_type=combination_type,
             svd_rank=rank,
             density=density,
-            majority_sign_method=majority_sign_method,  # type: ignore[arg-type]
+            majority_sign_method=majority_sign_method,
         )
     model.peft_config["merged"].base_model_name_or_path = str(base_path)
     staging = dest.with_name(dest.name + "-peft")
@@ -233,7 +239,8 @@ def _build(
         os.rename(produced, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"rank": model.peft_config["merged"].r}
+    merged: Any = model.peft_config["merged"]
+    return {"rank": merged.r}
 
 
 # ------------------------------------------------------------------------- factor space
@@ -271,7 +278,7 @@ def load_factor_states(paths: Sequence[Path]) -> tuple[list[dict], list[dict[str
 
 
 def combine_factor_states(
-    states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]
+    states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float] | np.ndarray
 ) -> dict[str, torch.Tensor]:
     out = {}
     for key in states[0]:
@@ -332,12 +339,15 @@ def _complete(folder: Path) -> bool:
 # ------------------------------------------------------------------------- the plan
 
 
-def mergeable(adapters: Mapping[str, Path]) -> tuple[dict, dict[str, str]]:
+def mergeable(adapters: Mapping[str, Path | None]) -> tuple[dict, dict[str, str]]:
     """The adapters a ΔW merge can combine, and why the others are left out: peft's weighted merge
     takes each layer's LoRA delta only, so a DoRA adapter would lose its magnitudes and one with
     modules_to_save its own modules."""
     keep, left_out = {}, {}
     for name, path in adapters.items():
+        if path is None:  # a full model or an external expert: nothing to merge
+            left_out[name] = "not a LoRA adapter"
+            continue
         try:
             config = json.loads((path / "adapter_config.json").read_text())
         except (OSError, ValueError):
@@ -351,13 +361,15 @@ def mergeable(adapters: Mapping[str, Path]) -> tuple[dict, dict[str, str]]:
     return keep, left_out
 
 
-class Merged:
+class Merged(BaseComposer):
     """Composer: merge the decision's experts (router weights or uniform) and let the merged adapter
     answer. Merges come from the cache after the first time; merged adapters stay loaded on the
     engine (at most ``max_loaded`` of them, oldest unloaded first)."""
 
     level = "query"
     kinds = ("adapter",)
+    runs_on = "local"  # it loads the adapter it merged: the engine must read this process's files
+    one_base = True
     usable = staticmethod(mergeable)  # the adapters a ΔW merge can take
     PARAMS = (
         Param("method", "str", "task_arithmetic", "how the adapters merge", choices=METHODS),
@@ -401,6 +413,17 @@ class Merged:
         self.trust_remote_code = trust_remote_code
         self._loaded: list[str] = []
         self.name = f"merge-{method}"
+
+    @classmethod
+    def from_strategy(cls, runtime: StrategyRuntime, strategy) -> Merged:  # noqa: ANN001 - a Strategy
+        params = {"weighting": "uniform", **strategy.composer_params}  # PARAMS' default
+        return cls(
+            runtime.base_path,
+            runtime.adapter_paths(runtime.experts_of(strategy)),
+            runtime.merge_cache,
+            trust_remote_code=runtime.trust_remote_code,
+            **params,
+        )
 
     def execute(self, decision: Decision, request: GenerateRequest, engine: Engine) -> Completion:
         experts = top_experts(decision, self.k)

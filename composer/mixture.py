@@ -9,23 +9,62 @@ every token, as the experts' weights.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
-from composer.base import Completion, ComposeError, Provenance, output_of, with_target
+from composer.base import BaseComposer, Completion, ComposeError, Provenance, StrategyRuntime, output_of, with_target
 from composer.engine_protocol import Engine, GenerateRequest
 from composer.molora import MoLoRA
 from routers.base import MixtureSpec
 
 
-class TokenwiseMixture:
+class TokenwiseMixture(BaseComposer):
+    """``router``'s gate vectors and ``adapters``' factors are installed in ``mix`` as specs name
+    them (first use of each expert under each gate); without a router the caller installs them."""
+
     name = "mixture"
     level = "token"
     kinds = ("adapter",)
+    runs_on = "mixture"
+    one_base = True
     PARAMS = ()
 
-    def __init__(self, mix: MoLoRA, max_batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        mix: MoLoRA,
+        max_batch_size: int = 32,
+        *,
+        router: Any = None,
+        adapters: Mapping[str, Path] | None = None,
+    ) -> None:
         self.mix = mix
         self.max_batch_size = max_batch_size
+        self.router = router  # a token-level router: ``gate_vectors(expert)`` per module
+        self.adapters = dict(adapters or {})
+        self._installed: set[tuple[str, str]] = set()  # (expert, gate) put into ``mix`` by this composer
+
+    @classmethod
+    def from_strategy(cls, runtime: StrategyRuntime, strategy) -> TokenwiseMixture:  # noqa: ANN001 - a Strategy
+        _, mix = runtime.mixture()
+        return cls(
+            mix,
+            max_batch_size=runtime.max_batch_size,
+            router=runtime.router_for(strategy),
+            adapters=runtime.adapter_paths(runtime.experts_of(strategy)),
+        )
+
+    def install(self, spec: MixtureSpec) -> None:
+        """Put the spec's experts (factors + the router's gate vectors) into the MoLoRA layer."""
+        for name in spec.experts:
+            if (name, spec.gate) in self._installed:
+                continue
+            gates = {spec.gate: self.router.gate_vectors(name)}
+            if name in self.mix.experts:
+                self.mix.set_gate_vectors(name, spec.gate, gates[spec.gate])
+            else:
+                self.mix.add_expert(name, self.adapters[name], gates=gates)
+            self._installed.add((name, spec.gate))
 
     def execute(self, decision: MixtureSpec, request: GenerateRequest, engine: Engine) -> Completion:
         return self.execute_batch([decision], [request], engine)[0]
@@ -37,6 +76,9 @@ class TokenwiseMixture:
         but must share experts, gate, top-k, α and temperature (MoLoRA checks)."""
         if len(decisions) != len(requests):
             raise ComposeError("mixture: one MixtureSpec per request is needed")
+        if self.router is not None:
+            for spec in decisions:
+                self.install(spec)
         out: list[Completion] = []
         for i in range(0, len(requests), self.max_batch_size):
             specs = list(decisions[i : i + self.max_batch_size])

@@ -8,19 +8,34 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from composer.base import Completion, Provenance, base_target, output_of, require_targets, with_target
+from composer.base import (
+    BaseComposer,
+    Completion,
+    Provenance,
+    StrategyRuntime,
+    base_target,
+    output_of,
+    require_targets,
+    with_target,
+)
 from composer.engine_protocol import Engine, GenerateRequest, GenerateResult
 from routers.base import Decision
 from routers.params import Param
 
 
-class Single:
+class Single(BaseComposer):
     name = "single"
     level = "query"
+    engine_only = True
     PARAMS = (Param("fallback", "str", None, "the expert that answers a decision naming none (default: the base)"),)
 
     def __init__(self, fallback: str | None = None) -> None:
         self.fallback = fallback  # target used when the decision names no expert (None: the base)
+
+    @classmethod
+    def from_strategy(cls, runtime: StrategyRuntime, strategy) -> Single:  # noqa: ANN001 - a Strategy
+        # the strategy's own fallback expert, else the composer parameter
+        return cls(fallback=strategy.fallback or strategy.composer_params.get("fallback"))
 
     def execute(self, decision: Decision, request: GenerateRequest, engine: Engine) -> Completion:
         return self.execute_batch([decision], [request], engine)[0]
@@ -30,7 +45,7 @@ class Single:
     ) -> list[Completion]:
         """Many requests in one engine call (the engine groups them by target): the same answers
         as ``execute`` one by one, with each model loaded once."""
-        plans = []
+        plans: list[tuple[str, float, dict]] = []  # (target, weight, info) per request
         for decision in decisions:
             if decision.top is not None:
                 plans.append((decision.top, float(decision.experts[0][1]), {}))

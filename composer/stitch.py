@@ -28,10 +28,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from composer.base import (
+    BaseComposer,
     Completion,
     ComposeError,
+    ExpertOutput,
     Provenance,
     Segment,
+    StrategyRuntime,
     base_target,
     output_of,
     require_targets,
@@ -66,7 +69,7 @@ class Step:
     instruction: str
 
 
-class Stitch:
+class Stitch(BaseComposer):
     name = "stitch"
     level = "query"
     PARAMS = (Param("max_steps", "int", 4, "most steps a request is split into", minimum=1),)
@@ -90,6 +93,11 @@ class Stitch:
         self.leading_words = tuple(w.lower() for w in leading_words)
         self.max_steps = max_steps
         self._split_re = _connective_regex(self.connectives)
+
+    @classmethod
+    def from_strategy(cls, runtime: StrategyRuntime, strategy) -> Stitch:  # noqa: ANN001 - a Strategy
+        # each step is routed by the strategy's own router, and prompted as the runtime says
+        return cls(runtime.router_for(strategy), make_step_prompt=runtime.step_prompt, **strategy.composer_params)
 
     # ------------------------------------------------------------------ planning
 
@@ -123,7 +131,10 @@ class Stitch:
         if planned is None:
             return self._single(decision, request, engine)
         steps, current = planned
-        outputs, segments, used, step_info = [], [], [], []
+        outputs: list[ExpertOutput] = []
+        segments: list[Segment] = []
+        used: list[tuple[str, float]] = []
+        step_info: list[dict] = []
         result = None
         for step in steps:
             prompt = self.make_step_prompt(step.instruction, current)
@@ -156,7 +167,7 @@ class Stitch:
                 outputs=outputs,
                 segments=segments,
                 decision_info=decision.info,
-                info={"steps": step_info, "step_router": getattr(self.router, "name", None)},
+                info={"steps": step_info, "step_router": self.router.name},
             ),
         )
 

@@ -286,9 +286,10 @@ def test_strategies_defined_in_a_file_and_over_the_api_answer_through_openai(zoo
             client.completions.create(model="moe/reverse-or-base", prompt=reverse, max_tokens=4)
 
 
-def test_a_plugin_router_serves_as_a_strategy(zoo_home, tmp_path):
-    """The keyword router in tests/plugins, installed as a package: moerge finds it by its
-    ``moerge.routers`` entry point, checks its declared parameters, and answers with it."""
+def test_a_plugin_router_and_composer_serve_as_strategies(zoo_home, tmp_path):
+    """The keyword router and the longest-answer composer in tests/plugins, installed as a
+    package: moerge finds them by their ``moerge.routers`` and ``moerge.composers`` entry points,
+    checks their declared parameters, and answers with them."""
     from pathlib import Path
 
     target = tmp_path / "site"
@@ -334,10 +335,19 @@ def test_a_plugin_router_serves_as_a_strategy(zoo_home, tmp_path):
             ok=False,
         ).stderr
     )
+    longest = next(c for c in methods["composers"] if c["name"] == "longest")
+    assert longest["level"] == "query" and longest["parameters"][0]["name"] == "k"
+    refused = cli(
+        "strategies", "add", "kwl", "--router", "keyword", "--composer", "longest", "--composer-param", "k=0", ok=False
+    )
+    assert "k" in refused.stderr and "≥ 1" in refused.stderr
     cli("strategies", "add", "kw", "--router", "keyword", "--composer", "single")
+    cli("strategies", "add", "kwl", "--router", "keyword", "--composer", "longest", "--composer-param", "k=2")
     try:
         routed = cli("route", "-s", "moe/kw", _zoo_prompt("reverse"), "--answer", "-n", "12").stdout
         assert "skill-reverse" in routed and "answer:" in routed
+        longest_routed = cli("route", "-s", "moe/kwl", _zoo_prompt("reverse"), "--answer", "-n", "12").stdout
+        assert "skill-reverse" in longest_routed and "answer:" in longest_routed
         assert "accuracy=" in cli("eval", "-s", "moe/kw", "--split", "test", "--n-per-task", "1").stdout
         # without the plugin, the stored strategy is left out; every other strategy still runs
         names = json.loads(
@@ -349,5 +359,7 @@ def test_a_plugin_router_serves_as_a_strategy(zoo_home, tmp_path):
             ).stdout
         )
         assert "moe/kw" not in {s["name"] for s in names} and "moe/semantic" in {s["name"] for s in names}
+        assert "moe/kwl" not in {s["name"] for s in names}
     finally:
         cli("strategies", "remove", "kw")
+        cli("strategies", "remove", "kwl")

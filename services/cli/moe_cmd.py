@@ -30,15 +30,18 @@ def _catalog():
 
 
 def _moe(base: Optional[str], seed: int = 0, strategy: Optional[str] = None):
-    """The runtime over ``base``'s experts; without ``base``, the base ``strategy``'s expert set
-    is on (a user strategy), else the base with the most experts."""
+    """The runtime over ``base``'s experts; without ``base``, where ``strategy``'s expert set is
+    (a user strategy: its base, and experts from outside it), else the base with the most experts."""
     from services.moe.pool import ExpertPool
     from services.moe.strategies import MoE
 
     catalog = _catalog()
+    extra: tuple[str, ...] = ()
     if base is None and strategy is not None and not strategy.startswith("expert:"):
-        base = catalog.base_of(catalog.get(strategy))
-    return MoE(ExpertPool(catalog.registry, base), seed=seed, catalog=catalog)
+        placement = catalog.placement_of(catalog.get(strategy))
+        if placement is not None:
+            base, extra = placement.base or None, placement.extra
+    return MoE(ExpertPool(catalog.registry, base, extra=extra), seed=seed, catalog=catalog)
 
 
 def _params(pairs: list[str] | None, what: str) -> dict[str, str]:

@@ -172,3 +172,36 @@ def _provider_unsupported(request: GenerateRequest) -> str | None:
     if not request.skip_special_tokens:
         return "skip_special_tokens"
     return None
+
+
+# the variables external experts may read their keys from: the server's operator lists them, so
+# that no registration can have the server send another secret of its environment to a host
+EXTERNAL_KEY_VARS = "MOERGE_EXTERNAL_KEY_VARS"
+
+
+def external_key_vars() -> set[str]:
+    return {v.strip() for v in os.environ.get(EXTERNAL_KEY_VARS, "").split(",") if v.strip()}
+
+
+def external_engine_for(expert: Any) -> ExternalEngine:
+    """An ``ExternalEngine`` with a registered external expert's own connection: its ``api_base``,
+    and the key read from the environment variable it names (where this process runs, at call
+    time). That variable must be one the server lists in MOERGE_EXTERNAL_KEY_VARS. An expert with
+    its own ``api_base`` and no key variable calls it without a key: the provider key litellm
+    would otherwise take from the environment (OPENAI_API_KEY) never goes to a registered host."""
+    key = None
+    if expert.api_key_env:
+        if expert.api_key_env not in external_key_vars():
+            raise EngineError(
+                f"external expert {expert.ref} takes its key from ${expert.api_key_env}, which this "
+                f"server does not let external experts read: list it in {EXTERNAL_KEY_VARS}"
+            )
+        key = os.environ.get(expert.api_key_env)
+        if not key:
+            raise EngineError(
+                f"external expert {expert.ref} takes its key from ${expert.api_key_env}, "
+                "which is not set on this server"
+            )
+    elif expert.api_base:
+        key = "no-key"  # litellm's openai provider needs one; not the environment's
+    return ExternalEngine(api_base=expert.api_base, api_key=key)

@@ -19,7 +19,13 @@ from typing import Any
 
 from registry.errors import DefinitionError, NotFoundError
 from registry.service import Registry
-from services.moe.definitions import check_against_registry, load_file, parse_definition, strategy_of_record
+from services.moe.definitions import (
+    Placement,
+    check_against_registry,
+    load_file,
+    parse_definition,
+    strategy_of_record,
+)
 from services.moe.strategies import STRATEGIES, Strategy
 
 STRATEGIES_FILE_ENV = "MOERGE_STRATEGIES"
@@ -78,17 +84,17 @@ class StrategyCatalog:
             raise NotFoundError(f"unknown strategy {name!r}; `moerge strategies list` shows them")
         return strategy
 
-    def base_of(self, strategy: Strategy) -> str | None:
-        """The base model ``strategy``'s expert set is on now; None when it names no experts
-        (it runs on the default pool)."""
-        if not strategy.experts:
+    def placement_of(self, strategy: Strategy) -> Placement | None:
+        """Where ``strategy`` runs now (``definitions.Placement``: its base's pool, and experts
+        from outside that base); None when it names no experts or fallback (the default pool)."""
+        if not strategy.experts and strategy.fallback is None:
             return None
-        return check_against_registry(strategy, self.registry.list_experts(status="ready")) or None
+        return check_against_registry(strategy, self.registry.list_experts(status="ready"))
 
     # ------------------------------------------------------------------ writing
 
-    def check(self, definition: Mapping[str, Any]) -> tuple[Strategy, str]:
-        """A definition checked against the methods and the registry: (strategy, its base)."""
+    def check(self, definition: Mapping[str, Any]) -> tuple[Strategy, Placement]:
+        """A definition checked against the methods and the registry: (strategy, where it runs)."""
         strategy = parse_definition(definition)
         if strategy.name in self.from_file:
             raise DefinitionError(f"{strategy.name} is defined in {self.file}; edit that file to change it")

@@ -10,7 +10,9 @@ services/moe/expert_sets.py.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +72,9 @@ def parse_definition(data: Mapping[str, Any], *, source: str = "registry") -> St
     if composer_cls is None:
         raise DefinitionError(f"{full}: unknown composer {composer!r} (composers: {', '.join(composer_names())})")
     if router_cls.level != composer_cls.level:
-        fitting = [c for c in composer_names() if composer_class(c).level == router_cls.level]
+        fitting = [
+            c for c in composer_names() if (cls := composer_class(c)) is not None and cls.level == router_cls.level
+        ]
         raise DefinitionError(
             f"{full}: router {router!r} decides per {router_cls.level}, composer {composer!r} "
             f"executes per {composer_cls.level}; with {router!r} use {' or '.join(fitting)}"
@@ -107,10 +111,22 @@ def parse_definition(data: Mapping[str, Any], *, source: str = "registry") -> St
     )
 
 
-def check_against_registry(strategy: Strategy, experts: Iterable) -> str:  # noqa: ANN001 - registry Experts
-    """The expert set and fallback of ``strategy`` against the ready ``experts`` now; returns the
-    base model the strategy runs on. A strategy runs over one base's pool: the experts it may
-    choose are that base's adapters (and its full models, for query-level routers)."""
+@dataclass(frozen=True)
+class Placement:
+    """Where a strategy runs: the pool of ``base`` (empty: the default base), plus the ``extra``
+    experts outside that base its expert set names (other bases' adapters and models, external
+    experts), which only query-level strategies whose composer is not bound to one base take."""
+
+    base: str = ""
+    extra: tuple[str, ...] = ()
+
+
+def check_against_registry(strategy: Strategy, experts: Iterable) -> Placement:  # noqa: ANN001 - registry Experts
+    """The expert set and fallback of ``strategy`` against the ready ``experts`` now; returns where
+    it runs. A merge or a token-level mixture computes in one base's weights, so its experts are
+    that base's adapters. A query-level router with a composer that only calls engines (single,
+    the votes, stitching) may choose among adapters of several bases, full models and external
+    experts: the pool is then the base with most of them, plus the others as extra experts."""
     ready = {}
     for record in experts:  # the newest version of each name
         ready[record.name] = Candidate.of(record)
@@ -132,23 +148,29 @@ def check_against_registry(strategy: Strategy, experts: Iterable) -> str:  # noq
             f"{strategy.name}: router {strategy.router!r} with composer {strategy.composer!r} "
             f"takes {' and '.join(kinds)} experts, not {', '.join(wrong)}"
         )
-    bases = sorted({c.base for c in chosen if c.base is not None})
-    if len(bases) > 1:
-        raise DefinitionError(
-            f"{strategy.name}: its experts are on {len(bases)} base models ({', '.join(bases)}); "
-            "a strategy runs over one base's experts (filter with base:<name>)"
-        )
+    composer_cls = composer_class(strategy.composer)
+    one_base = strategy.level != "query" or (composer_cls is not None and composer_cls.one_base)
+    fb = None
     if strategy.fallback is not None:
         fb = ready.get(strategy.fallback)
         if fb is None:
             raise DefinitionError(f"{strategy.name}: no ready expert named {strategy.fallback!r} for the fallback")
-        if fb.kind not in ("adapter", "model") or (bases and fb.base != bases[0]):
+    on_bases = [c for c in (*chosen, *([fb] if fb is not None else [])) if c.base is not None and c.kind != "external"]
+    counts = Counter(c.base for c in on_bases)
+    if one_base:
+        if len(counts) > 1:
             raise DefinitionError(
-                f"{strategy.name}: the fallback {fb.name} must be an adapter or model on "
-                f"{bases[0] if bases else 'the strategy base'}"
+                f"{strategy.name}: its experts are on {len(counts)} base models ({', '.join(sorted(counts))}); "
+                f"composer {strategy.composer!r} with router {strategy.router!r} runs over one base's "
+                "experts (filter with base:<name>, or choose a query-level router with single or vote)"
             )
-        bases = bases or ([fb.base] if fb.base else [])
-    return bases[0] if bases else ""
+        if fb is not None and fb.kind not in ("adapter", "model"):
+            raise DefinitionError(f"{strategy.name}: the fallback {fb.name} must be an adapter or model")
+    # the pool's base: the one most experts are on (ties: the first name)
+    base = min(counts, key=lambda b: (-counts[b], b)) if counts else ""
+    members = [*chosen, *([fb] if fb is not None else [])]
+    outside = [c.name for c in members if c.kind == "external" or (c.base is not None and c.base != base)]
+    return Placement(base, tuple(dict.fromkeys(outside)))
 
 
 def load_file(path: str | Path) -> list[Strategy]:

@@ -33,7 +33,7 @@ class Candidate:
         return cls(
             record.name,
             record.kind,
-            record.base.name if record.base is not None else None,
+            record.base.name if record.base is not None and record.kind != "external" else None,
             tuple(record.domains or ()),
             tuple(record.skills or ()),
         )
@@ -87,6 +87,7 @@ def select_experts(entries: Sequence[str], candidates: Iterable[Candidate]) -> l
 
 def strategy_kinds(strategy) -> tuple[str, ...]:  # noqa: ANN001 - a Strategy
     """The expert kinds a strategy can use: those both its router and its composer take."""
-    router_kinds = router_class(strategy.router).kinds
-    composer_kinds = getattr(composer_class(strategy.composer), "kinds", router_kinds)
-    return tuple(k for k in router_kinds if k in composer_kinds)
+    router_cls, composer_cls = router_class(strategy.router), composer_class(strategy.composer)
+    if router_cls is None or composer_cls is None:
+        raise DefinitionError(f"{strategy.name}: unknown router {strategy.router!r} or composer {strategy.composer!r}")
+    return tuple(k for k in router_cls.kinds if k in composer_cls.kinds)

@@ -15,14 +15,17 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 from safetensors import safe_open
 
 from registry.errors import MoergeError, NotFoundError
+from registry.models import Expert
 from registry.service import Registry
-from routers.base import Artifact, ExpertExample, ExpertInfo, ExpertUnusable, Router
+from routers.base import Artifact, BaseRouter, ExpertExample, ExpertInfo, ExpertUnusable
 from services.engines.hf import HFEngine
 
 ROUTING_ARTIFACT = "routing"
@@ -34,38 +37,74 @@ log = logging.getLogger("moerge.moe")
 
 
 class ExpertPool:
-    def __init__(self, registry: Registry, base: str | None = None, *, max_batch_size: int = 64, engine=None) -> None:
+    """The ready experts of one base model (its adapters and full models), the engines that run
+    them, and their routing artifacts. ``extra`` names experts from outside that base (other
+    bases' adapters and models, external experts) that query-level strategies may also choose:
+    ``engine`` then sends each of them to an engine that can run it."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        base: str | None = None,
+        *,
+        max_batch_size: int = 64,
+        engine=None,  # noqa: ANN001 - an Engine
+        extra: Sequence[str] = (),
+    ) -> None:
         self.registry = registry
         # an engine that already serves every expert by name (the Ray deployments' RemoteEngine);
         # None: this process builds its own hf engine
         self._given_engine = engine
         self.max_batch_size = max_batch_size
-        ready = [e for e in registry.list_experts(status="ready") if e.base is not None]
+        # every ready expert with its base's name
+        ready = [(e, e.base.name) for e in registry.list_experts(status="ready") if e.base is not None]
         if base is None:
-            counts = Counter(e.base.name for e in ready)
+            counts = Counter(b for _, b in ready)
             if not counts:
                 raise NotFoundError("no ready expert on any base model; build one with `moerge zoo build --register`")
             # the most recently registered base among those with the most experts
-            base = max(counts, key=lambda b: (counts[b], max(e.id for e in ready if e.base.name == b)))
+            base = max(counts, key=lambda b: (counts[b], max(e.id for e, eb in ready if eb == b)))
         self.base = registry.get_base(base)
         self.base_path = Path(self.base.uri)
-        latest: dict[str, object] = {}
-        for e in sorted(ready, key=lambda e: e.id):  # the newest version of each name wins
-            if e.base.name == base and e.kind in ("adapter", "model"):
+        latest: dict[str, Expert] = {}
+        for e, b in sorted(ready, key=lambda r: r[0].id):  # the newest version of each name wins
+            if b == base and e.kind in ("adapter", "model"):
                 latest[e.name] = e
+        self.extra = self._extra_records(registry, extra, latest)
+        latest.update(self.extra)
         self.records = latest
         self.experts: dict[str, ExpertInfo] = {name: self._info(rec) for name, rec in sorted(latest.items())}
         self._engine: HFEngine | None = None
+        self._dispatch: Any = None  # ``engine`` when the pool has extra experts (a DispatchEngine)
         self._mixture_engine: HFEngine | None = None
-        self._molora = None
-        self._tokenizer = None  # the base's, for token budgets
+        self._molora: Any = None  # composer.molora.MoLoRA, imported on first use (numba)
+        self._tokenizer: Any = None  # the base's, for token budgets
 
-    def _info(self, rec) -> ExpertInfo:
+    def _extra_records(self, registry: Registry, names: Sequence[str], own: dict[str, Expert]) -> dict[str, Expert]:
+        """The newest ready version of each of ``names`` not already among the base's own."""
+        if not names:
+            return {}
+        newest: dict[str, Expert] = {}
+        for e in sorted(registry.list_experts(status="ready"), key=lambda e: e.id):
+            if e.name in names and e.name not in own:
+                newest[e.name] = e
+        missing = [n for n in names if n not in newest and n not in own]
+        if missing:
+            raise NotFoundError(f"no ready expert named {', '.join(missing)}")
+        return newest
+
+    def base_name_of(self, name: str) -> str | None:
+        """The base model an expert of the pool runs on (None: an external expert)."""
+        record = self.records[name]
+        return record.base.name if record.base is not None and record.kind != "external" else None
+
+    def _info(self, rec: Expert) -> ExpertInfo:
         examples = tuple(
             ExpertExample(x.prompt, x.reference or "", x.task or "", x.split or "train")
             for x in self.registry.get_examples(rec.name, rec.version)
         )
         path = self.registry.expert_path(rec)
+        base = rec.base if rec.base is not None and rec.kind != "external" else None  # the one it runs on
         return ExpertInfo(
             name=rec.name,
             kind=rec.kind,
@@ -74,8 +113,8 @@ class ExpertPool:
             description=rec.description or "",
             examples=examples,
             adapter_path=path if rec.kind == "adapter" else None,
-            base_path=self.base_path,
-            base_trust_remote_code=bool(self.base.trust_remote_code),
+            base_path=Path(base.uri) if base is not None else None,
+            base_trust_remote_code=bool(base.trust_remote_code) if base is not None else False,
         )
 
     # ------------------------------------------------------------------ experts
@@ -100,13 +139,49 @@ class ExpertPool:
 
     # ------------------------------------------------------------------ engines
 
-    def attach_engine(self, engine) -> None:
+    def attach_engine(self, engine) -> None:  # noqa: ANN001 - an Engine
         self._given_engine = engine
+        self._dispatch = None
 
     @property
-    def engine(self):
-        """The engine query-level composers call: the given one, else ``local_engine``."""
-        return self._given_engine if self._given_engine is not None else self.local_engine
+    def engine(self):  # noqa: ANN201 - an Engine
+        """The engine query-level composers call: the given one, else ``local_engine``. With extra
+        experts, a ``DispatchEngine`` in front: external experts through litellm, and (without a
+        given engine, which serves every base) other bases' adapters on an hf engine per base."""
+        inner = self._given_engine if self._given_engine is not None else self.local_engine
+        if not self.extra:
+            return inner
+        if self._dispatch is None:
+            from services.engines.dispatch import DispatchEngine
+
+            self._dispatch = DispatchEngine(inner, self._extra_engines(own_engines=self._given_engine is None))
+        return self._dispatch
+
+    def _extra_engines(self, own_engines: bool) -> dict[str, Any]:
+        """Engines for the extra experts: each external one's own, and with ``own_engines`` an hf
+        engine per other base for its adapters (full models load on ``local_engine``)."""
+        from services.engines.external import external_engine_for
+
+        parts: dict[str, Any] = {}
+        per_base: dict[str, HFEngine] = {}
+        for name, record in self.extra.items():
+            if record.kind == "external":
+                engine = external_engine_for(record)
+                engine.load_model(name, record.uri)
+                parts[name] = engine
+            elif own_engines and record.kind == "adapter" and record.base is not None:
+                if record.base.name not in per_base:
+                    per_base[record.base.name] = HFEngine(
+                        Path(record.base.uri),
+                        base_name=record.base.name,
+                        max_batch_size=self.max_batch_size,
+                        trust_remote_code=bool(record.base.trust_remote_code),
+                    )
+                path = self.registry.expert_path(record)
+                assert path is not None  # a ready adapter has its folder in the store
+                per_base[record.base.name].load_adapter(name, path)
+                parts[name] = per_base[record.base.name]
+        return parts
 
     @property
     def local_engine(self) -> HFEngine:
@@ -120,10 +195,14 @@ class ExpertPool:
                 trust_remote_code=bool(self.base.trust_remote_code),
             )
             for name, info in self.experts.items():
-                if info.kind == "adapter":
+                if info.kind == "external" or (info.kind == "adapter" and name in self.extra):
+                    continue  # on engines of their own (``engine``)
+                if info.adapter_path is not None:  # the adapters' (ExpertInfo)
                     engine.load_adapter(name, info.adapter_path)
                 else:
-                    engine.load_model(name, self.registry.expert_path(self.records[name]))
+                    model_path = self.registry.expert_path(self.records[name])
+                    assert model_path is not None  # a ready full model has its folder in the store
+                    engine.load_model(name, model_path)
             self._engine = engine
         return self._engine
 
@@ -147,7 +226,7 @@ class ExpertPool:
 
     def fitted(
         self,
-        router: Router,
+        router: BaseRouter,
         router_name: str,
         experts: list[str] | None = None,
         refit: bool = False,
@@ -169,8 +248,7 @@ class ExpertPool:
             artifact = None
             if stored and not refit:
                 artifact = read_artifact(self.registry.artifact_path(stored[0]) / ARTIFACT_FILE)
-                accepts = getattr(router, "accepts_artifact", None)
-                if accepts is not None and not accepts(artifact):
+                if not router.accepts_artifact(artifact):
                     artifact = None  # fitted by an older recipe: fit again (it replaces the stored one)
             try:
                 if artifact is None:

@@ -11,20 +11,18 @@ on first use, loading each expert's stored routing artifact or fitting and stori
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from composer import composer_class
-from composer.base import Completion, ComposeError
-from composer.engine_protocol import GenerateRequest
-from composer.ensemble import Ensemble
-from composer.merge import Merged
-from composer.single import Single
-from composer.stitch import Stitch
+from composer.base import BaseComposer, Completion, ComposeError
+from composer.engine_protocol import Engine, GenerateRequest
 from registry.config import moerge_home
 from registry.errors import NotFoundError
 from routers import router_class
-from routers.base import Decision, ExpertExample, ExpertInfo, MixtureSpec, RouteRequest
+from routers.base import BaseRouter, Decision, ExpertExample, ExpertInfo, MixtureSpec, RouteRequest
 from routers.embedder import get_embedder
 from routers.params import artifact_key
 from services.moe.expert_sets import Candidate, select_experts, split_expert_set, strategy_kinds
@@ -156,11 +154,10 @@ class MoE:
         self._routers: dict[str, object] = {}
         # by the whole definition (``repr``): a strategy removed and defined again differently
         # gets its own composer and expert set
-        self._composers: dict[str, object] = {}
+        self._composers: dict[str, BaseComposer] = {}
         self._experts: dict[str, list[str]] = {}
         self._strategy_routers: dict[str, object] = {}
         self.fit_seconds: dict[str, dict[str, float]] = {}
-        self._mixture_experts: set[str] = set()
         # router key -> {expert: why the router left it out}; reported in each answer's provenance
         self.left_out: dict[str, dict[str, str]] = {}
 
@@ -189,18 +186,22 @@ class MoE:
     def _select_experts(self, strategy: Strategy) -> list[str]:
         kinds = strategy_kinds(strategy)
         base = self.pool.base.name
-        candidates = [Candidate(n, e.kind, base, e.domains, e.skills) for n, e in self.pool.experts.items()]
+        # a merge or a mixture takes this base's adapters only; the others, the pool's extra
+        # experts too (other bases', external ones)
+        one_base = self._composer_class(strategy).one_base
+        candidates = [
+            Candidate(n, e.kind, self.pool.base_name_of(n), e.domains, e.skills)
+            for n, e in self.pool.experts.items()
+            if not one_base or self.pool.base_name_of(n) == base
+        ]
         names, _ = split_expert_set(strategy.experts)
-        missing = [n for n in names if n not in self.pool.experts]
+        missing = [n for n in names if n not in {c.name for c in candidates}]
         if missing:
             raise ComposeError(f"{strategy.name}: {', '.join(missing)} not among the ready experts on base {base}")
         chosen = [n for n in select_experts(strategy.experts, candidates) if self.pool.experts[n].kind in kinds]
-        usable = getattr(composer_class(strategy.composer), "usable", None)
-        if usable is not None:
-            paths = {n: self.pool.experts[n].adapter_path for n in chosen}
-            keep, left_out = usable(paths)
-            self.left_out[f"composer:{strategy.name}"] = left_out
-            chosen = [n for n in chosen if n in keep]
+        keep, left_out = self._composer_class(strategy).usable({n: self.pool.experts[n].adapter_path for n in chosen})
+        self.left_out[f"composer:{strategy.name}"] = left_out
+        chosen = [n for n in chosen if n in keep]
         if not chosen:
             why = self.left_out.get(f"composer:{strategy.name}") or {}
             raise ComposeError(
@@ -231,7 +232,9 @@ class MoE:
         elif need == "local":  # GLIDER's local part is PHATGOOSE's gates: reused, not trained again
             params.setdefault("local", self.router("phatgoose", None, experts))
 
-    def _resolve(self, name: str, params: dict | None, experts: list[str] | None) -> tuple[type, list[str], str]:
+    def _resolve(
+        self, name: str, params: dict | None, experts: list[str] | None
+    ) -> tuple[type[BaseRouter], list[str], str]:
         """(class, experts, key) of router ``name`` with ``params`` over ``experts`` (default:
         every pool expert of the kinds it takes); the key names the experts only when they are
         not that default."""
@@ -289,50 +292,60 @@ class MoE:
 
     # ------------------------------------------------------------------ composers
 
-    def composer(self, strategy: Strategy):
-        key = repr(strategy)
-        if key in self._composers:
-            return self._composers[key]
-        kind, params = strategy.composer, dict(strategy.composer_params)
-        cls = composer_class(kind)
+    @staticmethod
+    def _composer_class(strategy: Strategy) -> type[BaseComposer]:
+        cls = composer_class(strategy.composer)
         if cls is None:
-            raise ComposeError(f"strategy {strategy.name}: unknown composer {kind!r}")
-        if cls is Single:
-            composer = Single(fallback=strategy.fallback or params.get("fallback"))
-        elif cls is Merged:
-            paths = self.pool.adapters()
-            adapters = {n: paths[n] for n in self.experts_of(strategy)}
-            params.setdefault("weighting", "uniform")
-            composer = Merged(
-                self.pool.base_path,
-                adapters,
-                moerge_home() / "cache" / "merged",
-                trust_remote_code=bool(self.pool.base.trust_remote_code),
-                **params,
-            )
-        elif cls is Stitch:
-            composer = Stitch(self.router_for(strategy), make_step_prompt=zoo_step_prompt, **params)
-        elif cls.level == "token":  # the MoLoRA mixture (composer.mixture; numba, imported on use)
-            _, mix = self.pool.mixture_engine()
-            composer = cls(mix, max_batch_size=self.pool.max_batch_size)
-        else:  # the ensembles, and plugin composers: built from their declared parameters alone
-            composer = cls(**params)
-        self._composers[key] = composer
-        return composer
+            raise ComposeError(f"strategy {strategy.name}: unknown composer {strategy.composer!r}")
+        return cls
 
-    def _prepare_mixture(self, router, spec: MixtureSpec) -> None:
-        """Put the spec's experts (factors + this router's gate vectors) into the MoLoRA layer."""
-        _, mix = self.pool.mixture_engine()
-        adapters = self.pool.adapters()
-        for name in spec.experts:
-            key = (name, spec.gate)
-            if key not in self._mixture_experts:
-                gates = {spec.gate: router.gate_vectors(name)}
-                if name in mix.experts:
-                    mix.set_gate_vectors(name, spec.gate, gates[spec.gate])
-                else:
-                    mix.add_expert(name, adapters[name], gates=gates)
-                self._mixture_experts.add(key)
+    def composer(self, strategy: Strategy) -> BaseComposer:
+        """The strategy's composer, built once per definition by its own ``from_strategy`` from
+        what this runtime offers (``composer.base.StrategyRuntime``)."""
+        key = repr(strategy)
+        if key not in self._composers:
+            self._composers[key] = self._composer_class(strategy).from_strategy(self, strategy)
+        return self._composers[key]
+
+    # what composers may ask of the runtime (composer.base.StrategyRuntime)
+
+    @property
+    def base_path(self) -> Path:
+        return self.pool.base_path
+
+    @property
+    def trust_remote_code(self) -> bool:
+        return bool(self.pool.base.trust_remote_code)
+
+    @property
+    def merge_cache(self) -> Path:
+        return moerge_home() / "cache" / "merged"
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.pool.max_batch_size
+
+    def adapter_paths(self, names: Iterable[str]) -> dict[str, Path]:
+        paths = self.pool.adapters()
+        return {n: paths[n] for n in names}
+
+    def mixture(self) -> tuple[Engine, Any]:
+        """The mixture's engine and MoLoRA layer (numba is imported on first use)."""
+        return self.pool.mixture_engine()
+
+    @staticmethod
+    def step_prompt(instruction: str, text: str) -> str:
+        return zoo_step_prompt(instruction, text)
+
+    def engine_for(self, composer: BaseComposer) -> Engine:
+        """The engine a composer runs on: the one it declares (``runs_on``)."""
+        if composer.runs_on == "pool":
+            return self.pool.engine
+        if composer.runs_on == "local":
+            return self.pool.local_engine
+        if composer.runs_on == "mixture":
+            return self.pool.mixture_engine()[0]
+        raise ComposeError(f"composer {composer.name!r} runs on {composer.runs_on!r}; expected pool, local or mixture")
 
     def run(
         self,
@@ -363,8 +376,8 @@ class MoE:
 
     def answers_without_routers(self, strategy: Strategy) -> bool:
         """Whether ``answer`` for this strategy only calls the engine (``pool.engine``), never a
-        router or an in-process model: true for the single and ensemble composers."""
-        return isinstance(self.composer(strategy), (Single, Ensemble))
+        router or an in-process model: what its composer declares (``engine_only``)."""
+        return self.composer(strategy).engine_only
 
     def answer(
         self,
@@ -382,17 +395,7 @@ class MoE:
             requests = [GenerateRequest(p, None, **sampling) for p in prompts]
         else:
             requests = [GenerateRequest(p, None, **{**sampling, "messages": c}) for p, c in zip(prompts, conversations)]
-        if composer.level == "token":
-            engine, _ = self.pool.mixture_engine()
-            router = self.router_for(strategy)
-            for r in routed:
-                self._prepare_mixture(router, r.decision)
-            completions = composer.execute_batch([r.decision for r in routed], requests, engine)
-        elif isinstance(composer, (Single, Ensemble)):
-            completions = composer.execute_batch([r.decision for r in routed], requests, self.pool.engine)
-        else:
-            engine = self.pool.local_engine if isinstance(composer, Merged) else self.pool.engine
-            completions = [composer.execute(r.decision, q, engine) for r, q in zip(routed, requests)]
+        completions = composer.execute_batch([r.decision for r in routed], requests, self.engine_for(composer))
         experts = self.experts_of(strategy)
         cls, _, key = self._resolve(strategy.router, strategy.router_params, experts)
         left_out = {**self.left_out.get(key, {}), **self.left_out.get(f"composer:{strategy.name}", {})}

@@ -28,6 +28,7 @@ from routers import router_class
 from routers.base import Decision
 from services.gateway.backend import LiveStrategies
 from services.moe.catalog import StrategyCatalog
+from services.moe.definitions import Placement
 from services.moe.pool import ExpertPool
 from services.moe.strategies import MoE, Routed, Strategy
 
@@ -80,8 +81,10 @@ class StrategyHost:
         self.refresh_interval_s = refresh_interval_s
         self.seed = seed
         self._moe: MoE | None = None  # over the default pool (the base with the most experts)
-        self._moes: dict[str, MoE] = {}  # other bases' pools, for strategies over their experts
-        self._bases: dict[str, str | None] = {}  # strategy definition -> the base of its expert set
+        # other pools, for strategies over other bases' experts or over several bases' and external
+        # experts: by placement (base, extra experts)
+        self._moes: dict[Placement, MoE] = {}
+        self._placements: dict[str, Placement | None] = {}  # strategy definition -> where it runs
         self._fingerprint: tuple | None = None
         self._checked_at = 0.0
         self._lock = threading.Lock()  # one request at a time: routers and hf engines are not thread-safe
@@ -98,36 +101,36 @@ class StrategyHost:
         the registry since (``moerge strategies add``, ``POST /v1/strategies``)."""
         return served_names(self._configured, self.catalog)
 
-    def _pool_moe(self, base: str | None) -> MoE:
-        pool = ExpertPool(self.registry, base)
+    def _pool_moe(self, base: str | None, extra: tuple[str, ...] = ()) -> MoE:
+        pool = ExpertPool(self.registry, base, extra=extra)
         if self._engine_factory is not None:
             pool.attach_engine(self._engine_factory(pool))
         return MoE(pool, seed=self.seed, catalog=self.catalog)
 
     def moe(self, strategy: Strategy | None = None) -> MoE:
         """The runtime over the registry's current experts (rebuilt when they changed): the
-        default pool's, or the pool of the base ``strategy``'s expert set is on."""
+        default pool's, or the pool where ``strategy``'s expert set is (``Placement``)."""
         now = time.monotonic()
         if self._moe is None or now - self._checked_at >= self.refresh_interval_s:
             self._checked_at = now
             fingerprint = self._current_fingerprint()
             if self._moe is None or fingerprint != self._fingerprint:
-                self._moes, self._bases = {}, {}
+                self._moes, self._placements = {}, {}
                 self._moe = self._pool_moe(None)
                 self._fingerprint = fingerprint
                 self.rebuilds += 1
-        base = self._base_of(strategy) if strategy is not None else None
-        if base is None or base == self._moe.pool.base.name:
+        placement = self._placement_of(strategy) if strategy is not None else None
+        if placement is None or (placement.base in ("", self._moe.pool.base.name) and not placement.extra):
             return self._moe
-        if base not in self._moes:
-            self._moes[base] = self._pool_moe(base)
-        return self._moes[base]
+        if placement not in self._moes:
+            self._moes[placement] = self._pool_moe(placement.base or None, placement.extra)
+        return self._moes[placement]
 
-    def _base_of(self, strategy: Strategy) -> str | None:
+    def _placement_of(self, strategy: Strategy) -> Placement | None:
         key = repr(strategy)  # the whole definition: one removed and defined again is looked up again
-        if key not in self._bases:
-            self._bases[key] = self.catalog.base_of(strategy)
-        return self._bases[key]
+        if key not in self._placements:
+            self._placements[key] = self.catalog.placement_of(strategy)
+        return self._placements[key]
 
     # ------------------------------------------------------------------ answering
 
