@@ -37,8 +37,8 @@ def generate(
     """Generate a completion with one expert, on the hf engine (adapters load on their base)."""
     from registry.service import Registry
     from services.engines.base import GenerateRequest
+    from services.engines.external import external_engine_for
     from services.engines.loader import hf_engine_for
-    from services.gateway.backend import external_engine_for
 
     messages = ((("system", system),) if system else ()) + (("user", prompt),) if chat else ()
     with Registry() as registry:

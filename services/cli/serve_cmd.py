@@ -74,8 +74,9 @@ def _serve_on_ray(cfg) -> None:
 
     address = os.environ.get("RAY_ADDRESS")
     # external experts' key variables go along, and only those the operator listed
-    key_vars = [v.strip() for v in os.environ.get("MOERGE_EXTERNAL_KEY_VARS", "").split(",") if v.strip()]
-    env = {k: os.environ[k] for k in (*FORWARDED_ENV, "MOERGE_EXTERNAL_KEY_VARS", *key_vars) if k in os.environ}
+    from services.engines.external import EXTERNAL_KEY_VARS, external_key_vars
+
+    env = {k: os.environ[k] for k in (*FORWARDED_ENV, EXTERNAL_KEY_VARS, *external_key_vars()) if k in os.environ}
     env.setdefault("MOERGE_HOME", str(moerge_home()))
     env.setdefault("MOERGE_DATABASE_URL", database_url())
     if address and cfg.ingress != "proxy":

@@ -145,6 +145,20 @@ class Authenticator:
         return principal
 
 
+# The dependencies the routers declare: module-level, over the ``Authenticator`` that ``create_app``
+# keeps on ``app.state.auth``, so handlers need no app factory's closure to find it.
+
+
+async def require_user(request: Request) -> Principal:
+    """Any valid key (``Authenticator.user`` of the request's app)."""
+    return await request.app.state.auth.user(request)
+
+
+async def require_admin(request: Request) -> Principal:
+    """A key with the admin scope (``Authenticator.admin`` of the request's app)."""
+    return await request.app.state.auth.admin(request)
+
+
 def check_model_allowed(principal: Principal, model: str) -> None:
     if not principal.allows(model):
         raise APIError(

@@ -39,6 +39,7 @@ from composer.engine_protocol import EngineError, GenerateRequest, generate_emit
 from registry.errors import MoergeError, NotFoundError, RegistrationError
 from registry.models import Expert
 from registry.service import Registry
+from services.engines.external import external_engine_for
 from services.gateway.protocol import ExpertCard
 
 STRATEGY_PREFIX = "moe/"
@@ -625,52 +626,13 @@ class LocalBackend:
                         slot.engine.unload_adapter(target)
 
     def _run_external(self, expert: Expert, prompt: str, params: SamplingParams) -> ExpertOutput:
-        # litellm loads only when an external expert is asked for (external_engine_for imports it);
+        # litellm loads only when an external expert is asked for (ExternalEngine imports it);
         # the engine holds only the target -> model string map, so one per call costs nothing
         engine = external_engine_for(expert)
         target = f"expert{expert.id}"  # the row id, as for adapters: never clashes with the base's name
         engine.load_model(target, expert.uri)
         [result] = engine.generate([params.request(prompt, target)])
         return output_of(expert.name, result, weight=1.0)
-
-
-# the variables external experts may read their keys from: the server's operator lists them, so
-# that no registration can have the server send another secret of its environment to a host
-EXTERNAL_KEY_VARS = "MOERGE_EXTERNAL_KEY_VARS"
-
-
-def external_key_vars() -> set[str]:
-    import os
-
-    return {v.strip() for v in os.environ.get(EXTERNAL_KEY_VARS, "").split(",") if v.strip()}
-
-
-def external_engine_for(expert: Expert) -> Any:
-    """An ``ExternalEngine`` with the expert's own connection: its ``api_base``, and the key read
-    from the environment variable it names (where this process runs, at call time). That variable
-    must be one the server lists in MOERGE_EXTERNAL_KEY_VARS. An expert with its own ``api_base``
-    and no key variable calls it without a key: the provider key litellm would otherwise take
-    from the environment (OPENAI_API_KEY) never goes to a registered host."""
-    import os
-
-    from services.engines.external import ExternalEngine
-
-    key = None
-    if expert.api_key_env:
-        if expert.api_key_env not in external_key_vars():
-            raise EngineError(
-                f"external expert {expert.ref} takes its key from ${expert.api_key_env}, which this "
-                f"server does not let external experts read: list it in {EXTERNAL_KEY_VARS}"
-            )
-        key = os.environ.get(expert.api_key_env)
-        if not key:
-            raise EngineError(
-                f"external expert {expert.ref} takes its key from ${expert.api_key_env}, "
-                "which is not set on this server"
-            )
-    elif expert.api_base:
-        key = "no-key"  # litellm's openai provider needs one; not the environment's
-    return ExternalEngine(api_base=expert.api_base, api_key=key)
 
 
 class PoolEngine:

@@ -16,7 +16,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
 
 # ------------------------------------------------------------------------------------- errors
 
@@ -136,6 +136,89 @@ class _SamplingFields(_Request):
         return None
 
 
+# ------------------------------------------------------------------------------------- provenance
+
+
+class ExpertWeight(BaseModel):
+    """An expert the plan used, with the weight it gave it (1.0 for a direct expert)."""
+
+    name: str
+    weight: float
+
+
+class ExpertCall(BaseModel):
+    """One engine call made on the plan's behalf (``composer.base.ExpertOutput``)."""
+
+    expert: str = Field(description="the engine target's name; the engine's base name for the base")
+    text: str
+    weight: float = Field(description="the router's weight for this expert (0 for an aggregator)")
+    role: str = Field(description="expert | aggregator | step")
+    answer: str = Field(description='the normalised answer this output voted for ("" when no vote)')
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    prompt_rule: str = Field(description="how the request became this call's prompt")
+
+
+class VoteAgreement(BaseModel):
+    """How much the experts agreed, over their distinct normalised answers (``composer.base.Agreement``)."""
+
+    entropy_bits: float = Field(description="Shannon entropy of the vote mass: 0 when all agree")
+    winner_share: float = Field(description="the winning answer's share of the vote mass")
+    distinct: int
+    votes: dict[str, float] = Field(description="each distinct answer's vote mass")
+    method: str = Field(description="majority (counts) | weighted (router weights)")
+
+
+class StitchSegment(BaseModel):
+    """A stretch of the final answer's lineage: ``expert`` wrote ``text`` at ``step`` (``composer.base.Segment``)."""
+
+    expert: str
+    text: str
+    step: int
+    instruction: str
+    prompt: str
+    weight: float
+
+
+class ProvenanceUsage(BaseModel):
+    """Tokens over every engine call of the plan, aggregator and steps included."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    engine_calls: int
+
+
+class MoeProvenance(BaseModel):
+    """The ``moe`` object on every completion: how the answer was made (docs/api.md).
+
+    ``composer.base.Completion.to_dict()`` without the text (the choice holds it), plus the
+    strategy served. ``decision`` and ``info`` are the router's and the composer's own.
+    """
+
+    finish_reason: str
+    prompt_rule: str = Field(description="chat_template | last_user_message | raw; the calls' rules joined by ','")
+    composer: str = Field(description='"direct" for an expert answering alone')
+    router: str | None
+    experts: list[ExpertWeight]
+    outputs: list[ExpertCall]
+    agreement: VoteAgreement | None
+    segments: list[StitchSegment]
+    usage: ProvenanceUsage
+    decision: dict[str, Any] = Field(description="the router's decision details (router_ms, scores, ...)")
+    info: dict[str, Any] = Field(description="the composer's details (merged adapter, lorahub weights, ...)")
+    strategy: str | None = Field(description="the moe/<name> served; null for a direct expert")
+
+
+# The responses' ``moe`` field. The gateway fills it with the plain dict ``moe_object`` built (one
+# pass of ``composer.base.jsonable``) and builds those responses with ``model_construct``: the
+# dict is not validated again into models, and ``SerializeAsAny`` writes it as it is (the bytes of
+# ``json.dumps``: a vote count stays 1, not 1.0). Clients that validate a response get a
+# ``MoeProvenance``; the OpenAPI document names it.
+MoeField = SerializeAsAny[MoeProvenance]
+
+
 # ------------------------------------------------------------------------------------- chat
 
 
@@ -213,7 +296,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
-    moe: dict[str, Any] | None = None  # provenance: composer.base.Completion.to_dict()
+    moe: MoeField | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -235,7 +318,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatCompletionStreamChoice]
     usage: UsageInfo | None = None
-    moe: dict[str, Any] | None = None  # on the chunk that carries finish_reason
+    moe: MoeField | None = None  # on the chunk that carries finish_reason
 
 
 # ------------------------------------------------------------------------------------- text completions
@@ -290,7 +373,7 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
-    moe: dict[str, Any] | None = None
+    moe: MoeField | None = None
 
 
 class CompletionStreamChoice(BaseModel):
@@ -307,7 +390,7 @@ class CompletionChunk(BaseModel):
     model: str
     choices: list[CompletionStreamChoice]
     usage: UsageInfo | None = None
-    moe: dict[str, Any] | None = None
+    moe: MoeField | None = None
 
 
 # ------------------------------------------------------------------------------------- models

@@ -12,7 +12,7 @@ import anyio
 from fastapi import APIRouter, Depends, Request
 
 from registry.errors import DefinitionError, NotFoundError
-from services.gateway.auth import Principal, check_model_allowed
+from services.gateway.auth import Principal, check_model_allowed, require_admin, require_user
 from services.gateway.protocol import APIError, StrategyCard, StrategyDefinition, StrategyDeleted, StrategyList
 from services.moe.definitions import definition_of
 from services.moe.strategies import Strategy
@@ -20,26 +20,18 @@ from services.moe.strategies import Strategy
 router = APIRouter(tags=["strategies"])
 
 
-async def _user(request: Request) -> Principal:
-    return await request.app.state.auth.user(request)
-
-
-async def _admin(request: Request) -> Principal:
-    return await request.app.state.auth.admin(request)
-
-
 def card_of(strategy: Strategy) -> StrategyCard:
     return StrategyCard(**definition_of(strategy), level=strategy.level, source=strategy.source)
 
 
 @router.get("/v1/strategies", response_model=StrategyList)
-def list_strategies(request: Request, principal: Principal = Depends(_user)) -> StrategyList:
+def list_strategies(request: Request, principal: Principal = Depends(require_user)) -> StrategyList:
     catalog = request.app.state.catalog
     return StrategyList(data=[card_of(s) for s in catalog.all().values() if principal.allows(s.name)])
 
 
 @router.get("/v1/strategies/{name}", response_model=StrategyCard)
-def get_strategy(name: str, request: Request, principal: Principal = Depends(_user)) -> StrategyCard:
+def get_strategy(name: str, request: Request, principal: Principal = Depends(require_user)) -> StrategyCard:
     try:
         strategy = request.app.state.catalog.get(name)
     except NotFoundError as exc:
@@ -49,7 +41,9 @@ def get_strategy(name: str, request: Request, principal: Principal = Depends(_us
 
 
 @router.post("/v1/strategies", response_model=StrategyCard, status_code=201)
-async def add_strategy(body: StrategyDefinition, request: Request, _: Principal = Depends(_admin)) -> StrategyCard:
+async def add_strategy(
+    body: StrategyDefinition, request: Request, _: Principal = Depends(require_admin)
+) -> StrategyCard:
     try:
         strategy = await anyio.to_thread.run_sync(request.app.state.catalog.add, body.model_dump())
     except DefinitionError as exc:
@@ -58,7 +52,7 @@ async def add_strategy(body: StrategyDefinition, request: Request, _: Principal 
 
 
 @router.delete("/v1/strategies/{name}", response_model=StrategyDeleted)
-async def remove_strategy(name: str, request: Request, _: Principal = Depends(_admin)) -> StrategyDeleted:
+async def remove_strategy(name: str, request: Request, _: Principal = Depends(require_admin)) -> StrategyDeleted:
     try:
         strategy = await anyio.to_thread.run_sync(request.app.state.catalog.remove, name)
     except NotFoundError as exc:
