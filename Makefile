@@ -20,7 +20,7 @@ export TOKENIZERS_PARALLELISM := false
 # The versions CI passed with (`make lock` refreshes them: scripts/lock.sh).
 CONSTRAINTS ?= constraints/cpu.txt
 
-.PHONY: setup demo test test-lower-isa bench peers bench-peers lock clean
+.PHONY: setup demo test lint test-lower-isa bench peers bench-peers lock clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,15 @@ demo: setup
 
 test: setup
 	scripts/with-postgres.sh $(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The code checks itself (pyproject.toml configures both tools): ruff's lint and format, mypy,
+# and docs/cli.md against the CLI it documents (scripts/gen_cli_docs.py rewrites it).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python scripts/gen_cli_docs.py | diff -u docs/cli.md - || \
+		{ echo "docs/cli.md is stale: $(BIN)/python scripts/gen_cli_docs.py > docs/cli.md"; exit 1; }
 
 # The numerics-sensitive tests once more, with torch, oneDNN, MKL and numba held to an instruction
 # set below this CPU's (AVX2 on AVX-512, none on AVX2): what another machine computes. CI runs it.

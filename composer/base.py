@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from composer.engine_protocol import Engine, GenerateRequest, GenerateResult
 from registry.errors import MoergeError
-from routers.base import Decision
+from routers.base import Decision, Level
 
 
 class ComposeError(MoergeError):
@@ -244,7 +244,7 @@ class BaseComposer:
     """
 
     name = "composer"
-    level = "query"
+    level: Level = "query"
     kinds: tuple[str, ...] = ("adapter", "model", "external")
     PARAMS: tuple = ()
     runs_on = "pool"

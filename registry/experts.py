@@ -24,6 +24,7 @@ from registry.errors import MoergeError, NotFoundError, RegistrationError
 from registry.models import EXPERT_KINDS, EXPERT_STATUSES, BaseModel, Expert, ExpertExample
 from registry.validation import (
     Limits,
+    SourceFile,
     check_base_name,
     check_connection,
     check_external,
@@ -168,7 +169,8 @@ class Experts:
         check_connection(api_base, api_key_env)
 
         if kind == "external":
-            uri, files, source_label = check_external(str(source)), [], str(source)
+            files: list[SourceFile] = []
+            uri, source_label = check_external(str(source)), str(source)
         else:
             root, files = scan_source(source, self.limits)
             source_label = str(root)
@@ -239,7 +241,7 @@ class Experts:
                     version=v,
                     kind=fields["kind"],
                     base=s.get(BaseModel, base_row.id) if base_row is not None else None,
-                    uri=fields["uri"] or str(self.store.resolve(rel)),
+                    uri=fields["uri"] or str(self.store.resolve(rel or "")),  # rel: files kept here
                     store_path=rel,
                     source=fields["source"],
                     domains=fields["domains"],
@@ -257,7 +259,7 @@ class Experts:
                 ]
                 s.add(expert)
                 s.flush()  # the unique (name, version) check happens here; the loser stops
-                if staged is not None:
+                if staged is not None and rel is not None:  # rel is set whenever files were staged
                     published = self.store.publish(staged, rel)
             return expert
         except BaseException:

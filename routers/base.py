@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -118,12 +118,16 @@ class Router(Protocol):
         """fit + load in one step; returns the artifact to store."""
 
 
+# query: a Decision per query | token: a MixtureSpec the MoLoRA layer applies
+Level = Literal["query", "token"]
+
+
 class BaseRouter:
     """What the strategy runtime reads of every router class (built-ins and ``moerge.routers``
     plugins subclass it), and ``add_expert`` as ``fit_expert`` followed by ``load_expert``."""
 
     name = "router"
-    level = "query"  # query: a Decision per query | token: a MixtureSpec the MoLoRA layer applies
+    level: Level = "query"
     kinds: tuple[str, ...] = ("adapter", "model")  # the expert kinds it can choose among
     # what the strategy runtime hands it (``MoE._supply`` in services/moe/strategies.py): embedder,
     # validation (evaluate_fn + validation_examples), task_skills, seed, gold_task, local, head

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -43,6 +43,8 @@ def generate(
     messages = ((("system", system),) if system else ()) + (("user", prompt),) if chat else ()
     with Registry() as registry:
         record = registry.get_expert(expert, version)
+        engine: Any  # an HFEngine or an ExternalEngine: the same Engine protocol
+        target: str | None
         if record.kind == "external":
             engine, target = external_engine_for(record), "external"
             engine.load_model(target, record.uri)

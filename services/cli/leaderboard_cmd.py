@@ -9,7 +9,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -280,7 +280,7 @@ def suite_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.
     from services.leaderboard.suites import SKILLS_SPLITS
 
     reg = _registry()
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": "skills",
             "examples": "generated",

@@ -4,7 +4,7 @@ from the command line (docs/strategies.md)."""
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -76,7 +76,12 @@ def list_strategies(as_json: bool = typer.Option(False, "--json", help="Print JS
     print_table(table)
 
 
-def _method_params(declared, given: dict) -> list[dict]:  # noqa: ANN001 - Param declarations
+def _params_of(cls: Any) -> tuple:
+    """A router's or composer's declared parameters; none for a name that is not (or no longer) installed."""
+    return cls.PARAMS if cls is not None else ()
+
+
+def _method_params(declared: tuple, given: dict) -> list[dict]:
     return [{**p.describe(), **({"value": given[p.name]} if p.name in given else {})} for p in declared]
 
 
@@ -102,8 +107,8 @@ def show_strategy(
         "level": s.level,
         "source": s.source,
         "chooses_among": chosen,
-        "router_parameters": _method_params(router_class(s.router).PARAMS, s.router_params),
-        "composer_parameters": _method_params(composer_class(s.composer).PARAMS, s.composer_params),
+        "router_parameters": _method_params(_params_of(router_class(s.router)), s.router_params),
+        "composer_parameters": _method_params(_params_of(composer_class(s.composer)), s.composer_params),
     }
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
@@ -181,23 +186,15 @@ def list_methods(as_json: bool = typer.Option(False, "--json", help="Print JSON 
     from composer import composer_class, composer_names
     from routers import router_class, router_names
 
-    doc = {
+    routers = [(n, c) for n in router_names() if (c := router_class(n)) is not None]
+    composers = [(n, k) for n in composer_names() if (k := composer_class(n)) is not None]
+    doc: dict[str, list[dict[str, Any]]] = {
         "routers": [
-            {
-                "name": n,
-                "level": router_class(n).level,
-                "kinds": list(router_class(n).kinds),
-                "parameters": [p.describe() for p in router_class(n).PARAMS],
-            }
-            for n in router_names()
+            {"name": n, "level": c.level, "kinds": list(c.kinds), "parameters": [p.describe() for p in c.PARAMS]}
+            for n, c in routers
         ],
         "composers": [
-            {
-                "name": n,
-                "level": composer_class(n).level,
-                "parameters": [p.describe() for p in composer_class(n).PARAMS],
-            }
-            for n in composer_names()
+            {"name": n, "level": k.level, "parameters": [p.describe() for p in k.PARAMS]} for n, k in composers
         ],
     }
     if as_json:

@@ -33,7 +33,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 
 
-def _registry():  # noqa: ANN202 - imported lazily: `moerge --help` should not open a database
+def _registry():  # imported lazily: `moerge --help` should not open a database
     from registry.service import Registry
 
     return Registry()

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -53,7 +54,7 @@ def serve_command(
     from services.serving.config import load_config
 
     cfg = load_config(config)
-    updates = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    updates: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     if require_keys is not None:
         updates["gateway"] = cfg.gateway.model_copy(update={"require_keys": require_keys})
     cfg = cfg.model_copy(update=updates)
@@ -118,7 +119,7 @@ def _stop_on_signals() -> None:
     and the local Ray down instead of leaving their processes behind; SIGINT too when the shell
     started this command in the background, which ignores it."""
 
-    def interrupt(signum, frame) -> None:  # noqa: ANN001
+    def interrupt(signum, frame) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)

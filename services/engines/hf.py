@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, cast
 
 import torch
 from peft import PeftModel
@@ -235,7 +236,7 @@ class HFEngine:
 
     def _generate_batch(
         self,
-        model: torch.nn.Module,
+        model: Any,  # a PreTrainedModel, or the PeftModel over one
         tokenizer: PreTrainedTokenizerBase,
         batch: list[GenerateRequest],
         emits: Sequence[Emit | None] | None = None,
@@ -384,7 +385,7 @@ class HFEngine:
                 base = module.get_base_layer()
                 self._snapshot.append((module, [(p, _kept(p)) for p in base.parameters(recurse=False)]))
         self._merged = target
-        self._peft.base_model.merge_adapter(adapter_names=[target])
+        self._peft.base_model.merge_adapter(adapter_names=[target])  # type: ignore[operator]  # a LoraModel
 
     @torch.no_grad()
     def _unmerge(self) -> None:
@@ -405,7 +406,7 @@ class HFEngine:
     def _load_causal_lm(self, path: str | Path, trust_remote_code: bool | None = None) -> PreTrainedModel:
         trust = self.trust_remote_code if trust_remote_code is None else trust_remote_code
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype, trust_remote_code=trust)
-        return model.to(self.device).eval()
+        return model.to(self.device).eval()  # type: ignore[arg-type]  # transformers' wrapped .to
 
 
 # ---------------------------------------------------------------------- decoding helpers
@@ -540,7 +541,7 @@ class _DeltaStreamer:
             if len(self.ids) >= self.limit:
                 self.ended = True
                 break
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special)
+        text = cast(str, self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special))  # one sequence
         hits = [text.find(s) for s in self.stop if s in text]
         if hits:  # the answer ends before the stop string; generation stops after this token
             self.ended = True
@@ -585,7 +586,7 @@ class _RowStops(StoppingCriteria):
                 for s in stops
             )
             self.done[row] = produced >= self.limits[row] or last[row] in self.ends[row] or text_stop
-        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+        return cast(torch.BoolTensor, torch.tensor(self.done, dtype=torch.bool, device=input_ids.device))
 
 
 def _finish(
@@ -610,7 +611,7 @@ def _finish(
             tokens = tokens[:-1]
         # a byte-level BPE answer cut inside a character ends in the replacement character: vLLM's
         # incremental detokenizer holds those bytes back, and so does the stream (_DeltaStreamer)
-        return tokenizer.decode(tokens, skip_special_tokens=skip).rstrip("\ufffd")
+        return cast(str, tokenizer.decode(tokens, skip_special_tokens=skip)).rstrip("\ufffd")
 
     text = text_of(ids)
     hits = [text.find(s) for s in request.stop if s and s in text]
@@ -633,7 +634,7 @@ def _finish(
 
 
 @contextlib.contextmanager
-def _without_model_defaults(model: torch.nn.Module) -> Iterator[None]:
+def _without_model_defaults(model: Any) -> Iterator[None]:
     """``generate`` fills every field our config leaves unset from the model's own
     generation_config.json (Qwen2.5-Instruct's repetition_penalty 1.05, top_k 20, …), even for
     greedy decoding. A request says what it wants, as vLLM's ``SamplingParams`` do, so the hf and

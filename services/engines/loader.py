@@ -44,6 +44,10 @@ def hf_engine_for(registry: Registry, expert: Expert, **engine_kwargs) -> tuple[
     base (the target is then ``None``).
     """
     path = registry.expert_path(expert)
+    if path is None:  # an external expert: it has no files here
+        raise MoergeError(
+            f"{expert.name!r} is an external expert ({expert.uri}); it is called through litellm, not the hf engine"
+        )
     if expert.kind == "adapter":
         if expert.base is None:
             raise MoergeError(f"adapter {expert.name!r} has no base model recorded")
@@ -56,6 +60,4 @@ def hf_engine_for(registry: Registry, expert: Expert, **engine_kwargs) -> tuple[
         return engine, expert.name
     if expert.kind == "model":
         return HFEngine(path, base_name=expert.name, **engine_kwargs), None
-    raise MoergeError(
-        f"{expert.name!r} is an external expert ({expert.uri}); it is called through litellm, not the hf engine"
-    )
+    raise MoergeError(f"{expert.name!r} is a {expert.kind!r} expert, which the hf engine cannot load")

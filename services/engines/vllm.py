@@ -171,7 +171,7 @@ class VLLMEngine:
         outputs = self._llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids, _ in rendered],
             [_sampling_params(r, self._extra_ends(t)) for r, t in zip(requests, tokenizers)],
-            lora_request=loras,
+            lora_request=loras,  # type: ignore[arg-type]  # None for the base: vLLM takes it per item
             use_tqdm=False,
         )
         return [self._result(output, rule) for output, (_, rule) in zip(outputs, rendered)]
@@ -215,15 +215,17 @@ class VLLMEngine:
             # vLLM 0.32 with LoRA on: prompt log-probs of a batch fail (the LoRA logits layer
             # indexes rows per request, not per prompt token), so each item goes alone
             outputs = [
-                self._llm.generate([row], params, lora_request=[lora], use_tqdm=False)[0]
+                self._llm.generate([row], params, lora_request=[lora], use_tqdm=False)[0]  # type: ignore[list-item]
                 for row, lora in zip(rows, loras)
             ]
         else:
             outputs = self._llm.generate(rows, params, use_tqdm=False)
         results = []
         for output, (n_context, continuation) in zip(outputs, spans):
+            assert output.prompt_logprobs is not None  # asked for: prompt_logprobs=0
             positions = output.prompt_logprobs[n_context : n_context + len(continuation)]
-            picked = [position[token] for position, token in zip(positions, continuation)]
+            # only the prompt's first token has no log-probs, and a continuation never starts there
+            picked = [position[token] for position, token in zip(positions, continuation)]  # type: ignore[index]
             token_logprobs = [p.logprob for p in picked]
             results.append(
                 ScoreResult(

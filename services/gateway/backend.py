@@ -27,10 +27,10 @@ import inspect
 import re
 import threading
 from collections import ChainMap
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
 import anyio
 
@@ -103,7 +103,18 @@ class Backend(Protocol):
     async def remove_expert(self, name: str, version: str | None = None) -> list[dict]: ...
 
 
-def direct_completion(expert: Expert, output: ExpertOutput) -> Completion:
+class ExpertRef(Protocol):
+    """What a direct completion records of its expert: a registry ``Expert``, or a lookup row."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+
+
+def direct_completion(expert: ExpertRef, output: ExpertOutput) -> Completion:
     """One expert's answer as a completion (no router, no composer)."""
     return Completion(
         text=output.text,
@@ -291,16 +302,19 @@ def _generate(engine: Any, batch: list[_Waiting]) -> list[Any]:
     request marked as having streamed)."""
 
     def emit_of(w: _Waiting) -> Callable[[str], None] | None:
-        if w.emit is None:
+        sink = w.emit
+        if sink is None:
             return None
 
         def emit(piece: str) -> None:
             w.emitted = True
-            w.emit(piece)
+            sink(piece)
 
         return emit
 
-    return generate_emitting(engine, [w.request for w in batch], [emit_of(w) for w in batch])
+    requests = [w.request for w in batch if w.request is not None]  # each prepared before the batch runs
+    assert len(requests) == len(batch)
+    return generate_emitting(engine, requests, [emit_of(w) for w in batch])
 
 
 class LiveStrategies(Mapping):
@@ -363,7 +377,8 @@ class LocalBackend:
     def add_strategies(self, strategies: Mapping[str, Strategy]) -> None:
         """Serve every strategy of ``strategies``, a live mapping ``moe/<name>`` -> callable whose
         keys may change while serving (strategies users add to the registry)."""
-        self._strategies.maps.append(strategies)
+        # only maps[0] is ever written (add_strategy), so a read-only mapping is safe here
+        self._strategies.maps.append(cast(MutableMapping[str, Strategy], strategies))
 
     # -- Backend ---------------------------------------------------------------------------------
 
@@ -499,21 +514,10 @@ class LocalBackend:
         for expert, request in items:
             if expert is None:
                 slot = self._base_slot(base)
-
-                def prepare(slot: _Slot = slot, request: GenerateRequest = request) -> GenerateRequest:
-                    self._load_base(slot, base)
-                    return replace(request, target=None)
+                prepare = self._base_request(slot, base, request)
             else:
                 slot = self._slot_for(expert)
-
-                def prepare(
-                    slot: _Slot = slot,
-                    expert: Expert = expert,  # type: ignore[misc]
-                    request: GenerateRequest = request,
-                ) -> GenerateRequest:
-                    self._load(slot, expert)
-                    return replace(request, target=slot.targets[expert.id] if expert.kind == "adapter" else None)
-
+                prepare = self._expert_request(slot, expert, request)
             waits.append((slot, _enqueue(slot, prepare, None)))
         outcomes = []
         for slot, w in waits:  # every one waited for, so none is left queued when one fails
@@ -525,6 +529,24 @@ class LocalBackend:
             if isinstance(outcome, Exception):
                 raise outcome
         return outcomes
+
+    def _base_request(self, slot: _Slot, base: Any, request: GenerateRequest) -> Callable[[], GenerateRequest]:
+        """``prepare`` for a request on ``base`` itself: loads the base, targets it."""
+
+        def prepare() -> GenerateRequest:
+            self._load_base(slot, base)
+            return replace(request, target=None)
+
+        return prepare
+
+    def _expert_request(self, slot: _Slot, expert: Expert, request: GenerateRequest) -> Callable[[], GenerateRequest]:
+        """``prepare`` for a request on ``expert``: loads it, targets its adapter (or its model)."""
+
+        def prepare() -> GenerateRequest:
+            self._load(slot, expert)
+            return replace(request, target=slot.targets[expert.id] if expert.kind == "adapter" else None)
+
+        return prepare
 
     def score_on(self, base: Any, items: Sequence[tuple[Expert | None, Any]]) -> list[Any]:
         """``generate_on`` for ``ScoreRequest``s (each under its engine's lock, not batched)."""

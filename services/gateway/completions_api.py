@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import anyio
 from fastapi import APIRouter, Depends, Request
@@ -38,6 +38,7 @@ from services.gateway.protocol import (
     CompletionResponse,
     CompletionStreamChoice,
     DeltaMessage,
+    FinishReason,
     ModelCard,
     ModelList,
     UsageInfo,
@@ -212,11 +213,11 @@ async def stream(
         # validated again (protocol.MoeField)
         if chat:
             d = DeltaMessage(content=delta) if delta is not None else DeltaMessage()
-            choices = [ChatCompletionStreamChoice(delta=d, finish_reason=finish)]
+            chat_choices = [ChatCompletionStreamChoice(delta=d, finish_reason=finish_of(finish))]
             return ChatCompletionChunk.model_construct(
-                id=chunk_id, created=created, model=model, choices=choices, **extra
+                id=chunk_id, created=created, model=model, choices=chat_choices, **extra
             )
-        choices = [CompletionStreamChoice(text=delta or "", finish_reason=finish)]
+        choices = [CompletionStreamChoice(text=delta or "", finish_reason=finish_of(finish))]
         return CompletionChunk.model_construct(id=chunk_id, created=created, model=model, choices=choices, **extra)
 
     async def events() -> AsyncIterator[str]:
@@ -260,6 +261,12 @@ async def stream(
 # ``moe`` dict goes out as built, not validated a second time (protocol.MoeField).
 
 
+def finish_of(reason: str | None) -> FinishReason | None:
+    """An engine's finish reason as the wire schema types it: the engines report "stop" or
+    "length" only, and pydantic checks it when the choice is built."""
+    return cast(FinishReason | None, reason)
+
+
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["completions"])
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, principal: Principal = Depends(require_user)
@@ -274,11 +281,11 @@ async def chat_completions(
         model=body.model,
         choices=[
             ChatCompletionChoice(
-                message=ChatResponseMessage(content=completion.text), finish_reason=completion.finish_reason
+                message=ChatResponseMessage(content=completion.text), finish_reason=finish_of(completion.finish_reason)
             )
         ],
         usage=usage_of(completion),
-        moe=moe_object(body.model, completion),
+        moe=moe_object(body.model, completion),  # type: ignore[arg-type]  # the dict as is (protocol.MoeField)
     )
     return _json_response(response, headers=moe_headers(body.model, completion))
 
@@ -295,9 +302,9 @@ async def completions(
     completion = await complete(request, body.model, prompt, params)
     response = CompletionResponse.model_construct(
         model=body.model,
-        choices=[CompletionChoice(text=completion.text, finish_reason=completion.finish_reason)],
+        choices=[CompletionChoice(text=completion.text, finish_reason=finish_of(completion.finish_reason))],
         usage=usage_of(completion),
-        moe=moe_object(body.model, completion),
+        moe=moe_object(body.model, completion),  # type: ignore[arg-type]  # the dict as is (protocol.MoeField)
     )
     return _json_response(response, headers=moe_headers(body.model, completion))
 

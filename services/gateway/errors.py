@@ -8,7 +8,7 @@ The exception handlers are module-level functions that count each error on the a
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import Request
@@ -99,7 +99,7 @@ async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=500)
 
 
-EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Any], Awaitable[Response]]] = {
+EXCEPTION_HANDLERS: dict[int | type[Exception], Callable[[Request, Any], Coroutine[Any, Any, Response]]] = {
     APIError: api_error,
     RequestValidationError: validation_error,
     StarletteHTTPException: http_error,

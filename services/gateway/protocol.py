@@ -221,6 +221,9 @@ MoeField = SerializeAsAny[MoeProvenance]
 
 # ------------------------------------------------------------------------------------- chat
 
+# why a choice ended: the engines report only these two
+FinishReason = Literal["stop", "length"]
+
 
 class TextContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -276,7 +279,7 @@ class ChatResponseMessage(BaseModel):
 class ChatCompletionChoice(BaseModel):
     index: int = 0
     message: ChatResponseMessage
-    finish_reason: Literal["stop", "length"] | None = "stop"
+    finish_reason: FinishReason | None = "stop"
     logprobs: None = None
 
 
@@ -307,7 +310,7 @@ class DeltaMessage(BaseModel):
 class ChatCompletionStreamChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
     logprobs: None = None
 
 
@@ -361,7 +364,7 @@ class CompletionRequest(_SamplingFields):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    finish_reason: Literal["stop", "length"] | None = "stop"
+    finish_reason: FinishReason | None = "stop"
     logprobs: None = None
 
 
@@ -379,7 +382,7 @@ class CompletionResponse(BaseModel):
 class CompletionStreamChoice(BaseModel):
     index: int = 0
     text: str
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
     logprobs: None = None
 
 

@@ -94,7 +94,9 @@ def build_board(registry: Registry, run_id: int | None = None, suite: str | None
 
     # cost-quality frontiers: a strategy's own point with the experts' points (RouterBench's frontier
     # of mixing the strategy with single experts), over the cost range of the whole run
-    points = {row["entry"]: (per_query(row["all"], "cost"), row["all"]["accuracy"]) for row in rows if row["all"]["n"]}
+    points: dict[str, tuple[float, float]] = {
+        row["entry"]: (row["all"]["cost"] / row["all"]["n"], row["all"]["accuracy"]) for row in rows if row["all"]["n"]
+    }  # (cost per query, accuracy) of every entry that answered
     expert_points = [p for e, p in points.items() if by_entry[e]["kind"] == "expert"]
     costs = [c for c, _ in points.values()]
     cost_range = (min(costs), max(costs)) if costs else (0.0, 0.0)
@@ -226,8 +228,8 @@ def best_values(board: Board) -> dict[str, set[str]]:
     for col in board.columns:
         if col.better is None:
             continue
-        values = {r["entry"]: col.get(r) for r in board.rows if r["entry"] != ORACLE}
-        values = {e: v for e, v in values.items() if v is not None}
+        got = {r["entry"]: col.get(r) for r in board.rows if r["entry"] != ORACLE}
+        values = {e: v for e, v in got.items() if v is not None}
         if not values or (len(values) > 1 and len(set(values.values())) == 1):  # all equal: none stands out
             continue
         target = max(values.values()) if col.better == "high" else min(values.values())

@@ -131,7 +131,7 @@ def accuracy_plot(board: Board) -> str:
         )
     ]
     for i, s in enumerate(splits):  # legend
-        x = left + i * 130
+        x: float = left + i * 130
         out.append(
             f'<rect x="{x}" y="6" width="12" height="12" fill="{SPLIT_COLOURS[i % len(SPLIT_COLOURS)]}"/>'
             f'<text x="{x + 16}" y="16" class="legend">{e(s)}</text>'

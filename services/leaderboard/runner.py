@@ -27,11 +27,13 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from composer.base import ComposeError
 from composer.engine_protocol import GenerateRequest, ScoreRequest
 from registry.errors import MoergeError, NotFoundError
 from registry.service import Registry
+from routers.base import Decision
 from services.leaderboard.store import ALL
 from services.leaderboard.suites import Query, is_correct, load_queries
 from services.moe.evaluate import strategy_records as evaluate_strategy_records  # moerge eval's own code path
@@ -90,7 +92,7 @@ class RunOutcome:
 
     def result_rows(self) -> list[dict]:
         """Per entry: one row per split, then the pooled ``all`` row."""
-        rows = []
+        rows: list[dict] = []
         for entry in self.entries:
             parts = [self.results[(entry, s)] for s in self.splits]
             rows.extend(p.summary() for p in parts)
@@ -412,10 +414,10 @@ class LeaderboardRunner:
         skipped = 0
         if mc and strategy.composer == "single" and query_level:
             routed = [self.moe.route(strategy, q.prompt, q.task) for q in mc]
-            tops = [r.decision.top for r in routed]
+            tops = [cast(Decision, rt.decision).top for rt in routed]  # query-level: a Decision each
             base = self.pool.base.name
             targets = [None if t in (None, base) else t for t in tops]
-            for q, t, r, (choice, p_tok, c_tok, ms) in zip(mc, targets, routed, self._choose(mc, targets)):
+            for q, t, rt, (choice, p_tok, c_tok, ms) in zip(mc, targets, routed, self._choose(mc, targets)):
                 experts = [(t, 1.0)] if t is not None else []
                 judged = q.task in self._known_tasks  # a gold task some expert was trained on
                 routing_ok = (q.task in self._trained.get(t, set())) if (t is not None and judged) else None
@@ -432,7 +434,7 @@ class LeaderboardRunner:
                         p_tok,
                         c_tok,
                         (p_tok + c_tok) / 1000 * rate,
-                        r.router_ms + ms,
+                        rt.router_ms + ms,
                     )
                 )
         else:

@@ -217,7 +217,7 @@ def load_queries(
             by_task: dict[str, list] = defaultdict(list)
             for r in chosen:
                 by_task[r.task].append(r)
-            keep = set()
+            keep: set[int] = set()
             for task, items in by_task.items():
                 picked = (
                     items

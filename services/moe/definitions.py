@@ -121,7 +121,7 @@ class Placement:
     extra: tuple[str, ...] = ()
 
 
-def check_against_registry(strategy: Strategy, experts: Iterable) -> Placement:  # noqa: ANN001 - registry Experts
+def check_against_registry(strategy: Strategy, experts: Iterable) -> Placement:  # registry Experts
     """The expert set and fallback of ``strategy`` against the ready ``experts`` now; returns where
     it runs. A merge or a token-level mixture computes in one base's weights, so its experts are
     that base's adapters. A query-level router with a composer that only calls engines (single,
@@ -155,8 +155,9 @@ def check_against_registry(strategy: Strategy, experts: Iterable) -> Placement: 
         fb = ready.get(strategy.fallback)
         if fb is None:
             raise DefinitionError(f"{strategy.name}: no ready expert named {strategy.fallback!r} for the fallback")
-    on_bases = [c for c in (*chosen, *([fb] if fb is not None else [])) if c.base is not None and c.kind != "external"]
-    counts = Counter(c.base for c in on_bases)
+    counts = Counter(
+        c.base for c in (*chosen, *([fb] if fb is not None else [])) if c.base is not None and c.kind != "external"
+    )
     if one_base:
         if len(counts) > 1:
             raise DefinitionError(
@@ -214,7 +215,7 @@ def definition_of(strategy: Strategy) -> dict[str, Any]:
     }
 
 
-def strategy_of_record(record) -> Strategy:  # noqa: ANN001 - a registry StrategyRecord
+def strategy_of_record(record) -> Strategy:  # a registry StrategyRecord
     """A stored definition as a ``Strategy`` (checked again: a plugin may have gone away)."""
     return parse_definition(
         {

@@ -12,6 +12,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 from composer.engine_protocol import GenerateRequest
 from registry.errors import NotFoundError
@@ -24,7 +25,7 @@ DEFAULT_PER_TASK = {"test": 25, "paraphrase": 25, "composition": 20, "validation
 CONTAINS_MAX_NEW_TOKENS = 64  # the leaderboard's default for `contains` queries
 
 
-def load_suite(suite: str, split: str, n_per_task: int | None = None, seed: int = 0, registry=None) -> list[Example]:  # noqa: ANN001
+def load_suite(suite: str, split: str, n_per_task: int | None = None, seed: int = 0, registry=None) -> list[Example]:
     """A split's queries: the built-in skills suite drawn from ``seed``, or a suite registered with
     ``moerge suite add`` (exact-match and contains queries; ``n_per_task`` takes the
     leaderboard's seeded sample of each task)."""
@@ -45,7 +46,20 @@ def load_suite(suite: str, split: str, n_per_task: int | None = None, seed: int 
     return make_split(split, n_per_task or DEFAULT_PER_TASK.get(split, 25), seed)
 
 
-def is_correct(example: Example, prediction: str) -> bool:
+class Question(Protocol):
+    """What scoring an answer reads of a query: the zoo's ``Example``, a leaderboard ``Query``."""
+
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def reference(self) -> str: ...
+    @property
+    def task(self) -> str: ...
+    @property
+    def metric(self) -> str: ...
+
+
+def is_correct(example: Question, prediction: str) -> bool:
     if example.metric == "contains":
         return example.reference.strip().lower() in prediction.lower()
     return exact_match(prediction, example.reference)
@@ -162,7 +176,7 @@ def _trained_tasks(moe: MoE) -> dict[str, set[str]]:
     }
 
 
-def strategy_records(moe: MoE, strategy: Strategy, examples: list[Example], max_new: int) -> list[QueryRecord]:
+def strategy_records(moe: MoE, strategy: Strategy, examples: Sequence[Question], max_new: int) -> list[QueryRecord]:
     """Run ``strategy`` on ``examples`` (batched through ``MoE.run``) and score each answer: the
     per-query records of ``evaluate``, also what the leaderboard stores."""
     tasks = [e.task for e in examples]

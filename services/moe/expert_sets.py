@@ -29,7 +29,7 @@ class Candidate:
     skills: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, record) -> Candidate:  # noqa: ANN001 - a registry Expert
+    def of(cls, record) -> Candidate:  # a registry Expert
         return cls(
             record.name,
             record.kind,
@@ -85,7 +85,7 @@ def select_experts(entries: Sequence[str], candidates: Iterable[Candidate]) -> l
     return [c.name for c in candidates if c.name in chosen]
 
 
-def strategy_kinds(strategy) -> tuple[str, ...]:  # noqa: ANN001 - a Strategy
+def strategy_kinds(strategy) -> tuple[str, ...]:  # a Strategy
     """The expert kinds a strategy can use: those both its router and its composer take."""
     router_cls, composer_cls = router_class(strategy.router), composer_class(strategy.composer)
     if router_cls is None or composer_cls is None:

@@ -48,7 +48,7 @@ class ExpertPool:
         base: str | None = None,
         *,
         max_batch_size: int = 64,
-        engine=None,  # noqa: ANN001 - an Engine
+        engine=None,  # an Engine
         extra: Sequence[str] = (),
     ) -> None:
         self.registry = registry
@@ -139,12 +139,12 @@ class ExpertPool:
 
     # ------------------------------------------------------------------ engines
 
-    def attach_engine(self, engine) -> None:  # noqa: ANN001 - an Engine
+    def attach_engine(self, engine) -> None:  # an Engine
         self._given_engine = engine
         self._dispatch = None
 
     @property
-    def engine(self):  # noqa: ANN201 - an Engine
+    def engine(self):  # an Engine
         """The engine query-level composers call: the given one, else ``local_engine``. With extra
         experts, a ``DispatchEngine`` in front: external experts through litellm, and (without a
         given engine, which serves every base) other bases' adapters on an hf engine per base."""

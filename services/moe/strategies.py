@@ -22,7 +22,7 @@ from composer.engine_protocol import Engine, GenerateRequest
 from registry.config import moerge_home
 from registry.errors import NotFoundError
 from routers import router_class
-from routers.base import BaseRouter, Decision, ExpertExample, ExpertInfo, MixtureSpec, RouteRequest
+from routers.base import BaseRouter, Decision, ExpertExample, ExpertInfo, Level, MixtureSpec, RouteRequest
 from routers.embedder import get_embedder
 from routers.params import artifact_key
 from services.moe.expert_sets import Candidate, select_experts, split_expert_set, strategy_kinds
@@ -44,7 +44,7 @@ class Strategy:
     source: str = "builtin"  # builtin | file:<path> | registry
 
     @property
-    def level(self) -> str:
+    def level(self) -> Level:
         cls = router_class(self.router)
         return cls.level if cls is not None else "query"
 
@@ -147,7 +147,7 @@ class MoE:
     ``catalog``: where strategy names are looked up (default: the pool registry's built-ins, file
     and stored strategies, ``services.moe.catalog``)."""
 
-    def __init__(self, pool: ExpertPool, *, seed: int = 0, catalog=None) -> None:  # noqa: ANN001
+    def __init__(self, pool: ExpertPool, *, seed: int = 0, catalog=None) -> None:
         self.pool = pool
         self.seed = seed
         self._catalog = catalog
@@ -162,7 +162,7 @@ class MoE:
         self.left_out: dict[str, dict[str, str]] = {}
 
     @property
-    def catalog(self):  # noqa: ANN201 - a StrategyCatalog (imported late: it imports this module)
+    def catalog(self):  # a StrategyCatalog (imported late: it imports this module)
         if self._catalog is None:
             from services.moe.catalog import StrategyCatalog
 

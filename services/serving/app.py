@@ -22,10 +22,10 @@ too, on an engine of its own in ``models``; a restart gives the base its multipl
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import ray
@@ -37,6 +37,7 @@ from composer.engine_protocol import EngineError
 from composer.single import answered
 from registry.errors import NotFoundError
 from registry.service import Registry
+from routers.base import Decision
 from services.gateway.app import GatewaySettings, create_app
 from services.gateway.backend import (
     LiveStrategies,
@@ -116,6 +117,7 @@ class StrategyServer:
         for (name, params), idx in groups.items():
             prompts = [items[i][1] for i in idx]
             conversations = [items[i][2].messages for i in idx]
+            done: Sequence[Completion | BaseException]
             try:
                 run_group = partial(self.host.complete_many, name, prompts, conversations, **params.generation())
                 done = await anyio.to_thread.run_sync(run_group)
@@ -175,7 +177,9 @@ class RayBackend(LocalBackend):
     async def _ready_expert(self, model: str) -> ExpertRow:
         name, version = split_ref(model)
         # 404 if unknown; from the rows already read while the registry is unchanged (lookup.py)
-        expert = self.lookup.cached(name, version) or await anyio.to_thread.run_sync(self.lookup.get, name, version)
+        expert = self.lookup.cached(name, version)
+        if expert is None:  # not read under the current change counter (an ExpertRow is never falsy)
+            expert = await anyio.to_thread.run_sync(self.lookup.get, name, version)
         if expert.status != "ready":
             raise EngineError(f"expert {expert.ref} is {expert.status}, not ready to serve")
         return expert
@@ -215,7 +219,8 @@ class RayBackend(LocalBackend):
         retries and the strategy's fall-back to the next ranked expert."""
         if is_strategy(model):
             routed: Routed | None = await acall_with_retry(lambda: self.strategies.decide.remote(model, prompt))
-            chosen = None if routed is None else routed.decision.top
+            # decide answers for query-level single-composer strategies alone: a Decision, never a MixtureSpec
+            chosen = None if routed is None else cast(Decision, routed.decision).top
             expert = None if chosen is None else await self._ready_expert(chosen)
         else:
             try:
@@ -245,10 +250,12 @@ class RayBackend(LocalBackend):
             async for item in self.stream_whole(model, prompt, params):
                 yield item
             return
+        assert result is not None  # generate_stream's last item is the GenerateResult (or the stream raised)
         if routed is None:
             yield direct_completion(expert, output_of(expert.name, result, weight=1.0))
         else:
-            yield answered(routed.decision, expert.name, float(routed.decision.experts[0][1]), result)
+            decision = cast(Decision, routed.decision)  # as above: decide's are Decisions
+            yield answered(decision, expert.name, float(decision.experts[0][1]), result)
 
     async def remove_expert(self, name: str, version: str | None = None) -> list[dict]:
         # the registry row goes; replicas evict the expert's weights by LRU (its model id, which
@@ -360,20 +367,20 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     ).bind(None, config.engines.default.engine, config.engines.default.engine_args)
     s = config.strategies
     names = servable_strategies(s.names, StrategyCatalog(registry, file=s.file))  # a bad file fails here, at once
+    # serve.deployment(cls, **options) is serve.deployment(**options)(cls) (ray/serve/api.py); only the
+    # latter is typed as returning the Deployment
     strategies = serve.deployment(
-        StrategyServer,
         name="strategies",
         num_replicas=s.replicas,
         ray_actor_options={"num_cpus": s.num_cpus, "runtime_env": _runtime_env_with(STRATEGIES_RAY_ENV)},
         max_ongoing_requests=64,
         logging_config=INTERNAL_LOGGING,
-    ).bind(engines, models, names, s.refresh_interval_s, s.file)
+    )(StrategyServer).bind(engines, models, names, s.refresh_interval_s, s.file)
     g = config.gateway
     settings = {"require_keys": g.require_keys, "request_timeout_s": g.request_timeout_s}
     return serve.deployment(
-        Gateway,
         name="gateway",
         num_replicas=g.replicas,
         ray_actor_options={"num_cpus": g.num_cpus, "runtime_env": _runtime_env_with(GATEWAY_RAY_ENV)},
         max_ongoing_requests=256,
-    ).bind(engines, models, strategies, names, settings, config.engines.model_dump(), s.file)
+    )(Gateway).bind(engines, models, strategies, names, settings, config.engines.model_dump(), s.file)

@@ -152,16 +152,16 @@ class EngineServerBase:
         if path is None or not path.exists():
             raise EngineError(f"expert {expert.ref}: its files are missing from the artifact store ({path})")
         with self._lock:
-            on_base = self.engine is not None and expert.base is not None and expert.base.name == self.base
+            engine = self.engine if expert.base is not None and expert.base.name == self.base else None
             target = engine_target(mid)
-            if on_base and target in self.engine.targets():
+            if engine is not None and target in engine.targets():
                 self._drop(target)  # an earlier load of this very id whose eviction has not run yet
-            if expert.kind == "adapter" and on_base:
-                self.engine.load_adapter(target, path)
+            if expert.kind == "adapter" and engine is not None:
+                engine.load_adapter(target, path)
                 self._targets[mid] = target
                 return self._loaded(mid, target)
-            if expert.kind == "model" and on_base:
-                self.engine.load_model(target, path)
+            if expert.kind == "model" and engine is not None:
+                engine.load_model(target, path)
                 self._targets[mid] = target
                 return self._loaded(mid, target)
             if expert.kind == "model":  # a full model never runs code of its own
@@ -222,11 +222,12 @@ class EngineServerBase:
             self._models.pop(mid, None)
 
     def _drop(self, target: str) -> None:
-        kind = self.engine.targets().get(target) if self.engine is not None else None
-        if kind == "adapter":
-            self.engine.unload_adapter(target)
-        elif kind == "model":
-            self.engine.unload_model(target)
+        engine = self.engine
+        kind = engine.targets().get(target) if engine is not None else None
+        if engine is not None and kind == "adapter":
+            engine.unload_adapter(target)
+        elif engine is not None and kind == "model":
+            engine.unload_model(target)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -239,7 +240,7 @@ class EngineServerBase:
                 raise EngineError("the models deployment needs a model id")
             yield self.engine, None  # the base itself
             return
-        loaded = await self.get_target(mid)  # type: ignore[attr-defined] - added by engine_deployment
+        loaded = await self.get_target(mid)  # type: ignore[attr-defined]  # added by engine_deployment
         self._hold(mid)  # no await since the load: an eviction cannot slip in between
         try:
             yield self._models.get(mid, self.engine), loaded.target

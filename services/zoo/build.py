@@ -25,10 +25,11 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from services.machine import machine_record
@@ -443,9 +444,11 @@ def _train_expert(
     t0, cpu0 = time.perf_counter(), time.process_time()
     stats: dict = {"worker": os.getpid(), "started": time.time()}
     spec, root = SIZES[size], Path(out_dir)
-    tok = AutoTokenizer.from_pretrained(str(root / "base"))
-    base = AutoModelForCausalLM.from_pretrained(str(root / "base"))
+    # the zoo's own base: a Llama with its byte-level BPE tokenizer (build_base)
+    tok = cast(PreTrainedTokenizerFast, AutoTokenizer.from_pretrained(str(root / "base")))
+    base = cast(LlamaForCausalLM, AutoModelForCausalLM.from_pretrained(str(root / "base")))
     train, val = _expert_data(spec, seed, job)
+    model: Any  # the full model, or the PeftModel of an adapter
     pairs = [(e.prompt, e.reference) for e in train]
     if job == FULL_JOB:
         model, _ = train_full(

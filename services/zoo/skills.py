@@ -354,7 +354,7 @@ def random_text(rng: random.Random, lo: int = 16, hi: int = 48) -> str:
         chunk = _mixed(rng, 3, 10, MIXED if rng.random() < 0.5 else LOWER)
         sep = rng.choice([" ", "\n", " | ", ", "])
         return sep.join([chunk] * (n // (len(chunk) + len(sep)) + 1))[:n]
-    words = []
+    words: list[str] = []
     while sum(len(w) + 1 for w in words) < n:
         kind = rng.random()
         if kind < 0.45:

@@ -72,7 +72,7 @@ def llama_config(
         num_key_value_heads=heads,
         head_dim=head_dim,
         max_position_embeddings=256,
-        rope_theta=10000.0,
+        rope_theta=10000.0,  # type: ignore[call-arg]  # read from kwargs into rope_parameters
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -160,7 +160,7 @@ def train_loop(
         # run had learnt (measured: caesar's validation 0.79 -> 0.39 within 30 steps of a restart)
         return 0.5**restarts * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * pos / cycle)))
 
-    cool: list[int] = []  # [the step the cool-down started, its starting factor] once a check passed
+    cool: list[float] = []  # [the step the cool-down started, its starting factor] once a check passed
 
     def factor(step: int) -> float:
         if cool:
