@@ -44,12 +44,7 @@ def backend_error(exc: BaseException, model: str) -> APIError:
 
 
 # OpenAI's error types by status (what the openai client maps to its exception classes)
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    404: "not_found_error",
-    409: "conflict_error",
-    503: "service_unavailable_error",
-}
+_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error"}
 
 
 def endpoint_of(request: Request) -> str:
