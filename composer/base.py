@@ -18,11 +18,14 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from composer.engine_protocol import Engine, GenerateRequest, GenerateResult
 from registry.errors import MoergeError
 from routers.base import Decision, Level
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ComposeError(MoergeError):
@@ -210,6 +213,13 @@ class StrategyRuntime(Protocol):
         """Where merged adapters are kept."""
 
     @property
+    def device(self) -> torch.device:
+        """Where the strategy's engines run: merges load the base there too."""
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
     def max_batch_size(self) -> int: ...
 
     def experts_of(self, strategy: Any) -> list[str]:
@@ -222,9 +232,6 @@ class StrategyRuntime(Protocol):
 
     def mixture(self) -> tuple[Engine, Any]:
         """The token-level mixture's engine and its MoLoRA layer (composer.molora)."""
-
-    def step_prompt(self, instruction: str, text: str) -> str:
-        """A stitched step's prompt for the next expert."""
 
 
 class BaseComposer:

@@ -59,6 +59,8 @@ class LoraHubObjective:
         batch_size: int = 16,
         append_eos: bool = True,
         trust_remote_code: bool = False,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -74,9 +76,9 @@ class LoraHubObjective:
         self.batch_size = batch_size
         # the base's own code only for a base registered with --trust-remote-code
         self.tokenizer = AutoTokenizer.from_pretrained(str(base_path), trust_remote_code=trust_remote_code)
-        base = AutoModelForCausalLM.from_pretrained(
-            str(base_path), dtype=torch.float32, trust_remote_code=trust_remote_code
-        )
+        base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=dtype, trust_remote_code=trust_remote_code)
+        self.device = torch.device(device)
+        base.to(self.device)  # type: ignore[arg-type]  # transformers' wrapped .to
         self.model = PeftModel.from_pretrained(base, str(self.paths[0]), adapter_name=SLOT, is_trainable=False)
         self.model.eval()
         self.rows = [self._encode(p, r, append_eos) for p, r in examples]
@@ -113,6 +115,7 @@ class LoraHubObjective:
                 ids[i, : len(row)] = torch.tensor(row)
                 mask[i, : len(row)] = 1
                 labels[i, n_ctx : len(row)] = ids[i, n_ctx : len(row)]
+            ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
             logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
@@ -136,10 +139,14 @@ def lorahub_search(
     bound: float = BOUND,
     l1: float = L1,
     trust_remote_code: bool = False,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> LoraHubResult:
     import nevergrad as ng
 
-    objective = LoraHubObjective(base_path, adapters, examples, l1=l1, trust_remote_code=trust_remote_code)
+    objective = LoraHubObjective(
+        base_path, adapters, examples, l1=l1, trust_remote_code=trust_remote_code, device=device, dtype=dtype
+    )
     n = len(objective.names)
     seen: dict[tuple[float, ...], float] = {}
     history: list[float] = []
@@ -180,9 +187,13 @@ def lorahub_weights(
     seed: int = 0,
     *,
     trust_remote_code: bool = False,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, float], float]:
     """The LoraHub weights per expert and the objective they reach."""
-    result = lorahub_search(base_path, adapters, examples, budget, seed, trust_remote_code=trust_remote_code)
+    result = lorahub_search(
+        base_path, adapters, examples, budget, seed, trust_remote_code=trust_remote_code, device=device, dtype=dtype
+    )
     return result.weights, result.loss
 
 
@@ -214,9 +225,13 @@ def lorahub_compose(
     seed: int = 0,
     *,
     trust_remote_code: bool = False,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> LoraHubResult:
     """Search the weights and write the composed adapter to ``out_dir``."""
-    result = lorahub_search(base_path, adapters, examples, budget, seed, trust_remote_code=trust_remote_code)
+    result = lorahub_search(
+        base_path, adapters, examples, budget, seed, trust_remote_code=trust_remote_code, device=device, dtype=dtype
+    )
     result.path = write_composed_adapter(
         adapters,
         result.weights,

@@ -103,10 +103,14 @@ def merge_adapters(
     majority_sign_method: str = "total",
     seed: int = 0,
     trust_remote_code: bool = False,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> MergedAdapter:
     """Merge ``adapters`` (expert name → peft folder) with ``weights`` (same order, or by name;
     default uniform 1/n) into a peft folder under ``out_dir`` (the cache). ``trust_remote_code``:
-    the base was registered with ``--trust-remote-code`` (it does not change the result)."""
+    the base was registered with ``--trust-remote-code``. ``device``/``dtype``: where the base is
+    loaded for peft's merge; peft keeps the adapters' factors in float32 whatever the base's dtype,
+    so neither changes the result beyond float rounding (nor the cache key)."""
     if method not in METHODS:
         raise ComposeError(f"merge method must be one of {METHODS}, got {method!r}")
     if combination not in COMBINATIONS:
@@ -162,6 +166,8 @@ def merge_adapters(
                 seed,
                 tmp,
                 trust_remote_code,
+                device,
+                dtype,
             )
             spec["svd_rank"] = info["rank"] if combination == "svd" else None
             spec["rank"] = info["rank"]
@@ -191,6 +197,8 @@ def _build(
     seed: int,
     dest: Path,
     trust_remote_code: bool = False,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
     """Load the base with every adapter, let peft combine them, save only the result to ``dest``."""
     from peft import PeftModel
@@ -198,9 +206,8 @@ def _build(
     from transformers import AutoModelForCausalLM
 
     # the base's own code only when it was registered with --trust-remote-code; never a prompt asking
-    base = AutoModelForCausalLM.from_pretrained(
-        str(base_path), dtype=torch.float32, trust_remote_code=trust_remote_code
-    )
+    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=dtype, trust_remote_code=trust_remote_code)
+    base.to(device)  # type: ignore[arg-type]  # transformers' wrapped .to
     names = [f"e{i}" for i in range(len(paths))]
     try:
         model = PeftModel.from_pretrained(base, str(paths[0]), adapter_name=names[0], is_trainable=False)
@@ -395,6 +402,8 @@ class Merged(BaseComposer):
         seed: int = 0,
         max_loaded: int = 4,
         trust_remote_code: bool = False,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if weighting not in ("router", "uniform"):
             raise ComposeError(f"weighting must be 'router' or 'uniform', got {weighting!r}")
@@ -411,6 +420,7 @@ class Merged(BaseComposer):
         self.seed = seed
         self.max_loaded = max_loaded
         self.trust_remote_code = trust_remote_code
+        self.device, self.dtype = device, dtype
         self._loaded: list[str] = []
         self.name = f"merge-{method}"
 
@@ -422,6 +432,8 @@ class Merged(BaseComposer):
             runtime.adapter_paths(runtime.experts_of(strategy)),
             runtime.merge_cache,
             trust_remote_code=runtime.trust_remote_code,
+            device=runtime.device,  # where the strategy's engines run
+            dtype=runtime.dtype,
             **params,
         )
 
@@ -446,6 +458,8 @@ class Merged(BaseComposer):
             svd_rank=self.svd_rank,
             seed=self.seed,
             trust_remote_code=self.trust_remote_code,
+            device=self.device,
+            dtype=self.dtype,
         )
         target = f"merged-{merged.key[:12]}"
         if target not in engine.targets():

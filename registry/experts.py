@@ -21,6 +21,8 @@ from sqlalchemy.orm import Session
 from registry.artifacts import ArtifactStore
 from registry.db import SessionScope
 from registry.errors import MoergeError, NotFoundError, RegistrationError
+from registry.hub import fetch as hub_fetch
+from registry.hub import is_hub_uri, model_folder, parse_hub_uri
 from registry.models import EXPERT_KINDS, EXPERT_STATUSES, BaseModel, Expert, ExpertExample
 from registry.validation import (
     Limits,
@@ -59,16 +61,25 @@ class Experts:
     def register_base(self, name: str, path: str | os.PathLike, trust_remote_code: bool = False) -> BaseModel:
         """Record a base model folder (config.json, safetensors, a tokenizer). Its files are not
         copied. ``name`` may be a hub id (``Qwen/Qwen2.5-7B-Instruct``). A base that brings its own
-        code is refused unless ``trust_remote_code`` (then every engine loading it runs that code)."""
+        code is refused unless ``trust_remote_code`` (then every engine loading it runs that code).
+
+        ``path`` may be a hub reference, ``hf://owner/name[@revision]`` (registry/hub.py): it is
+        fetched into the Hugging Face cache, checked as a folder is, and recorded pinned to its
+        commit; engines load it from the cache (downloading it where they do not have it)."""
         check_base_name(name)
-        folder = Path(path).expanduser().resolve()
+        if is_hub_uri(path):
+            folder, ref = hub_fetch(parse_hub_uri(str(path)), RegistrationError)
+            uri = ref.uri
+        else:
+            folder = Path(path).expanduser().resolve()
+            uri = str(folder)
         info = inspect_base(folder, trust_remote_code=trust_remote_code)
         with self._session() as s:
             if s.scalar(select(BaseModel.id).where(BaseModel.name == name)) is not None:
                 raise RegistrationError(f"base model {name!r} is already registered")
             base = BaseModel(
                 name=name,
-                uri=str(folder),
+                uri=uri,
                 architecture=info.architecture,
                 checksum=info.fingerprint,
                 trust_remote_code=bool(trust_remote_code and info.remote_code),
@@ -172,11 +183,16 @@ class Experts:
             files: list[SourceFile] = []
             uri, source_label = check_external(str(source)), str(source)
         else:
+            # a hub reference is fetched into the HF cache, then copied into the store as a folder is
+            ref_label = str(source) if is_hub_uri(source) else None
+            if ref_label is not None:
+                source, pinned = hub_fetch(parse_hub_uri(ref_label), RegistrationError)
+                ref_label = pinned.uri
             root, files = scan_source(source, self.limits)
-            source_label = str(root)
+            source_label = ref_label or str(root)
             if kind == "adapter":
                 assert base_row is not None
-                validate_adapter(root, files, base_row.name, base_row.uri)
+                validate_adapter(root, files, base_row.name, str(model_folder(base_row.uri)))
             else:
                 validate_model(root, files)
 

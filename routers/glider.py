@@ -60,7 +60,7 @@ class GliderRouter(PhatgooseRouter):
 
     name = "glider"
     gate = GLIDER
-    needs = frozenset({"local"})  # PHATGOOSE's gates, shared with moe/phatgoose
+    needs = frozenset({"local", "placement"})  # PHATGOOSE's gates, shared with moe/phatgoose
     PARAMS = (
         Param("alpha", "float", 100.0, "weight α of the global task similarity", minimum=0),
         Param("top_k", "int", 2, "experts mixed per token and module", minimum=1),

@@ -214,6 +214,7 @@ class PhatgooseRouter(TokenwiseRouter):
 
     name = "phatgoose"
     gate = PHATGOOSE
+    needs = frozenset({"placement"})  # fitting runs the base: on the strategy's device, in its dtype
     PARAMS: tuple[Param, ...] = (
         Param("top_k", "int", 2, "experts mixed per token and module", minimum=1),
         Param("steps", "int", 100, "gate training steps per expert", minimum=1, fit=True),
@@ -233,8 +234,10 @@ class PhatgooseRouter(TokenwiseRouter):
         max_examples: int | None = None,
         seed: int = 0,
         loss_on: str = "answer",
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
     ):
-        super().__init__(top_k=top_k)
+        super().__init__(top_k=top_k, device=device, dtype=dtype)
         self.steps, self.lr, self.batch_size, self.warmup = steps, lr, batch_size, warmup
         self.max_length, self.max_examples, self.seed, self.loss_on = max_length, max_examples, seed, loss_on
 
@@ -247,7 +250,7 @@ class PhatgooseRouter(TokenwiseRouter):
 
     def fit_expert(self, expert: ExpertInfo) -> Artifact:
         adapter = require_adapter(expert)
-        model, tokenizer = load_base(str(expert.base_path), expert.base_trust_remote_code)
+        model, tokenizer = load_base(str(expert.base_path), expert.base_trust_remote_code, self.device, self.dtype)
         pairs = training_pairs(expert, tokenizer.eos_token, limit=self.max_examples)
         factors = read_lora_factors(adapter)
         vectors, summary = train_gates(
@@ -280,6 +283,7 @@ class AverageActivationRouter(TokenwiseRouter):
 
     name = "average-activation"
     gate = AVERAGE_ACTIVATION
+    needs = frozenset({"placement"})
     PARAMS: tuple[Param, ...] = (
         Param("top_k", "int", 2, "experts mixed per token and module", minimum=1),
         Param("max_examples", "int", 1000, "examples averaged per expert", minimum=1, fit=True),
@@ -295,8 +299,10 @@ class AverageActivationRouter(TokenwiseRouter):
         max_examples: int | None = 1000,
         with_expert: bool = True,
         tokens: str = "all",
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
     ):
-        super().__init__(top_k=top_k)
+        super().__init__(top_k=top_k, device=device, dtype=dtype)
         self.batch_size, self.max_length, self.max_examples = batch_size, max_length, max_examples
         self.with_expert, self.tokens = with_expert, tokens
 
@@ -309,7 +315,7 @@ class AverageActivationRouter(TokenwiseRouter):
 
     def fit_expert(self, expert: ExpertInfo) -> Artifact:
         adapter = require_adapter(expert)
-        model, tokenizer = load_base(str(expert.base_path), expert.base_trust_remote_code)
+        model, tokenizer = load_base(str(expert.base_path), expert.base_trust_remote_code, self.device, self.dtype)
         pairs = training_pairs(expert, tokenizer.eos_token, limit=self.max_examples)
         factors = read_lora_factors(adapter)
         vectors = mean_activations(

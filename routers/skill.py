@@ -18,8 +18,8 @@ Route (recruit_agents.py):
 Deviations, on purpose:
 - Keywords. The paper has an LLM sample 2–5 keywords per question five times and keeps those seen
   more than once, for validation questions and queries alike. moerge has no annotator LLM: a
-  question's keywords are the suite's skill tags of its task (``task_skills`` map; else the
-  expert's ``skills`` for its own tasks; else the task name), and a query's keywords are the known
+  question's keywords are the skills its task's experts declare (``task_skills``, built by
+  ``declared_task_skills``; else the expert's ``skills`` for its own tasks; else the task name), and a query's keywords are the known
   keywords nearest to the query text itself (the paper maps each sampled query keyword to its
   single nearest known keyword with the same MiniLM).
 - Keyword vectors (``skill_match``). A bare keyword ("capital letters") is a poor match for a
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -57,6 +57,22 @@ def normalize_to_probability(values: Sequence[float], temperature: float = 0.5) 
     scaled = [v ** (1.0 / temperature) for v in shifted]
     total = sum(scaled)
     return [s / total for s in scaled] if total > 0 else [1.0 / len(values)] * len(values)
+
+
+def declared_task_skills(experts: Iterable[ExpertInfo]) -> dict[str, list[str]]:
+    """Keywords per task, from what the experts declare: a task's keywords are the registered
+    ``skills`` of an expert trained on that task alone, else of the first expert (by name) whose
+    tasks include it. One map for every profile, so a question carries the same keywords whichever
+    expert answers it."""
+    alone: dict[str, list[str]] = {}
+    shared: dict[str, list[str]] = {}
+    for expert in sorted(experts, key=lambda e: e.name):
+        tasks = expert_tasks(expert)
+        if not expert.skills:
+            continue
+        for task in tasks:
+            (alone if len(tasks) == 1 else shared).setdefault(task, list(expert.skills))
+    return {**shared, **alone}
 
 
 class SkillRouter(EmbeddingRouter):

@@ -134,17 +134,25 @@ class Gate:
 
 
 @lru_cache(maxsize=2)
-def load_base(base_path: str, trust_remote_code: bool = False):
+def load_base(
+    base_path: str,
+    trust_remote_code: bool = False,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
     """The (frozen, eval-mode) base model and its tokenizer, cached: several experts share one base.
 
     Fitting code only hooks the returned model and removes its hooks afterwards; it never
     changes its parameters. ``trust_remote_code`` only for a base registered with
     ``--trust-remote-code`` (``ExpertInfo.base_trust_remote_code``); never a prompt asking.
+    ``device`` and ``dtype``: where the strategy's engines run (the router's ``placement`` need);
+    the fitting hooks compute in float32 whatever the base's dtype.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.to(device)  # type: ignore[arg-type]  # transformers' wrapped .to
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
@@ -180,9 +188,18 @@ class TokenwiseRouter(BaseRouter):
     level = "token"
     kinds = ("adapter",)
 
-    def __init__(self, top_k: int | None = None, temperature: float = 1.0):
+    def __init__(
+        self,
+        top_k: int | None = None,
+        temperature: float = 1.0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         self.top_k = self.gate.top_k if top_k is None else top_k
         self.temperature = temperature
+        # where fitting runs the base (subclasses that read activations); the runtime supplies
+        # its engines' own (the ``placement`` need)
+        self.device, self.dtype = device, dtype
         self.experts: dict[str, ExpertInfo] = {}
         self._vectors: dict[str, dict[str, torch.Tensor]] = {}
 

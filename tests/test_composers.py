@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from composer.base import ComposeError, Composer
@@ -283,6 +284,22 @@ def test_other_methods_give_loadable_adapters_that_differ_from_task_arithmetic(t
         engine.unload_adapter(name)
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_a_merge_on_a_bfloat16_base_equals_the_float32_merge(tiny, tmp_path, method):
+    # the base loads in the strategy's dtype; peft keeps the adapters' factors in float32, so the
+    # merged adapter is the float32 one up to float32 rounding
+    base, adapters, _ = tiny
+    pair = {"e1": adapters["e1"], "e2": adapters["e2"]}
+    f32 = merge_adapters(base, pair, [0.6, 0.4], method, 0.5, "svd", tmp_path / "f32")
+    bf16 = merge_adapters(base, pair, [0.6, 0.4], method, 0.5, "svd", tmp_path / "bf16", dtype=torch.bfloat16)
+    a, b = (
+        safetensors.torch.load_file(f32.path / "adapter_model.safetensors"),
+        safetensors.torch.load_file(bf16.path / "adapter_model.safetensors"),
+    )
+    assert set(a) == set(b) and all(v.dtype == torch.float32 for v in b.values())
+    assert max_diff(merged_weights(base, bf16.path), merged_weights(base, f32.path)) < 1e-4
+
+
 def test_dare_is_reproducible_from_its_seed(tiny, tmp_path):
     base, adapters, _ = tiny
     pair = {"e1": adapters["e1"], "e2": adapters["e2"]}
@@ -410,6 +427,29 @@ def test_stitching_with_a_suite_format():
     )
     assert done.text == "CBA"
     assert router.seen == ["Reverse it\nabc\nAnswer: ", "Make it uppercase\ncba\nAnswer: "]
+
+
+@pytest.mark.parametrize(
+    "request_prompt, seen",
+    [
+        # each step laid out as the request was: its instruction line, input line and cue line
+        (
+            "First reverse it, and then make it uppercase\nabc\nAnswer: ",
+            ["Reverse it\nabc\nAnswer: ", "Make it uppercase\ncba\nAnswer: "],
+        ),
+        ("Reverse it, then make it uppercase\nabc", ["Reverse it\nabc", "Make it uppercase\ncba"]),
+        ("Reverse it, then make it uppercase: abc", ["Reverse it: abc", "Make it uppercase: cba"]),
+    ],
+)
+def test_stitched_steps_keep_the_requests_own_layout(request_prompt, seen):
+    def expert(transform):  # reads the input from either layout
+        return lambda p: transform(p.split("\n")[1] if "\n" in p else p.split(": ", 1)[1])
+
+    eng = ScriptedEngine({"rev": expert(lambda x: x[::-1]), "up": expert(str.upper)})
+    router = KeywordRouter({"reverse": "rev", "uppercase": "up"})
+    done = Stitch(router).execute(Decision("whole", []), GenerateRequest(request_prompt), eng)
+    assert done.text == "CBA"
+    assert router.seen == seen
 
 
 @pytest.mark.parametrize(

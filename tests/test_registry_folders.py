@@ -204,3 +204,42 @@ def test_an_adapter_with_its_own_tokenizer_registers_unless_it_changes_the_vocab
     ):
         registry.register_expert("other", "adapter", other, base="qwen")
     assert rows(registry) == (1, 1) and store_files(registry) == kept
+
+
+def hub_cache(folder: Path, cache: Path, repo: str, commit: str) -> Path:
+    """A cache that huggingface_hub itself would answer from: the snapshot and refs/main."""
+    snapshot = hf_cache_snapshot(folder, cache, repo=repo, revision=commit)
+    refs = cache / f"models--{repo.replace('/', '--')}" / "refs"
+    refs.mkdir()
+    (refs / "main").write_text(commit)
+    return snapshot
+
+
+def test_a_hub_reference_registers_pinned_and_loads_from_the_cache(
+    registry: Registry, qwen: Path, lora: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from registry.hub import HubUnavailableError, model_folder
+    from services.engines.hf import HFEngine
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = hub_cache(qwen, tmp_path / "hub", "acme/tiny-chat", commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # what exists offline: the cache
+    base = registry.register_base("acme/tiny-chat", "hf://acme/tiny-chat")  # the default branch …
+    assert base.uri == f"hf://acme/tiny-chat@{commit}"  # … pinned to its commit
+    assert model_folder(base.uri) == snapshot
+    with pytest.warns(RegistrationWarning, match="trained on"):  # the lora names its local folder
+        registry.register_expert("chat-lora", "adapter", lora, base="acme/tiny-chat")  # checked on the snapshot
+    engine = HFEngine(model_folder(base.uri), base_name=base.name)
+    assert engine.base_model.config.architectures == ["Qwen2ForCausalLM"]
+
+    # a reference the cache cannot answer, offline: a clear error, and nothing recorded
+    with pytest.raises(RegistrationError, match="cannot be reached.*HF_HUB_CACHE"):
+        registry.register_base("acme/other", "hf://acme/other@main")
+    with pytest.raises(RegistrationError, match="not a hub reference"):
+        registry.register_base("acme/bad", "hf://acme")
+    assert rows(registry) == (1, 1)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(HubUnavailableError, match="acme/tiny-chat"):  # a node whose cache lacks it
+        model_folder(base.uri)

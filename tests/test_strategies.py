@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from registry.service import Registry
 from services.moe.evaluate import evaluate, load_suite
@@ -434,3 +435,33 @@ def test_cli_eval_takes_a_registered_suite(zoo_home, micro_zoo, tmp_path):
         text=True,
     )
     assert bad.returncode == 1 and "nope" in bad.stderr
+
+
+def test_skill_keywords_are_the_ones_the_experts_registered(moe, micro_zoo):
+    # Symbolic-MoE's per-question keywords: each task's, from the skills its expert declared
+    router = moe.router_for(moe.strategy("moe/skill-k3-vote"))
+    checked = 0
+    for entry in micro_zoo.experts:
+        tasks = {e.task for e in moe.pool.experts[entry.name].examples if e.task}
+        if entry.kind == "adapter" and len(tasks) == 1:
+            registered = list(moe.pool.experts[entry.name].skills)
+            assert registered == list(dict.fromkeys(entry.skills)) and len(registered) > 1  # the skill and its tags
+            assert router.task_skills[tasks.pop()] == registered
+            checked += 1
+    assert checked >= 2
+
+
+def test_a_pool_runs_where_its_engine_args_say(zoo_home):
+    # the serve config's engine_args per base (and the CLI's --device/--dtype) reach the pool's
+    # engines, its merges and its token routers' fitting
+    pool = ExpertPool(Registry(), engine_args=lambda base: {"device": "cpu", "dtype": "bfloat16"})
+    assert (pool.device.type, pool.dtype) == ("cpu", torch.bfloat16)
+    moe = MoE(pool)
+    assert (moe.device, moe.dtype) == (pool.device, torch.bfloat16)  # what merges load the base in
+    router = moe.router("phatgoose")
+    assert (router.device, router.dtype) == (pool.device, torch.bfloat16)
+    assert pool.local_engine.dtype == torch.bfloat16
+    [(completion, _)] = moe.run("moe/phatgoose", [load_suite("skills", "test", 1)[0].prompt], max_new_tokens=4)
+    assert completion.finish_reason in ("stop", "length")
+    mixture_engine, _ = pool.mixture_engine()
+    assert next(mixture_engine.base_model.parameters()).dtype == torch.bfloat16

@@ -232,6 +232,22 @@ def test_phatgoose_trains_only_the_gates_and_lowers_the_loss(zoo):
     assert float(art.metadata["loss_after"]) < float(art.metadata["loss_before"])
 
 
+def test_phatgoose_fits_on_a_bfloat16_base(zoo):
+    # the runtime hands token routers its engines' device and dtype (the ``placement`` need):
+    # the base runs in bfloat16, the gates train in float32, close to the float32 fit
+    expert = zoo[1]["upper"]
+    assert "placement" in PhatgooseRouter.needs
+    f32 = PhatgooseRouter(steps=25, batch_size=4).fit_expert(expert)
+    bf16 = PhatgooseRouter(steps=25, batch_size=4, dtype=torch.bfloat16).fit_expert(expert)
+    model, _ = load_base(str(expert.base_path), False, "cpu", torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert set(bf16.tensors) == set(f32.tensors)
+    assert all(v.dtype == torch.float32 and v.abs().sum() > 0 for v in bf16.tensors.values())
+    assert float(bf16.metadata["loss_after"]) < float(bf16.metadata["loss_before"])
+    cos = [torch.nn.functional.cosine_similarity(bf16.tensors[m], f32.tensors[m], dim=0) for m in f32.tensors]
+    assert min(cos) > 0.9
+
+
 @pytest.mark.parametrize("with_expert", [True, False])
 def test_average_activation_is_mean_module_input(zoo, with_expert):
     """v = per-sequence mean of the module input, averaged over the sequences; read in the

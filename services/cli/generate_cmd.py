@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from services.cli import app
+from services.cli.placement import device_option, dtype_option
 
 console = Console()
 
@@ -28,8 +29,8 @@ def generate(
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy; above 0 samples."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling mass."),
     seed: Optional[int] = typer.Option(None, help="Seed for sampled generation (reproducible per seed)."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:N, or auto (CUDA when present)."),
-    dtype: str = typer.Option("auto", help="float32, bfloat16, float16, or auto (bfloat16 on CUDA, else float32)."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
     show_usage: bool = typer.Option(
         False, "--usage", help="Also print token counts, the finish reason and the prompt rule."
     ),

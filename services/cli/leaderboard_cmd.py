@@ -17,6 +17,7 @@ from rich.table import Table
 
 from services.cli import app
 from services.cli.output import print_table
+from services.cli.placement import DEVICE_HELP, DTYPE_HELP
 
 console = Console()
 leaderboard_app = typer.Typer(
@@ -105,6 +106,8 @@ def run(
         typer.Option("--report", help="HTML report path (default: $MOERGE_HOME/reports/leaderboard-<run>.html)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the stored board as JSON instead of a table.")] = False,
+    device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)] = "auto",
 ) -> None:
     """Run the leaderboard, store it in the registry DB, print the table and the HTML report's path."""
     from rich.progress import (
@@ -121,7 +124,9 @@ def run(
 
     registry = _registry()
     with console.status("loading experts and routers …"):
-        runner = LeaderboardRunner(registry, base=base, seed=seed, default_cost=default_cost)
+        runner = LeaderboardRunner(
+            registry, base=base, seed=seed, default_cost=default_cost, device=device, dtype=dtype
+        )
         entries = runner.resolve(_names(strategies), _names(experts))
         skipped = _names(skip) or []
         skip_experts = [n.removeprefix("expert:") for n in skipped if n.removeprefix("expert:") in runner.pool.experts]

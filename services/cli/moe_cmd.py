@@ -12,6 +12,7 @@ from rich.table import Table
 
 from services.cli import app
 from services.cli.output import print_table
+from services.cli.placement import device_option, dtype_option
 
 console = Console()
 strategies_app = typer.Typer(
@@ -29,7 +30,7 @@ def _catalog():
     return StrategyCatalog(Registry())
 
 
-def _moe(base: Optional[str], seed: int = 0, strategy: Optional[str] = None):
+def _moe(base: Optional[str], seed: int = 0, strategy: Optional[str] = None, device: str = "auto", dtype: str = "auto"):
     """The runtime over ``base``'s experts; without ``base``, where ``strategy``'s expert set is
     (a user strategy: its base, and experts from outside it), else the base with the most experts."""
     from services.moe.pool import ExpertPool
@@ -41,7 +42,8 @@ def _moe(base: Optional[str], seed: int = 0, strategy: Optional[str] = None):
         placement = catalog.placement_of(catalog.get(strategy))
         if placement is not None:
             base, extra = placement.base or None, placement.extra
-    return MoE(ExpertPool(catalog.registry, base, extra=extra), seed=seed, catalog=catalog)
+    pool = ExpertPool(catalog.registry, base, extra=extra, device=device, dtype=dtype)
+    return MoE(pool, seed=seed, catalog=catalog)
 
 
 def _params(pairs: list[str] | None, what: str) -> dict[str, str]:
@@ -219,11 +221,13 @@ def route(
     base: Optional[str] = typer.Option(None, help="Base model whose experts to use (default: the one with most)."),
     answer: bool = typer.Option(False, "--answer", help="Also run the composer and print the answer."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
 ) -> None:
     """Show the experts (and weights) a strategy chooses for PROMPT; --answer runs it too."""
     from routers.base import MixtureSpec
 
-    moe = _moe(base, strategy=strategy)
+    moe = _moe(base, strategy=strategy, device=device, dtype=dtype)
     routed = moe.route(strategy, prompt, task)
     d = routed.decision
     table = Table("expert", "weight", title=f"{strategy} → {d.router} ({routed.router_ms:.1f} ms)")
@@ -261,12 +265,14 @@ def eval_strategy(
     as_json: bool = typer.Option(
         False, "--json", help="Print the full report with per-query records as JSON, and nothing else."
     ),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
 ) -> None:
     """Evaluate a strategy on a suite split; the last line is `accuracy=<fraction>` (with --json, the
     report alone: its `accuracy` field)."""
     from services.moe.evaluate import evaluate
 
-    moe = _moe(base, seed, strategy)
+    moe = _moe(base, seed, strategy, device, dtype)
     with console.status(f"evaluating {strategy} on {suite}/{split} …"):
         report = evaluate(strategy, suite, split, moe=moe, n_per_task=n_per_task, seed=seed)
     if as_json:

@@ -57,7 +57,8 @@ def register(
     source: Annotated[
         str,
         typer.Argument(
-            help="Adapter or model folder, or a litellm model string (openai/gpt-4o-mini) for --kind external."
+            help="Adapter or model folder, a hub reference hf://owner/name[@revision] (fetched, then stored "
+            "as a folder is), or a litellm model string (openai/gpt-4o-mini) for --kind external."
         ),
     ],
     name: Annotated[str, typer.Option("--name", "-n", help="Expert name (letters, digits, . _ -).")],
@@ -141,9 +142,10 @@ def base_add(
         ),
     ],
     path: Annotated[
-        Path,
+        str,
         typer.Argument(
-            help="Folder with config.json, safetensors weights and a tokenizer (an HF cache snapshot folder works)."
+            help="Folder with config.json, safetensors weights and a tokenizer (an HF cache snapshot folder works), "
+            "or a hub reference hf://owner/name[@revision]: fetched into the HF cache and pinned to its commit."
         ),
     ],
     trust_remote_code: Annotated[

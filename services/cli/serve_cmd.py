@@ -162,6 +162,7 @@ def _serve_in_process(cfg) -> None:
         engine_factory=lambda pool: PoolEngine(pool, backend),
         refresh_interval_s=cfg.strategies.refresh_interval_s,
         catalog=catalog,
+        engine_args=lambda base: engine_for_base(base)[1],  # merges and mixtures where the engines run
     )
     backend.add_strategies(backend_strategies(host))  # a live view: strategies added later are served too
     settings = GatewaySettings(require_keys=cfg.gateway.require_keys, request_timeout_s=cfg.gateway.request_timeout_s)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import MoergeError
+from registry.hub import model_folder
 from registry.models import Expert
 from registry.service import Registry
 from services.engines.hf import HFEngine
@@ -52,7 +53,7 @@ def hf_engine_for(registry: Registry, expert: Expert, **engine_kwargs) -> tuple[
         if expert.base is None:
             raise MoergeError(f"adapter {expert.name!r} has no base model recorded")
         engine = HFEngine(
-            Path(expert.base.uri),
+            model_folder(expert.base.uri),
             base_name=expert.base.name,
             **{"trust_remote_code": bool(expert.base.trust_remote_code), **engine_kwargs},
         )

@@ -37,6 +37,7 @@ import anyio
 from composer.base import Completion, ExpertOutput, Provenance, output_of
 from composer.engine_protocol import EngineError, GenerateRequest, generate_emitting
 from registry.errors import MoergeError, NotFoundError, RegistrationError
+from registry.hub import model_folder
 from registry.models import Expert
 from registry.service import Registry
 from services.engines.external import external_engine_for
@@ -570,7 +571,9 @@ class LocalBackend:
     def _load_base(self, slot: _Slot, base: Any) -> None:
         if slot.engine is None:
             slot.engine = self._new_engine(
-                Path(base.uri), base_name=base.name, trust_remote_code=bool(getattr(base, "trust_remote_code", False))
+                model_folder(base.uri),
+                base_name=base.name,
+                trust_remote_code=bool(getattr(base, "trust_remote_code", False)),
             )
 
     def _slot_for(self, expert: Expert) -> _Slot:
@@ -595,7 +598,7 @@ class LocalBackend:
             if expert.kind == "adapter":
                 assert expert.base is not None
                 slot.engine = self._new_engine(
-                    Path(expert.base.uri),
+                    model_folder(expert.base.uri),
                     base_name=expert.base.name,
                     trust_remote_code=bool(expert.base.trust_remote_code),
                 )

@@ -174,12 +174,14 @@ class LeaderboardRunner:
         default_cost: float = 1.0,
         max_new_tokens: int = 64,
         moe: MoE | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
     ) -> None:
         if default_cost < 0:
             raise MoergeError(f"the default cost per 1k tokens must be >= 0, not {default_cost}")
         self.registry = registry
         self.seed = seed
-        self.moe = moe if moe is not None else MoE(ExpertPool(registry, base), seed=seed)
+        self.moe = moe if moe is not None else MoE(ExpertPool(registry, base, device=device, dtype=dtype), seed=seed)
         self.pool = self.moe.pool
         self.default_cost = default_cost
         self.max_new_tokens = max_new_tokens  # generation budget of `contains` queries

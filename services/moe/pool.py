@@ -15,17 +15,20 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
 from safetensors import safe_open
 
 from registry.errors import MoergeError, NotFoundError
+from registry.hub import model_folder
 from registry.models import Expert
 from registry.service import Registry
 from routers.base import Artifact, BaseRouter, ExpertExample, ExpertInfo, ExpertUnusable
+from services.engines.devices import resolve_device, resolve_dtype
 from services.engines.hf import HFEngine
 
 ROUTING_ARTIFACT = "routing"
@@ -50,6 +53,9 @@ class ExpertPool:
         max_batch_size: int = 64,
         engine=None,  # an Engine
         extra: Sequence[str] = (),
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        engine_args: Callable[[str], Mapping[str, Any]] | None = None,
     ) -> None:
         self.registry = registry
         # an engine that already serves every expert by name (the Ray deployments' RemoteEngine);
@@ -65,7 +71,13 @@ class ExpertPool:
             # the most recently registered base among those with the most experts
             base = max(counts, key=lambda b: (counts[b], max(e.id for e, eb in ready if eb == b)))
         self.base = registry.get_base(base)
-        self.base_path = Path(self.base.uri)
+        self.base_path = model_folder(self.base.uri)  # a hub reference: its cached snapshot
+        # where this pool's own engines, merges and router fitting run ("auto": CUDA in bfloat16
+        # where there is a GPU, else the CPU in float32); ``engine_args``: the serve config's for
+        # this base, whose device and dtype win
+        args = dict(engine_args(base)) if engine_args is not None else {}
+        self.device = resolve_device(args.get("device", device))
+        self.dtype = resolve_dtype(args.get("dtype", dtype), self.device)
         latest: dict[str, Expert] = {}
         for e, b in sorted(ready, key=lambda r: r[0].id):  # the newest version of each name wins
             if b == base and e.kind in ("adapter", "model"):
@@ -113,7 +125,7 @@ class ExpertPool:
             description=rec.description or "",
             examples=examples,
             adapter_path=path if rec.kind == "adapter" else None,
-            base_path=Path(base.uri) if base is not None else None,
+            base_path=model_folder(base.uri) if base is not None else None,
             base_trust_remote_code=bool(base.trust_remote_code) if base is not None else False,
         )
 
@@ -172,10 +184,12 @@ class ExpertPool:
             elif own_engines and record.kind == "adapter" and record.base is not None:
                 if record.base.name not in per_base:
                     per_base[record.base.name] = HFEngine(
-                        Path(record.base.uri),
+                        model_folder(record.base.uri),
                         base_name=record.base.name,
                         max_batch_size=self.max_batch_size,
                         trust_remote_code=bool(record.base.trust_remote_code),
+                        device=self.device,
+                        dtype=self.dtype,
                     )
                 path = self.registry.expert_path(record)
                 assert path is not None  # a ready adapter has its folder in the store
@@ -193,6 +207,8 @@ class ExpertPool:
                 base_name=self.base.name,
                 max_batch_size=self.max_batch_size,
                 trust_remote_code=bool(self.base.trust_remote_code),
+                device=self.device,
+                dtype=self.dtype,
             )
             for name, info in self.experts.items():
                 if info.kind == "external" or (info.kind == "adapter" and name in self.extra):
@@ -217,6 +233,8 @@ class ExpertPool:
                 adapter_mode="unmerged",
                 max_batch_size=self.max_batch_size,
                 trust_remote_code=bool(self.base.trust_remote_code),
+                device=self.device,
+                dtype=self.dtype,
             )
             self._molora = MoLoRA(engine.base_model)
             self._mixture_engine = engine

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from composer import composer_class
 from composer.base import BaseComposer, Completion, ComposeError
 from composer.engine_protocol import Engine, GenerateRequest
@@ -25,9 +27,9 @@ from routers import router_class
 from routers.base import BaseRouter, Decision, ExpertExample, ExpertInfo, Level, MixtureSpec, RouteRequest
 from routers.embedder import get_embedder
 from routers.params import artifact_key
+from routers.skill import declared_task_skills
 from services.moe.expert_sets import Candidate, select_experts, split_expert_set, strategy_kinds
 from services.moe.pool import ExpertPool
-from services.zoo.skills import SKILLS, exact_match, format_prompt
 
 
 @dataclass(frozen=True)
@@ -131,11 +133,6 @@ def get_strategy(name: str) -> Strategy:
     return STRATEGIES[key]
 
 
-def zoo_step_prompt(instruction: str, text: str) -> str:
-    """A stitched step in the zoo's own prompt format."""
-    return format_prompt(instruction, text)
-
-
 @dataclass
 class Routed:
     decision: Decision | MixtureSpec
@@ -226,9 +223,12 @@ class MoE:
             params.setdefault("evaluate_fn", self.validation_correctness)
             params.setdefault("validation_examples", self.validation_pool(experts))
         elif need == "task_skills":
-            params.setdefault("task_skills", suite_task_skills())
+            params.setdefault("task_skills", declared_task_skills(self.pool.experts[n] for n in experts))
         elif need == "seed":
             params.setdefault("seed", self.seed)
+        elif need == "placement":  # fitting runs where the pool's engines run
+            params.setdefault("device", self.pool.device)
+            params.setdefault("dtype", self.pool.dtype)
         elif need == "local":  # GLIDER's local part is PHATGOOSE's gates: reused, not trained again
             params.setdefault("local", self.router("phatgoose", None, experts))
 
@@ -318,6 +318,14 @@ class MoE:
         return bool(self.pool.base.trust_remote_code)
 
     @property
+    def device(self) -> torch.device:
+        return self.pool.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pool.dtype
+
+    @property
     def merge_cache(self) -> Path:
         return moerge_home() / "cache" / "merged"
 
@@ -332,10 +340,6 @@ class MoE:
     def mixture(self) -> tuple[Engine, Any]:
         """The mixture's engine and MoLoRA layer (numba is imported on first use)."""
         return self.pool.mixture_engine()
-
-    @staticmethod
-    def step_prompt(instruction: str, text: str) -> str:
-        return zoo_step_prompt(instruction, text)
 
     def engine_for(self, composer: BaseComposer) -> Engine:
         """The engine a composer runs on: the one it declares (``runs_on``)."""
@@ -426,10 +430,5 @@ class MoE:
         budget = self.pool.token_budget(e.reference for e in examples)
         requests = [GenerateRequest(e.prompt, expert.name, budget) for e in examples]
         results = self.pool.engine.generate(requests)
-        return [exact_match(r.text, e.reference) for r, e in zip(results, examples)]
-
-
-def suite_task_skills() -> dict[str, list[str]]:
-    """Skill keywords per task of the built-in skills suite (Symbolic-MoE's per-question skills;
-    here the suite's own tags stand in for the paper's LLM-written keywords)."""
-    return {name: [name, *skill.tags] for name, skill in SKILLS.items()}
+        # exact match, as the zoo and user suites score it by default
+        return [r.text.strip() == e.reference.strip() for r, e in zip(results, examples)]

@@ -75,6 +75,8 @@ class StrategyServer:
         names: list[str] | None,
         refresh_interval_s: float,
         strategies_file: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
     ) -> None:
         targets = Targets(engines, models)
         registry = Registry()
@@ -85,6 +87,8 @@ class StrategyServer:
             engine_factory=lambda pool: RemoteEngine(pool, targets),
             refresh_interval_s=refresh_interval_s,
             catalog=catalog,
+            # what runs in this replica (mixtures, merges, router fitting), on its own device
+            engine_args=lambda base: {"device": device, "dtype": dtype},
         )
         self._batches: PacedBatcher | None = None
 
@@ -372,10 +376,14 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     strategies = serve.deployment(
         name="strategies",
         num_replicas=s.replicas,
-        ray_actor_options={"num_cpus": s.num_cpus, "runtime_env": _runtime_env_with(STRATEGIES_RAY_ENV)},
+        ray_actor_options={
+            "num_cpus": s.num_cpus,
+            "num_gpus": s.num_gpus,
+            "runtime_env": _runtime_env_with(STRATEGIES_RAY_ENV),
+        },
         max_ongoing_requests=64,
         logging_config=INTERNAL_LOGGING,
-    )(StrategyServer).bind(engines, models, names, s.refresh_interval_s, s.file)
+    )(StrategyServer).bind(engines, models, names, s.refresh_interval_s, s.file, s.device, s.dtype)
     g = config.gateway
     settings = {"require_keys": g.require_keys, "request_timeout_s": g.request_timeout_s}
     return serve.deployment(

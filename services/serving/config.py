@@ -63,6 +63,11 @@ class ModelsConfig(_Strict):
 class StrategiesConfig(_Strict):
     replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, ge=0)
+    # token-level mixtures, merges and router fitting run in this deployment: a GPU makes "auto"
+    # put them on CUDA in bfloat16 (without one Ray hides every GPU, and "auto" is the CPU)
+    num_gpus: float = Field(0.0, ge=0)
+    device: str = "auto"
+    dtype: str = "auto"
     names: list[str] | None = None  # None: every strategy that needs no gold task
     # a YAML file of strategy definitions (docs/strategies.md); default: $MOERGE_STRATEGIES
     file: str | None = None

@@ -39,6 +39,7 @@ from composer.engine_protocol import (
     generate_emitting,
 )
 from registry.errors import NotFoundError
+from registry.hub import model_folder
 from registry.service import Registry
 from services.serving.batching import PacedBatcher
 
@@ -136,7 +137,7 @@ class EngineServerBase:
         self.engine = None
         if base is not None:
             record = self.registry.get_base(base)
-            self.engine = build_engine(engine, Path(record.uri), base, self.engine_args)
+            self.engine = build_engine(engine, model_folder(record.uri), base, self.engine_args)
 
     # -- loading (called by the multiplexer) ---------------------------------------------------
 
@@ -175,7 +176,7 @@ class EngineServerBase:
                 # a restart deploys the base and its adapters share one engine
                 engine = build_engine(
                     self.kind,
-                    Path(expert.base.uri),
+                    model_folder(expert.base.uri),
                     expert.base.name,
                     {**self.engine_args, "trust_remote_code": bool(expert.base.trust_remote_code)},
                 )

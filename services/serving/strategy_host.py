@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import Any
 
 from composer.base import Completion, ComposeError
 from composer.engine_protocol import EngineError, RequestError
@@ -71,8 +72,11 @@ class StrategyHost:
         refresh_interval_s: float = 1.0,
         seed: int = 0,
         catalog: StrategyCatalog | None = None,
+        engine_args: Callable[[str], Mapping[str, Any]] | None = None,
     ) -> None:
         self.registry = registry
+        # base name -> its engine_args: where pools run their merges, mixtures and router fitting
+        self._engine_args = engine_args
         self.catalog = catalog or StrategyCatalog(registry, refresh_interval_s=refresh_interval_s)
         self._configured = servable_strategies(names, self.catalog)
         # builds the engine query-level composers use for a pool (Ray: the remote engine);
@@ -102,7 +106,7 @@ class StrategyHost:
         return served_names(self._configured, self.catalog)
 
     def _pool_moe(self, base: str | None, extra: tuple[str, ...] = ()) -> MoE:
-        pool = ExpertPool(self.registry, base, extra=extra)
+        pool = ExpertPool(self.registry, base, extra=extra, engine_args=self._engine_args)
         if self._engine_factory is not None:
             pool.attach_engine(self._engine_factory(pool))
         return MoE(pool, seed=self.seed, catalog=self.catalog)
