@@ -183,13 +183,12 @@ class Experts:
             files: list[SourceFile] = []
             uri, source_label = check_external(str(source)), str(source)
         else:
-            # a hub reference is fetched into the HF cache, then copied into the store as a folder is
-            ref_label = str(source) if is_hub_uri(source) else None
-            if ref_label is not None:
-                source, pinned = hub_fetch(parse_hub_uri(ref_label), RegistrationError)
-                ref_label = pinned.uri
+            hub_label = None  # a hub reference is fetched into the HF cache, then stored as a folder is
+            if is_hub_uri(source):
+                source, pinned = hub_fetch(parse_hub_uri(str(source)), RegistrationError)
+                hub_label = pinned.uri
             root, files = scan_source(source, self.limits)
-            source_label = ref_label or str(root)
+            source_label = hub_label or str(root)
             if kind == "adapter":
                 assert base_row is not None
                 validate_adapter(root, files, base_row.name, str(model_folder(base_row.uri)))

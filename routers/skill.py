@@ -19,9 +19,9 @@ Deviations, on purpose:
 - Keywords. The paper has an LLM sample 2–5 keywords per question five times and keeps those seen
   more than once, for validation questions and queries alike. moerge has no annotator LLM: a
   question's keywords are the skills its task's experts declare (``task_skills``, built by
-  ``declared_task_skills``; else the expert's ``skills`` for its own tasks; else the task name), and a query's keywords are the known
-  keywords nearest to the query text itself (the paper maps each sampled query keyword to its
-  single nearest known keyword with the same MiniLM).
+  ``declared_task_skills``; else the expert's ``skills`` for its own tasks; else the task name),
+  and a query's keywords are the known keywords nearest to the query text itself (the paper maps
+  each sampled query keyword to its single nearest known keyword with the same MiniLM).
 - Keyword vectors (``skill_match``). A bare keyword ("capital letters") is a poor match for a
   whole question ("Name the capital city of Kenya"), so by default ("both") a keyword is
   represented by its own embedding plus the mean embedding of the validation questions that carry
@@ -67,9 +67,9 @@ def declared_task_skills(experts: Iterable[ExpertInfo]) -> dict[str, list[str]]:
     alone: dict[str, list[str]] = {}
     shared: dict[str, list[str]] = {}
     for expert in sorted(experts, key=lambda e: e.name):
-        tasks = expert_tasks(expert)
         if not expert.skills:
             continue
+        tasks = expert_tasks(expert)
         for task in tasks:
             (alone if len(tasks) == 1 else shared).setdefault(task, list(expert.skills))
     return {**shared, **alone}

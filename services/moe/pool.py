@@ -71,7 +71,8 @@ class ExpertPool:
             # the most recently registered base among those with the most experts
             base = max(counts, key=lambda b: (counts[b], max(e.id for e, eb in ready if eb == b)))
         self.base = registry.get_base(base)
-        self.base_path = model_folder(self.base.uri)  # a hub reference: its cached snapshot
+        self._folders: dict[str, Path] = {}  # base uri -> local folder, looked up once per pool
+        self.base_path = self._folder(self.base.uri)  # a hub reference: its cached snapshot
         # where this pool's own engines, merges and router fitting run ("auto": CUDA in bfloat16
         # where there is a GPU, else the CPU in float32); ``engine_args``: the serve config's for
         # this base, whose device and dtype win
@@ -105,6 +106,11 @@ class ExpertPool:
             raise NotFoundError(f"no ready expert named {', '.join(missing)}")
         return newest
 
+    def _folder(self, uri: str) -> Path:
+        if uri not in self._folders:
+            self._folders[uri] = model_folder(uri)
+        return self._folders[uri]
+
     def base_name_of(self, name: str) -> str | None:
         """The base model an expert of the pool runs on (None: an external expert)."""
         record = self.records[name]
@@ -125,7 +131,7 @@ class ExpertPool:
             description=rec.description or "",
             examples=examples,
             adapter_path=path if rec.kind == "adapter" else None,
-            base_path=model_folder(base.uri) if base is not None else None,
+            base_path=self._folder(base.uri) if base is not None else None,
             base_trust_remote_code=bool(base.trust_remote_code) if base is not None else False,
         )
 
@@ -184,7 +190,7 @@ class ExpertPool:
             elif own_engines and record.kind == "adapter" and record.base is not None:
                 if record.base.name not in per_base:
                     per_base[record.base.name] = HFEngine(
-                        model_folder(record.base.uri),
+                        self._folder(record.base.uri),
                         base_name=record.base.name,
                         max_batch_size=self.max_batch_size,
                         trust_remote_code=bool(record.base.trust_remote_code),
