@@ -245,7 +245,10 @@ def test_phatgoose_fits_on_a_bfloat16_base(zoo):
     assert all(v.dtype == torch.float32 and v.abs().sum() > 0 for v in bf16.tensors.values())
     assert float(bf16.metadata["loss_after"]) < float(bf16.metadata["loss_before"])
     cos = [torch.nn.functional.cosine_similarity(bf16.tensors[m], f32.tensors[m], dim=0) for m in f32.tensors]
-    assert min(cos) > 0.9
+    # bfloat16 rounding compounds over 25 AdamW steps: the least similar module measured 0.875
+    # (avx2), 0.934 (avx512), 0.941 (default). 0.6 leaves room for other CPUs and stays far above
+    # unrelated vectors (the largest |cos| of 1000 random 128-d vectors to a gate: 0.33)
+    assert min(cos) > 0.6
 
 
 @pytest.mark.parametrize("with_expert", [True, False])
