@@ -92,6 +92,16 @@ def test_prompt_format_and_exact_match():
     assert longest <= 64
 
 
+def test_registered_skills_carry_the_keywords_of_a_one_skill_adapter():
+    from services.zoo.build import ExpertEntry
+    from services.zoo.register import registered_skills
+
+    adapter = ExpertEntry("skill-reverse", "adapter", "experts/x", "zoo-base", ["text"], ["reverse"], "d", "t", "v")
+    assert registered_skills(adapter) == ["reverse", *SKILLS["reverse"].tags]
+    model = ExpertEntry("domain-math", "model", "experts/y", "zoo-base", ["math"], ["count", "max"], "d", "t", "v")
+    assert registered_skills(model) == ["count", "max"]
+
+
 # ---------------------------------------------------------------- micro build
 
 

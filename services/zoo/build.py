@@ -508,7 +508,7 @@ def _expert_entry(out_dir: Path, spec: ZooSize, seed: int, job: str) -> ExpertEn
         "adapter",
         f"experts/{skill.expert_name}",
         [skill.domain],
-        list(dict.fromkeys([job, *skill.tags])),  # the skill and its keywords: Symbolic-MoE's profile keys
+        [job],
         f"LoRA (r={spec.lora_rank}) on {BASE_NAME} for the '{job}' skill: "
         f"{skill.templates[0].lower()}. Tags: {', '.join(skill.tags)}.",
         train,

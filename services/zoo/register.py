@@ -12,11 +12,21 @@ from collections.abc import Callable
 from registry.errors import NotFoundError, RegistrationError
 from registry.models import Expert
 from registry.service import Registry
-from services.zoo.build import ZooManifest, read_examples
+from services.zoo.build import ExpertEntry, ZooManifest, read_examples
+from services.zoo.skills import SKILLS
 
 
 def zoo_base_name(manifest: ZooManifest) -> str:
     return f"{manifest.base.name}-{manifest.size}"
+
+
+def registered_skills(entry: ExpertEntry) -> list[str]:
+    """What an expert declares at registration: the skills it was trained on, and for a one-skill
+    adapter that skill's keywords too (Symbolic-MoE builds its task keywords from these). The
+    manifest keeps only the trained skills, which the build's floors check against."""
+    if entry.kind != "adapter":
+        return list(entry.skills)
+    return list(dict.fromkeys([*entry.skills, *(tag for s in entry.skills for tag in SKILLS[s].tags)]))
 
 
 def register_zoo(
@@ -51,7 +61,7 @@ def register_zoo(
                 source=manifest.path_of(entry.path),
                 base=base_name,
                 domains=entry.domains,
-                skills=entry.skills,
+                skills=registered_skills(entry),
                 description=entry.description,
                 examples=examples,
             )
