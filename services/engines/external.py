@@ -1,8 +1,9 @@
-"""The external engine: experts that live behind someone else's API, called through litellm.
+"""The external engine: experts that live behind someone else's API.
 
 A target is a litellm model string: a provider model (``anthropic/claude-…``, ``gpt-4o-mini``) whose
-key litellm reads from the environment, or ``openai/<model>`` on any OpenAI-compatible server
-(another moerge gateway, a vLLM server) given ``api_base``. A chat goes out as its messages, as
+key litellm reads from the environment, called through litellm; or ``openai/<model>`` on any
+OpenAI-compatible server (another moerge gateway, a vLLM server) given ``api_base``, called
+directly over HTTP (``services.engines.openai_compat``): such a server needs no translation. A chat goes out as its messages, as
 they came; a completion prompt as one user message. OpenAI's own parameters go with them
 (``frequency_penalty``, ``presence_penalty``, ``logit_bias``); vLLM's extensions, which a provider
 API has not, are refused (``UnsupportedParameterError``), never dropped.
@@ -20,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from composer.engine_protocol import UnsupportedParameterError
+from services.engines import openai_compat
 from services.engines.base import (
     EngineError,
     GenerateRequest,
@@ -55,6 +57,11 @@ class ExternalEngine:
         self._models: dict[str, str] = {}  # target name -> litellm model string
         self._call_kwargs = {"api_base": api_base, "api_key": api_key, **completion_kwargs}
         self._max_concurrency = max(1, max_concurrency)
+        self._direct = (
+            openai_compat.OpenAICompatibleClient.for_server(api_base, api_key, completion_kwargs.get("timeout"))
+            if api_base
+            else None
+        )
 
     # ------------------------------------------------------------------ loading
 
@@ -91,16 +98,24 @@ class ExternalEngine:
         with ThreadPoolExecutor(min(self._max_concurrency, len(requests))) as pool:
             return list(pool.map(self._complete, models, requests))
 
-    def _complete(self, model: str, request: GenerateRequest) -> GenerateResult:
-        import litellm
+    async def agenerate(self, request: GenerateRequest) -> GenerateResult:
+        """One request, awaited: on the caller's event loop where the target is on an
+        OpenAI-compatible server, else litellm's call in a worker thread."""
+        model = self._model_for(request.target)
+        direct = openai_compat.compatible_model(model, self._call_kwargs["api_base"])
+        if direct is None or self._direct is None:
+            import anyio
 
-        refused = _provider_unsupported(request)
-        if refused is not None:
-            raise UnsupportedParameterError(
-                f"{refused!r} is not part of the provider API that external model {model!r} is called "
-                "through; leave it out, or ask a local expert",
-                refused,
-            )
+            return await anyio.to_thread.run_sync(self._complete, model, request)
+        _refuse_provider_unsupported(model, request)
+        return await self._direct.agenerate(direct, request)
+
+    def _complete(self, model: str, request: GenerateRequest) -> GenerateResult:
+        _refuse_provider_unsupported(model, request)
+        direct = openai_compat.compatible_model(model, self._call_kwargs["api_base"])
+        if direct is not None and self._direct is not None:
+            return self._direct.generate(direct, request)
+        import litellm
 
         messages = [{"role": role, "content": content} for role, content in request.messages]
         extra: dict[str, Any] = {}
@@ -157,6 +172,16 @@ class ExternalEngine:
         return model
 
 
+def _refuse_provider_unsupported(model: str, request: GenerateRequest) -> None:
+    refused = _provider_unsupported(request)
+    if refused is not None:
+        raise UnsupportedParameterError(
+            f"{refused!r} is not part of the provider API that external model {model!r} is called "
+            "through; leave it out, or ask a local expert",
+            refused,
+        )
+
+
 def _provider_unsupported(request: GenerateRequest) -> str | None:
     """The first of vLLM's extensions a request sets, which provider APIs do not have."""
     if request.top_k:
@@ -203,5 +228,5 @@ def external_engine_for(expert: Any) -> ExternalEngine:
                 "which is not set on this server"
             )
     elif expert.api_base:
-        key = "no-key"  # litellm's openai provider needs one; not the environment's
+        key = "no-key"  # litellm's providers need one; never the environment's
     return ExternalEngine(api_base=expert.api_base, api_key=key)

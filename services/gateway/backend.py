@@ -27,7 +27,7 @@ import inspect
 import re
 import threading
 from collections import ChainMap
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast, runtime_checkable
@@ -409,7 +409,8 @@ class LocalBackend:
             return await anyio.to_thread.run_sync(fn, prompt, params, abandon_on_cancel=True)
         # abandon_on_cancel: a timed-out request returns at once; its thread finishes the engine
         # call in the background and then releases the engine's lock
-        return await anyio.to_thread.run_sync(self.run_expert, model, prompt, params, abandon_on_cancel=True)
+        done = await anyio.to_thread.run_sync(self._run_or_defer, model, prompt, params, abandon_on_cancel=True)
+        return done if isinstance(done, Completion) else await done()
 
     async def stream(self, model: str, prompt: str, params: SamplingParams) -> AsyncIterator[str | Completion]:
         """An expert on an engine that streams (hf): its text as it is generated. Strategies vote,
@@ -461,18 +462,48 @@ class LocalBackend:
 
     # -- experts (blocking; called in a worker thread, or by a strategy) ------------------------
 
-    def run_expert(
-        self, model: str, prompt: str, params: SamplingParams, emit: Callable[[str], None] | None = None
-    ) -> Completion:
-        """One expert answers alone. Blocking: call it from a thread (strategies run in one).
-        ``emit``: handed the text in pieces while it is generated, where the engine can."""
+    def _run_or_defer(
+        self, model: str, prompt: str, params: SamplingParams
+    ) -> Completion | Callable[[], Awaitable[Completion]]:
+        """``run_expert``, except for an external expert: its call only waits on the network, so it
+        is handed back to be awaited on the event loop instead of holding this thread."""
         name, version = split_ref(model)
         try:
             expert = self.registry.get_expert(name, version)
         except NotFoundError:
-            if version is not None:
-                raise
-            return self._run_base(name, prompt, params, emit)  # a base by its name, or 404
+            expert = None
+        if expert is None or expert.kind != "external" or expert.status != "ready":
+            return self.run_expert(model, prompt, params, expert=expert)
+        engine = external_engine_for(expert)
+        target = f"expert{expert.id}"  # the row id, as for adapters: never clashes with the base's name
+        engine.load_model(target, expert.uri)
+        request = params.request(prompt, target)
+
+        async def call() -> Completion:
+            result = await engine.agenerate(request)
+            return direct_completion(expert, output_of(expert.name, result, weight=1.0))
+
+        return call
+
+    def run_expert(
+        self,
+        model: str,
+        prompt: str,
+        params: SamplingParams,
+        emit: Callable[[str], None] | None = None,
+        expert: Expert | None = None,
+    ) -> Completion:
+        """One expert answers alone. Blocking: call it from a thread (strategies run in one).
+        ``emit``: handed the text in pieces while it is generated, where the engine can.
+        ``expert``: its record, where the caller has already looked it up."""
+        name, version = split_ref(model)
+        if expert is None:
+            try:
+                expert = self.registry.get_expert(name, version)
+            except NotFoundError:
+                if version is not None:
+                    raise
+                return self._run_base(name, prompt, params, emit)  # a base by its name, or 404
         if expert.status != "ready":
             raise EngineError(f"expert {expert.ref} is {expert.status}, not ready to serve")
         if expert.kind == "external":
