@@ -20,8 +20,26 @@ but the routers, and nothing is read from or written to a registry, so a fresh c
 - decision p50/p95: per query, moerge's routers and the peer in turns, prompt by prompt, with
   moerge's embedding cache cleared before every query.
 
-The other comparisons of issue 19 are not built yet: LiteLLM's proxy, peft's Arrow, mergekit/peft
-merges, RouteLLM. docs/benchmarks.md ("Against peers") says what is measured.
+**Merges** (``merges``, ``bench/peers_merge.py``): mergekit's task arithmetic, TIES and DARE
+against moerge's on the same base and LoRA adapters: the merged ΔW, and the time of a merge.
+
+**Arrow** (``arrow``, ``bench/peers_arrow.py``): peft's ``create_arrow_model`` against ``moe/arrow``
+and ``moe/phatgoose``: tokens/s at batch 16, and the agreement of the top-k choices.
+
+**Gateway** (``gateway``, ``bench/peers_gateway.py``): LiteLLM's proxy against moerge's gateway with
+an external expert, in front of the same backend, with wrk: added p50/p99 at concurrency 1 and
+requests/s at 16, keys on on both sides.
+
+Merges, Arrow and the gateway build their own tiny models (``tests/factories.py``,
+``tests/chat_models.py``) in seconds, so a fresh clone runs every comparison.
+
+Not compared: RouteLLM (``routellm`` 0.2.0). None of its routers can be fitted offline through its
+own interfaces: importing any router constructs an OpenAI client (``similarity_weighted/utils.py``),
+``mf`` and ``sw_ranking`` embed every query with OpenAI's ``text-embedding-3-small``, ``mf``'s
+model ids are a hard-coded list of 64 Arena models and its trainer is hard-wired to CUDA, ``bert``
+ships no trainer, and ``causal_llm`` downloads its prompts from the hub and needs Llama-3-8B on
+CUDA. And its ``route`` picks between two models (a strong and a weak one, by a win-rate
+threshold), never among N experts. docs/benchmarks.md ("Against peers") has the details.
 """
 
 from __future__ import annotations

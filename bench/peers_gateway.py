@@ -120,7 +120,8 @@ class Wrk:
             int(p): float(v) * self.UNITS[u]
             for p, v, u in re.findall(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
         }
-        return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": pct[50], "p99": pct[99]}
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        return {"rps": rps, "p50": pct[50], "p99": pct[99], "sent": sent}
 
 
 def run_cli(env: dict, *args: str) -> str:

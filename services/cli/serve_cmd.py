@@ -126,6 +126,24 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGINT, interrupt)
 
 
+def leave_a_core_for_http() -> int | None:
+    """In one process the CPU engines' torch threads and the HTTP event loop share the cores. With
+    a torch thread on every core, the event loop's work for one request (parsing, auth, the JSON of
+    the last answer) descheduled a torch thread mid-forward, and the others waited at its barrier:
+    on 2 cores a request sent right after the last one's answer took 2.4x as long, and twice the
+    CPU, as one sent after a pause (docs/benchmarks.md, "Against peers"). So the engines get one
+    core fewer, unless OMP_NUM_THREADS says otherwise. The thread count set, or None."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cores < 2:
+        return None
+    import torch
+
+    torch.set_num_threads(cores - 1)
+    return cores - 1
+
+
 def _serve_in_process(cfg) -> None:
     import uvicorn
 
@@ -166,8 +184,15 @@ def _serve_in_process(cfg) -> None:
     )
     backend.add_strategies(backend_strategies(host))  # a live view: strategies added later are served too
     settings = GatewaySettings(require_keys=cfg.gateway.require_keys, request_timeout_s=cfg.gateway.request_timeout_s)
+    threads = leave_a_core_for_http()
     console.print(
-        f"[green]serving[/green] on http://{cfg.host}:{cfg.port}/v1 (in process; Ctrl-C stops)", highlight=False
+        f"[green]serving[/green] on http://{cfg.host}:{cfg.port}/v1 (in process; Ctrl-C stops)"
+        + (
+            f"; engines on {threads} torch thread(s), a core left to HTTP (OMP_NUM_THREADS overrides)"
+            if threads
+            else ""
+        ),
+        highlight=False,
     )
     uvicorn.run(
         create_app(backend, registry, settings, catalog=catalog), host=cfg.host, port=cfg.port, log_level="warning"
