@@ -130,9 +130,9 @@ def leave_a_core_for_http() -> int | None:
     """In one process the CPU engines' torch threads and the HTTP event loop share the cores. With
     a torch thread on every core, the event loop's work for one request (parsing, auth, the JSON of
     the last answer) descheduled a torch thread mid-forward, and the others waited at its barrier:
-    on 2 cores a request sent right after the last one's answer took 2.4x as long, and twice the
-    CPU, as one sent after a pause (docs/benchmarks.md, "Against peers"). So the engines get one
-    core fewer, unless OMP_NUM_THREADS says otherwise. The thread count set, or None."""
+    a request sent right after the last one's answer took far longer, and more CPU, than one sent
+    after a pause (docs/benchmarks.md, "Against peers"). So the engines get one core fewer, unless
+    OMP_NUM_THREADS says otherwise. The thread count set, or None."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

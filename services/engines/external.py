@@ -3,8 +3,8 @@
 A target is a litellm model string: a provider model (``anthropic/claude-…``, ``gpt-4o-mini``) whose
 key litellm reads from the environment, called through litellm; or ``openai/<model>`` on any
 OpenAI-compatible server (another moerge gateway, a vLLM server) given ``api_base``, called
-directly over HTTP (``services.engines.openai_compat``): such a server needs no translation. A chat goes out as its messages, as
-they came; a completion prompt as one user message. OpenAI's own parameters go with them
+directly over HTTP (``services.engines.openai_compat``): such a server needs no translation. A
+chat goes out as its messages, as they came; a completion prompt as one user message. OpenAI's own parameters go with them
 (``frequency_penalty``, ``presence_penalty``, ``logit_bias``); vLLM's extensions, which a provider
 API has not, are refused (``UnsupportedParameterError``), never dropped.
 

@@ -4,7 +4,7 @@ made directly over HTTP: what an external expert registered as ``openai/<model>`
 
 litellm translates between dozens of provider APIs; a server that already speaks OpenAI's
 chat-completions needs none of that, and litellm's per-call work (its logging, cost and callback
-machinery) cost several ms of CPU per request on the gateway's cores (docs/benchmarks.md,
+machinery) was most of the gateway's CPU per request to such an expert (docs/benchmarks.md,
 "Against peers"). Here a request is one JSON body on a pooled keep-alive connection: ``httpx``
 for blocking callers (strategy pools, ``moerge generate``), ``aiohttp`` on the gateway's own event
 loop. Provider model strings, and ``openai/…`` without an ``api_base``, still go through litellm.

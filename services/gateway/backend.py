@@ -40,7 +40,7 @@ from registry.errors import MoergeError, NotFoundError, RegistrationError
 from registry.hub import model_folder
 from registry.models import Expert
 from registry.service import Registry
-from services.engines.external import external_engine_for
+from services.engines.external import ExternalEngine, external_engine_for
 from services.gateway.protocol import ExpertCard
 
 STRATEGY_PREFIX = "moe/"
@@ -474,10 +474,7 @@ class LocalBackend:
             expert = None
         if expert is None or expert.kind != "external" or expert.status != "ready":
             return self.run_expert(model, prompt, params, expert=expert)
-        engine = external_engine_for(expert)
-        target = f"expert{expert.id}"  # the row id, as for adapters: never clashes with the base's name
-        engine.load_model(target, expert.uri)
-        request = params.request(prompt, target)
+        engine, request = self._external_call(expert, prompt, params)
 
         async def call() -> Completion:
             result = await engine.agenerate(request)
@@ -681,13 +678,19 @@ class LocalBackend:
                     else:
                         slot.engine.unload_adapter(target)
 
-    def _run_external(self, expert: Expert, prompt: str, params: SamplingParams) -> ExpertOutput:
+    def _external_call(
+        self, expert: Expert, prompt: str, params: SamplingParams
+    ) -> tuple[ExternalEngine, GenerateRequest]:
         # litellm loads only when an external expert is asked for (ExternalEngine imports it);
         # the engine holds only the target -> model string map, so one per call costs nothing
         engine = external_engine_for(expert)
         target = f"expert{expert.id}"  # the row id, as for adapters: never clashes with the base's name
         engine.load_model(target, expert.uri)
-        [result] = engine.generate([params.request(prompt, target)])
+        return engine, params.request(prompt, target)
+
+    def _run_external(self, expert: Expert, prompt: str, params: SamplingParams) -> ExpertOutput:
+        engine, request = self._external_call(expert, prompt, params)
+        [result] = engine.generate([request])
         return output_of(expert.name, result, weight=1.0)
 
 
