@@ -85,24 +85,12 @@ class MoergeMixture:
     def choices(self, batch) -> dict[str, torch.Tensor]:
         from composer.molora import MoLoRALinear
 
-        seen: dict[str, torch.Tensor] = {}
-        hooks = []
-        for module in self.model.modules():
-            if isinstance(module, MoLoRALinear):
-                protos = torch.stack([module.vectors[self.gate][f"a{i}"] for i in range(N_ADAPTERS)])
-
-                def grab(mod, inputs, name=module.name, protos=protos):
-                    x = inputs[0].reshape(-1, inputs[0].shape[-1])
-                    seen[name] = top_k_sets(x @ protos.T.to(x.dtype))
-
-                hooks.append(module.register_forward_pre_hook(grab))
-        try:
-            logits = self(lambda m: m(**batch).logits)
-        finally:
-            for h in hooks:
-                h.remove()
-        seen["logits"] = logits
-        return seen
+        routed = [
+            (m.name, m, torch.stack([m.vectors[self.gate][f"a{i}"] for i in range(N_ADAPTERS)]))
+            for m in self.model.modules()
+            if isinstance(m, MoLoRALinear)
+        ]
+        return choices_through(self, routed, batch)
 
 
 class PeftArrow:
@@ -133,28 +121,35 @@ class PeftArrow:
         from peft.tuners.lora import arrow as peft_arrow
         from peft.tuners.lora.layer import LoraLayer
 
-        seen: dict[str, torch.Tensor] = {}
-        hooks = []
+        routed = []
         for name, module in self.model.named_modules():
             if isinstance(module, LoraLayer) and "arrow_router" in getattr(module, "lora_arrow", {}):
                 router = module.lora_arrow["arrow_router"]
                 assert isinstance(router, peft_arrow.ArrowLoraLinearLayer)
                 order = [router.task_adapter_names.index(f"task_{i}") for i in range(N_ADAPTERS)]
-                protos = router.prototypes[order]
-                key = name.removeprefix("base_model.model.")
+                routed.append((name.removeprefix("base_model.model."), module, router.prototypes[order]))
+        return choices_through(self, routed, batch)
 
-                def grab(mod, inputs, key=key, protos=protos):
-                    x = inputs[0].reshape(-1, inputs[0].shape[-1])
-                    seen[key] = top_k_sets(x @ protos.T.to(x.dtype))
 
-                hooks.append(module.register_forward_pre_hook(grab))
-        try:
-            logits = self(lambda m: m(**batch).logits)
-        finally:
-            for h in hooks:
-                h.remove()
-        seen["logits"] = logits
-        return seen
+def choices_through(run, routed: list[tuple[str, torch.nn.Module, torch.Tensor]], batch) -> dict[str, torch.Tensor]:
+    """One teacher-forced pass (``run(fn)`` calls fn on the model, in its routing context): per
+    routed module, the top-k sets its input takes under the given prototypes [E, d_in]; and the
+    logits under ``"logits"``."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for key, module, protos in routed:
+
+        def grab(mod, inputs, key=key, protos=protos):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])
+            seen[key] = top_k_sets(x @ protos.T.to(x.dtype))
+
+        hooks.append(module.register_forward_pre_hook(grab))
+    try:
+        seen["logits"] = run(lambda m: m(**batch).logits)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
 
 
 def top_k_sets(scores: torch.Tensor) -> torch.Tensor:

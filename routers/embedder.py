@@ -32,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +108,8 @@ class Embedder:
         self.max_length = max_length
         self.batch_size = batch_size
         self.num_threads = num_threads
+        self._steppable: tuple[object, bool] | None = None  # (the layers it was checked for, all steppable)
+        self._single: Any = None  # tokenizers.Tokenizer for one query, without truncation or padding
         self.query_threads = query_threads
         self.query_dtype = query_dtype
         # bf16 matmuls are a PyTorch-path option; the ONNX graph is fp32
@@ -157,6 +160,36 @@ class Embedder:
         )
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def tokenize_one(self, text: str) -> dict[str, torch.Tensor]:
+        """``tokenize([text])``, from the fast tokenizer's backend directly: the same ids (the
+        wrapper's per-call set-up cost as much as the tokenizing). A text longer than
+        ``max_length`` goes through ``tokenize``, which truncates it."""
+        if self._single is None:
+            backend = getattr(self.tokenizer, "_tokenizer", None)
+            if backend is None:
+                return self.tokenize([text])
+            # a copy of its own: the wrapper re-sets the shared backend's truncation and padding per call
+            from tokenizers import Tokenizer
+
+            self._single = Tokenizer.from_str(backend.to_str())
+            self._single.no_truncation()
+            self._single.no_padding()
+        encoding = self._single.encode(text)
+        if len(encoding.ids) > self.max_length:
+            return self.tokenize([text])
+        batch = {
+            "input_ids": torch.tensor([encoding.ids]),
+            "token_type_ids": torch.tensor([encoding.type_ids]),
+            "attention_mask": torch.tensor([encoding.attention_mask]),
+        }
+        return {k: v.to(self.device) for k, v in batch.items() if k in self.tokenizer.model_input_names}
+
+    def _all_steppable(self) -> bool:
+        layers = self.model.encoder.layer
+        if self._steppable is None or self._steppable[0] is not layers:
+            self._steppable = (layers, all(steppable(layer) for layer in layers))
+        return self._steppable[1]
+
     # -- encoding ------------------------------------------------------------------------------
 
     @contextmanager
@@ -190,9 +223,9 @@ class Embedder:
         model = self.model
         layers = model.encoder.layer
         layer = len(layers) if layer is None else layer
-        batch = self.tokenize([text])
+        batch = self.tokenize_one(text)
         hidden = None
-        if self.query_backend != "torch" and all(steppable(layer) for layer in layers):
+        if self.query_backend != "torch" and self._all_steppable():
             try:
                 hidden = self._onnx_session(layer).hidden_states(batch["input_ids"], batch.get("token_type_ids"))[-1]
             except Exception as exc:  # no export possible here (a read-only disk, an op the exporter lacks)

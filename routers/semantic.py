@@ -76,6 +76,7 @@ class SemanticRouter(EmbeddingRouter):
         self.temperature = temperature
         self._matrix: torch.Tensor | None = None
         self._owner: torch.Tensor | None = None
+        self._grouped: torch.Tensor | None = None
         self._off_topic: torch.Tensor | None = None  # OFF_TOPIC_PROMPTS' embeddings, encoded once
 
     def fit_expert(self, expert: ExpertInfo) -> Artifact:
@@ -120,6 +121,7 @@ class SemanticRouter(EmbeddingRouter):
             )
             counts = torch.bincount(self._owner, minlength=len(self.names)).tolist()
             self._slices = [(sum(counts[:i]), sum(counts[: i + 1])) for i in range(len(counts))]
+            self._grouped = self._grouping(counts)
             self._gate, self._gate_parts = self._calibrate_gate()
         assert self._owner is not None
         return self._matrix, self._owner
@@ -134,11 +136,32 @@ class SemanticRouter(EmbeddingRouter):
         gate = (fit + nothing) / 2 if nothing < fit else fit
         return gate, {"fits": round(fit, 4), "fits_nothing": round(nothing, 4)}
 
+    def _grouping(self, counts: list[int]) -> torch.Tensor | None:
+        """Row indices [experts, most rows] (-1 pads the shorter experts) for scoring every expert
+        in one top-k, where each has at least ``top_m`` rows; else None (scored one by one)."""
+        if not counts or min(counts) < self.top_m:
+            return None
+        index = torch.full((len(counts), max(counts)), -1, dtype=torch.long)
+        for i, (a, b) in enumerate(self._slices):
+            index[i, : b - a] = torch.arange(a, b)
+        return index
+
     def _scores_of(self, queries: torch.Tensor) -> torch.Tensor:
         """[queries, experts] top-m-mean cosines of unit-norm query embeddings."""
         assert self._matrix is not None  # _index() built it
         sims = queries @ self._matrix.T
-        return torch.stack([top_m_mean(sims[:, a:b], self.top_m) for a, b in self._slices], dim=1)
+        if self._grouped is None:
+            return torch.stack([top_m_mean(sims[:, a:b], self.top_m) for a, b in self._slices], dim=1)
+        # one top-k over [queries, experts, rows]: the per-expert loop's Python cost was most of
+        # the routing time after the encoder (docs/benchmarks.md, "Against peers"); a pad is -inf,
+        # never among an expert's top m
+        rows = self._grouped.shape[1]
+        if sims.shape[1] == self._grouped.shape[0] * rows:  # every expert has as many rows: a view
+            grouped = sims.view(sims.shape[0], -1, rows)
+        else:
+            grouped = sims[:, self._grouped.clamp(min=0)]
+            grouped.masked_fill_(self._grouped < 0, float("-inf"))
+        return grouped.topk(self.top_m, dim=-1).values.mean(-1)
 
     def scores(self, prompt: str) -> torch.Tensor:
         """Top-m-mean cosine per registered expert, in registration order."""

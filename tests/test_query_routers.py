@@ -194,6 +194,33 @@ def test_embedder_matches_sentence_transformers_and_caches(embedder):
     assert torch.equal(embedder.encode(texts[0]), ours[:1])  # served from the cache
 
 
+def test_one_query_is_tokenized_as_a_batch_of_one_would_be(embedder):
+    """The query path's own tokenizer gives the wrapper's ids, type ids and mask, the longest text
+    included (truncated at max_length), and leaves the wrapper's batches as they were."""
+    texts = ["What is 3 plus 4?", "Ünïcödé, émojis 🙂 and  spaces", "", "word " * 400]
+    for text in texts:
+        one, ref = embedder.tokenize_one(text), embedder.tokenize([text])
+        assert one.keys() == ref.keys() and all(torch.equal(one[k], ref[k]) for k in ref), text[:30]
+    assert embedder.tokenize_one(texts[3])["input_ids"].shape[1] == embedder.max_length
+    batch = embedder.tokenize(texts[:2])
+    assert batch["input_ids"].shape[0] == 2 and batch["attention_mask"][1].all()
+
+
+def test_semantic_scores_every_expert_in_one_top_k_as_one_by_one(embedder):
+    """Scoring all experts at once (equal and unequal numbers of examples) gives the per-expert
+    loop's scores exactly, so the decisions do not change."""
+    for sizes in ((20, 20, 20), (20, 12, 7)):
+        router = build("semantic", embedder)
+        for t, n in zip(BASE3, sizes, strict=True):
+            router.add_expert(make_expert(t, n_train=n))
+        router._index()
+        assert router._grouped is not None
+        queries = embedder.encode([p for t in BASE3 for p in test_prompts(t, 3)] + EVERYDAY[:3])
+        together = router._scores_of(queries)
+        router._grouped = None
+        assert torch.equal(together, router._scores_of(queries))
+
+
 @pytest.mark.parametrize("name", LEARNED)
 def test_in_domain_queries_reach_their_expert(name, embedder):
     router = build(name, embedder)

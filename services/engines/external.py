@@ -117,26 +117,9 @@ class ExternalEngine:
             return self._direct.generate(direct, request)
         import litellm
 
-        messages = [{"role": role, "content": content} for role, content in request.messages]
-        extra: dict[str, Any] = {}
-        if request.frequency_penalty:
-            extra["frequency_penalty"] = request.frequency_penalty
-        if request.presence_penalty:
-            extra["presence_penalty"] = request.presence_penalty
-        if request.logit_bias:  # token ids of the provider's tokenizer, as OpenAI's API takes them
-            extra["logit_bias"] = {str(t): b for t, b in request.logit_bias}
         try:
-            reply = litellm.completion(
-                model=model,
-                messages=messages or [{"role": "user", "content": request.prompt}],
-                max_tokens=request.max_new_tokens,
-                temperature=request.temperature,
-                top_p=request.top_p,
-                seed=request.seed,
-                stop=list(request.stop) or None,
-                **extra,
-                **self._call_kwargs,
-            )
+            # the same OpenAI-shaped request; litellm translates it for the provider
+            reply = litellm.completion(**openai_compat.chat_body(model, request), **self._call_kwargs)
         except Exception as exc:  # providers raise many classes; all mean "this call failed"
             raise EngineError(f"external model {model!r} failed: {exc}") from exc
         choice = reply.choices[0]
@@ -148,7 +131,7 @@ class ExternalEngine:
             completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
             finish_reason="length" if choice.finish_reason == "length" else "stop",
             # the provider applies its own template to the messages
-            prompt_rule="chat_template" if messages else "raw",
+            prompt_rule="chat_template" if request.messages else "raw",
         )
 
     # ------------------------------------------------------------------ score
