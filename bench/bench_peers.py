@@ -129,12 +129,25 @@ def routing(args, peers_python: Path) -> None:
             times["aurelio semantic-router"].append(reply["ms"])
             picks["aurelio semantic-router"][split].append(reply["name"])
     worker.close()
+    # the same queries again with no peer's turn between them: what a decision costs on its own
+    alone: dict[str, list[float]] = {n: [] for n in ours}
+    for examples in splits.values():
+        for ex in examples:
+            for name, router in ours.items():
+                for emb in embedders:
+                    emb.clear_cache()
+                t0 = time.perf_counter()
+                router.route(RouteRequest(ex.prompt))
+                alone[name].append((time.perf_counter() - t0) * 1e3)
     print(
         f"Machine: {machine()}; load {start} → {load()}; aurelio semantic-router {worker.hello['version']} "
         f"on {worker.hello['threads']} torch threads, moerge's query path on 1\n"
     )
-    print("| router | test strict | test lenient | paraphrase strict | paraphrase lenient | decision p50 / p95 ms |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| router | test strict | test lenient | paraphrase strict | paraphrase lenient | decision p50 / p95 ms "
+        "| p50 / p95 ms, moerge alone |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     rows = {}
     for name in names:
         cells = []
@@ -145,7 +158,8 @@ def routing(args, peers_python: Path) -> None:
             cells += [strict, lenient]
         p50, p95 = p50_p95(times[name])
         rows[name] = (cells, p50)
-        print(f"| {name} | {' | '.join(f'{c:.3f}' for c in cells)} | {p50:.1f} / {p95:.1f} |")
+        solo = "{:.1f} / {:.1f}".format(*p50_p95(alone[name])) if name in alone else ""
+        print(f"| {name} | {' | '.join(f'{c:.3f}' for c in cells)} | {p50:.1f} / {p95:.1f} | {solo} |")
     peer_cells, peer_p50 = rows["aurelio semantic-router"]
     print()
     for name in ours:
