@@ -15,7 +15,7 @@ from registry.service import Registry
 from services.moe.evaluate import evaluate, load_suite
 from services.moe.pool import ExpertPool
 from services.moe.strategies import STRATEGIES, MoE, Strategy
-from services.zoo.register import register_zoo, zoo_base_name
+from services.zoo.register import register_zoo, registered_skills, zoo_base_name
 
 
 @pytest.fixture(scope="session")
@@ -445,7 +445,8 @@ def test_skill_keywords_are_the_ones_the_experts_registered(moe, micro_zoo):
         tasks = {e.task for e in moe.pool.experts[entry.name].examples if e.task}
         if entry.kind == "adapter" and len(tasks) == 1:
             registered = list(moe.pool.experts[entry.name].skills)
-            assert registered == list(dict.fromkeys(entry.skills)) and len(registered) > 1  # the skill and its tags
+            # the skill it was trained on, then its keywords (the zoo registers them)
+            assert registered == registered_skills(entry) and registered[0] == entry.skills[0] and len(registered) > 1
             assert router.task_skills[tasks.pop()] == registered
             checked += 1
     assert checked >= 2
