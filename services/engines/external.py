@@ -4,9 +4,10 @@ A target is a litellm model string: a provider model (``anthropic/claude-…``, 
 key litellm reads from the environment, called through litellm; or ``openai/<model>`` on any
 OpenAI-compatible server (another moerge gateway, a vLLM server) given ``api_base``, called
 directly over HTTP (``services.engines.openai_compat``): such a server needs no translation. A
-chat goes out as its messages, as they came; a completion prompt as one user message. OpenAI's own parameters go with them
-(``frequency_penalty``, ``presence_penalty``, ``logit_bias``); vLLM's extensions, which a provider
-API has not, are refused (``UnsupportedParameterError``), never dropped.
+chat goes out as its messages, as they came; a completion prompt as one user message. OpenAI's
+own parameters go with them (``frequency_penalty``, ``presence_penalty``, ``logit_bias``); vLLM's
+extensions, which a provider API has not, are refused (``UnsupportedParameterError``), never
+dropped.
 
 What a remote API cannot give: token ids (``GenerateResult.token_ids`` is empty and
 ``completion_tokens`` is the provider's usage count) and log-likelihoods of a given continuation

@@ -471,8 +471,10 @@ class LocalBackend:
         try:
             expert = self.registry.get_expert(name, version)
         except NotFoundError:
-            expert = None
-        if expert is None or expert.kind != "external" or expert.status != "ready":
+            if version is not None:
+                raise
+            return self._run_base(name, prompt, params)  # a base by its name, or 404; one lookup
+        if expert.kind != "external" or expert.status != "ready":
             return self.run_expert(model, prompt, params, expert=expert)
         engine, request = self._external_call(expert, prompt, params)
 
