@@ -382,10 +382,11 @@ class ClassifierRouter(EmbeddingRouter):
         head = self.head
         assert head is not None  # probabilities() trained it
         if self.train_layers:
-            # the frozen layers below the trained ones: the embedder's query path (ONNX Runtime)
+            # the frozen layers below the trained ones, then the trained ones: both on the
+            # embedder's query path (ONNX Runtime graphs, or PyTorch on its threads and dtype)
             hidden, mask = self.emb.query_hidden(prompt, self._split)
-            with self.emb.query_context():  # one short sequence: threads (and dtype) as the Embedder's
-                logits = head(hidden, mask)[0]
+            hidden = self.emb.query_layers(head.layers, hidden)
+            logits = head.linear(mean_pool(hidden, mask))[0]
         else:
             logits = head(self.emb.encode(prompt), None)[0]
         return dict(zip(self.labels, torch.softmax(logits.float(), dim=-1).tolist()))

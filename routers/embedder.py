@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -115,6 +116,8 @@ class Embedder:
         # bf16 matmuls are a PyTorch-path option; the ONNX graph is fp32
         self.query_backend = "torch" if query_dtype is not None else query_backend
         self._onnx: dict = {}  # layers -> routers.onnx_bert.OnnxBert
+        # extra layers run on the query path (a classifier's trained top) -> their OnnxLayers session
+        self._onnx_layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self._st = None
@@ -238,6 +241,30 @@ class Embedder:
                 hidden = model.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
                 hidden = run_layers(layers[:layer], hidden, None)
         return hidden, batch["attention_mask"]
+
+    @torch.inference_mode()
+    def query_layers(self, layers: torch.nn.ModuleList, hidden: torch.Tensor) -> torch.Tensor:
+        """BERT ``layers`` of one's own (a classifier's fine-tuned top, frozen after training) over
+        one query's hidden states from ``query_hidden``, on the same backend: an ONNX graph of
+        those layers (exported on first use, once per weights), or stepped in PyTorch."""
+        if self.query_backend != "torch" and all(steppable(layer) for layer in layers):
+            session = self._onnx_layers.get(layers)
+            try:
+                if session is None:
+                    from routers.onnx_bert import OnnxLayers
+
+                    precision = "int8" if self.query_backend == "onnx-int8" else "fp32"
+                    session = OnnxLayers.for_layers(list(layers), threads=self.query_threads or 1, precision=precision)
+                    with self._lock:
+                        self._onnx_layers[layers] = session
+                return session(hidden)
+            except Exception as exc:  # as in query_hidden: no export possible here
+                log.warning(
+                    "ONNX query path unavailable (%s: %s); routing queries run in PyTorch", type(exc).__name__, exc
+                )
+                self.query_backend = "torch"
+        with self.query_context():
+            return run_layers(layers, hidden, None)
 
     @torch.inference_mode()
     def _encode_one(self, text: str) -> torch.Tensor:

@@ -8,9 +8,11 @@ layer norms and runs the same graph in ~5 ms on one thread. The numbers are the 
 
 What is exported: the embeddings and every layer, stepped with ``bert_layers.bert_layer`` (the same
 kernels as transformers' ``BertLayer``), through ``torch.onnx.export(dynamo=True)``, up to a given
-layer: all six for the semantic routers, the five below its trained layer for the classifier. Only an unpadded single
-sequence goes through it (no attention mask, as ``BertModel`` passes none for one); batches stay
-in PyTorch.
+layer: all six for the semantic routers, the five below its trained layer for the classifier. The
+classifier's fine-tuned top layer is a graph of its own (``OnnxLayers``: hidden states in and out),
+exported once per trained head, so that a retrain re-exports one layer and not the frozen five.
+Only an unpadded single sequence goes through them (no attention mask, as ``BertModel`` passes
+none for one); batches stay in PyTorch.
 
 ``query_backend="onnx-int8"`` runs a second graph made from that one: its weight matmuls quantised
 to int8 (``quantize_int8``), about half the time again, at a cost in exactness that
@@ -40,7 +42,7 @@ from routers.bert_layers import bert_layer
 
 log = logging.getLogger(__name__)
 
-_SESSIONS: dict[tuple[str, int, int, str], "OnnxBert"] = {}
+_SESSIONS: dict[tuple, "OnnxBert"] = {}  # (weights hash, layers, threads, precision) -> session
 PRECISIONS = ("fp32", "int8")
 # A quantised graph's file names its recipe, so that a changed recipe never reuses an old file.
 _RECIPES = {"int8": "int8-matmul-perchannel-w7"}
@@ -80,11 +82,23 @@ class _Stepped(torch.nn.Module):
         return torch.stack(states)
 
 
-def export(bert: Any, layers: int, path: Path) -> None:
-    """Export ``bert`` (a transformers BertModel in eval mode) up to its ``layers``-th layer to
-    ``path``, atomically."""
-    example = torch.tensor([[101, 7592, 2088, 102]])  # any short sequence: the length is dynamic
-    seq = torch.export.Dim("seq", min=2, max=int(bert.config.max_position_embeddings))
+class _Layers(torch.nn.Module):
+    """BERT layers over given hidden states, returning the last layer's: the graph of a classifier's
+    fine-tuned top layers, which run on the frozen graph's output."""
+
+    def __init__(self, layers: Any) -> None:  # a sequence of transformers BertLayers
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            hidden = bert_layer(layer, hidden, None)
+        return hidden
+
+
+def _export(module: torch.nn.Module, example: tuple, input_names: list[str], dynamic: dict, path: Path) -> None:
+    """``module`` (eval mode) to an ONNX file at ``path``, atomically, every input's axis 1 (the
+    sequence) dynamic as ``dynamic`` says."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # The exporter reports its own internals (deprecations, "torchvision is not installed", the
     # renaming of the dynamic axis) as warnings and log lines; none concerns this graph.
@@ -95,12 +109,12 @@ def export(bert: Any, layers: int, path: Path) -> None:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                _Stepped(bert, layers).eval(),
-                (example, torch.zeros_like(example)),
+                module.eval(),
+                example,
                 dynamo=True,
-                input_names=["input_ids", "token_type_ids"],
+                input_names=input_names,
                 output_names=["hidden_states"],
-                dynamic_shapes={"input_ids": {1: seq}, "token_type_ids": {1: seq}},
+                dynamic_shapes=dynamic,
                 optimize=True,
                 verbose=False,
             )
@@ -115,6 +129,28 @@ def export(bert: Any, layers: int, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _seq(bert_config: Any) -> Any:
+    return torch.export.Dim("seq", min=2, max=int(bert_config.max_position_embeddings))
+
+
+def export(bert: Any, layers: int, path: Path) -> None:
+    """Export ``bert`` (a transformers BertModel in eval mode) up to its ``layers``-th layer to
+    ``path``, atomically."""
+    example = torch.tensor([[101, 7592, 2088, 102]])  # any short sequence: the length is dynamic
+    seq = _seq(bert.config)
+    dynamic = {"input_ids": {1: seq}, "token_type_ids": {1: seq}}
+    _export(
+        _Stepped(bert, layers), (example, torch.zeros_like(example)), ["input_ids", "token_type_ids"], dynamic, path
+    )
+
+
+def export_layers(layers: Any, path: Path) -> None:
+    """Export BERT ``layers`` (in eval mode) as one graph, hidden states in and out, to ``path``."""
+    config = layers[0].attention.self.config
+    example = torch.zeros(1, 4, int(config.hidden_size))
+    _export(_Layers(layers), (example,), ["hidden"], {"hidden": {1: _seq(config)}}, path)
 
 
 def quantize_int8(fp32_path: Path, path: Path) -> None:
@@ -151,12 +187,12 @@ def quantize_int8(fp32_path: Path, path: Path) -> None:
             os.unlink(tmp)
 
 
-def _graph(bert: Any, layers: int, precision: str, directory: Path, digest: str) -> Path:
-    """The graph file for these weights, layers and precision under ``directory``, made if missing."""
-    fp32 = directory / f"bert-{digest[:32]}-L{layers}.onnx"
+def _graph(fp32: Path, precision: str, make: Any) -> Path:
+    """The graph file ``fp32`` in ``precision``: made by ``make(path)`` if missing, and quantised
+    from it if asked and missing."""
     if not fp32.exists():
-        log.info("exporting the encoder's first %d layers to ONNX (once per weights): %s", layers, fp32)
-        export(bert, layers, fp32)
+        log.info("exporting %s to ONNX (once per weights)", fp32.name)
+        make(fp32)
     if precision == "fp32":
         return fp32
     path = fp32.with_name(f"{fp32.stem}-{_RECIPES[precision]}.onnx")
@@ -164,6 +200,15 @@ def _graph(bert: Any, layers: int, precision: str, directory: Path, digest: str)
         log.info("quantising %s to %s (once per weights)", fp32.name, precision)
         quantize_int8(fp32, path)
     return path
+
+
+def _cached_graph(name: str, precision: str, make: Any) -> Path:
+    """``_graph`` under ``cache_dir()``, or in a temporary folder where the cache is not writable
+    (a read-only home in a container): then for this process only."""
+    try:
+        return _graph(cache_dir() / name, precision, make)
+    except OSError:
+        return _graph(Path(tempfile.mkdtemp(prefix="moerge-onnx-")) / name, precision, make)
 
 
 class OnnxBert:
@@ -195,16 +240,41 @@ class OnnxBert:
         (``PRECISIONS``): from this process's sessions, else the disk cache, else a fresh export
         (~5 s; int8 quantises that graph, ~3 s more). The classifier runs the layers below its
         trained ones, so it needs a graph that stops there."""
+        layers = len(bert.encoder.layer) if layers is None else layers
+        digest = weights_hash(bert)
+        return cls._session(
+            (digest, layers, threads, precision),
+            f"bert-{digest[:32]}-L{layers}.onnx",
+            lambda path: export(bert, layers, path),
+        )
+
+    @classmethod
+    def _session(cls, key: tuple, name: str, make: Any) -> Any:
+        precision = key[-1]
         if precision not in PRECISIONS:
             raise RouterError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-        layers = len(bert.encoder.layer) if layers is None else layers
-        key = (weights_hash(bert), layers, threads, precision)
         with _SESSIONS_LOCK:
             if key in _SESSIONS:
                 return _SESSIONS[key]
-            try:
-                path = _graph(bert, layers, precision, cache_dir(), key[0])
-            except OSError:  # the cache is not writable (a read-only home in a container): this process only
-                path = _graph(bert, layers, precision, Path(tempfile.mkdtemp(prefix="moerge-onnx-")), key[0])
-            session = _SESSIONS[key] = cls(path, threads)
+            session = _SESSIONS[key] = cls(_cached_graph(name, precision, make), key[-2])
             return session
+
+
+class OnnxLayers(OnnxBert):
+    """One ONNX Runtime session over BERT layers alone: hidden states in, the last layer's out."""
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The layers over one unpadded sequence's hidden states [1, seq, dim] (fp32)."""
+        (out,) = self.session.run(None, {"hidden": hidden.detach().cpu().float().numpy()})
+        return torch.from_numpy(out)
+
+    @classmethod
+    def for_layers(cls, layers: Any, threads: int = 1, precision: str = "fp32") -> "OnnxLayers":
+        """The session for these layers' weights in ``precision``: as ``OnnxBert.for_model``, an
+        export of ~3 s once per weights (a classifier's head: once per training)."""
+        digest = weights_hash(torch.nn.ModuleList(layers))
+        return cls._session(
+            (digest, "layers", threads, precision),
+            f"layers-{digest[:32]}-N{len(layers)}.onnx",
+            lambda path: export_layers(layers, path),
+        )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import onnx
 import pytest
 import torch
@@ -178,3 +180,44 @@ def test_routers_on_the_int8_path_decide_clear_queries_as_on_fp32(pair, kind):
         pair[0].clear_cache()
         da, db = (r.route(RouteRequest(q)) for r in routers)
         assert [n for n, _ in da.experts] == [n for n, _ in db.experts] == [f"expert-{task}"], q
+
+
+def test_the_classifier_runs_its_trained_layer_as_a_graph_of_its_own(tmp_path, monkeypatch, pair):
+    monkeypatch.setenv("MOERGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(onnx_bert, "_SESSIONS", {})
+    onnx_router, torch_router = fitted_routers("classifier", pair)
+    head = onnx_router.head
+    query = "Spell 'window' in reverse order."
+    for emb in pair:
+        emb.clear_cache()
+    a, b = onnx_router.probabilities(query), torch_router.probabilities(query)
+    assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
+    # the fine-tuned layer went through ONNX Runtime: a graph of that one layer, hidden states in and out
+    session = pair[0]._onnx_layers[head.layers]
+    assert isinstance(session, onnx_bert.OnnxLayers) and session.path.name.endswith("-N1.onnx")
+    hidden, _ = pair[1].query_hidden(query, onnx_router._split)
+    with torch.inference_mode():
+        want = torch_router.emb.query_layers(head.layers, hidden)  # the PyTorch path
+    assert torch.allclose(session(hidden), want, atol=1e-4)
+
+    # another process with the same trained head reuses the file; a changed head gets its own
+    monkeypatch.setattr(onnx_bert, "_SESSIONS", {})
+    monkeypatch.setattr(onnx_bert, "export_layers", lambda *a, **k: pytest.fail("exported again"))
+    assert onnx_bert.OnnxLayers.for_layers(list(head.layers)).path == session.path
+    monkeypatch.undo()
+    changed = copy.deepcopy(head.layers)
+    with torch.no_grad():
+        changed[0].output.dense.bias.add_(0.5)
+    assert onnx_bert.weights_hash(changed) != onnx_bert.weights_hash(head.layers)
+
+
+def test_the_int8_classifier_quantises_its_trained_layer_too(tmp_path, monkeypatch, pair):
+    monkeypatch.setenv("MOERGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(onnx_bert, "_SESSIONS", {})
+    int8 = Embedder(query_backend="onnx-int8")
+    int8._st = pair[0]._load()
+    (router,) = fitted_routers("classifier", (int8,))
+    assert router.route(RouteRequest("Make 'ocean' all caps.")).top == "expert-upper"
+    files = sorted(p.name for p in (tmp_path / "onnx").iterdir())
+    layer_graphs = [f for f in files if f.startswith("layers-")]
+    assert len(layer_graphs) == 2 and any(f.endswith("-N1-int8-matmul-perchannel-w7.onnx") for f in layer_graphs)
