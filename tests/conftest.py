@@ -43,6 +43,14 @@ def micro_zoo(tmp_path_factory):
     return build_zoo("micro", tmp_path_factory.mktemp("zoo") / "micro", seed=0, progress=False)
 
 
+@pytest.fixture(scope="session")
+def micro_domains_zoo(tmp_path_factory):
+    """The micro domains zoo's ``ZooManifest``: a BPE, a Llama base, seven domain experts."""
+    from services.zoo.domains_build import build_domains_zoo
+
+    return build_domains_zoo("micro", tmp_path_factory.mktemp("zoo") / "domains-micro", seed=0, progress=False)
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     """An embedded home folder (SQLite registry, artifact store) of this test's own."""

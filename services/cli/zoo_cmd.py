@@ -43,10 +43,42 @@ def outcomes_table(manifest) -> Table:
     return table
 
 
+def losses_table(manifest) -> Table:
+    """The domains zoo's outcomes. Rows: the base and every expert; columns: domains; cells:
+    held-out loss in nats per token on the test split and, for experts, how far below the base it
+    is; green on an expert's own domains."""
+    from services.zoo.domains_build import gains
+
+    base = manifest.outcomes[manifest.base.name]
+    below = gains(manifest)
+    own = {e.name: set(e.domains) for e in manifest.experts}
+    table = Table(title=f"domains zoo '{manifest.size}' — held-out loss, nats per token (test split)")
+    table.add_column("model")
+    for d in base:
+        table.add_column(d, justify="right")
+    for name, row in manifest.outcomes.items():
+        cells = []
+        for d, v in row.items():
+            cell = f"{v:.3f}" if name == manifest.base.name else f"{v:.3f} ({-below[name][d]:+.0%})"
+            cells.append(f"[bold green]{cell}[/bold green]" if d in own.get(name, ()) else cell)
+        table.add_row(name, *cells)
+    return table
+
+
 @zoo_app.command("build")
 def build(
+    suite: str = typer.Option(
+        "skills",
+        "--suite",
+        help="skills (exact-match tasks, the demo's zoo) or domains (five text domains and mixed documents, "
+        "scored by held-out loss).",
+    ),
     size: str = typer.Option("small", "--size", help="micro (tests, < 1 min) or small (the benchmark zoo)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default $MOERGE_HOME/zoo/<size>)."),
+    out: Optional[Path] = typer.Option(
+        None,
+        "--out",
+        help="Output folder (default $MOERGE_HOME/zoo/<size>, or zoo/domains-<size> for --suite domains).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for data and initialisation."),
     register: bool = typer.Option(
         False,
@@ -54,20 +86,30 @@ def build(
         help="Register the base and every expert (with examples) in the registry; only when every floor held.",
     ),
 ) -> None:
-    """Train the zoo on the CPU and print every model's score on every skill.
+    """Train the zoo on the CPU and print every model's score: exact match on every skill, or
+    held-out loss on every domain.
 
     Exits 1, naming each expert and floor, when a floor still fails after the training budget; such
     a zoo is written (to look at) but not registered."""
     from registry.config import moerge_home
     from registry.errors import MoergeError
     from services.machine import describe
-    from services.zoo.build import SIZES, build_zoo
+    from services.zoo import build as skills_zoo
+    from services.zoo import domains_build
 
-    if size not in SIZES:
-        raise MoergeError(f"unknown zoo size {size!r}; expected one of {', '.join(SIZES)}")
-    out_dir = out or moerge_home() / "zoo" / size
-    manifest = build_zoo(size, out_dir, seed=seed, progress=True)
-    print_table(outcomes_table(manifest))
+    if suite not in ("skills", "domains"):
+        raise MoergeError(f"unknown zoo suite {suite!r}; expected skills or domains")
+    sizes = domains_build.SIZES if suite == "domains" else skills_zoo.SIZES
+    if size not in sizes:
+        raise MoergeError(f"unknown zoo size {size!r}; expected one of {', '.join(sizes)}")
+    if suite == "domains":
+        out_dir = out or moerge_home() / "zoo" / f"domains-{size}"
+        manifest = domains_build.build_domains_zoo(size, out_dir, seed=seed, progress=True)
+        print_table(losses_table(manifest))
+    else:
+        out_dir = out or moerge_home() / "zoo" / size
+        manifest = skills_zoo.build_zoo(size, out_dir, seed=seed, progress=True)
+        print_table(outcomes_table(manifest))
     console.print("timings (s): " + ", ".join(f"{k} {v}" for k, v in manifest.timings.items()))
     console.print(f"trained on: {describe(manifest.machine)}", highlight=False)
     console.print(f"zoo written to {Path(manifest.root) / manifest.MANIFEST}")
@@ -80,6 +122,14 @@ def build(
 
 def _print_floors(manifest) -> None:
     """The one line that says whether every floor held, then each miss on its own line."""
+    if not manifest.failures and manifest.zoo == "domains":
+        from services.zoo.domains_build import floors_summary
+
+        console.print(
+            f"[bold green]floors: every floor held[/bold green] (seed {manifest.seed}: {floors_summary(manifest)})",
+            highlight=False,
+        )
+        return
     if not manifest.failures:
         f = manifest.floors
         console.print(

@@ -178,6 +178,8 @@ class ZooManifest:
     # where it was trained: CPU, the instruction set torch ran with, package versions
     # (services.machine.machine_record); the same seed gives another model on another CPU
     machine: dict = field(default_factory=dict)
+    zoo: str = "skills"  # which world: "skills" (this module) or "domains" (services.zoo.domains_build)
+    corpus_sha256: str = ""  # the domains zoo's training text, as services.zoo.domains.corpus_digest
     root: str = ""  # absolute folder of zoo.json; set on load, not saved
 
     MANIFEST = "zoo.json"
