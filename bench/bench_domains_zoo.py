@@ -5,9 +5,10 @@ Reads a built domains zoo (``moerge zoo build --suite domains --size small``) an
 teacher-forced pass per document (``services.leaderboard.domain_losses``):
 - the base, every expert alone, the per-document and per-segment oracles;
 - merges of every adapter expert with ``composer.merge.merge_adapters`` (peft's
-  ``add_weighted_adapter``): uniform (task arithmetic, weights 1/n), task arithmetic (weights 1),
-  TIES and DARE-TIES (weights 1, density 0.5), each as the fraction of the per-document oracle's
-  gain over the base it recovers.
+  ``add_weighted_adapter``): task arithmetic with weights 1/n (the uniform merge), 0.3, 0.5 and 1
+  per expert; TIES and DARE-TIES (density 0.5) with weights 0.5 and 1; each as the fraction of
+  the oracle's gain over the base it recovers (the per-document oracle on the test split, the
+  per-segment one on the mixed split).
 
     python bench/bench_domains_zoo.py [ZOO_DIR]     # default $MOERGE_HOME/zoo/domains-small
 """
@@ -35,8 +36,12 @@ from services.zoo.domains_build import SIZES  # noqa: E402
 
 MERGES = (  # label, method, weight per expert (None: 1/n)
     ("uniform merge (task arithmetic, 1/n)", "task_arithmetic", None),
+    ("task arithmetic, weights 0.3", "task_arithmetic", 0.3),
+    ("task arithmetic, weights 0.5", "task_arithmetic", 0.5),
     ("task arithmetic, weights 1", "task_arithmetic", 1.0),
+    ("TIES, weights 0.5, density 0.5", "ties", 0.5),
     ("TIES, weights 1, density 0.5", "ties", 1.0),
+    ("DARE-TIES, weights 0.5, density 0.5", "dare_ties", 0.5),
     ("DARE-TIES, weights 1, density 0.5", "dare_ties", 1.0),
 )
 

@@ -198,7 +198,9 @@ def python_code(rng: random.Random, docstrings: Callable[[], str] | None = None)
 def arithmetic(rng: random.Random, problems: tuple[int, int] = (1, 3)) -> str:
     out = []
     for _ in range(rng.randint(*problems)):
-        a, b, c = rng.randint(2, 99), rng.randint(2, 99), rng.randint(2, 12)
+        # operands small enough that the products and sums are facts a small model can learn: with
+        # a, b up to 99 and c up to 12, a LoRA on a base that knew the format stayed 8-9 % below it
+        a, b, c = rng.randint(2, 30), rng.randint(2, 30), rng.randint(2, 9)
         kind = rng.randrange(4)
         if kind == 0:
             out.append(f"{a} + {b} * {c}\n= {a} + {b * c}\n= {a + b * c}")
@@ -252,18 +254,29 @@ def data(rng: random.Random) -> str:
 
 
 def shell(rng: random.Random, commands: tuple[int, int] = (3, 6)) -> str:
+    # One session works on one project: its folder, names, file, variable and port come back from
+    # command to command (each command draws afresh one time in five), as prose keeps its topic.
+    # Measured: with every command drawn afresh, a shell LoRA stayed 7-9 % below the base.
+    exts, variables, ports = (
+        ("py", "log", "txt", "csv"),
+        ("DATA_DIR", "LOG_DIR", "BUILD", "TARGET"),
+        (8000, 8080, 5432, 9090),
+    )
+    path, words, ext = rng.choice(PATHS), rng.sample(NOUNS, 2), rng.choice(exts)
+    var, file, port = rng.choice(variables), rng.choice(FILES), rng.choice(ports)
     lines = ["#!/bin/bash", "set -euo pipefail"] if rng.random() < 0.3 else []
     for _ in range(rng.randint(*commands)):
-        words = rng.sample(NOUNS, 2)
+        fresh = rng.random() < 0.2
+        pair = rng.sample(NOUNS, 2) if fresh else words
         line = rng.choice(COMMANDS).format(
-            path=rng.choice(PATHS),
-            word=words[0],
-            word2=words[1],
-            ext=rng.choice(("py", "log", "txt", "csv")),
+            path=rng.choice(PATHS) if fresh else path,
+            word=pair[0],
+            word2=pair[1],
+            ext=rng.choice(exts) if fresh else ext,
             n=rng.randint(1, 30),
-            VAR=rng.choice(("DATA_DIR", "LOG_DIR", "BUILD", "TARGET")),
-            file=rng.choice(FILES),
-            port=rng.choice((8000, 8080, 5432, 9090)),
+            VAR=rng.choice(variables) if fresh else var,
+            file=rng.choice(FILES) if fresh else file,
+            port=rng.choice(ports) if fresh else port,
         )
         lines.append(("$ " if not lines or lines[0] != "#!/bin/bash" else "") + line)
     return "\n".join(lines)

@@ -86,6 +86,9 @@ class DomainsSize:
     n_validation: int  # validation documents per domain, for the stop check
     n_test: int  # test documents per domain
     n_mixed: int  # mixed test documents
+    # share of an expert's training documents drawn from the other domains (replay): an expert
+    # that sees only its own text drifts on every other one, and a merge adds up those drifts
+    replay: float = 0.0
 
 
 SIZES: dict[str, DomainsSize] = {
@@ -111,6 +114,7 @@ SIZES: dict[str, DomainsSize] = {
         n_validation=8,
         n_test=8,
         n_mixed=6,
+        replay=0.25,
     ),
     # The benchmark zoo. The base pre-trains briefly on purpose: one trained to convergence on the
     # generated text left the experts nothing to learn (bench/pilot_domains_probe.py, run 1);
@@ -120,38 +124,39 @@ SIZES: dict[str, DomainsSize] = {
         vocab=2048,
         hidden=256,
         layers=4,
-        max_length=384,
+        max_length=256,
         train_docs=2000,
-        pretrain=TrainSpec(steps=250, lr=3e-3, batch_size=32, warmup=50, sort_chunk=8),
+        pretrain=TrainSpec(steps=160, lr=3e-3, batch_size=32, warmup=30, sort_chunk=8),
         lora=TrainSpec(
             steps=400,
-            lr=2e-3,
-            batch_size=32,
-            warmup=20,
+            lr=4e-3,
+            batch_size=16,
+            warmup=10,
             sort_chunk=8,
             check_every=25,
-            min_steps=50,
+            min_steps=25,
             cooldown=25,
             schedule="constant",
         ),
         full=TrainSpec(
             steps=400,
             lr=5e-4,
-            batch_size=32,
-            warmup=20,
+            batch_size=16,
+            warmup=10,
             sort_chunk=8,
             check_every=25,
-            min_steps=50,
+            min_steps=25,
             cooldown=25,
             schedule="constant",
         ),
         lora_rank=8,
         lora_alpha=16,
-        stop_gain=0.13,
+        stop_gain=0.12,
         own_gain_min=0.10,
         n_validation=24,
         n_test=40,
         n_mixed=60,
+        replay=0.25,
     ),
 }
 
@@ -176,10 +181,21 @@ def _train_texts(spec: DomainsSize, seed: int, domain: str) -> list[str]:
     return D.documents(domain, "train", spec.train_docs, seed)
 
 
-def _job_texts(spec: DomainsSize, seed: int, job: Job) -> list[str]:
-    """A job's training documents: its domains' in turn (a two-domain expert gets half of each)."""
+def _own_texts(spec: DomainsSize, seed: int, job: Job) -> list[str]:
+    """A job's own training documents: its domains' in turn (a two-domain expert gets half of
+    each). These are the examples it is registered with."""
     per = [_train_texts(spec, seed, d)[: spec.train_docs // len(job.domains)] for d in job.domains]
     return [t for group in zip(*per) for t in group]
+
+
+def _job_texts(spec: DomainsSize, seed: int, job: Job) -> list[str]:
+    """What a job trains on: its own documents, then its ``replay`` share from the other domains,
+    taken from the end of their training text."""
+    own = _own_texts(spec, seed, job)
+    others = [d for d in D.DOMAINS if d not in job.domains]
+    n = round(len(own) * spec.replay / (1 - spec.replay)) // len(others) if spec.replay else 0
+    rest = [_train_texts(spec, seed, d)[::-1][:n] for d in others]
+    return own + [t for group in zip(*rest) for t in group]
 
 
 def build_domains_zoo(size: str, out_dir: Path, seed: int = 0, progress: bool = True) -> ZooManifest:
@@ -370,7 +386,7 @@ def _train_expert(
 
 def _expert_entry(out_dir: Path, spec: DomainsSize, seed: int, job: Job) -> ExpertEntry:
     rows = {
-        "train": _job_texts(spec, seed, job),
+        "train": _own_texts(spec, seed, job),
         "validation": [t for d in job.domains for t in D.documents(d, "validation", spec.n_validation, seed)],
     }
     paths = {}
@@ -387,6 +403,8 @@ def _expert_entry(out_dir: Path, spec: DomainsSize, seed: int, job: Job) -> Expe
         if job.kind == "model"
         else f"LoRA (r={spec.lora_rank}) on {BASE_NAME} for {' and '.join(job.domains)} text."
     )
+    if spec.replay:
+        what += f" {spec.replay:.0%} of its training documents come from the other domains (replay)."
     return ExpertEntry(
         job.name,
         job.kind,
