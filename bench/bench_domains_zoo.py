@@ -8,14 +8,18 @@ teacher-forced pass per document (``services.leaderboard.domain_losses``):
   ``add_weighted_adapter``): task arithmetic with weights 1/n (the uniform merge), 0.3, 0.5 and 1
   per expert; TIES and DARE-TIES (density 0.5) with weights 0.5 and 1; each as the fraction of
   the oracle's gain over the base it recovers (the per-document oracle on the test split, the
-  per-segment one on the mixed split).
+  per-segment one on the mixed split);
+- tokenwise mixtures of every adapter expert (``composer.molora.mixture``, top-2 per token and
+  module): PHATGOOSE, its gates trained by ``routers.phatgoose.train_gates`` on each expert's
+  registered documents (loss on every token), and Arrow.
 
-    python bench/bench_domains_zoo.py [ZOO_DIR]     # default $MOERGE_HOME/zoo/domains-small
+    python bench/bench_domains_zoo.py [ZOO_DIR] [--gate-steps 100 --gate-batch 32]   # default $MOERGE_HOME/zoo/domains-small
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -27,7 +31,12 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from bench.machine import load, machine  # noqa: E402
 from composer.merge import merge_adapters  # noqa: E402
+from composer.molora import mixture  # noqa: E402
 from registry.config import moerge_home  # noqa: E402
+from routers.arrow import arrow_prototypes  # noqa: E402
+from routers.base import MixtureSpec  # noqa: E402
+from routers.phatgoose import train_gates  # noqa: E402
+from routers.tokenwise import read_lora_factors  # noqa: E402
 from services.leaderboard.domain_losses import ExpertRef, LossScorer, SuiteLosses, gold_experts, read_documents  # noqa: E402
 from services.leaderboard.text_loss import LossTotals  # noqa: E402
 from services.zoo import domains as D  # noqa: E402
@@ -56,6 +65,8 @@ def row(label: str, t: LossTotals, base: LossTotals | None, domains) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("zoo", nargs="?", type=Path, default=None)
+    ap.add_argument("--gate-steps", type=int, default=100, help="PHATGOOSE gate training steps per expert")
+    ap.add_argument("--gate-batch", type=int, default=32)
     args = ap.parse_args()
     hf_logging.disable_progress_bar()
     m = ZooManifest.load(args.zoo or moerge_home() / "zoo" / "domains-small")
@@ -85,6 +96,35 @@ def main() -> None:
         score_all(label, scorer.adapter_forward(f"merge-{len(splits['test'].per_document)}", merged.path))
         print(f"{label}: merged and scored in {time.perf_counter() - t0:.1f} s")
 
+    # -- tokenwise mixtures over every adapter expert, top-2 per token and module --------------
+    from transformers import AutoModelForCausalLM
+
+    mix_base = AutoModelForCausalLM.from_pretrained(str(m.path_of(m.base.path))).eval()
+    paths = {e.name: e.path for e in adapters}
+    t0 = time.perf_counter()
+    phatgoose = {}
+    for e in adapters:
+        texts = [json.loads(x)["prompt"] for x in m.path_of(m.expert(e.name).train_examples).read_text().splitlines()]
+        phatgoose[e.name], _ = train_gates(
+            mix_base,
+            scorer.tokenizer,
+            read_lora_factors(e.path),
+            [("", t) for t in texts],
+            steps=args.gate_steps,
+            batch_size=args.gate_batch,
+            max_length=spec.max_length,
+            loss_on="sequence",
+        )
+    print(f"PHATGOOSE gates ({args.gate_steps} steps, batch {args.gate_batch}): {time.perf_counter() - t0:.0f} s")
+    arrow = {e.name: arrow_prototypes(e.path) for e in adapters}
+    tokenwise = [("PHATGOOSE, top-2", "phatgoose", phatgoose), ("Arrow, top-2", "arrow", arrow)]
+    for label, gate, vectors in tokenwise:
+        t0 = time.perf_counter()
+        spec_ = MixtureSpec(router=gate, experts=list(paths), gate=gate, top_k=2)
+        with mixture(mix_base, paths, spec_, {n: {gate: v} for n, v in vectors.items()}):
+            score_all(label, lambda ids: mix_base(input_ids=ids).logits)
+        print(f"{label}: scored in {time.perf_counter() - t0:.1f} s")
+
     for split, losses in splits.items():
         base = losses.total("base")
         doc_oracle = losses.document_oracle(gold) if split == "test" else None
@@ -98,6 +138,8 @@ def main() -> None:
             print(row("per-document oracle", doc_oracle, base, D.DOMAINS))
         seg = losses.segment_oracle(gold)
         print(row("per-segment oracle", seg, base, D.DOMAINS))
+        for label, _, _ in tokenwise:
+            print(row(label, losses.total(label), base, D.DOMAINS))
         best = min(experts, key=lambda e: losses.total(e.name).per_token())
         print(f"\nbest single expert on {split}: {best.name} ({losses.total(best.name).per_token():.3f})")
         oracle = doc_oracle or seg
