@@ -38,6 +38,7 @@ from routers.tokenwise import read_lora_factors  # noqa: E402
 from services.leaderboard.text_loss import LossTotals, document_loss, model_forward, tokenize_segments  # noqa: E402
 from services.zoo import domains as D  # noqa: E402
 from services.zoo.bpe import train_bpe  # noqa: E402
+from services.zoo.domains_build import lm_rows  # noqa: E402
 from services.zoo.train import LORA_TARGETS, TrainSpec, llama_config, train_loop  # noqa: E402
 
 
@@ -53,16 +54,6 @@ def token_labels(tok, segments: list[D.Segment], domains: tuple[str, ...], max_l
     if ids and ids[0] == tok.bos_token_id:
         out[0] = -1  # BOS belongs to no domain
     return ids, out
-
-
-def lm_rows(tok, texts: list[str], max_len: int) -> list[tuple[list[int], list[int]]]:
-    """Language-model rows as the metric reads text: ``tok(text)`` (BOS first) then EOS, every
-    token a target."""
-    rows = []
-    for ids in tok(texts)["input_ids"]:
-        ids = (ids + [tok.eos_token_id])[:max_len]
-        rows.append((ids, ids))
-    return rows
 
 
 @torch.no_grad()

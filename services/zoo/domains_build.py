@@ -22,6 +22,7 @@ below the base on each of its own domains, and the best model on every domain on
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -91,6 +92,22 @@ class DomainsSize:
     replay: float = 0.0
 
 
+# Experts train at a constant rate until their check passes, then cool down (train_loop)
+_MICRO_EXPERT = TrainSpec(
+    steps=150, lr=3e-3, batch_size=16, warmup=5, check_every=10, min_steps=10, cooldown=10, schedule="constant"
+)
+_SMALL_EXPERT = TrainSpec(
+    steps=400,
+    lr=4e-3,
+    batch_size=16,
+    warmup=10,
+    sort_chunk=8,
+    check_every=25,
+    min_steps=25,
+    cooldown=25,
+    schedule="constant",
+)
+
 SIZES: dict[str, DomainsSize] = {
     # Tests: the whole build in about a minute; the experts only have to learn something of their
     # own domain and more of it than of the others.
@@ -101,12 +118,8 @@ SIZES: dict[str, DomainsSize] = {
         max_length=160,
         train_docs=200,
         pretrain=TrainSpec(steps=80, lr=3e-3, batch_size=16, warmup=10, sort_chunk=8),
-        lora=TrainSpec(
-            steps=150, lr=3e-3, batch_size=16, warmup=5, check_every=10, min_steps=10, cooldown=10, schedule="constant"
-        ),
-        full=TrainSpec(
-            steps=150, lr=1e-3, batch_size=16, warmup=5, check_every=10, min_steps=10, cooldown=10, schedule="constant"
-        ),
+        lora=_MICRO_EXPERT,
+        full=dataclasses.replace(_MICRO_EXPERT, lr=1e-3),
         lora_rank=8,
         lora_alpha=16,
         stop_gain=0.05,
@@ -127,28 +140,8 @@ SIZES: dict[str, DomainsSize] = {
         max_length=256,
         train_docs=2000,
         pretrain=TrainSpec(steps=160, lr=3e-3, batch_size=32, warmup=30, sort_chunk=8),
-        lora=TrainSpec(
-            steps=400,
-            lr=4e-3,
-            batch_size=16,
-            warmup=10,
-            sort_chunk=8,
-            check_every=25,
-            min_steps=25,
-            cooldown=25,
-            schedule="constant",
-        ),
-        full=TrainSpec(
-            steps=400,
-            lr=5e-4,
-            batch_size=16,
-            warmup=10,
-            sort_chunk=8,
-            check_every=25,
-            min_steps=25,
-            cooldown=25,
-            schedule="constant",
-        ),
+        lora=_SMALL_EXPERT,
+        full=dataclasses.replace(_SMALL_EXPERT, lr=5e-4),  # the full fine-tune: every weight moves
         lora_rank=8,
         lora_alpha=16,
         stop_gain=0.12,
