@@ -21,7 +21,6 @@ below the base on each of its own domains, and the best model on every domain on
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import multiprocessing
@@ -34,7 +33,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from peft import get_peft_model
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
@@ -44,7 +42,7 @@ from services.machine import machine_record
 from services.zoo import domains as D
 from services.zoo.bpe import train_bpe
 from services.zoo.build import BaseEntry, ExpertEntry, ZooManifest, _Progress, _threads, _worker_init, _workers
-from services.zoo.train import TrainSpec, llama_config, lora_config, reset_lora, train_loop
+from services.zoo.train import TrainSpec, llama_config, train_full, train_loop, train_lora
 
 BASE_NAME = "zoo-domains-base"
 ZOO_KIND = "domains"
@@ -237,8 +235,7 @@ def build_domains_zoo(size: str, out_dir: Path, seed: int = 0, progress: bool = 
         # -- experts, two processes side by side (as the skills zoo trains them) -------------
         t0, t0_epoch = time.perf_counter(), time.time()
         workers = _workers(len(JOBS))
-        # the longest first, so that the workers finish together: python's documents are the
-        # longest, arithmetic's the shortest (the pilot's per-expert seconds)
+        # the longest first, so that the workers finish together
         run_order = sorted(JOBS, key=lambda j: -_JOB_COST.get(j.name, 1))
         if workers == 1:
             for job in JOBS:
@@ -296,9 +293,17 @@ def build_domains_zoo(size: str, out_dir: Path, seed: int = 0, progress: bool = 
     return manifest
 
 
-# CPU seconds per expert relative to each other (the pilot's: python 302, shell ~140, data 137,
-# prose 107), for ordering only
-_JOB_COST = {"dom-python": 300, "dom-code": 250, "dom-shell": 140, "dom-data": 137, "dom-prose": 107}
+# CPU seconds per expert on the small zoo, for ordering only (2026-12-04: data 77, code 53,
+# arithmetic 50, python 49, prose 31, shell 30, the full fine-tune 27)
+_JOB_COST = {
+    "dom-data": 77,
+    "dom-code": 53,
+    "dom-arithmetic": 50,
+    "dom-python": 49,
+    "dom-prose": 31,
+    "dom-shell": 30,
+    "dom-arithmetic-full": 27,
+}
 
 
 def suite_documents(spec: DomainsSize, seed: int, split: str) -> list[list[list[str]]]:
@@ -331,43 +336,22 @@ def _train_expert(
     before = {d: domain_loss(base, tok, texts, spec.max_length) for d, texts in validation.items()}
     stats["base_validation_loss"] = {d: round(v, 4) for d, v in before.items()}
     job_seed = seed + 1 + JOBS.index(job)
-    torch.manual_seed(job_seed)
-    model: Any
-    train_spec = spec.full if job.kind == "model" else spec.lora
-    fresh_start: Callable[[int], None] | None = None
-    if job.kind == "model":
-        model = base
-        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen: list[float] = []  # the gain at each check
 
-        @torch.no_grad()
-        def restore(k: int) -> None:
-            for n, p in model.named_parameters():
-                p.copy_(start[n])
-
-        fresh_start = restore
-    else:
-        model = get_peft_model(copy.deepcopy(base), lora_config(spec.lora_rank, spec.lora_alpha))
-        peft_model = model
-        fresh_start = lambda k: reset_lora(peft_model, job_seed + 1000 * k)  # noqa: E731
-    gains: list[float] = []
-
-    def good_enough() -> bool:
+    def good_enough(model: torch.nn.Module) -> bool:
         gain = min(1 - domain_loss(model, tok, validation[d], spec.max_length) / before[d] for d in job.domains)
-        gains.append(round(gain, 4))
-        stats["val_gain"] = gains
+        seen.append(round(gain, 4))
+        stats["val_gain"] = seen
         return gain >= spec.stop_gain
 
-    train_loop(
-        model,
-        lm_rows(tok, _job_texts(spec, seed, job), spec.max_length),
-        train_spec,
-        tok.pad_token_id,
-        job_seed,
-        on_step=on_step,
-        good_enough=good_enough,
-        stats=stats,
-        fresh_start=fresh_start,
-    )
+    rows = lm_rows(tok, _job_texts(spec, seed, job), spec.max_length)
+    model: Any  # the full model, or the PeftModel of an adapter
+    if job.kind == "model":
+        model, _ = train_full(base, tok, [], spec.full, job_seed, on_step, good_enough, stats, rows=rows)
+    else:
+        model, _ = train_lora(
+            base, tok, [], spec.lora, spec.lora_rank, spec.lora_alpha, job_seed, on_step, good_enough, stats, rows=rows
+        )
     target = root / "experts" / job.name
     model.save_pretrained(target)
     if job.kind == "model":
@@ -436,9 +420,10 @@ def check_loss_floors(manifest: ZooManifest) -> list[str]:
     failures = []
     floor = manifest.floors["own_gain_min"]
     base = manifest.outcomes[manifest.base.name]
+    below = gains(manifest)
     for e in manifest.experts:
         for d in e.domains:
-            gain = 1 - manifest.outcomes[e.name][d] / base[d]
+            gain = below[e.name][d]
             if gain < floor:
                 failures.append(f"{e.name} is {gain:.1%} below the base on its own domain {d} (min {floor:.0%})")
     for d in base:

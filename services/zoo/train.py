@@ -275,14 +275,16 @@ def train_lora(
     on_step: Callable[[int, float], None] | None = None,
     good_enough: Callable[[torch.nn.Module], bool] | None = None,
     stats: dict | None = None,
+    rows: Sequence[tuple[list[int], list[int]]] | None = None,
 ) -> tuple[PeftModel, list[float]]:
-    """A LoRA on ``base`` (which it wraps in place: pass a fresh copy per expert)."""
+    """A LoRA on ``base`` (which it wraps in place: pass a fresh copy per expert), trained on
+    ``pairs`` (loss on the answers), or on ``rows`` of (ids, labels) already encoded."""
     torch.manual_seed(seed)
     model = get_peft_model(base, lora_config(r, alpha))
     check = (lambda: good_enough(model)) if good_enough else None
     losses = train_loop(
         model,
-        encode_pairs(tok, pairs),
+        encode_pairs(tok, pairs) if rows is None else rows,
         spec,
         tok.pad_token_id,
         seed,
@@ -314,7 +316,9 @@ def train_full(
     on_step: Callable[[int, float], None] | None = None,
     good_enough: Callable[[torch.nn.Module], bool] | None = None,
     stats: dict | None = None,
+    rows: Sequence[tuple[list[int], list[int]]] | None = None,
 ) -> tuple[LlamaForCausalLM, list[float]]:
+    """Every weight of ``base`` (in place), on ``pairs`` or on ``rows``, as ``train_lora``."""
     torch.manual_seed(seed)
     check = (lambda: good_enough(base)) if good_enough else None
     start = {name: p.detach().clone() for name, p in base.named_parameters()}
@@ -325,6 +329,14 @@ def train_full(
             p.copy_(start[name])
 
     losses = train_loop(
-        base, encode_pairs(tok, pairs), spec, tok.pad_token_id, seed, on_step, check, stats, fresh_start
+        base,
+        encode_pairs(tok, pairs) if rows is None else rows,
+        spec,
+        tok.pad_token_id,
+        seed,
+        on_step,
+        check,
+        stats,
+        fresh_start,
     )
     return base, losses
