@@ -135,11 +135,16 @@ class GenerateResult:
 
 @dataclass(frozen=True)
 class ScoreRequest:
-    """Log-likelihood of ``continuation`` following ``prompt`` (multiple-choice metrics)."""
+    """Log-likelihood of ``continuation`` following ``prompt`` (multiple-choice metrics; with an
+    empty prompt, a whole text's held-out loss). The two are tokenized apart: the prompt as
+    ``tokenizer(prompt)`` (special tokens included), the continuation without special tokens. An
+    empty prompt conditions on the BOS token, or on EOS (the document separator) where the model
+    has no BOS."""
 
     prompt: str
     continuation: str
     target: str | None = None
+    offsets: bool = False  # also return each continuation token's (start, end) characters
 
 
 @dataclass
@@ -148,6 +153,8 @@ class ScoreResult:
     num_tokens: int  # continuation tokens scored (for length-normalised metrics)
     is_greedy: bool  # every continuation token was the model's argmax
     token_logprobs: list[float] = field(default_factory=list)
+    # with ``ScoreRequest.offsets``: each continuation token's (start, end) in the continuation
+    offsets: list[tuple[int, int]] = field(default_factory=list)
 
 
 @runtime_checkable

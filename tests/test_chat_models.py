@@ -672,3 +672,21 @@ def test_a_base_answers_by_its_name(gateway: str, qwen: Path) -> None:
 
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=2)
+
+
+def test_a_text_scored_from_an_empty_prompt_reads_eos_where_there_is_no_bos(qwen: Path) -> None:
+    """A Qwen tokenizer has no BOS: a whole text (a text suite's document) is scored after EOS, the
+    separator such models read between documents; each token comes with its characters."""
+    from composer.engine_protocol import ScoreRequest
+
+    tok = AutoTokenizer.from_pretrained(str(qwen))
+    model = AutoModelForCausalLM.from_pretrained(str(qwen)).eval()
+    assert tok.bos_token_id is None
+    text = "The loader reads a file, then returns it."
+    [result] = HFEngine(qwen).score([ScoreRequest("", text, offsets=True)])
+    ids = [tok.eos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+    expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(torch.tensor(result.token_logprobs), expected, atol=1e-5, rtol=1e-5)
+    assert "".join(text[a:b] for a, b in result.offsets) == text and len(result.offsets) == len(ids) - 1

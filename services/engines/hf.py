@@ -61,6 +61,7 @@ from services.engines.prompting import (
     end_token_ids,
     load_tokenizer,
     render,
+    score_tokens,
     ships_tokenizer,
     stop_ids,
 )
@@ -296,16 +297,10 @@ class HFEngine:
     def _score_batch(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch: list[ScoreRequest]
     ) -> list[ScoreResult]:
-        rows, spans = [], []
+        rows, spans, offsets = [], [], []
         for r in batch:
-            context = tokenizer(r.prompt)["input_ids"]
-            if not context and tokenizer.bos_token_id is not None:
-                context = [tokenizer.bos_token_id]
-            continuation = tokenizer(r.continuation, add_special_tokens=False)["input_ids"]
-            if not context:
-                raise EngineError("score: the prompt is empty and the tokenizer has no BOS token to condition on")
-            if not continuation:
-                raise EngineError(f"score: the continuation {r.continuation!r} has no tokens")
+            context, continuation, where = score_tokens(tokenizer, r)
+            offsets.append(where)
             rows.append(context + continuation)
             spans.append((len(context), len(continuation)))
         # Right padding: positions then start at 0 in every row, and causal attention keeps the
@@ -326,6 +321,7 @@ class HFEngine:
                     num_tokens=n_cont,
                     is_greedy=bool(greedy[row, span].all()),
                     token_logprobs=token_logprobs,
+                    offsets=offsets[row],
                 )
             )
         return results

@@ -29,6 +29,7 @@ from composer.engine_protocol import (
     GenerateRequest,
     PromptRule,
     RequestError,
+    ScoreRequest,
 )
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -148,3 +149,21 @@ def _ids(value: Any) -> Iterable[int]:
     if isinstance(value, int):
         return (value,)
     return tuple(int(v) for v in value)
+
+
+def score_tokens(tokenizer: Any, request: ScoreRequest) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """A score request's context and continuation ids, tokenized apart (``ScoreRequest``'s rule),
+    and the continuation tokens' character offsets when the request asks for them. An empty
+    context is the BOS token, else EOS: what a model without BOS reads between documents."""
+    context = list(tokenizer(request.prompt)["input_ids"])
+    if not context:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise EngineError("score: the prompt is empty and the tokenizer has neither a BOS nor an EOS token")
+        context = [start]
+    enc = tokenizer(request.continuation, add_special_tokens=False, return_offsets_mapping=request.offsets)
+    continuation = list(enc["input_ids"])
+    if not continuation:
+        raise EngineError(f"score: the continuation {request.continuation!r} has no tokens")
+    offsets = [(int(a), int(b)) for a, b in enc["offset_mapping"]] if request.offsets else []
+    return context, continuation, offsets

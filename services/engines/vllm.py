@@ -36,7 +36,7 @@ from services.engines.base import (
     ScoreResult,
 )
 from services.engines.compat import refusal
-from services.engines.prompting import adapter_tokenizer, check_context, check_logit_bias, render
+from services.engines.prompting import adapter_tokenizer, check_context, check_logit_bias, render, score_tokens
 
 if TYPE_CHECKING:
     from vllm import LLM, RequestOutput, SamplingParams
@@ -205,9 +205,9 @@ class VLLMEngine:
         loras = [self._lora_for(r.target) for r in requests]
         rows, spans = [], []
         for r in requests:
-            context, continuation = self._score_tokens(r)
+            context, continuation, where = self._score_tokens(r)
             rows.append(TokensPrompt(prompt_token_ids=context + continuation))
-            spans.append((len(context), continuation))
+            spans.append((len(context), continuation, where))
         # prompt_logprobs=0: only the prompt token's own log-prob (and its rank) at each position;
         # one generated token is the least vLLM accepts
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
@@ -221,7 +221,7 @@ class VLLMEngine:
         else:
             outputs = self._llm.generate(rows, params, use_tqdm=False)
         results = []
-        for output, (n_context, continuation) in zip(outputs, spans):
+        for output, (n_context, continuation, where) in zip(outputs, spans):
             assert output.prompt_logprobs is not None  # asked for: prompt_logprobs=0
             positions = output.prompt_logprobs[n_context : n_context + len(continuation)]
             # only the prompt's first token has no log-probs, and a continuation never starts there
@@ -233,22 +233,14 @@ class VLLMEngine:
                     num_tokens=len(continuation),
                     is_greedy=all(p.rank == 1 for p in picked),
                     token_logprobs=token_logprobs,
+                    offsets=where,
                 )
             )
         return results
 
-    def _score_tokens(self, request: ScoreRequest) -> tuple[list[int], list[int]]:
-        """Context and continuation ids, tokenized apart exactly as the hf engine does."""
-        tokenizer = self._adapter_tokenizers.get(request.target or "", self._tokenizer)
-        context = tokenizer.encode(request.prompt)
-        if not context and tokenizer.bos_token_id is not None:
-            context = [tokenizer.bos_token_id]
-        continuation = tokenizer.encode(request.continuation, add_special_tokens=False)
-        if not context:
-            raise EngineError("score: the prompt is empty and the tokenizer has no BOS token to condition on")
-        if not continuation:
-            raise EngineError(f"score: the continuation {request.continuation!r} has no tokens")
-        return context, continuation
+    def _score_tokens(self, request: ScoreRequest) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+        """Context and continuation ids (and offsets), tokenized apart exactly as the hf engine does."""
+        return score_tokens(self._adapter_tokenizers.get(request.target or "", self._tokenizer), request)
 
     # ------------------------------------------------------------------ targets
 
