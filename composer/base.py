@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from composer.engine_protocol import Engine, GenerateRequest, GenerateResult
+from composer.engine_protocol import Engine, GenerateRequest, GenerateResult, ScoreRequest, ScoreResult
 from registry.errors import MoergeError
 from routers.base import Decision, Level
 
@@ -34,6 +34,16 @@ class ComposeError(MoergeError):
 
 
 # ---------------------------------------------------------------------------------- records
+
+
+@dataclass
+class Scored:
+    """A text scored through a composer: the engine's result, the experts that made it (with
+    their weights) and the engine target that ran (an expert, a merged adapter, the mixture)."""
+
+    result: ScoreResult
+    experts: list[tuple[str, float]]
+    target: str
 
 
 @dataclass
@@ -248,6 +258,9 @@ class BaseComposer:
       answer time (the single expert, the ensembles): a server may answer it beside the router.
     - ``one_base``: it computes in one base model's weights (a merge, a mixture), so its experts
       are adapters of one base; the others may mix bases, full models and external experts.
+    - ``scores_text``: ``score_batch`` gives the log-likelihood of a given text under what the
+      decision composes (one expert, a merge, a mixture): a text suite's held-out loss. Composers
+      of generated answers (votes, stitching) have none.
     """
 
     name = "composer"
@@ -257,6 +270,7 @@ class BaseComposer:
     runs_on = "pool"
     engine_only = False
     one_base = False
+    scores_text = False
 
     @staticmethod
     def usable(adapters: Mapping[str, Path | None]) -> tuple[Mapping[str, Path | None], dict[str, str]]:
@@ -277,6 +291,10 @@ class BaseComposer:
     ) -> list[Completion]:
         """Many decisions at once; composers that can batch engine calls override it."""
         return [self.execute(d, r, engine) for d, r in zip(decisions, requests)]
+
+    def score_batch(self, decisions: Sequence[Any], requests: Sequence[ScoreRequest], engine: Engine) -> list[Scored]:
+        """Each request's continuation scored by what its decision composes (``scores_text``)."""
+        raise ComposeError(f"composer {self.name!r} composes generated answers; it cannot score a given text")
 
 
 # ---------------------------------------------------------------------------------- helpers

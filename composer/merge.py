@@ -39,7 +39,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +51,22 @@ from composer.base import (
     Completion,
     ComposeError,
     Provenance,
+    Scored,
     StrategyRuntime,
+    base_target,
     output_of,
     top_experts,
     with_target,
 )
-from composer.engine_protocol import Engine, GenerateRequest
+from composer.engine_protocol import Engine, GenerateRequest, ScoreRequest
 from routers.base import Decision
 from routers.params import Param
 
 METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "linear_factors")
+# methods whose combination is already a mean (over the experts that agree with each entry's
+# sign): a strategy's equal or router weights are scaled to average 1 for them, as TIES and
+# DARE-TIES merge at λ = 1, rather than to sum to 1, which would divide that mean by n again
+AGREEING_MEAN = ("ties", "dare_ties")
 COMBINATIONS = ("svd", "cat")
 SIDECAR = "moerge_merge.json"
 DEFAULT_DENSITY = 0.5  # for ties / dare_* when none is given
@@ -377,12 +383,20 @@ class Merged(BaseComposer):
     kinds = ("adapter",)
     runs_on = "local"  # it loads the adapter it merged: the engine must read this process's files
     one_base = True
+    scores_text = True
     usable = staticmethod(mergeable)  # the adapters a ΔW merge can take
     PARAMS = (
         Param("method", "str", "task_arithmetic", "how the adapters merge", choices=METHODS),
+        Param("k", "int", None, "merge the decision's first k experts (default: every one it names)", minimum=1),
         Param("density", "float", None, "share of each delta kept (TIES, DARE)", minimum=0, maximum=1),
         Param("scale", "float", 1.0, "task arithmetic's λ", minimum=0),
-        Param("weighting", "str", "uniform", "equal weights, or the router's", choices=("uniform", "router")),
+        Param(
+            "weighting",
+            "str",
+            "uniform",
+            "equal weights, or the router's; they sum to 1 (TIES, DARE-TIES: average 1)",
+            choices=("uniform", "router"),
+        ),
         Param("seed", "int", 0, "DARE's drop seed"),
     )
 
@@ -438,14 +452,65 @@ class Merged(BaseComposer):
         )
 
     def execute(self, decision: Decision, request: GenerateRequest, engine: Engine) -> Completion:
+        target, weights, merged = self._merged_target(decision, engine)
+        [result] = engine.generate([with_target(request, target)])
+        info = (
+            {
+                "merged_adapter": str(merged.path),
+                "merge_key": merged.key,
+                "cache_hit": merged.cached,
+                "merge": merged.spec,
+            }
+            if merged is not None
+            else {"fallback": "the router chose no expert; the base answered"}
+        )
+        return Completion(
+            text=result.text,
+            finish_reason=result.finish_reason,
+            provenance=Provenance(
+                composer=self.name,
+                router=decision.router,
+                experts=list(weights.items()),
+                outputs=[output_of(target, result, weight=1.0)],
+                decision_info=decision.info,
+                info=info,
+            ),
+        )
+
+    def score_batch(
+        self, decisions: Sequence[Decision], requests: Sequence[ScoreRequest], engine: Engine
+    ) -> list[Scored]:
+        """Each text scored by its decision's merged adapter: one merge and one engine call per
+        distinct set of experts and weights (merged right before its call, so that no more than
+        ``max_loaded`` merges need be loaded at once)."""
+        out: list[Scored | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, d in enumerate(decisions):
+            experts = top_experts(d, self.k)
+            groups.setdefault(
+                tuple(n for n, _ in experts) if self.weighting == "uniform" else tuple(experts), []
+            ).append(i)
+        for rows in groups.values():
+            target, weights, _ = self._merged_target(decisions[rows[0]], engine)
+            results = engine.score([replace(requests[i], target=target) for i in rows])
+            for i, result in zip(rows, results):
+                out[i] = Scored(result, list(weights.items()), target)
+        return out  # type: ignore[return-value]  # every row was filled
+
+    def _merged_target(self, decision: Decision, engine: Engine) -> tuple[str, dict[str, float], MergedAdapter | None]:
+        """The decision's experts merged (from the cache after the first time) and loaded on
+        ``engine``: (its target name, the weights merged, the merged adapter). A decision naming
+        no expert is the base's, as for a single expert."""
         experts = top_experts(decision, self.k)
         if not experts:
-            raise ComposeError(f"{self.name}: the router ({decision.router}) chose no expert")
+            return base_target(engine), {}, None
         unknown = [n for n, _ in experts if n not in self.adapter_paths]
         if unknown:
             raise ComposeError(f"{self.name}: {unknown} are not LoRA adapters on this base; cannot merge them")
         if self.weighting == "uniform":
             experts = [(n, 1.0 / len(experts)) for n, _ in experts]
+        if self.method in AGREEING_MEAN:  # weights that average to 1: the mean is TIES' own
+            experts = [(n, w * len(experts)) for n, w in experts]
         weights = {n: self.scale * w for n, w in experts}
         merged = merge_adapters(
             self.base_path,
@@ -469,21 +534,4 @@ class Merged(BaseComposer):
                 old = self._loaded.pop(0)
                 if old in engine.targets():
                     engine.unload_adapter(old)
-        [result] = engine.generate([with_target(request, target)])
-        return Completion(
-            text=result.text,
-            finish_reason=result.finish_reason,
-            provenance=Provenance(
-                composer=self.name,
-                router=decision.router,
-                experts=list(weights.items()),
-                outputs=[output_of(target, result, weight=1.0)],
-                decision_info=decision.info,
-                info={
-                    "merged_adapter": str(merged.path),
-                    "merge_key": merged.key,
-                    "cache_hit": merged.cached,
-                    "merge": merged.spec,
-                },
-            ),
-        )
+        return target, weights, merged

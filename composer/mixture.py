@@ -10,11 +10,21 @@ every token, as the experts' weights.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from composer.base import BaseComposer, Completion, ComposeError, Provenance, StrategyRuntime, output_of, with_target
-from composer.engine_protocol import Engine, GenerateRequest
+from composer.base import (
+    BaseComposer,
+    Completion,
+    ComposeError,
+    Provenance,
+    Scored,
+    StrategyRuntime,
+    output_of,
+    with_target,
+)
+from composer.engine_protocol import Engine, GenerateRequest, ScoreRequest
 from composer.molora import MoLoRA
 from routers.base import MixtureSpec
 
@@ -28,6 +38,7 @@ class TokenwiseMixture(BaseComposer):
     kinds = ("adapter",)
     runs_on = "mixture"
     one_base = True
+    scores_text = True
     PARAMS = ()
 
     def __init__(
@@ -106,4 +117,28 @@ class TokenwiseMixture(BaseComposer):
                         ),
                     )
                 )
+        return out
+
+    def score_batch(
+        self, decisions: Sequence[MixtureSpec], requests: Sequence[ScoreRequest], engine: Engine
+    ) -> list[Scored]:
+        """Each text scored by the mixed model in one teacher-forced pass (the MoLoRA forward),
+        chunked as ``execute_batch`` chunks; the experts' weights are their mean gate
+        probabilities over the chunk."""
+        if len(decisions) != len(requests):
+            raise ComposeError("mixture: one MixtureSpec per request is needed")
+        if self.router is not None:
+            for spec in decisions:
+                self.install(spec)
+        out: list[Scored] = []
+        for i in range(0, len(requests), self.max_batch_size):
+            specs = list(decisions[i : i + self.max_batch_size])
+            chunk = [replace(r, target=None) for r in requests[i : i + self.max_batch_size]]
+            with self.mix.routing(specs) as stats:
+                results = engine.score(chunk)
+            usage = stats.per_expert() if stats is not None else {}
+            total = sum(usage.values()) or 1.0
+            for spec, result in zip(specs, results):
+                weights = sorted(((e, usage.get(e, 0.0) / total) for e in spec.experts), key=lambda ew: -ew[1])
+                out.append(Scored(result, weights, f"mixture/{spec.gate}"))
         return out

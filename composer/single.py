@@ -7,18 +7,20 @@ provenance says so; ``fallback`` names another target to use instead.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from composer.base import (
     BaseComposer,
     Completion,
     Provenance,
+    Scored,
     StrategyRuntime,
     base_target,
     output_of,
     require_targets,
     with_target,
 )
-from composer.engine_protocol import Engine, GenerateRequest, GenerateResult
+from composer.engine_protocol import Engine, GenerateRequest, GenerateResult, ScoreRequest
 from routers.base import Decision
 from routers.params import Param
 
@@ -27,6 +29,7 @@ class Single(BaseComposer):
     name = "single"
     level = "query"
     engine_only = True
+    scores_text = True
     PARAMS = (Param("fallback", "str", None, "the expert that answers a decision naming none (default: the base)"),)
 
     def __init__(self, fallback: str | None = None) -> None:
@@ -45,7 +48,25 @@ class Single(BaseComposer):
     ) -> list[Completion]:
         """Many requests in one engine call (the engine groups them by target): the same answers
         as ``execute`` one by one, with each model loaded once."""
-        plans: list[tuple[str, float, dict]] = []  # (target, weight, info) per request
+        plans = self._plans(decisions, engine)
+        results = engine.generate([with_target(r, t) for r, (t, _, _) in zip(requests, plans)])
+        return [
+            answered(decision, expert, weight, result, info)
+            for decision, result, (expert, weight, info) in zip(decisions, results, plans)
+        ]
+
+    def score_batch(
+        self, decisions: Sequence[Decision], requests: Sequence[ScoreRequest], engine: Engine
+    ) -> list[Scored]:
+        """Each text scored by its decision's top expert (the fallback where it names none), in
+        one engine call."""
+        plans = self._plans(decisions, engine)
+        results = engine.score([replace(r, target=t) for r, (t, _, _) in zip(requests, plans)])
+        return [Scored(result, [(t, 1.0)], t) for result, (t, _, _) in zip(results, plans)]
+
+    def _plans(self, decisions: Sequence[Decision], engine: Engine) -> list[tuple[str, float, dict]]:
+        """(target, weight, info) per decision: its top expert, else the fallback."""
+        plans: list[tuple[str, float, dict]] = []
         for decision in decisions:
             if decision.top is not None:
                 plans.append((decision.top, float(decision.experts[0][1]), {}))
@@ -53,11 +74,7 @@ class Single(BaseComposer):
                 target = self.fallback or base_target(engine)
                 plans.append((target, 1.0, {"fallback": f"the router chose no expert; {target!r} answered"}))
         require_targets(engine, sorted({t for t, _, _ in plans}), "single")
-        results = engine.generate([with_target(r, t) for r, (t, _, _) in zip(requests, plans)])
-        return [
-            answered(decision, expert, weight, result, info)
-            for decision, result, (expert, weight, info) in zip(decisions, results, plans)
-        ]
+        return plans
 
 
 def answered(

@@ -348,6 +348,18 @@ def test_merged_composer_serves_and_reuses_the_merge(tiny, tmp_path, engine):
     json.dumps(second.to_dict())
 
 
+@pytest.mark.parametrize(("method", "each"), [("task_arithmetic", 0.5), ("ties", 1.0), ("dare_ties", 1.0)])
+def test_equal_weights_sum_to_one_or_average_one_where_the_merge_averages(tiny, tmp_path, engine, method, each):
+    """A strategy's equal weights: 1/n for a sum (the uniform task-arithmetic merge), 1 each for
+    TIES and DARE-TIES, whose merge is itself a mean over the experts agreeing on each entry's
+    sign (their papers' λ = 1); weights of 1/n there would divide that mean by n once more."""
+    base, adapters, _ = tiny
+    composer = Merged(base, adapters, tmp_path, method, k=2, weighting="uniform", density=0.5)
+    done = composer.execute(decision(("e3", 0.6), ("e1", 0.4)), GenerateRequest("abc", max_new_tokens=2), engine)
+    assert done.experts == [("e3", each), ("e1", each)]
+    assert json.loads((Path(done.provenance.info["merged_adapter"]) / SIDECAR).read_text())["weights"] == [each, each]
+
+
 # ------------------------------------------------------------------------------ LoraHub
 
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from composer import composer_class
-from composer.base import BaseComposer, Completion, ComposeError
-from composer.engine_protocol import Engine, GenerateRequest
+from composer.base import BaseComposer, Completion, ComposeError, Scored
+from composer.engine_protocol import Engine, GenerateRequest, ScoreRequest
 from registry.config import moerge_home
 from registry.errors import NotFoundError
 from routers import router_class
@@ -377,6 +377,30 @@ class MoE:
         self.router_for(strategy)
         self.composer(strategy)
         return [self.route(strategy, p, t) for p, t in zip(prompts, tasks)]
+
+    def scores_text(self, strategy: Strategy) -> bool:
+        """Whether the strategy's composer scores a given text (``BaseComposer.scores_text``)."""
+        return self._composer_class(strategy).scores_text
+
+    def score(
+        self,
+        strategy: Strategy | str,
+        requests: Sequence[ScoreRequest],
+        route_texts: Sequence[str],
+        tasks: Sequence[str | None] | None = None,
+    ) -> list[tuple[Scored, Routed]]:
+        """Each request's continuation scored by what the strategy composes for it, routed on its
+        ``route_texts`` entry (what a router reads of a document: its opening, say) and its gold
+        task (the oracle's)."""
+        strategy = self.strategy(strategy)
+        if not self.scores_text(strategy):
+            raise ComposeError(
+                f"{strategy.name}: its composer ({strategy.composer}) composes generated answers and cannot score a text"
+            )
+        routed = self.route_many(strategy, route_texts, tasks)
+        composer = self.composer(strategy)
+        scored = composer.score_batch([r.decision for r in routed], list(requests), self.engine_for(composer))
+        return list(zip(scored, routed))
 
     def answers_without_routers(self, strategy: Strategy) -> bool:
         """Whether ``answer`` for this strategy only calls the engine (``pool.engine``), never a
