@@ -128,6 +128,9 @@ class ClassifierRouter(EmbeddingRouter):
     name = "classifier"
     needs = frozenset({"embedder", "head"})  # head: trained over every expert (retrain / load_head)
     PARAMS = (
+        Param(
+            "k", "int", 1, "experts in the decision: the k most probable (k > 1: weighted by probability)", minimum=1
+        ),
         Param("fallback", "str", None, "the expert that answers when no expert fits the query"),
         Param("train_layers", "int", 1, "top MiniLM layers fine-tuned with the head", minimum=0, fit=True),
         Param("epochs", "int", 2, "training epochs over the experts' examples", minimum=1, fit=True),
@@ -149,8 +152,10 @@ class ClassifierRouter(EmbeddingRouter):
         max_examples: int = 200,
         other_examples: Sequence[str] | None = None,
         seed: int = 0,
+        k: int = 1,
     ) -> None:
         super().__init__()
+        self.k = k
         self.embedder = embedder
         self.fallback_expert = fallback
         self.train_layers = train_layers
@@ -401,4 +406,9 @@ class ClassifierRouter(EmbeddingRouter):
         info = {"label": label, "probs": {k: round(v, 4) for k, v in probs.items()}}
         if label == OTHER or label not in self.experts:
             return self.fallback(self.fallback_expert, reason="classified as other", **info)
-        return self.decision([(label, 1.0)], domain=self.artifacts[label].metadata.get("domain"), **info)
+        if self.k == 1:
+            return self.decision([(label, 1.0)], domain=self.artifacts[label].metadata.get("domain"), **info)
+        ranked = sorted((n for n in probs if n in self.experts), key=lambda n: -probs[n])[: self.k]
+        return self.decision(
+            [(n, probs[n]) for n in ranked], domain=self.artifacts[label].metadata.get("domain"), **info
+        )

@@ -483,3 +483,17 @@ def test_classifier_other_goes_to_fallback(embedder):
         frozen.add_expert(make_expert(t))
     for t in BASE3:
         assert frozen.route(RouteRequest(test_prompts(t, 1)[0])).top == EXPERT_OF[t]
+
+
+def test_classifier_top_k_names_the_k_most_probable_experts(embedder):
+    """k > 1 (a merge of the router's best experts): the k most probable, weighted by probability,
+    the top one first; k = 1 keeps the single expert at weight 1."""
+    router = build("classifier", embedder, train_layers=0, k=2)
+    for t in BASE3:
+        router.add_expert(make_expert(t))
+    prompt = test_prompts(BASE3[0], 1)[0]
+    d = router.route(RouteRequest(prompt))
+    probs = d.info["probs"]
+    ranked = sorted((n for n in probs if n in router.experts), key=lambda n: -probs[n])
+    assert [n for n, _ in d.experts] == ranked[:2] and d.top == EXPERT_OF[BASE3[0]]
+    assert [w for _, w in d.experts] == pytest.approx([probs[n] for n in ranked[:2]], abs=1e-3)  # info rounds
