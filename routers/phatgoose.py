@@ -47,15 +47,20 @@ def _batches(items: list, batch_size: int, seed: int) -> Iterator[list]:
             yield [items[j] for j in order[i : i + batch_size]]
 
 
-def encode_pairs(tokenizer, pairs: list[tuple[str, str]], device, max_length: int | None, loss_on: str = "answer"):
+LOSS_ON = ("auto", "answer", "sequence")
+
+
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], device, max_length: int | None, loss_on: str = "auto"):
     """(input_ids, attention_mask, labels, answer_mask) for ``prompt + answer`` rows, right-padded
     (padding at the end leaves every real token's position and context as in an unpadded run).
 
     ``loss_on="answer"``: labels only on the answer (reference + EOS), the prompt masked to -100 —
     the target tokens the expert was trained to produce (the official code's decoder targets).
-    ``loss_on="sequence"``: labels on every token."""
-    if loss_on not in ("answer", "sequence"):
-        raise DefinitionError(f"loss_on must be 'answer' or 'sequence', not {loss_on!r}")
+    ``loss_on="sequence"``: labels on every token. ``loss_on="auto"``: the answer, except in rows
+    whose answer is EOS alone (an expert trained on plain text: a document with no reference),
+    which are labelled on every token, as the expert learnt them."""
+    if loss_on not in LOSS_ON:
+        raise DefinitionError(f"loss_on must be one of {', '.join(LOSS_ON)}, not {loss_on!r}")
     full = tokenizer([p + a for p, a in pairs])["input_ids"]
     prompt = tokenizer([p for p, _ in pairs])["input_ids"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -72,7 +77,8 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], device, max_length: in
         t = torch.tensor(ids)
         input_ids[i, : len(ids)] = t
         mask[i, : len(ids)] = 1
-        first = k if loss_on == "answer" else 0
+        text_row = loss_on == "auto" and len(ids) - k <= 1  # nothing after the prompt but EOS
+        first = k if loss_on == "answer" or (loss_on == "auto" and not text_row) else 0
         labels[i, first : len(ids)] = t[first:]
         answer[i, k : len(ids)] = True
     return input_ids.to(device), mask.to(device), labels.to(device), answer.to(device)
@@ -111,7 +117,7 @@ def train_gates(
     warmup: float = 0.06,
     max_length: int | None = 512,
     seed: int = 0,
-    loss_on: str = "answer",
+    loss_on: str = "auto",
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train PHATGOOSE gate vectors for one expert on its (prompt, answer) pairs; ``model`` is the
     frozen base (it is hooked during training and left exactly as it was). Returns the vectors
@@ -233,7 +239,7 @@ class PhatgooseRouter(TokenwiseRouter):
         max_length: int | None = 512,
         max_examples: int | None = None,
         seed: int = 0,
-        loss_on: str = "answer",
+        loss_on: str = "auto",
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):

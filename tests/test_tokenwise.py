@@ -273,7 +273,8 @@ def test_average_activation_is_mean_module_input(zoo, with_expert):
 
 
 def test_phatgoose_gate_loss_is_on_the_answer_only(zoo):
-    """The gates train on the expert's target tokens: prompt tokens carry no label."""
+    """The gates train on the expert's target tokens: prompt tokens carry no label (a plain text
+    has no prompt: all of it is the target)."""
     from routers.phatgoose import encode_pairs
 
     _, tok = load_base(str(zoo[0]))
@@ -287,6 +288,13 @@ def test_phatgoose_gate_loss_is_on_the_answer_only(zoo):
         assert answer[i].sum() == n - n_prompt
     _, _, all_labels, _ = encode_pairs(tok, pairs, "cpu", 512, "sequence")
     assert torch.equal(all_labels[mask == 1], ids[mask == 1])
+    # the router's default, auto: an answer where there is one, every token of a plain text (an
+    # example with an empty reference, as a domain expert's documents are)
+    text = ("def f(x):\n    return x\n", tok.eos_token)
+    ids, mask, auto_labels, _ = encode_pairs(tok, [pairs[0], text], "cpu", 512, "auto")
+    n_prompt, n = len(tok(pairs[0][0])["input_ids"]), len(tok(pairs[0][0] + pairs[0][1])["input_ids"])
+    assert (auto_labels[0, :n_prompt] == -100).all() and torch.equal(auto_labels[0, n_prompt:n], ids[0, n_prompt:n])
+    assert torch.equal(auto_labels[1][mask[1] == 1], ids[1][mask[1] == 1])
 
 
 def test_arrow_prototype_is_top_right_singular_vector(zoo):
