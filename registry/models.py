@@ -229,8 +229,9 @@ class StrategyRecord(Base):
 
 # --- leaderboard: user suites and stored runs (migration 0002) ------------------------------------
 
-SUITE_METRICS: tuple[str, ...] = ("exact_match", "contains", "multiple_choice")
-LEADERBOARD_ENTRY_KINDS: tuple[str, ...] = ("expert", "strategy")
+SUITE_METRICS: tuple[str, ...] = ("exact_match", "contains", "multiple_choice", "loss")
+# bound: a row computed from the experts' rows, not run (the per-segment oracle of a text suite)
+LEADERBOARD_ENTRY_KINDS: tuple[str, ...] = ("expert", "strategy", "bound")
 
 
 class Suite(Base):
@@ -273,6 +274,7 @@ class SuiteExample(Base):
     split: Mapped[str] = mapped_column(String(32))
     metric: Mapped[str] = mapped_column(String(32), default="exact_match")  # SUITE_METRICS
     choices: Mapped[list[str] | None] = mapped_column(JSON)  # multiple_choice only
+    segments: Mapped[list[list[str]] | None] = mapped_column(JSON)  # loss only: [[label, text], ...]
 
     suite: Mapped[Suite] = relationship(back_populates="examples")
 
@@ -333,6 +335,8 @@ class LeaderboardResult(Base):
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
     per_task: Mapped[dict] = mapped_column(JSON, default=dict)  # task -> [correct, n]
     confusion: Mapped[dict] = mapped_column(JSON, default=dict)  # gold task -> chosen expert -> count
+    # text suites (metric loss): {"documents": n, "labels": {label: [nats, tokens]}}; None: none
+    loss: Mapped[dict | None] = mapped_column(JSON)
 
     run: Mapped[LeaderboardRun] = relationship(back_populates="results")
 

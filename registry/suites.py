@@ -58,6 +58,7 @@ class Suites:
                     split=r["split"],
                     metric=r.get("metric", "exact_match"),
                     choices=r.get("choices"),
+                    segments=r.get("segments"),
                 )
                 for r in rows
             )

@@ -200,3 +200,44 @@ def test_cli_reports_line_numbers_and_imports_nothing(tmp_path: Path) -> None:
     )
     mine = {s["name"]: s for s in json.loads(listed.stdout)}["mine"]
     assert mine["examples"] == 3 and mine["splits"] == ["test", "hard"]
+
+
+TEXTS = [
+    {"segments": [["prose", "An intro. "], ["python", "def f():\n    return 1\n"]], "split": "mixed", "metric": "loss"},
+    {"prompt": "SELECT 1;", "task": "sql", "split": "test", "metric": "loss"},
+    {"prompt": "plain text", "split": "test", "metric": "loss"},
+]
+
+
+def test_text_rows_keep_their_segments_and_need_no_reference(registry: Registry, tmp_path: Path) -> None:
+    import_suite(registry, "texts", write_jsonl(tmp_path / "t.jsonl", TEXTS))
+    queries = load_queries(registry, "texts")
+    [mixed] = queries["mixed"]
+    assert mixed.metric == "loss" and mixed.reference == ""
+    assert mixed.segments == (("prose", "An intro. "), ("python", "def f():\n    return 1\n"))
+    assert mixed.prompt == "An intro. def f():\n    return 1\n" and mixed.task == "prose"  # the first label
+    sql, plain = queries["test"]
+    assert sql.segments == (("sql", "SELECT 1;"),) and sql.task == "sql"
+    assert plain.segments == (("text", "plain text"),) and plain.task == "text"
+
+
+def test_bad_text_rows_are_reported_and_nothing_is_imported(registry: Registry, tmp_path: Path) -> None:
+    lines = [
+        TEXTS[0],  # 1 fine
+        {"split": "test", "metric": "loss"},  # 2 no text
+        {**TEXTS[1], "segments": [["a", "b"]]},  # 3 both prompt and segments
+        {"segments": [["a"]], "split": "test", "metric": "loss"},  # 4 not pairs
+        {"segments": [["", "text"]], "split": "test", "metric": "loss"},  # 5 empty label
+        {"segments": [["a", ""]], "split": "test", "metric": "loss"},  # 6 empty text
+        {**GOOD[0], "segments": [["a", "b"]]},  # 7 segments on a question
+        {"segments": [], "split": "test", "metric": "loss"},  # 8 no segments
+    ]
+    with pytest.raises(SuiteImportError) as info:
+        import_suite(registry, "broken", write_jsonl(tmp_path / "bad.jsonl", lines))
+    bad = dict(info.value.errors)
+    assert sorted(bad) == [2, 3, 4, 5, 6, 7, 8]
+    assert "'prompt' or 'segments'" in bad[2] and "not both" in bad[3]
+    assert "[label, text]" in bad[4] and "[label, text]" in bad[8]
+    assert "label of 1-128" in bad[5] and "text is empty" in bad[6]
+    assert "only for metric loss" in bad[7]
+    assert registry.list_suites() == []

@@ -82,10 +82,10 @@ def test_keys_create_and_list(home: Path) -> None:
 
 
 def test_db_upgrade_downgrade(home: Path) -> None:
-    assert "revision 0005" in run("db", "upgrade")
+    assert "revision 0006" in run("db", "upgrade")
     assert "revision 0001" in run("db", "downgrade", "0001")
     assert "base (empty)" in run("db", "downgrade", "base")
-    assert "revision 0005" in run("db", "upgrade", "--revision", "head")
+    assert "revision 0006" in run("db", "upgrade", "--revision", "head")
 
 
 def test_error_prints_one_red_line_and_exits_1(

@@ -38,7 +38,7 @@ def test_migrations_up_down_up(db_url: str) -> None:
     assert tables(db_url) == set()
     db.upgrade(db_url)
     assert tables(db_url) == TABLES
-    assert db.current_revision(db_url) == db.head_revision() == "0005"
+    assert db.current_revision(db_url) == db.head_revision() == "0006"
     db.downgrade(db_url, "base")
     assert tables(db_url) == set()
     assert db.current_revision(db_url) is None
@@ -89,7 +89,7 @@ def test_leaderboard_migration_goes_down_to_0001_and_up_again(db_url: str, tmp_p
     finally:
         engine.dispose()
     db.upgrade(db_url)
-    assert tables(db_url) == TABLES and db.current_revision(db_url) == "0005"
+    assert tables(db_url) == TABLES and db.current_revision(db_url) == "0006"
     with Registry(db_url, artifact_root=tmp_path / "store") as reg:
         reg.add_suite("s", [{"line": 1, "prompt": "p", "reference": "r", "split": "test"}])
         reg.add_leaderboard_run(

@@ -118,7 +118,7 @@ def run(
         TimeElapsedColumn,
     )
 
-    from services.leaderboard.runner import LeaderboardRunner
+    from services.leaderboard.runner import LeaderboardRunner, is_text_suite
     from services.leaderboard.store import save_run
     from services.leaderboard.suites import load_queries
 
@@ -127,13 +127,14 @@ def run(
         runner = LeaderboardRunner(
             registry, base=base, seed=seed, default_cost=default_cost, device=device, dtype=dtype
         )
-        entries = runner.resolve(_names(strategies), _names(experts))
+        queries = load_queries(registry, suite, _names(splits), n_per_task, seed)
+        entries = runner.resolve(_names(strategies), _names(experts), texts_only=is_text_suite(queries))
         skipped = _names(skip) or []
         skip_experts = [n.removeprefix("expert:") for n in skipped if n.removeprefix("expert:") in runner.pool.experts]
         skip_strategies = [n for n in skipped if n.removeprefix("expert:") not in runner.pool.experts]
         left_out = set(runner.resolve(skip_strategies, skip_experts))  # also checks that the names exist
         entries = [e for e in entries if e not in left_out]
-        n_queries = sum(len(q) for q in load_queries(registry, suite, _names(splits), n_per_task, seed).values())
+        n_queries = sum(len(q) for q in queries.values())
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
         task = bar.add_task("fitting / loading routers", total=len(entries) * n_queries)
@@ -240,13 +241,23 @@ def _print_board(run_id: int | None, suite: str | None, as_json: bool) -> None:
         name += f" [red]({row['all']['skipped']} skipped)[/red]" if row["all"]["skipped"] else ""
         table.add_row(name, *cells, style="dim" if row["kind"] == "expert" else None)
     zero = board.zero_router.get("aiq")
-    table.caption = (
-        "* best per column (moe/oracle left out). Dim rows: experts alone. acc = exact match per split; gap = "
-        "oracle - acc (all); route = routing accuracy; exp/tok/cost = experts, tokens, cost per query; p50/p95 = "
-        f"latency ms; AIQ over cost {board.cost_range[0]:.4g}-{board.cost_range[1]:.4g} per query (experts alone: "
-        + ("-" if zero is None else f"{zero:.3f}")
-        + "). docs/leaderboard.md explains every column."
-    )
+    keys = {c.key for c in board.columns}
+    parts = ["* best per column (moe/oracle and bounds left out). Dim rows: experts alone."]
+    if "acc_all" in keys:
+        parts.append("acc = exact match per split; gap = oracle - acc (all);")
+    if "loss_all" in keys:
+        parts.append(
+            "L = held-out loss, nats per token (lower is better); ppl = exp(L all); ΔL = L all - moe/oracle's;"
+        )
+    parts.append("route = routing accuracy; exp/tok/cost = experts, tokens, cost per query; p50/p95 = latency ms;")
+    if "aiq" in keys:
+        parts.append(
+            f"AIQ over cost {board.cost_range[0]:.4g}-{board.cost_range[1]:.4g} per query (experts alone: "
+            + ("-" if zero is None else f"{zero:.3f}")
+            + ")."
+        )
+    parts.append("docs/leaderboard.md explains every column.")
+    table.caption = " ".join(parts)
     print_table(table)
 
 

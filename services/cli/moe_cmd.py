@@ -4,6 +4,7 @@ from the command line (docs/strategies.md)."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Optional
 
 import typer
@@ -268,8 +269,9 @@ def eval_strategy(
     device: str = device_option(),
     dtype: str = dtype_option(),
 ) -> None:
-    """Evaluate a strategy on a suite split; the last line is `accuracy=<fraction>` (with --json, the
-    report alone: its `accuracy` field)."""
+    """Evaluate a strategy on a suite split; the last line is `accuracy=<fraction>`, or on a text
+    suite (metric loss) `loss=<nats per token>` (with --json, the report alone: its `accuracy` or
+    `loss` field)."""
     from services.moe.evaluate import evaluate
 
     moe = _moe(base, seed, strategy, device, dtype)
@@ -278,9 +280,16 @@ def eval_strategy(
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
-    table = Table("task", "accuracy", title=f"{report.strategy} on {suite}/{split} ({report.n} queries)")
-    for task, acc in report.per_task.items():
-        table.add_row(task, f"{acc:.3f}")
+    if report.loss is not None:
+        table = Table(
+            "segment", "nats/token", "perplexity", title=f"{report.strategy} on {suite}/{split} ({report.n} documents)"
+        )
+        for task, value in report.loss_per_task.items():
+            table.add_row(task, f"{value:.4f}", f"{math.exp(value):.2f}")
+    else:
+        table = Table("task", "accuracy", title=f"{report.strategy} on {suite}/{split} ({report.n} queries)")
+        for task, acc in report.per_task.items():
+            table.add_row(task, f"{acc:.3f}")
     print_table(table)
     extra = f"routing_accuracy={report.routing_accuracy:.3f} " if report.routing_accuracy is not None else ""
     console.print(
@@ -288,4 +297,8 @@ def eval_strategy(
         f"router_ms_p95={report.router_ms_p95:.1f} seconds={report.seconds:.1f}",
         highlight=False,
     )
-    typer.echo(f"accuracy={report.accuracy:.4f}")
+    if report.loss is not None:
+        typer.echo(f"perplexity={math.exp(report.loss):.4f}")
+        typer.echo(f"loss={report.loss:.4f}")
+    else:
+        typer.echo(f"accuracy={report.accuracy:.4f}")

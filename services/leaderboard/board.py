@@ -7,6 +7,7 @@ so they always agree.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ from services.leaderboard.aiq import aiq, frontier
 from services.leaderboard.store import ALL, load_run, result_dict, run_dict
 
 ORACLE = "moe/oracle"
+BOUND = "bound"  # rows computed from others (the per-segment oracle): no best is marked among them
 
 
 @dataclass
@@ -92,10 +94,17 @@ def build_board(registry: Registry, run_id: int | None = None, suite: str | None
             else None
         )
 
+    graded = any(graded_queries(row["all"]) for row in rows)
+    texts = any(row["all"].get("loss") for row in rows)
+    for row in rows:
+        row["loss_gap_to_oracle"] = _loss_gap(oracle["all"], row["all"]) if oracle is not None and texts else None
+
     # cost-quality frontiers: a strategy's own point with the experts' points (RouterBench's frontier
     # of mixing the strategy with single experts), over the cost range of the whole run
     points: dict[str, tuple[float, float]] = {
-        row["entry"]: (row["all"]["cost"] / row["all"]["n"], row["all"]["accuracy"]) for row in rows if row["all"]["n"]
+        row["entry"]: (row["all"]["cost"] / row["all"]["n"], row["all"]["accuracy"])
+        for row in rows
+        if graded_queries(row["all"])
     }  # (cost per query, accuracy) of every entry that answered
     expert_points = [p for e, p in points.items() if by_entry[e]["kind"] == "expert"]
     costs = [c for c, _ in points.values()]
@@ -114,42 +123,111 @@ def build_board(registry: Registry, run_id: int | None = None, suite: str | None
             row["aiq"], row["frontier"] = None, []
 
     board = Board(run=run_dict(run), splits=splits, rows=rows, cost_range=cost_range, zero_router=zero)
-    board.columns = make_columns(splits)
+    board.columns = make_columns(splits, graded=graded, texts=texts)
     board.best = best_values(board)
     return board
 
 
+def graded_queries(metrics: dict | None) -> int:
+    """Queries with an answer to judge (a text suite's scored documents are not)."""
+    if not metrics:
+        return 0
+    return metrics["n"] - ((metrics.get("loss") or {}).get("documents", 0))
+
+
+def nats_per_token(metrics: dict | None) -> float | None:
+    """Held-out loss over every scored token of a result (None: it scored no text)."""
+    labels = ((metrics or {}).get("loss") or {}).get("labels") or {}
+    tokens = sum(t for _, t in labels.values())
+    return sum(n for n, _ in labels.values()) / tokens if tokens else None
+
+
 def _gap(oracle: dict | None, mine: dict | None) -> float | None:
-    if oracle is None or mine is None or not oracle["n"] or not mine["n"]:
+    if not graded_queries(oracle) or not graded_queries(mine):
         return None
+    assert oracle is not None and mine is not None
     return oracle["accuracy"] - mine["accuracy"]
 
 
-def make_columns(splits: list[str]) -> list[Column]:
+def _loss_gap(oracle: dict, mine: dict) -> float | None:
+    theirs, ours = nats_per_token(oracle), nats_per_token(mine)
+    return None if theirs is None or ours is None else ours - theirs
+
+
+def make_columns(splits: list[str], *, graded: bool = True, texts: bool = False) -> list[Column]:
+    """The board's columns: accuracy where the run judged answers, held-out loss where it scored
+    texts (a text suite's), then routing, cost and latency."""
+
     def acc(split: str) -> Callable[[dict], float | None]:
         def get(row: dict) -> float | None:
             m = row["all"] if split == ALL else row["splits"].get(split)
-            return m["accuracy"] if m and m["n"] else None
+            return m["accuracy"] if graded_queries(m) else None
 
         return get
 
-    cols = [
-        Column(
-            f"acc_{s}", s, acc(s), "high", ".3f", f"accuracy on the {s} split", short=s if len(s) <= 6 else s[:4] + "."
-        )
-        for s in splits
-    ]
+    def loss(split: str) -> Callable[[dict], float | None]:
+        return lambda row: nats_per_token(row["all"] if split == ALL else row["splits"].get(split))
+
+    def ppl(row: dict) -> float | None:
+        value = nats_per_token(row["all"])
+        return None if value is None else math.exp(value)
+
+    cols = (
+        []
+        if not graded
+        else [
+            Column(
+                f"acc_{s}",
+                s,
+                acc(s),
+                "high",
+                ".3f",
+                f"accuracy on the {s} split",
+                short=s if len(s) <= 6 else s[:4] + ".",
+            )
+            for s in splits
+        ]
+    )
+    if graded:
+        cols += [
+            Column("acc_all", "all", acc(ALL), "high", ".3f", "accuracy over every query of every split"),
+            Column(
+                "gap",
+                "gap to oracle",
+                lambda r: (r["gap_to_oracle"] or {}).get(ALL),
+                "low",
+                "+.3f",
+                "oracle's accuracy minus this one's, all splits (needs moe/oracle in the run)",
+                short="gap",
+            ),
+        ]
+    if texts:
+        cols += [
+            Column(
+                f"loss_{s}",
+                f"loss {s}",
+                loss(s),
+                "low",
+                ".3f",
+                f"held-out loss on the {s} split: nats per token of the text given its context",
+                short=f"L {s}" if len(s) <= 6 else f"L {s[:4]}.",
+            )
+            for s in splits
+        ]
+        cols += [
+            Column("loss_all", "loss all", loss(ALL), "low", ".3f", "nats per token over every split", short="L all"),
+            Column("ppl", "perplexity", ppl, "low", ".2f", "exp(loss all)", short="ppl"),
+            Column(
+                "loss_gap",
+                "loss vs oracle",
+                lambda r: r["loss_gap_to_oracle"],
+                "low",
+                "+.3f",
+                "this loss minus moe/oracle's (the per-document oracle), all splits",
+                short="ΔL",
+            ),
+        ]
     cols += [
-        Column("acc_all", "all", acc(ALL), "high", ".3f", "accuracy over every query of every split"),
-        Column(
-            "gap",
-            "gap to oracle",
-            lambda r: (r["gap_to_oracle"] or {}).get(ALL),
-            "low",
-            "+.3f",
-            "oracle's accuracy minus this one's, all splits (needs moe/oracle in the run)",
-            short="gap",
-        ),
         Column(
             "routing",
             "routing acc",
@@ -209,26 +287,29 @@ def make_columns(splits: list[str]) -> list[Column]:
             short="p95",
             cli_fmt=".0f",
         ),
-        Column(
-            "aiq",
-            "AIQ",
-            lambda r: r["aiq"],
-            "high",
-            ".3f",
-            "RouterBench AIQ: area under the non-decreasing convex hull of this strategy + the experts",
-        ),
     ]
+    if graded:
+        cols.append(
+            Column(
+                "aiq",
+                "AIQ",
+                lambda r: r["aiq"],
+                "high",
+                ".3f",
+                "RouterBench AIQ: area under the non-decreasing convex hull of this strategy + the experts",
+            )
+        )
     return cols
 
 
 def best_values(board: Board) -> dict[str, set[str]]:
-    """Per column, the entries holding its best value. The oracle is left out: it is an upper bound
-    that needs the gold task, not something to serve."""
+    """Per column, the entries holding its best value. The oracles are left out: upper bounds
+    that need the gold task, not something to serve."""
     best: dict[str, set[str]] = {}
     for col in board.columns:
         if col.better is None:
             continue
-        got = {r["entry"]: col.get(r) for r in board.rows if r["entry"] != ORACLE}
+        got = {r["entry"]: col.get(r) for r in board.rows if r["entry"] != ORACLE and r["kind"] != BOUND}
         values = {e: v for e, v in got.items() if v is not None}
         if not values or (len(values) > 1 and len(set(values.values())) == 1):  # all equal: none stands out
             continue

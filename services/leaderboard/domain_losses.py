@@ -62,13 +62,20 @@ class ExpertRef:
 
 def gold_experts(experts: Sequence[ExpertRef]) -> dict[str, str]:
     """Domain -> the expert scored as that domain's gold (see the module's docstring)."""
+    return gold_by_domain((e.name, e.kind, e.domains) for e in experts)
+
+
+def gold_by_domain(experts: Iterable[tuple[str, str, Sequence[str]]]) -> dict[str, str]:
+    """Domain -> its gold expert, of (name, kind, domains) in order: the first adapter with that
+    domain alone, else the first expert that lists it."""
+    experts = list(experts)
     gold: dict[str, str] = {}
-    for e in experts:  # specialists first
-        if e.kind == "adapter" and len(e.domains) == 1:
-            gold.setdefault(e.domains[0], e.name)
-    for e in experts:
-        for d in e.domains:
-            gold.setdefault(d, e.name)
+    for name, kind, domains in experts:  # specialists first
+        if kind == "adapter" and len(domains) == 1:
+            gold.setdefault(domains[0], name)
+    for name, _, domains in experts:
+        for d in domains:
+            gold.setdefault(d, name)
     return gold
 
 

@@ -1,6 +1,7 @@
 """The leaderboard as one self-contained HTML file: the table (sortable, best per column marked)
-and three plots drawn as inline SVG — accuracy by split per entry, cost vs accuracy with the
-cost-quality frontiers, and the routing confusion (gold task × chosen expert) per strategy.
+and plots drawn as inline SVG — accuracy by split per entry, cost vs accuracy with the
+cost-quality frontiers (where answers were judged), held-out loss by split per entry (where texts
+were scored: a text suite), and the routing confusion (gold task × chosen expert) per strategy.
 
 SVG written here rather than a plotting library: the file needs no network, no JavaScript bundle
 and no extra dependency, renders in any browser (and in the gateway's ``GET /leaderboard``), and
@@ -12,7 +13,7 @@ from __future__ import annotations
 from html import escape
 from pathlib import Path
 
-from services.leaderboard.board import ORACLE, Board
+from services.leaderboard.board import ORACLE, Board, nats_per_token
 
 SPLIT_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7")
 STRATEGY_COLOUR = "#d62728"
@@ -62,11 +63,29 @@ def render(board: Board) -> str:
 <section id="table-section">
 <h2>Leaderboard</h2>
 <div class="scroll">{table(board)}</div>
-<p class="note">★ best in its column (moe/oracle left out: it needs the gold task). Click a header to sort.
+<p class="note">★ best in its column (moe/oracle and bounds left out: they need the gold task). Click a header to sort.
 Zero router (experts alone, mixed at random): AIQ {fmt(board.zero_router.get("aiq"), ".3f")}.
 Cost range for AIQ: {board.cost_range[0]:.4f} – {board.cost_range[1]:.4f} per query.</p>
 </section>
-<section id="accuracy-section">
+{answer_sections(board)}{loss_section(board)}<section id="confusion-section">
+<h2>Routing confusion: gold task × chosen expert</h2>
+{confusion_plots(board)}
+</section>
+<script>{SCRIPT}</script>
+</body>
+</html>
+"""
+
+
+def has_column(board: Board, key: str) -> bool:
+    return any(c.key == key for c in board.columns)
+
+
+def answer_sections(board: Board) -> str:
+    """The accuracy plots, where the run judged answers."""
+    if not has_column(board, "acc_all"):
+        return ""
+    return f"""<section id="accuracy-section">
 <h2>Accuracy by split</h2>
 {accuracy_plot(board)}
 </section>
@@ -74,13 +93,17 @@ Cost range for AIQ: {board.cost_range[0]:.4f} – {board.cost_range[1]:.4f} per 
 <h2>Cost vs accuracy, with the cost-quality frontier</h2>
 {frontier_plot(board)}
 </section>
-<section id="confusion-section">
-<h2>Routing confusion: gold task × chosen expert</h2>
-{confusion_plots(board)}
+"""
+
+
+def loss_section(board: Board) -> str:
+    """The held-out loss plot, where the run scored texts."""
+    if not has_column(board, "loss_all"):
+        return ""
+    return f"""<section id="loss-section">
+<h2>Held-out loss by split (nats per token, lower is better)</h2>
+{loss_plot(board)}
 </section>
-<script>{SCRIPT}</script>
-</body>
-</html>
 """
 
 
@@ -158,6 +181,52 @@ def accuracy_plot(board: Board) -> str:
                 f'y="{y0 + i * bar_h}" width="{w:.2f}" height="{bar_h - 1}" '
                 f'fill="{SPLIT_COLOURS[i % len(SPLIT_COLOURS)]}"><title>{e(row["entry"])} · {e(s)}: '
                 f"{m['accuracy']:.3f} ({m['correct']}/{m['n']})</title></rect>"
+            )
+    out.append("</svg>")
+    return "".join(out)
+
+
+def loss_plot(board: Board) -> str:
+    """One bar per entry and split: nats per token, on an axis from 0 to the largest loss."""
+    splits = board.splits
+    losses = {(row["entry"], sp): nats_per_token(row["splits"].get(sp)) for row in board.rows for sp in splits}
+    top_value = max((v for v in losses.values() if v is not None), default=1.0) or 1.0
+    bar_h, gap, left, width, top = 9, 8, 230, 560, 28
+    group_h = bar_h * len(splits) + gap
+    height = top + group_h * len(board.rows) + 30
+    out = [
+        (
+            f'<svg class="plot" id="plot-loss" xmlns="http://www.w3.org/2000/svg" width="{left + width + 40}" '
+            f'height="{height}" role="img" aria-label="held-out loss by split per entry">'
+        )
+    ]
+    for i, sp in enumerate(splits):  # legend
+        x: float = left + i * 130
+        out.append(
+            f'<rect x="{x}" y="6" width="12" height="12" fill="{SPLIT_COLOURS[i % len(SPLIT_COLOURS)]}"/>'
+            f'<text x="{x + 16}" y="16" class="legend">{e(sp)}</text>'
+        )
+    for t in (0, 0.25, 0.5, 0.75, 1.0):
+        x = left + t * width
+        out.append(
+            f'<line x1="{x}" y1="{top - 4}" x2="{x}" y2="{height - 26}" class="grid"/>'
+            f'<text x="{x}" y="{height - 12}" class="tick" text-anchor="middle">{t * top_value:.2f}</text>'
+        )
+    for j, row in enumerate(board.rows):
+        y0 = top + j * group_h
+        out.append(
+            f'<text x="{left - 8}" y="{y0 + group_h / 2}" class="label" text-anchor="end" '
+            f'dominant-baseline="middle">{e(row["entry"])}</text>'
+        )
+        for i, sp in enumerate(splits):
+            value = losses[(row["entry"], sp)]
+            if value is None:
+                continue
+            out.append(
+                f'<rect class="bar" data-entry="{e(row["entry"])}" data-split="{e(sp)}" x="{left}" '
+                f'y="{y0 + i * bar_h}" width="{max(1.0, value / top_value * width):.2f}" height="{bar_h - 1}" '
+                f'fill="{SPLIT_COLOURS[i % len(SPLIT_COLOURS)]}"><title>{e(row["entry"])} · {e(sp)}: '
+                f"{value:.3f} nats per token</title></rect>"
             )
     out.append("</svg>")
     return "".join(out)

@@ -34,8 +34,11 @@ from composer.engine_protocol import GenerateRequest, ScoreRequest
 from registry.errors import MoergeError, NotFoundError
 from registry.service import Registry
 from routers.base import Decision
+from services.leaderboard.domain_losses import gold_by_domain
 from services.leaderboard.store import ALL
 from services.leaderboard.suites import Query, is_correct, load_queries
+from services.leaderboard.text_loss import LossTotals
+from services.leaderboard.text_scores import TextQuery, TextRecord, TextScorer
 from services.moe.evaluate import strategy_records as evaluate_strategy_records  # moerge eval's own code path
 from services.moe.pool import ExpertPool
 from services.moe.strategies import MoE, Strategy
@@ -43,6 +46,7 @@ from services.moe.strategies import MoE, Strategy
 MODES = ("grouped", "naive")
 EXPERT_PREFIX = "expert:"
 NO_EXPERT = "(base)"  # what the confusion records when a router chose no expert
+SEGMENT_ORACLE = "oracle:per-segment"  # a text suite's bound: each segment scored by its gold expert
 
 Progress = Callable[[str, int], None]  # (what is running, queries just finished)
 
@@ -60,6 +64,7 @@ class QueryOutcome:
     completion_tokens: int
     cost: float
     latency_ms: float
+    loss: LossTotals | None = None  # a text suite's document (metric loss): nats per segment label
 
 
 @dataclass
@@ -118,6 +123,11 @@ class RunOutcome:
         }
 
 
+def is_text_suite(queries: dict[str, list[Query]]) -> bool:
+    """Every query is a text to score (metric loss): no answer is generated."""
+    return all(q.metric == "loss" for qs in queries.values() for q in qs)
+
+
 def percentile(values: Sequence[float], q: int) -> float:
     if not values:
         return 0.0
@@ -129,13 +139,16 @@ def percentile(values: Sequence[float], q: int) -> float:
 def summarise(entry: str, kind: str, split: str, outcomes: list[QueryOutcome], skipped: int, seconds: float) -> dict:
     n = len(outcomes)
     correct = sum(o.correct for o in outcomes)
+    documents = [o.loss for o in outcomes if o.loss is not None]
+    graded = n - len(documents)  # queries with an answer to judge (the others are scored texts)
     routed = [o.routing_correct for o in outcomes if o.routing_correct is not None]
     per_task: dict[str, list[int]] = {}
     confusion: dict[str, Counter] = defaultdict(Counter)
     for o in outcomes:
-        c_n = per_task.setdefault(o.task, [0, 0])
-        c_n[0] += int(o.correct)
-        c_n[1] += 1
+        if o.loss is None:
+            c_n = per_task.setdefault(o.task, [0, 0])
+            c_n[0] += int(o.correct)
+            c_n[1] += 1
         if o.chosen is not None:
             confusion[o.task][o.chosen] += 1
     latencies = [o.latency_ms for o in outcomes]
@@ -145,7 +158,7 @@ def summarise(entry: str, kind: str, split: str, outcomes: list[QueryOutcome], s
         "split": split,
         "n": n,
         "correct": correct,
-        "accuracy": correct / n if n else 0.0,
+        "accuracy": correct / graded if graded else 0.0,
         "skipped": skipped,
         "routed": len(routed),
         "routing_accuracy": sum(routed) / len(routed) if routed else None,
@@ -158,6 +171,18 @@ def summarise(entry: str, kind: str, split: str, outcomes: list[QueryOutcome], s
         "seconds": seconds,
         "per_task": dict(sorted(per_task.items())),
         "confusion": {t: dict(sorted(c.items())) for t, c in sorted(confusion.items())},
+        "loss": loss_summary(documents) if documents else None,
+    }
+
+
+def loss_summary(documents: list[LossTotals]) -> dict:
+    """A ``LeaderboardResult.loss``: how many documents, and nats and tokens per label."""
+    total = LossTotals()
+    for d in documents:
+        total.add(d)
+    return {
+        "documents": len(documents),
+        "labels": {label: [total.nats[label], total.tokens[label]] for label in sorted(total.nats)},
     }
 
 
@@ -195,6 +220,8 @@ class LeaderboardRunner:
         }
         self._known_tasks = set().union(*self._trained.values()) if self._trained else set()
         self._tokenizer = None
+        self.texts = TextScorer(self.moe)
+        self._text_only = False  # the running suite is scored texts alone
 
     # ------------------------------------------------------------------ what runs
 
@@ -208,8 +235,12 @@ class LeaderboardRunner:
             return False
         return True
 
-    def resolve(self, strategies: Sequence[str] | None, experts: Sequence[str] | None) -> list[str]:
-        """Entry names: ``expert:<name>`` for every chosen expert, then the chosen strategies."""
+    def resolve(
+        self, strategies: Sequence[str] | None, experts: Sequence[str] | None, texts_only: bool = False
+    ) -> list[str]:
+        """Entry names: ``expert:<name>`` for every chosen expert, then the chosen strategies.
+        ``texts_only`` (a suite of scored texts alone): by default, only the strategies whose
+        composer can score a text (``MoE.scores_text``): a vote has no loss to give."""
         names = list(self.pool.names()) if experts is None else list(experts)
         unknown = [n for n in names if n not in self.pool.experts]
         if unknown:
@@ -218,7 +249,11 @@ class LeaderboardRunner:
                 f"experts: {', '.join(self.pool.names())}"
             )
         if strategies is None:  # every built-in, and every user strategy over this pool's experts
-            chosen = [name for name, strategy in self.moe.catalog.all().items() if self._runs_here(strategy)]
+            chosen = [
+                name
+                for name, strategy in self.moe.catalog.all().items()
+                if self._runs_here(strategy) and (not texts_only or self.moe.scores_text(strategy))
+            ]
         else:
             chosen = [self.moe.strategy(s).name for s in strategies]
         return [EXPERT_PREFIX + n for n in dict.fromkeys(names)] + list(dict.fromkeys(chosen))
@@ -236,10 +271,10 @@ class LeaderboardRunner:
     ) -> RunOutcome:
         if mode not in MODES:
             raise MoergeError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-        entries = self.resolve(strategies, experts)
+        queries = load_queries(self.registry, suite, list(splits) if splits else None, n_per_task, self.seed)
+        entries = self.resolve(strategies, experts, texts_only=is_text_suite(queries))
         if not entries:
             raise MoergeError("nothing to run: no expert and no strategy chosen")
-        queries = load_queries(self.registry, suite, list(splits) if splits else None, n_per_task, self.seed)
         empty = [s for s, qs in queries.items() if not qs]
         if empty:
             raise MoergeError(f"suite {suite!r} has no queries in split(s) {', '.join(empty)}")
@@ -250,12 +285,18 @@ class LeaderboardRunner:
             kind = "expert" if entry.startswith(EXPERT_PREFIX) else "strategy"
             for split in queries:
                 results[(entry, split)] = EntryOutcome(entry, kind, split)
+        self._text_only = is_text_suite(queries)
         strategy_entries = [e for e in entries if not e.startswith(EXPERT_PREFIX)]
         self._warm_up(strategy_entries, queries, progress)
         if mode == "grouped":
             self._grouped(entries, queries, results, progress)
         else:
             self._naive(entries, queries, results, progress)
+        if any(q.metric == "loss" for qs in queries.values() for q in qs):
+            bound = self._segment_oracle(entries, queries, results)
+            if bound is not None:
+                entries = [*entries, SEGMENT_ORACLE]
+                results.update(bound)
         return RunOutcome(
             suite=suite,
             base_model=self.pool.base.name,
@@ -339,9 +380,14 @@ class LeaderboardRunner:
         queries, one score call for the multiple-choice ones. Outcomes in query order."""
         target = None if name == self.pool.base.name else name
         rate = self.rates.get(name, self.default_cost)
-        gen = [i for i, q in enumerate(queries) if q.metric != "multiple_choice"]
+        gen = [i for i, q in enumerate(queries) if q.metric not in ("multiple_choice", "loss")]
         mc = [i for i, q in enumerate(queries) if q.metric == "multiple_choice"]
+        texts = [i for i, q in enumerate(queries) if q.metric == "loss"]
         out: dict[int, QueryOutcome] = {}
+        if texts:
+            docs = [queries[i] for i in texts]
+            for i, o in zip(texts, self._texts(self.texts.expert(name, [TextQuery.of(q) for q in docs]), docs, False)):
+                out[i] = o
         if gen:
             t0 = time.perf_counter()
             answers = self.pool.engine.generate(
@@ -384,10 +430,17 @@ class LeaderboardRunner:
     def _strategy(self, strategy: Strategy, queries: list[Query], max_new: int) -> tuple[list[QueryOutcome], int]:
         """One split through ``moerge eval``'s code path (MoE.run, batched); multiple-choice queries
         through the routed expert's log-likelihoods where the composer is ``single``."""
-        gen = [q for q in queries if q.metric != "multiple_choice"]
+        gen = [q for q in queries if q.metric not in ("multiple_choice", "loss")]
         mc = [q for q in queries if q.metric == "multiple_choice"]
+        texts = [q for q in queries if q.metric == "loss"]
         outcomes: list[QueryOutcome] = []
         query_level = strategy.level == "query"
+        skipped = 0
+        if texts and self.moe.scores_text(strategy):
+            scored = self.texts.strategy(strategy, [TextQuery.of(q) for q in texts])
+            outcomes.extend(self._texts(scored, texts, query_level))
+        else:
+            skipped += len(texts)
         if gen:
             t0 = time.perf_counter()
             records = evaluate_strategy_records(self.moe, strategy, gen, max_new)
@@ -413,7 +466,6 @@ class LeaderboardRunner:
                         r.router_ms + ms,
                     )
                 )
-        skipped = 0
         if mc and strategy.composer == "single" and query_level:
             routed = [self.moe.route(strategy, q.prompt, q.task) for q in mc]
             tops = [cast(Decision, rt.decision).top for rt in routed]  # query-level: a Decision each
@@ -440,7 +492,7 @@ class LeaderboardRunner:
                     )
                 )
         else:
-            skipped = len(mc)
+            skipped += len(mc)
         return outcomes, skipped
 
     def _choose(self, queries: list[Query], targets: list[str | None]) -> list[tuple[str, int, int, float]]:
@@ -462,6 +514,68 @@ class LeaderboardRunner:
             )
         shares = _shares([p + c for _, p, c in out], seconds)
         return [(c, p, n, ms) for (c, p, n), ms in zip(out, shares)]
+
+    # ------------------------------------------------------------------ text suites (metric loss)
+
+    def _segment_oracle(
+        self, entries: list[str], queries: dict[str, list[Query]], results: dict[tuple[str, str], EntryOutcome]
+    ) -> dict[tuple[str, str], EntryOutcome] | None:
+        """Each scored document's segments booked from its label's gold expert (an expert run
+        alone here, by ``gold_by_domain`` of the registered domains): the bound a tokenwise
+        mixture chases. None when some label's gold expert is not in the run."""
+        ran = [e.removeprefix(EXPERT_PREFIX) for e in entries if e.startswith(EXPERT_PREFIX)]
+        gold = gold_by_domain((n, self.pool.experts[n].kind, self.pool.experts[n].domains) for n in ran)
+        out: dict[tuple[str, str], EntryOutcome] = {}
+        for split, qs in queries.items():
+            labels = {label for q in qs if q.metric == "loss" for label, _ in (q.segments or ((q.task, ""),))}
+            if not labels <= set(gold):
+                return None
+            part = out[(SEGMENT_ORACLE, split)] = EntryOutcome(SEGMENT_ORACLE, "bound", split)
+            rows = {n: results[(EXPERT_PREFIX + n, split)].outcomes for n in set(gold.values())}
+            for i, q in enumerate(qs):
+                if q.metric != "loss":
+                    continue
+                totals = LossTotals()
+                for label in dict.fromkeys(label for label, _ in (q.segments or ((q.task, ""),))):
+                    mine = rows[gold[label]][i].loss
+                    if mine is not None and label in mine.nats:
+                        totals.book(label, mine.nats[label], mine.tokens[label])
+                experts = sorted({gold[label] for label in totals.nats})
+                part.outcomes.append(
+                    QueryOutcome(
+                        q.split, q.task, False, "", [(n, 1.0) for n in experts], None, None, 0, 0, 0.0, 0.0, totals
+                    )
+                )
+        return out
+
+    def _texts(self, records: list[TextRecord], queries: list[Query], query_level: bool) -> list[QueryOutcome]:
+        """Scored documents as outcomes: tokens scored as prompt tokens, at the scorer's rate."""
+        out = []
+        for q, r in zip(queries, records):
+            chosen = routing_ok = None
+            if query_level:
+                top = r.experts[0][0] if r.experts else None
+                chosen = NO_EXPERT if top in (None, self.pool.base.name) else top
+                if q.task in self._known_tasks and chosen != NO_EXPERT:
+                    routing_ok = q.task in self._trained.get(chosen, set())
+            rate = self._rate(r.target, r.experts)
+            out.append(
+                QueryOutcome(
+                    q.split,
+                    q.task,
+                    False,
+                    "",
+                    list(r.experts),
+                    chosen,
+                    routing_ok,
+                    r.tokens,
+                    0,
+                    r.tokens / 1000 * rate,
+                    r.router_ms + r.score_ms,
+                    loss=r.loss,
+                )
+            )
+        return out
 
     # ------------------------------------------------------------------ helpers
 
@@ -498,12 +612,15 @@ class LeaderboardRunner:
 
     def _warm_up(self, strategies: list[str], queries: dict[str, list[Query]], progress: Progress) -> None:
         """Build (fit or load) every strategy's router and composer before anything is timed, and
-        answer one query so that lazy work (a merged adapter, mixture experts) is done too."""
+        answer one query so that lazy work (a merged adapter, mixture experts) is done too. A
+        strategy with nothing to do on the suite (a vote on scored texts) is not built."""
         self.pool.engine  # noqa: B018 - loads every expert now, not inside the first timed call
-        first = next((q for qs in queries.values() for q in qs if q.metric != "multiple_choice"), None)
+        first = next((q for qs in queries.values() for q in qs if q.metric not in ("multiple_choice", "loss")), None)
         for name in strategies:
             progress(f"fitting / loading {name}", 0)
             strategy = self.moe.strategy(name)
+            if not self._has_work(strategy, queries):
+                continue
             self.moe.router_for(strategy)
             self.moe.composer(strategy)
             if first is not None:
@@ -511,7 +628,13 @@ class LeaderboardRunner:
                     strategy, [first.prompt], [first.task], max_new_tokens=self.pool.token_budget([first.reference])
                 )
 
+    def _has_work(self, strategy: Strategy, queries: dict[str, list[Query]]) -> bool:
+        """Whether ``strategy`` answers or scores any of ``queries`` (else they are all skipped)."""
+        return self.moe.scores_text(strategy) or not is_text_suite(queries)
+
     def _rewind(self, strategy: Strategy) -> None:
+        if not self.moe.scores_text(strategy) and self._text_only:
+            return  # never built: it has nothing to do here
         router = self.moe.router_for(strategy)
         if hasattr(router, "reset"):
             router.reset()

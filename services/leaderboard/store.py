@@ -59,6 +59,7 @@ RESULT_FIELDS = (
     "seconds",
     "per_task",
     "confusion",
+    "loss",
 )
 
 

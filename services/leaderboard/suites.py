@@ -7,7 +7,16 @@ A user suite is one JSON object per line::
 
 ``prompt``, ``reference`` and ``split`` are required; ``task`` (the gold task, for routing accuracy
 and the oracle) defaults to ""; ``metric`` is ``exact_match`` (default), ``contains`` or
-``multiple_choice`` (log-likelihood of each of ``choices``; ``reference`` must be one of them).
+``multiple_choice`` (log-likelihood of each of ``choices``; ``reference`` must be one of them)
+or ``loss``: a text suite's document, scored by its held-out loss in nats per token rather than
+by an answer. A ``loss`` row gives its text as ``prompt`` or as labelled ``segments`` (a document
+that mixes domains), and needs no ``reference``::
+
+    {"segments": [["prose", "Intro text. "], ["python", "def f():\n    return 1\n"]], "split": "mixed", "metric": "loss"}
+    {"prompt": "SELECT 1;", "task": "sql", "split": "test", "metric": "loss"}
+
+Each token's loss is booked to the segment its first character is in (a ``prompt`` row is one
+segment, labelled with its ``task``, else ``text``); ``task`` defaults to the first segment's label.
 Import checks every line first and reports every bad one with its line number; the suite is then
 stored in one transaction, so a file with any bad row imports nothing.
 """
@@ -29,7 +38,8 @@ from registry.service import Registry
 BUILTIN_SUITES = ("skills",)
 SKILLS_SPLITS = ("test", "paraphrase", "composition")
 RESERVED_SPLITS = ("all",)  # the leaderboard's pooled row
-FIELDS = {"prompt", "reference", "task", "split", "metric", "choices"}
+FIELDS = {"prompt", "reference", "task", "split", "metric", "choices", "segments"}
+TEXT_LABEL = "text"  # the segment label of a loss row given as one ``prompt``
 SPLIT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 MAX_ROWS = 200_000
 MAX_TEXT = 100_000
@@ -56,6 +66,7 @@ class Query:
     split: str
     metric: str = "exact_match"
     choices: tuple[str, ...] = ()
+    segments: tuple[tuple[str, str], ...] = ()  # metric loss: (label, text) in document order
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -98,7 +109,12 @@ def parse_rows(path: str | Path) -> list[dict]:
             if problems:
                 errors.extend((n, p) for p in problems)
                 continue
-            key = (obj["split"], obj["prompt"])
+            loss = obj.get("metric") == "loss"
+            segments = [(str(d), str(t)) for d, t in obj["segments"]] if "segments" in obj else None
+            if loss and segments is None:
+                segments = [(obj.get("task") or TEXT_LABEL, obj["prompt"])]
+            prompt = "".join(t for _, t in segments) if segments else obj["prompt"]
+            key = (obj["split"], prompt)
             if key in seen:
                 errors.append((n, f"duplicate of line {seen[key]} (same prompt in split {obj['split']!r})"))
                 continue
@@ -106,12 +122,13 @@ def parse_rows(path: str | Path) -> list[dict]:
             rows.append(
                 {
                     "line": n,
-                    "prompt": obj["prompt"],
-                    "reference": obj["reference"],
-                    "task": obj.get("task", ""),
+                    "prompt": prompt,
+                    "reference": obj.get("reference", ""),
+                    "task": obj.get("task") or (segments[0][0] if segments else ""),
                     "split": obj["split"],
                     "metric": obj.get("metric", "exact_match"),
                     "choices": list(obj["choices"]) if obj.get("metric") == "multiple_choice" else None,
+                    "segments": [list(seg) for seg in segments] if segments else None,
                 }
             )
             if len(rows) > MAX_ROWS:
@@ -131,7 +148,10 @@ def _row_problems(obj: object) -> list[str]:
     unknown = sorted(set(obj) - FIELDS)
     if unknown:
         out.append(f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(FIELDS))}")
-    for key in ("prompt", "reference", "split"):
+    metric = obj.get("metric", "exact_match")
+    loss = metric == "loss"
+    required = ("split",) if loss else ("prompt", "reference", "split")
+    for key in required:
         if key not in obj:
             out.append(f"missing {key!r}")
     for key in ("prompt", "reference", "task", "split", "metric"):
@@ -139,7 +159,11 @@ def _row_problems(obj: object) -> list[str]:
             out.append(f"{key!r} must be a string, not {type(obj[key]).__name__}")
         elif key in obj and len(obj[key]) > MAX_TEXT:
             out.append(f"{key!r} is longer than {MAX_TEXT} characters")
-    if isinstance(obj.get("prompt"), str) and not obj["prompt"].strip():
+    if loss:
+        out.extend(_text_problems(obj))
+    elif "segments" in obj:
+        out.append("'segments' is only for metric loss")
+    elif isinstance(obj.get("prompt"), str) and not obj["prompt"].strip():
         out.append("'prompt' is empty")
     split = obj.get("split")
     if isinstance(split, str) and not SPLIT_RE.match(split):
@@ -148,7 +172,6 @@ def _row_problems(obj: object) -> list[str]:
         out.append(f"split {split!r} is reserved (the leaderboard's pooled row)")
     if isinstance(obj.get("task"), str) and len(obj["task"]) > 128:
         out.append("'task' is longer than 128 characters")
-    metric = obj.get("metric", "exact_match")
     if isinstance(metric, str) and metric not in SUITE_METRICS:
         out.append(f"metric {metric!r} is not one of {', '.join(SUITE_METRICS)}")
     if metric == "contains" and isinstance(obj.get("reference"), str) and not obj["reference"].strip():
@@ -163,6 +186,31 @@ def _row_problems(obj: object) -> list[str]:
             out.append(f"reference {obj['reference']!r} is not one of the choices")
     elif choices is not None:
         out.append("'choices' is only for metric multiple_choice")
+    return out
+
+
+def _text_problems(obj: dict) -> list[str]:
+    """A loss row's text: ``prompt`` or ``segments`` ([[label, text], ...]), one of the two."""
+    if "segments" in obj and "prompt" in obj:
+        return ["give the text as 'prompt' or as 'segments', not both"]
+    if "segments" not in obj:
+        if isinstance(obj.get("prompt"), str) and not obj["prompt"].strip():
+            return ["'prompt' is empty"]
+        return [] if "prompt" in obj else ["metric loss needs the text: 'prompt' or 'segments'"]
+    segments = obj["segments"]
+    if (
+        not isinstance(segments, list)
+        or not segments
+        or not all(isinstance(s, list) and len(s) == 2 and all(isinstance(x, str) for x in s) for s in segments)
+    ):
+        return ["'segments' must be a non-empty list of [label, text] string pairs"]
+    out = []
+    if any(not label.strip() or len(label) > 128 for label, _ in segments):
+        out.append("every segment needs a label of 1-128 characters")
+    if any(not text for _, text in segments):
+        out.append("a segment's text is empty")
+    if sum(len(text) for _, text in segments) > MAX_TEXT:
+        out.append(f"the segments' text is longer than {MAX_TEXT} characters")
     return out
 
 
@@ -226,5 +274,16 @@ def load_queries(
                 )
                 keep.update(r.id for r in picked)
             chosen = [r for r in chosen if r.id in keep]
-        out[split] = [Query(r.prompt, r.reference, r.task, r.split, r.metric, tuple(r.choices or ())) for r in chosen]
+        out[split] = [
+            Query(
+                r.prompt,
+                r.reference,
+                r.task,
+                r.split,
+                r.metric,
+                tuple(r.choices or ()),
+                tuple((str(d), str(t)) for d, t in (r.segments or ())),
+            )
+            for r in chosen
+        ]
     return out

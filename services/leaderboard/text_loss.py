@@ -92,3 +92,50 @@ def document_loss(
 def model_forward(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """A transformers causal LM as ``document_loss``'s ``forward``."""
     return lambda input_ids: model(input_ids=input_ids).logits
+
+
+# ------------------------------------------------------------------ through an engine's score
+
+
+def fit_document(tokenizer, segments: Sequence[tuple[str, str]], max_tokens: int | None) -> list[tuple[str, str]]:
+    """``segments`` cut, at a token boundary, to the first ``max_tokens`` tokens of their text as
+    ``tokenizer(text, add_special_tokens=False)`` reads it (a model's context, less the BOS it
+    conditions on). Segments past the cut are dropped."""
+    text = "".join(t for _, t in segments)
+    if max_tokens is None:
+        return list(segments)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    if len(offsets) <= max_tokens:
+        return list(segments)
+    cut, out, pos = offsets[max_tokens - 1][1], [], 0
+    for label, part in segments:
+        if pos >= cut:
+            break
+        out.append((label, part[: cut - pos]))
+        pos += len(part)
+    return out
+
+
+def opening(tokenizer, text: str, n_tokens: int) -> str:
+    """The first ``n_tokens`` tokens of ``text``, as text: what a query-level router reads of a
+    document."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return text if len(offsets) <= n_tokens else text[: offsets[n_tokens - 1][1]]
+
+
+def totals_of(
+    token_logprobs: Sequence[float], offsets: Sequence[tuple[int, int]], segments: Sequence[tuple[str, str]]
+) -> LossTotals:
+    """A scored document's nats per segment label: each continuation token (an engine's
+    ``ScoreResult`` with ``offsets``) is booked to the segment that holds its first character."""
+    if len(token_logprobs) != len(offsets):
+        raise ValueError(f"{len(token_logprobs)} log-probabilities for {len(offsets)} token offsets")
+    starts, pos = [], 0
+    for label, part in segments:
+        starts.append((pos, label))
+        pos += len(part)
+    totals = LossTotals()
+    for logprob, (start, _) in zip(token_logprobs, offsets):
+        label = next(label for p, label in reversed(starts) if p <= start)
+        totals.book(label, -logprob, 1)
+    return totals

@@ -94,6 +94,10 @@ class EvalReport:
     router_ms_p95: float
     seconds: float
     records: list[QueryRecord] = field(default_factory=list)
+    # a text suite (metric loss): held-out nats per token over every document, and per task
+    # (the segment labels); accuracy is then not measured
+    loss: float | None = None
+    loss_per_task: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self, records: bool = True) -> dict:
         d = asdict(self)
@@ -128,6 +132,18 @@ def evaluate(
 
             pool = ExpertPool(Registry())
         moe = MoE(pool, seed=seed)
+    name = strategy.name if isinstance(strategy, Strategy) else strategy
+    if suite not in SUITES:
+        from services.leaderboard.suites import load_queries
+
+        [queries] = load_queries(moe.pool.registry, suite, [split], n_per_task, seed).values()
+        if queries and all(q.metric == "loss" for q in queries):
+            return _evaluate_texts(moe, name, suite, split, queries, progress)
+        if any(q.metric == "loss" for q in queries):
+            raise NotFoundError(
+                f"suite {suite!r}/{split} mixes scored texts (metric loss) with questions: "
+                "run it with `moerge leaderboard run`"
+            )
     examples = load_suite(suite, split, n_per_task, seed, registry=moe.pool.registry)
     if not examples:
         raise NotFoundError(f"suite {suite!r} has no queries in split {split!r}")
@@ -139,7 +155,6 @@ def evaluate(
         budgets.append(CONTAINS_MAX_NEW_TOKENS)
     max_new = max(budgets)
     t0 = time.perf_counter()
-    name = strategy.name if isinstance(strategy, Strategy) else strategy
     if name.startswith("expert:"):
         records = _expert_alone(moe, name.removeprefix("expert:"), examples, max_new)
     else:
@@ -166,6 +181,68 @@ def evaluate(
         router_ms_p95=_percentile(times, 95),
         seconds=seconds,
         records=records,
+    )
+
+
+def _evaluate_texts(moe: MoE, name: str, suite: str, split: str, queries, progress) -> EvalReport:
+    """A text suite's split: every document's held-out loss, scored as the leaderboard scores it
+    (``services.leaderboard.text_scores``)."""
+    from services.leaderboard.text_loss import LossTotals
+    from services.leaderboard.text_scores import TextQuery, TextScorer
+
+    scorer = TextScorer(moe)
+    texts = [TextQuery.of(q) for q in queries]
+    t0 = time.perf_counter()
+    if name.startswith("expert:"):
+        expert = name.removeprefix("expert:")
+        if expert != moe.pool.base.name and expert not in moe.pool.experts:
+            raise NotFoundError(f"no expert {expert!r} on base {moe.pool.base.name!r}")
+        scored = scorer.expert(expert, texts)
+        level = None
+    else:
+        chosen = moe.strategy(name)
+        scored = scorer.strategy(chosen, texts)
+        level = chosen.level
+    if progress:
+        progress(len(texts))
+    seconds = time.perf_counter() - t0
+    trained = _trained_tasks(moe)
+    total, records = LossTotals(), []
+    for q, r in zip(queries, scored):
+        total.add(r.loss)
+        top = r.experts[0][0] if r.experts and level == "query" else None
+        records.append(
+            QueryRecord(
+                prompt=q.prompt,
+                reference="",
+                task=q.task,
+                prediction="",
+                correct=False,
+                experts=[(n, float(w)) for n, w in r.experts],
+                router_ms=r.router_ms,
+                routing_correct=(q.task in trained.get(top, set())) if top in trained else None,
+                prompt_tokens=r.tokens,
+                completion_tokens=0,
+                provenance={"target": r.target, "loss": {k: [r.loss.nats[k], r.loss.tokens[k]] for k in r.loss.nats}},
+            )
+        )
+    routed = [r.routing_correct for r in records if r.routing_correct is not None]
+    times = [r.router_ms for r in records]
+    return EvalReport(
+        strategy=name,
+        suite=suite,
+        split=split,
+        accuracy=0.0,
+        n=len(records),
+        per_task={},
+        routing_accuracy=(sum(routed) / len(routed)) if routed else None,
+        mean_experts=statistics.fmean(len(r.experts) for r in records) if records else 0.0,
+        router_ms_p50=_percentile(times, 50),
+        router_ms_p95=_percentile(times, 95),
+        seconds=seconds,
+        records=records,
+        loss=total.per_token(),
+        loss_per_task={label: total.per_token(label) for label in sorted(total.nats)},
     )
 
 

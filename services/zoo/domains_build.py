@@ -263,8 +263,9 @@ def build_domains_zoo(size: str, out_dir: Path, seed: int = 0, progress: bool = 
         suite = {}
         for split in SUITE_SPLITS:
             rel = f"examples/suite/{split}.jsonl"
-            _write_jsonl(
-                out_dir / rel, [{"split": split, "segments": segs} for segs in suite_documents(spec, seed, split)]
+            _write_jsonl(  # the suite-file format (services.leaderboard.suites): `moerge suite add` reads it
+                out_dir / rel,
+                [{"split": split, "metric": "loss", "segments": segs} for segs in suite_documents(spec, seed, split)],
             )
             suite[split] = rel
 

@@ -1,5 +1,8 @@
 """Put a built zoo into the registry: its base model, every expert and their examples.
 
+A domains zoo also stores its held-out documents as the text suite ``domains`` (metric loss), so
+that ``moerge leaderboard run --suite domains`` scores every expert and strategy on them.
+
 The base is recorded as ``<base name>-<size>`` (``zoo-base-small``) so that a micro and a small zoo
 can live in one registry. Experts keep their names; registering a zoo again adds a new version of
 each expert, as any re-registration does.
@@ -7,13 +10,17 @@ each expert, as any re-registration does.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 from registry.errors import NotFoundError, RegistrationError
 from registry.models import Expert
 from registry.service import Registry
+from services.leaderboard.suites import parse_rows
 from services.zoo.build import ExpertEntry, ZooManifest, read_examples
 from services.zoo.skills import SKILLS
+
+SUITE_DESCRIPTION = "held-out documents of the domains zoo"
 
 
 def zoo_base_name(manifest: ZooManifest) -> str:
@@ -29,11 +36,45 @@ def registered_skills(entry: ExpertEntry) -> list[str]:
     return list(dict.fromkeys([*entry.skills, *(tag for s in entry.skills for tag in SKILLS[s].tags)]))
 
 
+TEXT_SUITE = "domains"  # the suite a domains zoo registers: its held-out documents, scored by loss
+
+
+def text_suite_rows(manifest: ZooManifest) -> tuple[list[dict], str]:
+    """A domains zoo's held-out splits as suite rows (validated as ``moerge suite add`` validates
+    a file), and the sha256 of their files."""
+    rows, digest = [], hashlib.sha256()
+    for split, rel in manifest.suite.items():
+        path = manifest.path_of(rel)
+        digest.update(path.read_bytes())
+        got = parse_rows(path)
+        if any(r["split"] != split or r["metric"] != "loss" for r in got):
+            raise RegistrationError(f"{path}: expected documents of split {split!r} with metric loss; rebuild the zoo")
+        rows.extend(got)
+    return rows, digest.hexdigest()
+
+
 def register_zoo(
     manifest: ZooManifest,
     registry: Registry,
     on_expert: Callable[[str], None] = lambda name: None,
 ) -> list[Expert]:
+    """The base, every expert and, for a domains zoo, its text suite ``domains`` (replacing the
+    one an earlier registration of a zoo stored; a user's own suite of that name is refused
+    before anything is registered)."""
+    suite = None
+    if manifest.zoo == "domains":
+        rows, checksum = text_suite_rows(manifest)
+        source = str(manifest.path_of("examples/suite").resolve())
+        try:
+            existing_suite = registry.get_suite(TEXT_SUITE)
+        except NotFoundError:
+            existing_suite = None
+        if existing_suite is not None and not existing_suite.description.startswith(SUITE_DESCRIPTION):
+            raise RegistrationError(
+                f"suite {TEXT_SUITE!r} exists and is not a domains zoo's ({existing_suite.source}); "
+                f"remove it first (`moerge suite remove {TEXT_SUITE}`)"
+            )
+        suite = (rows, checksum, source)
     base_name = zoo_base_name(manifest)
     base_path = manifest.path_of(manifest.base.path).resolve()
     try:
@@ -67,4 +108,14 @@ def register_zoo(
             )
         )
         on_expert(entry.name)
+    if suite is not None:
+        rows, checksum, source = suite
+        registry.add_suite(
+            TEXT_SUITE,
+            rows,
+            description=f"{SUITE_DESCRIPTION} ({manifest.size}, seed {manifest.seed})",
+            source=source,
+            checksum=checksum,
+            replace=True,
+        )
     return registered
