@@ -115,6 +115,16 @@ STRATEGIES: dict[str, Strategy] = {
             "DARE-TIES merge of every adapter (ΔW space, density 0.5)",
             composer_params={"method": "dare_ties", "density": 0.5},
         ),
+        # issue 17: on documents that mix domains, the classifier's two likeliest experts merged beat
+        # its single choice (docs/benchmarks.md, "The domains zoo on the leaderboard")
+        Strategy(
+            "moe/classifier-merge-top2",
+            "classifier",
+            "merge",
+            "the classifier's 2 likeliest experts, TIES-merged per query (density 0.5; merges cached)",
+            {"k": 2},
+            {"method": "ties", "density": 0.5, "k": 2},
+        ),
         Strategy(
             "moe/stitch",
             "semantic",
