@@ -58,7 +58,7 @@ lint: setup
 # The numerics-sensitive tests once more, with torch, oneDNN, MKL and numba held to an instruction
 # set below this CPU's (AVX2 on AVX-512, none on AVX2): what another machine computes. CI runs it.
 NUMERICS_TESTS ?= tests/test_tokenwise.py tests/test_hf_engine.py tests/test_vllm_engine.py tests/test_zoo.py \
-	tests/test_chat_models.py tests/test_vllm_chat.py
+	tests/test_chat_models.py tests/test_vllm_chat.py tests/test_domains_zoo.py
 test-lower-isa: setup
 	scripts/lower-isa.sh $(BIN)/python $(BIN)/python -m pytest -q -p no:cacheprovider $(NUMERICS_TESTS)
 
