@@ -10,6 +10,7 @@ the few lines of script only sort the table and switch which frontier / heatmap 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from html import escape
 from pathlib import Path
 
@@ -143,14 +144,45 @@ def table(board: Board) -> str:
 
 
 def accuracy_plot(board: Board) -> str:
+    def bar(row: dict, split: str) -> tuple[float, str] | None:
+        m = row["splits"].get(split)
+        if not m or not m["n"]:
+            return None
+        return m["accuracy"], f"{m['accuracy']:.3f} ({m['correct']}/{m['n']})"
+
+    return split_bars(board, "plot-accuracy", "accuracy by split per entry", 1.0, "{:g}", bar)
+
+
+def loss_plot(board: Board) -> str:
+    """One bar per entry and split: nats per token, on an axis from 0 to the largest loss."""
+    losses = {(row["entry"], sp): nats_per_token(row["splits"].get(sp)) for row in board.rows for sp in board.splits}
+    top_value = max((v for v in losses.values() if v is not None), default=1.0) or 1.0
+
+    def bar(row: dict, split: str) -> tuple[float, str] | None:
+        value = losses[(row["entry"], split)]
+        return None if value is None else (value, f"{value:.3f} nats per token")
+
+    return split_bars(board, "plot-loss", "held-out loss by split per entry", top_value, "{:.2f}", bar)
+
+
+def split_bars(
+    board: Board,
+    plot_id: str,
+    label: str,
+    axis_max: float,
+    tick_fmt: str,
+    bar: Callable[[dict, str], tuple[float, str] | None],
+) -> str:
+    """Horizontal bars, one group per entry and one bar per split, on an axis from 0 to
+    ``axis_max``; ``bar(row, split)`` gives a bar's value and tooltip, or None for no bar."""
     splits = board.splits
     bar_h, gap, left, width, top = 9, 8, 230, 560, 28
     group_h = bar_h * len(splits) + gap
     height = top + group_h * len(board.rows) + 30
     out = [
         (
-            f'<svg class="plot" id="plot-accuracy" xmlns="http://www.w3.org/2000/svg" width="{left + width + 40}" '
-            f'height="{height}" role="img" aria-label="accuracy by split per entry">'
+            f'<svg class="plot" id="{plot_id}" xmlns="http://www.w3.org/2000/svg" width="{left + width + 40}" '
+            f'height="{height}" role="img" aria-label="{label}">'
         )
     ]
     for i, s in enumerate(splits):  # legend
@@ -163,7 +195,7 @@ def accuracy_plot(board: Board) -> str:
         x = left + t * width
         out.append(
             f'<line x1="{x}" y1="{top - 4}" x2="{x}" y2="{height - 26}" class="grid"/>'
-            f'<text x="{x}" y="{height - 12}" class="tick" text-anchor="middle">{t:g}</text>'
+            f'<text x="{x}" y="{height - 12}" class="tick" text-anchor="middle">{tick_fmt.format(t * axis_max)}</text>'
         )
     for j, row in enumerate(board.rows):
         y0 = top + j * group_h
@@ -172,61 +204,16 @@ def accuracy_plot(board: Board) -> str:
             f'dominant-baseline="middle">{e(row["entry"])}</text>'
         )
         for i, s in enumerate(splits):
-            m = row["splits"].get(s)
-            if not m or not m["n"]:
+            got = bar(row, s)
+            if got is None:
                 continue
-            w = max(1.0, m["accuracy"] * width)  # a zero still shows as a hairline
+            value, title = got
+            w = max(1.0, value / axis_max * width)  # a zero still shows as a hairline
             out.append(
                 f'<rect class="bar" data-entry="{e(row["entry"])}" data-split="{e(s)}" x="{left}" '
                 f'y="{y0 + i * bar_h}" width="{w:.2f}" height="{bar_h - 1}" '
                 f'fill="{SPLIT_COLOURS[i % len(SPLIT_COLOURS)]}"><title>{e(row["entry"])} · {e(s)}: '
-                f"{m['accuracy']:.3f} ({m['correct']}/{m['n']})</title></rect>"
-            )
-    out.append("</svg>")
-    return "".join(out)
-
-
-def loss_plot(board: Board) -> str:
-    """One bar per entry and split: nats per token, on an axis from 0 to the largest loss."""
-    splits = board.splits
-    losses = {(row["entry"], sp): nats_per_token(row["splits"].get(sp)) for row in board.rows for sp in splits}
-    top_value = max((v for v in losses.values() if v is not None), default=1.0) or 1.0
-    bar_h, gap, left, width, top = 9, 8, 230, 560, 28
-    group_h = bar_h * len(splits) + gap
-    height = top + group_h * len(board.rows) + 30
-    out = [
-        (
-            f'<svg class="plot" id="plot-loss" xmlns="http://www.w3.org/2000/svg" width="{left + width + 40}" '
-            f'height="{height}" role="img" aria-label="held-out loss by split per entry">'
-        )
-    ]
-    for i, sp in enumerate(splits):  # legend
-        x: float = left + i * 130
-        out.append(
-            f'<rect x="{x}" y="6" width="12" height="12" fill="{SPLIT_COLOURS[i % len(SPLIT_COLOURS)]}"/>'
-            f'<text x="{x + 16}" y="16" class="legend">{e(sp)}</text>'
-        )
-    for t in (0, 0.25, 0.5, 0.75, 1.0):
-        x = left + t * width
-        out.append(
-            f'<line x1="{x}" y1="{top - 4}" x2="{x}" y2="{height - 26}" class="grid"/>'
-            f'<text x="{x}" y="{height - 12}" class="tick" text-anchor="middle">{t * top_value:.2f}</text>'
-        )
-    for j, row in enumerate(board.rows):
-        y0 = top + j * group_h
-        out.append(
-            f'<text x="{left - 8}" y="{y0 + group_h / 2}" class="label" text-anchor="end" '
-            f'dominant-baseline="middle">{e(row["entry"])}</text>'
-        )
-        for i, sp in enumerate(splits):
-            value = losses[(row["entry"], sp)]
-            if value is None:
-                continue
-            out.append(
-                f'<rect class="bar" data-entry="{e(row["entry"])}" data-split="{e(sp)}" x="{left}" '
-                f'y="{y0 + i * bar_h}" width="{max(1.0, value / top_value * width):.2f}" height="{bar_h - 1}" '
-                f'fill="{SPLIT_COLOURS[i % len(SPLIT_COLOURS)]}"><title>{e(row["entry"])} · {e(sp)}: '
-                f"{value:.3f} nats per token</title></rect>"
+                f"{e(title)}</title></rect>"
             )
     out.append("</svg>")
     return "".join(out)

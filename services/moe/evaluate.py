@@ -166,21 +166,33 @@ def evaluate(
     by_task: dict[str, list[bool]] = {}
     for r in records:
         by_task.setdefault(r.task, []).append(r.correct)
+    return _report(
+        name,
+        suite,
+        split,
+        records,
+        seconds,
+        accuracy=sum(r.correct for r in records) / len(records),
+        per_task={t: sum(v) / len(v) for t, v in sorted(by_task.items())},
+    )
+
+
+def _report(name: str, suite: str, split: str, records: list[QueryRecord], seconds: float, **scores) -> EvalReport:
+    """The report of ``records``: routing and timing columns from them, the scores as given."""
     routed = [r.routing_correct for r in records if r.routing_correct is not None]
     times = [r.router_ms for r in records]
     return EvalReport(
         strategy=name,
         suite=suite,
         split=split,
-        accuracy=sum(r.correct for r in records) / len(records),
         n=len(records),
-        per_task={t: sum(v) / len(v) for t, v in sorted(by_task.items())},
         routing_accuracy=(sum(routed) / len(routed)) if routed else None,
-        mean_experts=statistics.fmean(len(r.experts) for r in records),
+        mean_experts=statistics.fmean(len(r.experts) for r in records) if records else 0.0,
         router_ms_p50=_percentile(times, 50),
         router_ms_p95=_percentile(times, 95),
         seconds=seconds,
         records=records,
+        **scores,
     )
 
 
@@ -226,21 +238,14 @@ def _evaluate_texts(moe: MoE, name: str, suite: str, split: str, queries, progre
                 provenance={"target": r.target, "loss": {k: [r.loss.nats[k], r.loss.tokens[k]] for k in r.loss.nats}},
             )
         )
-    routed = [r.routing_correct for r in records if r.routing_correct is not None]
-    times = [r.router_ms for r in records]
-    return EvalReport(
-        strategy=name,
-        suite=suite,
-        split=split,
+    return _report(
+        name,
+        suite,
+        split,
+        records,
+        seconds,
         accuracy=0.0,
-        n=len(records),
         per_task={},
-        routing_accuracy=(sum(routed) / len(routed)) if routed else None,
-        mean_experts=statistics.fmean(len(r.experts) for r in records) if records else 0.0,
-        router_ms_p50=_percentile(times, 50),
-        router_ms_p95=_percentile(times, 95),
-        seconds=seconds,
-        records=records,
         loss=total.per_token(),
         loss_per_task={label: total.per_token(label) for label in sorted(total.nats)},
     )
