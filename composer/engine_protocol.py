@@ -138,7 +138,7 @@ class ScoreRequest:
     """Log-likelihood of ``continuation`` following ``prompt`` (multiple-choice metrics; with an
     empty prompt, a whole text's held-out loss). The two are tokenized apart: the prompt as
     ``tokenizer(prompt)`` (special tokens included), the continuation without special tokens. An
-    empty prompt conditions on the BOS token, or on EOS (the document separator) where the model
+    empty prompt conditions on the BOS token, or on the EOS token where the model
     has no BOS."""
 
     prompt: str

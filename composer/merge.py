@@ -488,7 +488,7 @@ class Merged(BaseComposer):
         for i, d in enumerate(decisions):
             experts = top_experts(d, self.k)
             groups.setdefault(
-                tuple(n for n, _ in experts) if self.weighting == "uniform" else tuple(experts), []
+                tuple(sorted(n for n, _ in experts)) if self.weighting == "uniform" else tuple(experts), []
             ).append(i)
         for rows in groups.values():
             target, weights, _ = self._merged_target(decisions[rows[0]], engine)

@@ -66,19 +66,19 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], device, max_length: in
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = []
     for ids, p in zip(full, prompt):
+        text_row = loss_on == "sequence" or (loss_on == "auto" and len(ids) - len(p) <= 1)  # EOS alone after it
         ids = ids[:max_length] if max_length is not None else ids
-        rows.append((ids, min(len(p), len(ids) - 1)))  # at least one answer token stays labelled
-    n = max(len(ids) for ids, _ in rows)
+        rows.append((ids, min(len(p), len(ids) - 1), text_row))  # at least one answer token stays labelled
+    n = max(len(ids) for ids, _, _ in rows)
     input_ids = torch.full((len(rows), n), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), n), dtype=torch.long)
     labels = torch.full((len(rows), n), -100, dtype=torch.long)
     answer = torch.zeros((len(rows), n), dtype=torch.bool)
-    for i, (ids, k) in enumerate(rows):
+    for i, (ids, k, text_row) in enumerate(rows):
         t = torch.tensor(ids)
         input_ids[i, : len(ids)] = t
         mask[i, : len(ids)] = 1
-        text_row = loss_on == "auto" and len(ids) - k <= 1  # nothing after the prompt but EOS
-        first = k if loss_on == "answer" or (loss_on == "auto" and not text_row) else 0
+        first = 0 if text_row else k
         labels[i, first : len(ids)] = t[first:]
         answer[i, k : len(ids)] = True
     return input_ids.to(device), mask.to(device), labels.to(device), answer.to(device)

@@ -675,8 +675,8 @@ def test_a_base_answers_by_its_name(gateway: str, qwen: Path) -> None:
 
 
 def test_a_text_scored_from_an_empty_prompt_reads_eos_where_there_is_no_bos(qwen: Path) -> None:
-    """A Qwen tokenizer has no BOS: a whole text (a text suite's document) is scored after EOS, the
-    separator such models read between documents; each token comes with its characters."""
+    """A Qwen tokenizer has no BOS: a whole text (a text suite's document) is scored after its EOS
+    token, and every token of the text is scored; each comes with its characters."""
     from composer.engine_protocol import ScoreRequest
 
     tok = AutoTokenizer.from_pretrained(str(qwen))

@@ -72,3 +72,21 @@ def test_totals_merge_and_average_per_label():
     a.add(b)
     assert a.per_token("code") == 2.0 and a.per_token("prose") == 0.5 and a.per_token() == 9.0 / 6
     assert math.isnan(a.per_token("shell"))
+
+
+@pytest.mark.parametrize("which", ["qwen", "llama"])
+def test_a_long_document_is_cut_to_fit_and_its_opening_is_its_first_tokens(which, request):
+    from services.leaderboard.text_loss import fit_document, opening
+
+    _, tok = request.getfixturevalue(which)
+    text = "".join(part for _, part in SEGMENTS)
+    n = len(tok(text, add_special_tokens=False)["input_ids"])
+    assert fit_document(tok, SEGMENTS, n) == SEGMENTS  # fits: unchanged
+    for limit in (n - 1, n // 2, 3):
+        cut = fit_document(tok, SEGMENTS, limit)
+        kept = "".join(part for _, part in cut)
+        assert text.startswith(kept) and len(tok(kept, add_special_tokens=False)["input_ids"]) <= limit
+        assert [label for label, _ in cut] == [label for label, _ in SEGMENTS][: len(cut)]
+    first = opening(tok, text, 5)
+    assert tok(first, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"][:5]
+    assert opening(tok, "short", 64) == "short"

@@ -306,20 +306,20 @@ class HFEngine:
         # Right padding: positions then start at 0 in every row, and causal attention keeps the
         # trailing pads from influencing the real tokens.
         input_ids, attention_mask = _pad(rows, _pad_id(tokenizer), left=False, device=self.device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        targets = input_ids[:, 1:]
-        picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        greedy = logprobs.argmax(-1) == targets
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         results = []
         for row, (n_context, n_cont) in enumerate(spans):
             span = slice(n_context - 1, n_context - 1 + n_cont)  # logits at t predict token t + 1
-            token_logprobs = picked[row, span].tolist()
+            # one row's scored positions at a time in float32: a batch of whole documents over a
+            # large vocabulary would not fit as one [B, T, V] float32 copy
+            logprobs = torch.log_softmax(logits[row, span].float(), dim=-1)
+            targets = input_ids[row, n_context : n_context + n_cont]
+            token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist()
             results.append(
                 ScoreResult(
                     logprob=float(sum(token_logprobs)),
                     num_tokens=n_cont,
-                    is_greedy=bool(greedy[row, span].all()),
+                    is_greedy=bool((logprobs.argmax(-1) == targets).all()),
                     token_logprobs=token_logprobs,
                     offsets=offsets[row],
                 )

@@ -154,7 +154,7 @@ def _ids(value: Any) -> Iterable[int]:
 def score_tokens(tokenizer: Any, request: ScoreRequest) -> tuple[list[int], list[int], list[tuple[int, int]]]:
     """A score request's context and continuation ids, tokenized apart (``ScoreRequest``'s rule),
     and the continuation tokens' character offsets when the request asks for them. An empty
-    context is the BOS token, else EOS: what a model without BOS reads between documents."""
+    context is the BOS token, else the EOS token (GPT-2 style models separate documents with it)."""
     context = list(tokenizer(request.prompt)["input_ids"])
     if not context:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id

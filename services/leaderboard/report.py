@@ -14,7 +14,7 @@ from collections.abc import Callable
 from html import escape
 from pathlib import Path
 
-from services.leaderboard.board import ORACLE, Board, nats_per_token
+from services.leaderboard.board import ORACLE, Board, graded_queries, nats_per_token
 
 SPLIT_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7")
 STRATEGY_COLOUR = "#d62728"
@@ -146,8 +146,9 @@ def table(board: Board) -> str:
 def accuracy_plot(board: Board) -> str:
     def bar(row: dict, split: str) -> tuple[float, str] | None:
         m = row["splits"].get(split)
-        if not m or not m["n"]:
+        if not graded_queries(m):
             return None
+        assert m is not None
         return m["accuracy"], f"{m['accuracy']:.3f} ({m['correct']}/{m['n']})"
 
     return split_bars(board, "plot-accuracy", "accuracy by split per entry", 1.0, "{:g}", bar)
@@ -286,7 +287,7 @@ def frontier_plot(board: Board) -> str:
         )
     for r in board.rows:
         m = r["all"]
-        if not m["n"]:
+        if not graded_queries(m):  # it judged no answer (a text suite's rows)
             continue
         c, a = m["cost"] / m["n"], m["accuracy"]
         colour = EXPERT_COLOUR if r["kind"] == "expert" else STRATEGY_COLOUR

@@ -221,7 +221,7 @@ class LeaderboardRunner:
         self._known_tasks = set().union(*self._trained.values()) if self._trained else set()
         self._tokenizer = None
         self.texts = TextScorer(self.moe)
-        self._text_only = False  # the running suite is scored texts alone
+        self._idle: set[str] = set()  # the running suite's strategies with nothing to do on it
 
     # ------------------------------------------------------------------ what runs
 
@@ -285,8 +285,8 @@ class LeaderboardRunner:
             kind = "expert" if entry.startswith(EXPERT_PREFIX) else "strategy"
             for split in queries:
                 results[(entry, split)] = EntryOutcome(entry, kind, split)
-        self._text_only = is_text_suite(queries)
         strategy_entries = [e for e in entries if not e.startswith(EXPERT_PREFIX)]
+        self._idle = {e for e in strategy_entries if not self._has_work(self.moe.strategy(e), queries)}
         self._warm_up(strategy_entries, queries, progress)
         if mode == "grouped":
             self._grouped(entries, queries, results, progress)
@@ -520,15 +520,16 @@ class LeaderboardRunner:
     def _segment_oracle(
         self, entries: list[str], queries: dict[str, list[Query]], results: dict[tuple[str, str], EntryOutcome]
     ) -> dict[tuple[str, str], EntryOutcome] | None:
-        """Each scored document's segments booked from its label's gold expert (an expert run
-        alone here, by ``gold_by_domain`` of the registered domains): the bound a tokenwise
-        mixture chases. None when some label's gold expert is not in the run."""
-        ran = [e.removeprefix(EXPERT_PREFIX) for e in entries if e.startswith(EXPERT_PREFIX)]
-        gold = gold_by_domain((n, self.pool.experts[n].kind, self.pool.experts[n].domains) for n in ran)
+        """Each scored document's segments booked from its label's gold expert, by
+        ``gold_by_domain`` of every ready expert's registered domains (by name): the bound a
+        tokenwise mixture chases. None when some label has no gold expert, or its gold expert
+        was not run alone here."""
+        ran = {e.removeprefix(EXPERT_PREFIX) for e in entries if e.startswith(EXPERT_PREFIX)}
+        gold = gold_by_domain((n, e.kind, e.domains) for n, e in sorted(self.pool.experts.items()))
         out: dict[tuple[str, str], EntryOutcome] = {}
         for split, qs in queries.items():
             labels = {label for q in qs if q.metric == "loss" for label, _ in (q.segments or ((q.task, ""),))}
-            if not labels <= set(gold):
+            if not labels <= set(gold) or not {gold[label] for label in labels} <= ran:
                 return None
             part = out[(SEGMENT_ORACLE, split)] = EntryOutcome(SEGMENT_ORACLE, "bound", split)
             rows = {n: results[(EXPERT_PREFIX + n, split)].outcomes for n in set(gold.values())}
@@ -616,10 +617,11 @@ class LeaderboardRunner:
         strategy with nothing to do on the suite (a vote on scored texts) is not built."""
         self.pool.engine  # noqa: B018 - loads every expert now, not inside the first timed call
         first = next((q for qs in queries.values() for q in qs if q.metric not in ("multiple_choice", "loss")), None)
+        first_text = next((q for qs in queries.values() for q in qs if q.metric == "loss"), None)
         for name in strategies:
             progress(f"fitting / loading {name}", 0)
             strategy = self.moe.strategy(name)
-            if not self._has_work(strategy, queries):
+            if name in self._idle:
                 continue
             self.moe.router_for(strategy)
             self.moe.composer(strategy)
@@ -627,14 +629,19 @@ class LeaderboardRunner:
                 self.moe.run(
                     strategy, [first.prompt], [first.task], max_new_tokens=self.pool.token_budget([first.reference])
                 )
+            if first_text is not None and self.moe.scores_text(strategy):
+                self.texts.strategy(strategy, [TextQuery.of(first_text)])
 
     def _has_work(self, strategy: Strategy, queries: dict[str, list[Query]]) -> bool:
         """Whether ``strategy`` answers or scores any of ``queries`` (else they are all skipped)."""
-        return self.moe.scores_text(strategy) or not is_text_suite(queries)
+        kinds = {q.metric for qs in queries.values() for q in qs}
+        generates = bool(kinds - {"loss", "multiple_choice"})
+        chooses = "multiple_choice" in kinds and strategy.composer == "single" and strategy.level == "query"
+        return generates or chooses or ("loss" in kinds and self.moe.scores_text(strategy))
 
     def _rewind(self, strategy: Strategy) -> None:
-        if not self.moe.scores_text(strategy) and self._text_only:
-            return  # never built: it has nothing to do here
+        if strategy.name in self._idle:
+            return  # never built: it has nothing to do on this suite
         router = self.moe.router_for(strategy)
         if hasattr(router, "reset"):
             router.reset()

@@ -107,7 +107,15 @@ def fit_document(tokenizer, segments: Sequence[tuple[str, str]], max_tokens: int
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     if len(offsets) <= max_tokens:
         return list(segments)
-    cut, out, pos = offsets[max_tokens - 1][1], [], 0
+    # the prefix is tokenized again by whoever scores it, and may come out longer (a character
+    # split over byte-level tokens, a merge across the cut): cut earlier until it fits
+    keep = max_tokens
+    cut = offsets[keep - 1][1]
+    while keep > 1 and len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"]) > max_tokens:
+        keep -= 1
+        cut = offsets[keep - 1][1]
+    out: list[tuple[str, str]] = []
+    pos = 0
     for label, part in segments:
         if pos >= cut:
             break

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from registry.errors import NotFoundError, RegistrationError
 from registry.models import Expert
 from registry.service import Registry
-from services.leaderboard.suites import parse_rows
+from services.leaderboard.suites import SuiteImportError, parse_rows
 from services.zoo.build import ExpertEntry, ZooManifest, read_examples
 from services.zoo.skills import SKILLS
 
@@ -46,7 +46,13 @@ def text_suite_rows(manifest: ZooManifest) -> tuple[list[dict], str]:
     for split, rel in manifest.suite.items():
         path = manifest.path_of(rel)
         digest.update(path.read_bytes())
-        got = parse_rows(path)
+        try:
+            got = parse_rows(path)
+        except SuiteImportError as exc:
+            raise RegistrationError(
+                f"{path}: not a text suite this moerge reads ({exc.errors[0][1]}); rebuild the zoo "
+                "(`moerge zoo build --suite domains`)"
+            ) from None
         if any(r["split"] != split or r["metric"] != "loss" for r in got):
             raise RegistrationError(f"{path}: expected documents of split {split!r} with metric loss; rebuild the zoo")
         rows.extend(got)
