@@ -494,7 +494,9 @@ class Merged(BaseComposer):
             target, weights, _ = self._merged_target(decisions[rows[0]], engine)
             results = engine.score([replace(requests[i], target=target) for i in rows])
             for i, result in zip(rows, results):
-                out[i] = Scored(result, list(weights.items()), target)
+                # each in its own decision's order (a group may hold the same experts in another)
+                mine = [n for n, _ in top_experts(decisions[i], self.k)]
+                out[i] = Scored(result, [(n, weights[n]) for n in mine], target)
         return out  # type: ignore[return-value]  # every row was filled
 
     def _merged_target(self, decision: Decision, engine: Engine) -> tuple[str, dict[str, float], MergedAdapter | None]:

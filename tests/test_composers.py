@@ -348,6 +348,19 @@ def test_merged_composer_serves_and_reuses_the_merge(tiny, tmp_path, engine):
     json.dumps(second.to_dict())
 
 
+def test_merged_scores_share_one_merge_and_keep_each_decision_s_order(tiny, tmp_path, engine):
+    """The same two experts in either order are one uniform merge (one adapter, one engine call);
+    each scored text still names its own router's top expert first."""
+    from composer.engine_protocol import ScoreRequest
+
+    base, adapters, _ = tiny
+    composer = Merged(base, adapters, tmp_path, "task_arithmetic", k=2, weighting="uniform")
+    decisions = [decision(("e3", 0.6), ("e1", 0.4)), decision(("e1", 0.7), ("e3", 0.3))]
+    first, second = composer.score_batch(decisions, [ScoreRequest("abc", " def")] * 2, engine)
+    assert first.target == second.target and first.result.token_logprobs == second.result.token_logprobs
+    assert [n for n, _ in first.experts] == ["e3", "e1"] and [n for n, _ in second.experts] == ["e1", "e3"]
+
+
 @pytest.mark.parametrize(("method", "each"), [("task_arithmetic", 0.5), ("ties", 1.0), ("dare_ties", 1.0)])
 def test_equal_weights_sum_to_one_or_average_one_where_the_merge_averages(tiny, tmp_path, engine, method, each):
     """A strategy's equal weights: 1/n for a sum (the uniform task-arithmetic merge), 1 each for
