@@ -85,39 +85,22 @@ class TokenwiseMixture(BaseComposer):
     ) -> list[Completion]:
         """Many requests, one forward pass per chunk: rows may differ in their GLIDER global scores
         but must share experts, gate, top-k, α and temperature (MoLoRA checks)."""
-        if len(decisions) != len(requests):
-            raise ComposeError("mixture: one MixtureSpec per request is needed")
-        if self.router is not None:
-            for spec in decisions:
-                self.install(spec)
-        out: list[Completion] = []
-        for i in range(0, len(requests), self.max_batch_size):
-            specs = list(decisions[i : i + self.max_batch_size])
-            chunk = [with_target(r, None) for r in requests[i : i + self.max_batch_size]]
-            # one generate call per chunk keeps rows aligned with their specs (the engine keeps
-            # request order within one target and batches up to its own size)
-            with self.mix.routing(specs) as stats:
-                results = engine.generate(chunk)
-            usage = stats.per_expert() if stats is not None else {}
-            total = sum(usage.values()) or 1.0
-            for spec, result in zip(specs, results):
-                weights = [(e, usage.get(e, 0.0) / total) for e in spec.experts]
-                weights.sort(key=lambda ew: -ew[1])
-                out.append(
-                    Completion(
-                        text=result.text,
-                        finish_reason=result.finish_reason,
-                        provenance=Provenance(
-                            composer=self.name,
-                            router=spec.router,
-                            experts=weights,
-                            outputs=[output_of(f"mixture/{spec.gate}", result, weight=1.0)],
-                            decision_info={**spec.info, "gate": spec.gate, "top_k": spec.top_k, "alpha": spec.alpha},
-                            info={"usage_scope": "batch" if len(specs) > 1 else "request"},
-                        ),
-                    )
-                )
-        return out
+        chunks = [with_target(r, None) for r in requests]
+        return [
+            Completion(
+                text=result.text,
+                finish_reason=result.finish_reason,
+                provenance=Provenance(
+                    composer=self.name,
+                    router=spec.router,
+                    experts=weights,
+                    outputs=[output_of(f"mixture/{spec.gate}", result, weight=1.0)],
+                    decision_info={**spec.info, "gate": spec.gate, "top_k": spec.top_k, "alpha": spec.alpha},
+                    info={"usage_scope": "batch" if batched else "request"},
+                ),
+            )
+            for spec, result, weights, batched in self._mixed(decisions, chunks, engine.generate)
+        ]
 
     def score_batch(
         self, decisions: Sequence[MixtureSpec], requests: Sequence[ScoreRequest], engine: Engine
@@ -125,20 +108,31 @@ class TokenwiseMixture(BaseComposer):
         """Each text scored by the mixed model in one teacher-forced pass (the MoLoRA forward),
         chunked as ``execute_batch`` chunks; the experts' weights are their mean gate
         probabilities over the chunk."""
+        texts = [replace(r, target=None) for r in requests]
+        return [
+            Scored(result, weights, f"mixture/{spec.gate}")
+            for spec, result, weights, _ in self._mixed(decisions, texts, engine.score)
+        ]
+
+    def _mixed(self, decisions: Sequence[MixtureSpec], requests: Sequence[Any], call: Any) -> list[tuple]:
+        """``call`` (the engine's generate or score) on chunks of ``requests`` with the MoLoRA layer
+        routing each row by its spec: (spec, result, experts by mean gate probability over the
+        chunk, whether the chunk held more than one row) per request."""
         if len(decisions) != len(requests):
             raise ComposeError("mixture: one MixtureSpec per request is needed")
         if self.router is not None:
             for spec in decisions:
                 self.install(spec)
-        out: list[Scored] = []
+        out: list[tuple] = []
         for i in range(0, len(requests), self.max_batch_size):
             specs = list(decisions[i : i + self.max_batch_size])
-            chunk = [replace(r, target=None) for r in requests[i : i + self.max_batch_size]]
+            # one engine call per chunk keeps rows aligned with their specs (the engine keeps
+            # request order within one target and batches up to its own size)
             with self.mix.routing(specs) as stats:
-                results = engine.score(chunk)
+                results = call(list(requests[i : i + self.max_batch_size]))
             usage = stats.per_expert() if stats is not None else {}
             total = sum(usage.values()) or 1.0
             for spec, result in zip(specs, results):
                 weights = sorted(((e, usage.get(e, 0.0) / total) for e in spec.experts), key=lambda ew: -ew[1])
-                out.append(Scored(result, weights, f"mixture/{spec.gate}"))
+                out.append((spec, result, weights, len(specs) > 1))
         return out

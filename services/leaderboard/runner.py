@@ -38,7 +38,7 @@ from services.leaderboard.domain_losses import gold_by_domain
 from services.leaderboard.store import ALL
 from services.leaderboard.suites import Query, is_correct, load_queries
 from services.leaderboard.text_loss import LossTotals
-from services.leaderboard.text_scores import TextQuery, TextRecord, TextScorer
+from services.leaderboard.text_scores import TextQuery, TextRecord, TextScorer, time_shares
 from services.moe.evaluate import strategy_records as evaluate_strategy_records  # moerge eval's own code path
 from services.moe.pool import ExpertPool
 from services.moe.strategies import MoE, Strategy
@@ -393,7 +393,7 @@ class LeaderboardRunner:
             answers = self.pool.engine.generate(
                 [GenerateRequest(queries[i].prompt, target, max_new[queries[i].split]) for i in gen]
             )
-            shares = _shares([r.prompt_tokens + r.completion_tokens for r in answers], time.perf_counter() - t0)
+            shares = time_shares([r.prompt_tokens + r.completion_tokens for r in answers], time.perf_counter() - t0)
             for i, r, ms in zip(gen, answers, shares):
                 q = queries[i]
                 out[i] = QueryOutcome(
@@ -446,7 +446,7 @@ class LeaderboardRunner:
             records = evaluate_strategy_records(self.moe, strategy, gen, max_new)
             elapsed_ms = (time.perf_counter() - t0) * 1000
             routing_ms = sum(r.router_ms for r in records)
-            shares = _shares(
+            shares = time_shares(
                 [r.prompt_tokens + r.completion_tokens for r in records], max(0.0, elapsed_ms - routing_ms) / 1000
             )
             for q, r, ms in zip(gen, records, shares):
@@ -512,7 +512,7 @@ class LeaderboardRunner:
             out.append(
                 (q.choices[best], len(tokenizer(q.prompt)["input_ids"]) * len(mine), sum(s.num_tokens for s in mine))
             )
-        shares = _shares([p + c for _, p, c in out], seconds)
+        shares = time_shares([p + c for _, p, c in out], seconds)
         return [(c, p, n, ms) for (c, p, n), ms in zip(out, shares)]
 
     # ------------------------------------------------------------------ text suites (metric loss)
@@ -654,13 +654,3 @@ class LeaderboardRunner:
                 str(self.pool.base_path), trust_remote_code=bool(self.pool.base.trust_remote_code)
             )
         return self._tokenizer
-
-
-def _shares(weights: list[int], seconds: float) -> list[float]:
-    """``seconds`` split over items in proportion to ``weights``, in milliseconds."""
-    total = sum(weights)
-    if not weights:
-        return []
-    if total <= 0:
-        return [seconds * 1000 / len(weights)] * len(weights)
-    return [seconds * 1000 * w / total for w in weights]

@@ -130,9 +130,15 @@ def score_request(document: Sequence[tuple[str, str]], target: str | None) -> Sc
 
 def token_shares(results: Sequence[ScoreResult], seconds: float) -> list[float]:
     """``seconds`` split over results by their tokens, in milliseconds."""
-    total = sum(r.num_tokens for r in results)
-    if not results:
+    return time_shares([r.num_tokens for r in results], seconds)
+
+
+def time_shares(weights: Sequence[int], seconds: float) -> list[float]:
+    """``seconds`` split over items in proportion to ``weights``, in milliseconds (evenly when
+    every weight is 0): a batch's wall time as each item's share of it."""
+    total = sum(weights)
+    if not weights:
         return []
     if total <= 0:
-        return [seconds * 1000 / len(results)] * len(results)
-    return [seconds * 1000 * r.num_tokens / total for r in results]
+        return [seconds * 1000 / len(weights)] * len(weights)
+    return [seconds * 1000 * w / total for w in weights]
