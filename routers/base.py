@@ -130,8 +130,9 @@ class BaseRouter:
     level: Level = "query"
     kinds: tuple[str, ...] = ("adapter", "model")  # the expert kinds it can choose among
     # what the strategy runtime hands it (``MoE._supply`` in services/moe/strategies.py): embedder,
-    # validation (evaluate_fn + validation_examples), task_skills, seed, gold_task, local, head,
-    # placement (``device`` and ``dtype``: where the runtime's engines run the base)
+    # validation (evaluate_fn + validation_examples), validation_loss (loss_fn), task_skills, seed,
+    # gold_task, local, head, placement (``device`` and ``dtype``: where the runtime's engines run
+    # the base)
     needs: frozenset[str] = frozenset()
     PARAMS: tuple[Param, ...] = ()  # user-settable parameters (routers/params.py)
 

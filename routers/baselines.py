@@ -10,16 +10,20 @@
 - ``best-single``: always the one expert with the best mean validation accuracy — measured at
   ``fit_expert`` by an injected ``evaluate_fn`` on a shared validation pool (or the expert's own
   validation examples), or given as ``accuracies``; a configured ``expert`` name overrides both.
+  Validation examples with no reference are texts (a domain expert's documents): on those the
+  expert is measured by its held-out loss (an injected ``loss_fn``), and with no answered example
+  in the pool the lowest loss wins.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Mapping, Sequence
 
 from routers.base import Artifact, Decision, ExpertExample, ExpertInfo, RouteRequest
-from routers.common import EvaluateFn, QueryRouter, dumps, expert_tasks, validation_set
+from routers.common import EvaluateFn, LossFn, QueryRouter, dumps, expert_tasks, validation_set
 from routers.params import Param
 
 
@@ -94,8 +98,10 @@ class BaseModelRouter(QueryRouter):
 
 class BestSingleRouter(QueryRouter):
     name = "best-single"
-    needs = frozenset({"validation"})
+    needs = frozenset({"validation", "validation_loss"})
     PARAMS = (Param("expert", "str", None, "the expert to always choose (default: the best on validation)"),)
+    # artifacts of the recipe that scored texts by exact match too (every text expert at 0) are fitted again
+    RECIPE = "2"
 
     def __init__(
         self,
@@ -103,28 +109,46 @@ class BestSingleRouter(QueryRouter):
         accuracies: Mapping[str, float] | None = None,
         evaluate_fn: EvaluateFn | None = None,
         validation_examples: Sequence[ExpertExample] | None = None,
+        loss_fn: LossFn | None = None,
     ) -> None:
         super().__init__()
         self.expert = expert
         self.accuracies = dict(accuracies or {})
         self.evaluate_fn = evaluate_fn
+        self.loss_fn = loss_fn
         self.validation_examples = list(validation_examples) if validation_examples is not None else None
+
+    def accepts_artifact(self, artifact: Artifact) -> bool:
+        return artifact.metadata.get("recipe") == self.RECIPE or artifact.metadata.get("source") == "given"
 
     def fit_expert(self, expert: ExpertInfo) -> Artifact:
         if expert.name in self.accuracies:
             return Artifact(
                 tensors={}, metadata={"accuracy": repr(float(self.accuracies[expert.name])), "source": "given"}
             )
-        if self.evaluate_fn is None:
-            return Artifact(tensors={}, metadata={})  # only usable with a configured expert name
         examples = validation_set(expert, self.validation_examples)
-        correct = list(self.evaluate_fn(expert, examples)) if examples else []
-        acc = sum(map(bool, correct)) / len(correct) if correct else 0.0
-        return Artifact(tensors={}, metadata={"accuracy": repr(acc), "n": str(len(correct)), "source": "evaluate_fn"})
+        # a row with no reference is a text to be continued, not a question: no answer to match
+        answered = [e for e in examples if e.reference.strip()]
+        texts = [e for e in examples if not e.reference.strip()]
+        metadata = {"recipe": self.RECIPE}
+        if answered and self.evaluate_fn is not None:
+            correct = list(self.evaluate_fn(expert, answered))
+            metadata |= {"accuracy": repr(sum(map(bool, correct)) / len(correct)), "n": str(len(correct))}
+        if texts and self.loss_fn is not None:
+            nats, tokens = self.loss_fn(expert, texts)
+            if tokens:
+                metadata |= {"loss": repr(nats / tokens), "loss_tokens": str(tokens)}
+        if len(metadata) > 1:
+            metadata["source"] = "validation"
+        return Artifact(tensors={}, metadata=metadata)  # nothing measured: usable with a configured expert
 
     def accuracy(self, name: str) -> float | None:
         acc = self.artifacts[name].metadata.get("accuracy")
         return float(acc) if acc is not None else self.accuracies.get(name)
+
+    def loss(self, name: str) -> float | None:
+        loss = self.artifacts[name].metadata.get("loss")
+        return float(loss) if loss is not None else None
 
     def route(self, request: RouteRequest) -> Decision:
         if self.expert is not None and self.expert in self.experts:
@@ -132,10 +156,19 @@ class BestSingleRouter(QueryRouter):
         if (single := self.single_expert()) is not None:
             return single
         accs = {n: a for n in self.names if (a := self.accuracy(n)) is not None}
-        if not accs:
-            return self.decision([], fallback="base", reason="no validation accuracies")
-        best = max(accs, key=lambda n: (accs[n], -self.names.index(n)))  # ties: first registered
-        return self.decision([(best, 1.0)], accuracies={n: round(a, 4) for n, a in accs.items()})
+        losses = {n: v for n in self.names if (v := self.loss(n)) is not None}
+        if not accs and not losses:
+            return self.decision([], fallback="base", reason="no validation results")
+        # accuracy first; the held-out loss breaks its ties (and ranks alone on a pool of texts);
+        # then the first registered
+        best = max(
+            accs.keys() | losses.keys(),
+            key=lambda n: (accs.get(n, 0.0), -losses.get(n, math.inf), -self.names.index(n)),
+        )
+        info = {"accuracies": {n: round(a, 4) for n, a in accs.items()}} if accs else {}
+        if losses:
+            info["losses"] = {n: round(v, 4) for n, v in losses.items()}
+        return self.decision([(best, 1.0)], **info)
 
 
 class AllExpertsRouter(QueryRouter):

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow
 STRATEGIES = [
     "moe/oracle",
     "moe/base",
+    "moe/best-single",
     "moe/task-arithmetic",
     "moe/phatgoose",
     "moe/python-merged",
@@ -96,6 +97,36 @@ def test_oracles_and_a_one_expert_merge_agree_with_the_experts_rows(domains_home
         assert per_token("moe/python-merged", split) == pytest.approx(per_token("expert:dom-python", split), rel=1e-4)
     # the oracle routes each single-domain document to its gold expert
     assert rows["moe/oracle"]["all"]["routing_accuracy"] == 1.0
+
+
+def test_best_single_is_the_expert_lowest_on_the_validation_documents(domains_home, micro_domains_zoo):
+    """On documents, best-single ranks the experts by held-out loss on the shared validation
+    documents (exact match would put them all at 0), and its row is its expert's."""
+    from composer.engine_protocol import ScoreRequest
+    from routers.base import RouteRequest
+    from services.moe.texts import fitting_prefix
+
+    _, run_id, runner = domains_home
+    moe = runner.moe
+    losses = moe.router_for(moe.strategy("moe/best-single")).route(RouteRequest("x")).info["losses"]
+    assert set(losses) == {e.name for e in micro_domains_zoo.experts}
+    documents = moe.validation_pool()
+    assert documents and all(not e.reference for e in documents)
+    best = min(losses, key=losses.get)
+    pool = runner.pool
+    # each cut to what the base scores in one pass, as the leaderboard cuts a suite's documents
+    texts = [fitting_prefix(pool.tokenizer, e.prompt, pool.context - 1) for e in documents]
+    assert any(t != e.prompt for t, e in zip(texts, documents))  # the micro zoo's are longer than its context
+    scored = pool.engine.score([ScoreRequest("", t, best) for t in texts])
+    direct = -sum(r.logprob for r in scored) / sum(r.num_tokens for r in scored)
+    assert losses[best] == pytest.approx(direct, abs=1e-4)  # rounded to 4 places in the decision
+    assert len(set(losses.values())) > 1  # the experts differ on them: the pick is not a tie
+    rows = {r["entry"]: r for r in _board(run_id).rows}
+    for split in ("test", "mixed"):
+        mine, theirs = (rows[e]["splits"][split]["loss"]["labels"] for e in ("moe/best-single", f"expert:{best}"))
+        assert mine.keys() == theirs.keys()
+        for label, (nats, tokens) in mine.items():  # batched otherwise: float32's last bits may differ
+            assert tokens == theirs[label][1] and nats == pytest.approx(theirs[label][0], rel=1e-5)
 
 
 def test_the_loss_is_transformers_own_on_the_same_text(domains_home, micro_domains_zoo):

@@ -453,6 +453,42 @@ def test_best_single():
     assert d.top == "upper-expert" and d.info["accuracies"]["upper-expert"] == 1.0
 
 
+def test_best_single_on_texts_picks_the_lowest_held_out_loss():
+    """Validation examples with no reference are documents: exact match would put every expert at
+    0 (and pick the first registered); their held-out loss ranks the experts instead."""
+    docs = [ExpertExample(f"def f{i}(x):\n    return x * {i}\n", "", "python", "validation") for i in range(4)]
+    nats = {"math-expert": 2.0, "reverse-expert": 0.5, "upper-expert": 1.0}  # per token
+
+    def loss(expert, exs):
+        assert all(not e.reference for e in exs)  # only the texts are scored this way
+        return nats[expert.name] * 10 * len(exs), 10 * len(exs)
+
+    def never_called(expert, exs):
+        raise AssertionError("exact match asked of texts")
+
+    r = BestSingleRouter(evaluate_fn=never_called, loss_fn=loss, validation_examples=docs)
+    arts = {t: r.add_expert(make_expert(t)) for t in BASE3}
+    d = r.route(RouteRequest("x"))
+    assert d.top == "reverse-expert" and d.info["losses"] == nats and "accuracies" not in d.info
+    assert float(arts["add"].metadata["loss"]) == 2.0 and arts["add"].metadata["loss_tokens"] == "40"
+    # an artifact of the recipe that matched texts exactly (no recipe mark) is fitted again
+    assert r.accepts_artifact(arts["add"]) and not r.accepts_artifact(Artifact({}, {"accuracy": "0.0"}))
+    # answered examples rank by accuracy; the loss on the pool's texts breaks a tie
+    answered = [e for e in VALIDATION_POOL if e.task == "add"]
+    tied = BestSingleRouter(
+        evaluate_fn=lambda e, exs: [True] * len(exs), loss_fn=loss, validation_examples=answered + docs
+    )
+    for t in BASE3:
+        tied.add_expert(make_expert(t))
+    d = tied.route(RouteRequest("x"))
+    assert d.top == "reverse-expert" and set(d.info["accuracies"].values()) == {1.0}
+    # nothing measured at all: the base answers
+    none = BestSingleRouter(validation_examples=docs)
+    for t in BASE3:
+        none.add_expert(make_expert(t))
+    assert none.route(RouteRequest("x")).experts == []
+
+
 def test_skill_profile_and_recruiting(embedder):
     router = build("skill", embedder)
     arts = {t: router.add_expert(make_expert(t)) for t in BASE3}

@@ -76,7 +76,7 @@ def test_totals_merge_and_average_per_label():
 
 @pytest.mark.parametrize("which", ["qwen", "llama"])
 def test_a_long_document_is_cut_to_fit_and_its_opening_is_its_first_tokens(which, request):
-    from services.leaderboard.text_loss import fit_document, opening
+    from services.moe.texts import fit_document, opening
 
     _, tok = request.getfixturevalue(which)
     text = "".join(part for _, part in SEGMENTS)

@@ -34,6 +34,7 @@ from tests.servers import serve
 ADAPTERS = ["skill-increment", "skill-reverse", "skill-uppercase"]
 TARGETS = [None, *ADAPTERS]
 MAX_NEW = 12
+SERVED_CONTEXT = 192
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +66,9 @@ def hf(zoo) -> HFEngine:
 @pytest.fixture(scope="module")
 def engine(zoo) -> Iterator[VLLMEngine]:
     threads, preload = torch.get_num_threads(), os.environ.get("LD_PRELOAD")
-    # float32 like the hf engine, so greedy choices agree token for token
-    eng = VLLMEngine(zoo["base"], dtype="float32", seed=0, max_model_len=256, max_lora_rank=16)
+    # float32 like the hf engine, so greedy choices agree token for token; served at a context
+    # below the config's 256, as a deployment may set it
+    eng = VLLMEngine(zoo["base"], dtype="float32", seed=0, max_model_len=SERVED_CONTEXT, max_lora_rank=16)
     for name in ADAPTERS:
         eng.load_adapter(name, zoo[name])
     yield eng
@@ -167,6 +169,36 @@ def test_score_equals_hf(engine, hf, prompts):
         # engines' is_greedy is then checked by the hf engine's own tests only.)
         if all(lp > math.log(0.5) for lp in e.token_logprobs):
             assert g.is_greedy == e.is_greedy
+
+
+def test_texts_are_scored_within_the_context_the_engine_serves(engine, hf, zoo, tmp_path):
+    """vLLM serves this base at max_model_len 192, below its config's 256: a longer text is
+    refused with a clear error, and a pool on this engine cuts documents (a text suite's, the
+    validation texts best-single scores) to what it scores in one pass (191 tokens: vLLM
+    generates one after any prompt), not to the config's context."""
+    from composer.engine_protocol import ContextLengthError
+    from services.leaderboard.text_scores import TextQuery, TextScorer
+    from services.moe.pool import ExpertPool
+    from services.moe.strategies import MoE
+
+    assert engine.score_context == SERVED_CONTEXT - 1
+    text = " ".join(f"line {i}: the cat sat on the mat." for i in range(120))
+    with pytest.raises(ContextLengthError, match=f"at most {SERVED_CONTEXT - 1} tokens"):
+        engine.score([ScoreRequest("", text)])
+    with pytest.raises(ContextLengthError, match="at most 256 tokens"):  # the hf engine: its config's
+        hf.score([ScoreRequest("", text)])
+    registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}", artifact_root=tmp_path / "store")
+    registry.register_base("zoo-base", zoo["base"])
+    registry.register_expert("skill-reverse", "adapter", zoo["skill-reverse"], base="zoo-base")
+    pool = ExpertPool(registry)
+    pool.attach_engine(engine)
+    assert pool.context == SERVED_CONTEXT - 1
+    [(_, cut)] = TextScorer(MoE(pool)).document(TextQuery((("prose", text),), "prose"))
+    assert text.startswith(cut) and len(cut) < len(text)
+    [got], [expected] = engine.score([ScoreRequest("", cut)]), hf.score([ScoreRequest("", cut)])
+    assert got.num_tokens == expected.num_tokens and SERVED_CONTEXT - 8 < got.num_tokens < SERVED_CONTEXT - 1
+    assert got.logprob == pytest.approx(expected.logprob, rel=1e-4)
+    registry.close()
 
 
 def test_adapter_load_unload(engine, hf, zoo, prompts):

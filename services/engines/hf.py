@@ -57,6 +57,7 @@ from services.engines.prompting import (
     adapter_tokenizer,
     check_context,
     check_logit_bias,
+    check_score_context,
     context_length,
     end_token_ids,
     load_tokenizer,
@@ -298,8 +299,10 @@ class HFEngine:
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch: list[ScoreRequest]
     ) -> list[ScoreResult]:
         rows, spans, offsets = [], [], []
+        limit = context_length(getattr(model, "config", None))
         for r in batch:
             context, continuation, where = score_tokens(tokenizer, r)
+            check_score_context(len(context) + len(continuation), limit)
             offsets.append(where)
             rows.append(context + continuation)
             spans.append((len(context), len(continuation)))

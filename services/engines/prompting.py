@@ -124,6 +124,16 @@ def check_context(prompt_tokens: int, request: GenerateRequest, context: int | N
         )
 
 
+def check_score_context(tokens: int, context: int | None) -> None:
+    """A score request whose context and continuation together do not fit one pass is refused
+    (cut a long text first: ``services.moe.texts.fitting_prefix``)."""
+    if context and tokens > context:
+        raise ContextLengthError(
+            f"this model scores at most {context} tokens in one pass; the text to score has {tokens}. Cut it to fit.",
+            "continuation",
+        )
+
+
 def check_logit_bias(request: GenerateRequest, vocab_size: int) -> None:
     bad = [t for t, _ in request.logit_bias if not 0 <= t < vocab_size]
     if bad:

@@ -36,7 +36,14 @@ from services.engines.base import (
     ScoreResult,
 )
 from services.engines.compat import refusal
-from services.engines.prompting import adapter_tokenizer, check_context, check_logit_bias, render, score_tokens
+from services.engines.prompting import (
+    adapter_tokenizer,
+    check_context,
+    check_logit_bias,
+    check_score_context,
+    render,
+    score_tokens,
+)
 
 if TYPE_CHECKING:
     from vllm import LLM, RequestOutput, SamplingParams
@@ -151,6 +158,13 @@ class VLLMEngine:
         self._llm.llm_engine.engine_core.shutdown()
         self._host.restore()
 
+    @property
+    def score_context(self) -> int:
+        """Tokens one score request may hold (its context and continuation): the engine's
+        ``max_model_len`` (the model's own context, unless the deployment set it lower), less the
+        one token vLLM generates after any prompt."""
+        return int(self._llm.llm_engine.model_config.max_model_len) - 1
+
     # ------------------------------------------------------------------ generate
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
@@ -206,6 +220,7 @@ class VLLMEngine:
         rows, spans = [], []
         for r in requests:
             context, continuation, where = self._score_tokens(r)
+            check_score_context(len(context) + len(continuation), self.score_context)
             rows.append(TokensPrompt(prompt_token_ids=context + continuation))
             spans.append((len(context), continuation, where))
         # prompt_logprobs=0: only the prompt token's own log-prob (and its rank) at each position;

@@ -219,7 +219,6 @@ class LeaderboardRunner:
             for name, info in self.pool.experts.items()
         }
         self._known_tasks = set().union(*self._trained.values()) if self._trained else set()
-        self._tokenizer = None
         self.texts = TextScorer(self.moe)
         self._idle: set[str] = set()  # the running suite's strategies with nothing to do on it
 
@@ -503,7 +502,7 @@ class LeaderboardRunner:
         t0 = time.perf_counter()
         scores = self.pool.engine.score(requests)
         seconds = time.perf_counter() - t0
-        tokenizer = self._prompt_tokenizer()
+        tokenizer = self.pool.tokenizer
         out, k = [], 0
         for q in queries:
             mine = scores[k : k + len(q.choices)]
@@ -645,12 +644,3 @@ class LeaderboardRunner:
         router = self.moe.router_for(strategy)
         if hasattr(router, "reset"):
             router.reset()
-
-    def _prompt_tokenizer(self):
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(
-                str(self.pool.base_path), trust_remote_code=bool(self.pool.base.trust_remote_code)
-            )
-        return self._tokenizer

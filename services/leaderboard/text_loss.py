@@ -97,40 +97,6 @@ def model_forward(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tens
 # ------------------------------------------------------------------ through an engine's score
 
 
-def fit_document(tokenizer, segments: Sequence[tuple[str, str]], max_tokens: int | None) -> list[tuple[str, str]]:
-    """``segments`` cut, at a token boundary, to the first ``max_tokens`` tokens of their text as
-    ``tokenizer(text, add_special_tokens=False)`` reads it (a model's context, less the BOS it
-    conditions on). Segments past the cut are dropped."""
-    text = "".join(t for _, t in segments)
-    if max_tokens is None:
-        return list(segments)
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    if len(offsets) <= max_tokens:
-        return list(segments)
-    # the prefix is tokenized again by whoever scores it, and may come out longer (a character
-    # split over byte-level tokens, a merge across the cut): cut earlier until it fits
-    keep = max_tokens
-    cut = offsets[keep - 1][1]
-    while keep > 1 and len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"]) > max_tokens:
-        keep -= 1
-        cut = offsets[keep - 1][1]
-    out: list[tuple[str, str]] = []
-    pos = 0
-    for label, part in segments:
-        if pos >= cut:
-            break
-        out.append((label, part[: cut - pos]))
-        pos += len(part)
-    return out
-
-
-def opening(tokenizer, text: str, n_tokens: int) -> str:
-    """The first ``n_tokens`` tokens of ``text``, as text: what a query-level router reads of a
-    document."""
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    return text if len(offsets) <= n_tokens else text[: offsets[n_tokens - 1][1]]
-
-
 def totals_of(
     token_logprobs: Sequence[float], offsets: Sequence[tuple[int, int]], segments: Sequence[tuple[str, str]]
 ) -> LossTotals:

@@ -3,7 +3,8 @@
 The one code path behind ``moerge eval`` and ``moerge leaderboard run`` on documents (suite rows
 of metric ``loss``), so that both print the same numbers. Each document is
 
-- cut to what the base reads in one pass (its context, less the BOS it conditions on);
+- cut to what the base reads in one pass (its context as the engine serves it, less the BOS it
+  conditions on);
 - routed, for a strategy, on its first ``ROUTE_TOKENS`` tokens (what a query-level router reads
   of it; a tokenwise router still gates every token of the pass), with its gold task for the
   oracle;
@@ -20,11 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from composer.engine_protocol import ScoreRequest, ScoreResult
-from services.leaderboard.text_loss import LossTotals, fit_document, opening, totals_of
+from services.leaderboard.text_loss import LossTotals, totals_of
 from services.moe.strategies import MoE, Strategy
+from services.moe.texts import fit_document, opening
 
 ROUTE_TOKENS = 64  # what a router reads of a document: its opening tokens
-DEFAULT_CONTEXT = 4096  # a base whose config and tokenizer name no context
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,6 @@ class TextScorer:
     def __init__(self, moe: MoE) -> None:
         self.moe = moe
         self.pool = moe.pool
-        self._tokenizer = None
-        self._context: int | None = None
 
     def expert(self, name: str, queries: Sequence[TextQuery]) -> list[TextRecord]:
         """Every document scored by expert ``name`` alone (the base by its own name), in one call."""
@@ -99,29 +98,12 @@ class TextScorer:
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(
-                str(self.pool.base_path), trust_remote_code=bool(self.pool.base.trust_remote_code)
-            )
-        return self._tokenizer
+        return self.pool.tokenizer
 
     @property
     def context(self) -> int:
-        """Tokens the base reads in one pass: its config's context, else its tokenizer's."""
-        if self._context is None:
-            from transformers import AutoConfig
-
-            from services.engines.prompting import context_length
-
-            config = AutoConfig.from_pretrained(
-                str(self.pool.base_path), trust_remote_code=bool(self.pool.base.trust_remote_code)
-            )
-            limit = context_length(config) or getattr(self.tokenizer, "model_max_length", None)
-            # tokenizers without a limit report a huge sentinel (int(1e30))
-            self._context = int(limit) if limit and limit < 10**9 else DEFAULT_CONTEXT
-        return self._context
+        """Tokens the base reads in one pass (``ExpertPool.context``)."""
+        return self.pool.context
 
 
 def score_request(document: Sequence[tuple[str, str]], target: str | None) -> ScoreRequest:

@@ -35,6 +35,7 @@ ROUTING_ARTIFACT = "routing"
 ARTIFACT_FILE = "routing.safetensors"  # inside the artifact's folder in the store
 HEAD_ARTIFACT = "head"  # a router's own artifact over all its experts (expert_id NULL)
 HEADS_TRIED = 8  # stored heads read before training a new one
+DEFAULT_CONTEXT = 4096  # a base whose config and tokenizer name no context
 
 log = logging.getLogger("moerge.moe")
 
@@ -91,7 +92,8 @@ class ExpertPool:
         self._dispatch: Any = None  # ``engine`` when the pool has extra experts (a DispatchEngine)
         self._mixture_engine: HFEngine | None = None
         self._molora: Any = None  # composer.molora.MoLoRA, imported on first use (numba)
-        self._tokenizer: Any = None  # the base's, for token budgets
+        self._tokenizer: Any = None  # the base's (``tokenizer``)
+        self._context: int | None = None  # ``context``
 
     def _extra_records(self, registry: Registry, names: Sequence[str], own: dict[str, Expert]) -> dict[str, Expert]:
         """The newest ready version of each of ``names`` not already among the base's own."""
@@ -143,16 +145,43 @@ class ExpertPool:
     def adapters(self) -> dict[str, Path]:
         return {n: e.adapter_path for n, e in self.experts.items() if e.kind == "adapter" and e.adapter_path}
 
-    def token_budget(self, references, slack: int = 4) -> int:
-        """Tokens to generate for answers like ``references``: the longest one in the base's own
-        tokens, plus ``slack`` (the end token, and a little room)."""
+    @property
+    def tokenizer(self) -> Any:
+        """The base's tokenizer (token budgets, texts cut to the context)."""
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(
                 str(self.base_path), trust_remote_code=bool(self.base.trust_remote_code)
             )
-        lengths = [len(self._tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references]
+        return self._tokenizer
+
+    @property
+    def context(self) -> int:
+        """Tokens one scored pass over the base may read: what the given engine serves (vLLM's
+        ``max_model_len`` less the token it generates; a deployment may set it below the model's
+        own), else the base config's context, else its tokenizer's."""
+        if self._context is None:
+            served = getattr(self._given_engine, "score_context", None)
+            if served:
+                self._context = int(served)
+            else:
+                from transformers import AutoConfig
+
+                from services.engines.prompting import context_length
+
+                config = AutoConfig.from_pretrained(
+                    str(self.base_path), trust_remote_code=bool(self.base.trust_remote_code)
+                )
+                limit = context_length(config) or getattr(self.tokenizer, "model_max_length", None)
+                # tokenizers without a limit report a huge sentinel (int(1e30))
+                self._context = int(limit) if limit and limit < 10**9 else DEFAULT_CONTEXT
+        return self._context
+
+    def token_budget(self, references, slack: int = 4) -> int:
+        """Tokens to generate for answers like ``references``: the longest one in the base's own
+        tokens, plus ``slack`` (the end token, and a little room)."""
+        lengths = [len(self.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references]
         return max(lengths, default=0) + slack
 
     # ------------------------------------------------------------------ engines

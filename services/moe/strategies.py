@@ -30,6 +30,7 @@ from routers.params import artifact_key
 from routers.skill import declared_task_skills
 from services.moe.expert_sets import Candidate, select_experts, split_expert_set, strategy_kinds
 from services.moe.pool import ExpertPool
+from services.moe.texts import fitting_prefix
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,12 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("moe/oracle", "oracle", "single", "gold task → its expert (upper bound; needs the task)"),
         Strategy("moe/random", "random", "single", "a uniformly random expert (seeded)"),
         Strategy("moe/base", "base", "single", "no expert: the base model answers"),
-        Strategy("moe/best-single", "best-single", "single", "the expert with the best validation accuracy"),
+        Strategy(
+            "moe/best-single",
+            "best-single",
+            "single",
+            "the expert with the best validation accuracy (on documents: the lowest held-out loss)",
+        ),
         Strategy("moe/classifier", "classifier", "single", "MoDEM: fine-tuned MiniLM classifier → one expert"),
         Strategy("moe/semantic", "semantic", "single", "nearest experts by MiniLM example embeddings, with fallback"),
         Strategy("moe/retrieval", "retrieval", "single", "PHATGOOSE's retrieval baseline: max cosine → one expert"),
@@ -232,6 +238,8 @@ class MoE:
         elif need == "validation":
             params.setdefault("evaluate_fn", self.validation_correctness)
             params.setdefault("validation_examples", self.validation_pool(experts))
+        elif need == "validation_loss":
+            params.setdefault("loss_fn", self.validation_loss)
         elif need == "task_skills":
             params.setdefault("task_skills", declared_task_skills(self.pool.experts[n] for n in experts))
         elif need == "seed":
@@ -466,3 +474,12 @@ class MoE:
         results = self.pool.engine.generate(requests)
         # exact match, as the zoo and user suites score it by default
         return [r.text.strip() == e.reference.strip() for r, e in zip(results, examples)]
+
+    def validation_loss(self, expert: ExpertInfo, examples: Sequence[ExpertExample]) -> tuple[float, int]:
+        """Held-out loss of ``expert`` on the texts of ``examples`` (their prompts; best-single
+        on a pool of documents): (nats in all, tokens scored), each text cut to the base's
+        context and scored in one pass, as a text suite's documents are."""
+        fit = self.pool.context - 1  # an empty score prompt conditions on one BOS (or EOS) token
+        texts = [fitting_prefix(self.pool.tokenizer, e.prompt, fit) for e in examples]
+        results = self.pool.engine.score([ScoreRequest("", t, expert.name) for t in texts if t])
+        return -sum(r.logprob for r in results), sum(r.num_tokens for r in results)
