@@ -5,9 +5,12 @@ through the same engines that answer queries; ``moerge eval`` prints the same nu
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+
+from tests.browser import PageParts, chromium
 
 pytestmark = pytest.mark.slow
 
@@ -178,5 +181,15 @@ def test_eval_prints_the_leaderboard_s_loss_and_the_report_plots_it(domains_home
     )
     result = CliRunner().invoke(app, ["leaderboard", "report", "--run", str(run_id)])
     assert result.exit_code == 0, result.output
-    page = open(result.output.strip().splitlines()[-1], encoding="utf-8").read()
-    assert 'id="plot-loss"' in page and 'id="plot-accuracy"' not in page
+    path = Path(result.output.strip().splitlines()[-1])
+    assert 'id="plot-loss"' in path.read_text(encoding="utf-8")
+    # as a browser lays it out: the table, and one loss bar per entry and split that has a loss
+    page = PageParts()
+    page.feed(chromium("--dump-dom", path.as_uri()).stdout)
+    board = _board(run_id)
+    assert page.ready == "1" and page.rows == [r["entry"] for r in board.rows]
+    # no accuracy or cost-accuracy plots: no answer was judged; the routers' confusion heatmaps
+    # (gold task against chosen expert) stay, one shown at a time
+    assert page.plots[0] == "plot-loss" and page.plots[1:] == ["heatmap"] * page.heatmaps and page.heatmaps >= 1
+    losses = sum(board.value(r, f"loss_{sp}") is not None for r in board.rows for sp in ("test", "mixed"))
+    assert page.bars == losses > 0 and page.drawn == {"plots": 2, "bars": losses, "points": 0}

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
-from html.parser import HTMLParser
 from pathlib import Path
 
 import httpx
@@ -30,6 +27,7 @@ from services.moe.pool import ExpertPool
 from services.moe.strategies import MoE
 from services.zoo.register import register_zoo
 from services.zoo.skills import make_split
+from tests.browser import PageParts, chromium
 from tests.servers import serve
 
 STRATEGIES = ["moe/oracle", "moe/random", "moe/base", "moe/semantic", "moe/skill-k3-vote", "moe/arrow", "moe/stitch"]
@@ -243,67 +241,6 @@ def test_a_user_suite_with_every_metric(home, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ the page
-
-
-def chromium(*args: str) -> subprocess.CompletedProcess:
-    """Debian's chromium, headless; a missing browser is a failure (CI installs it: .ci/run)."""
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.fail(
-            "chromium is not installed (Debian: apt-get install -y chromium); .ci/run installs it", pytrace=False
-        )
-    with tempfile.TemporaryDirectory() as profile:
-        flags = [
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-        ]
-        out = subprocess.run([exe, *flags, *args], capture_output=True, text=True, timeout=120, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
-
-
-class PageParts(HTMLParser):
-    """What the rendered page holds: table rows, plots and their marks."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[str] = []
-        self.plots: list[str] = []
-        self.bars = self.points = self.frontiers = self.heatmaps = 0
-        self.ready = None
-        self.drawn: dict[str, int] = {}
-        self._tbody = False
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        a = dict(attrs)
-        classes = set((a.get("class") or "").split())
-        if tag == "body":
-            self.ready = a.get("data-ready")
-            self.drawn = {k: int(a[f"data-{k}-drawn"]) for k in ("plots", "bars", "points") if f"data-{k}-drawn" in a}
-        elif tag == "tbody":
-            self._tbody = True
-        elif tag == "tr" and self._tbody:
-            self.rows.append(a.get("data-entry"))
-        elif tag == "svg" and "plot" in classes:
-            self.plots.append(a.get("id") or "heatmap")
-            self.heatmaps += "heatmap" in classes
-        elif tag == "rect" and "bar" in classes:
-            self.bars += 1
-        elif tag == "circle" and "point" in classes:
-            self.points += 1
-        elif tag == "polyline" and "frontier" in classes:
-            self.frontiers += 1
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "tbody":
-            self._tbody = False
 
 
 def test_the_gateway_page_renders_in_chromium(cli_run, home):

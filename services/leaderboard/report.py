@@ -425,7 +425,7 @@ SCRIPT = """
     }).length;
   }
   document.body.dataset.plotsDrawn = drawn('svg.plot');
-  document.body.dataset.barsDrawn = drawn('#plot-accuracy rect.bar');
+  document.body.dataset.barsDrawn = drawn('svg.plot rect.bar');  // accuracy's, or a text suite's loss
   document.body.dataset.pointsDrawn = drawn('#plot-frontier circle.point');
   document.body.dataset.ready = '1';
 })();

@@ -94,6 +94,7 @@ class ExpertPool:
         self._molora: Any = None  # composer.molora.MoLoRA, imported on first use (numba)
         self._tokenizer: Any = None  # the base's (``tokenizer``)
         self._context: int | None = None  # ``context``
+        self._extra_tokenizers: list[Any] | None = None  # other bases' (``token_budget``)
 
     def _extra_records(self, registry: Registry, names: Sequence[str], own: dict[str, Expert]) -> dict[str, Expert]:
         """The newest ready version of each of ``names`` not already among the base's own."""
@@ -179,10 +180,34 @@ class ExpertPool:
         return self._context
 
     def token_budget(self, references, slack: int = 4) -> int:
-        """Tokens to generate for answers like ``references``: the longest one in the base's own
-        tokens, plus ``slack`` (the end token, and a little room)."""
-        lengths = [len(self.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references]
+        """Tokens to generate for answers like ``references``: the longest one in the tokens of
+        any base the pool's experts run on (the base's own, and each other base's or full
+        model's in a cross-base pool), plus ``slack`` (the end token, and a little room)."""
+        references = list(references)
+        lengths = [
+            len(tokenizer(r, add_special_tokens=False)["input_ids"])
+            for tokenizer in self._budget_tokenizers()
+            for r in references
+        ]
         return max(lengths, default=0) + slack
+
+    def _budget_tokenizers(self) -> list[Any]:
+        """The base's tokenizer and, once loaded, each extra expert's (its base's, or a full
+        model's own); an external expert's provider counts as the base does."""
+        if self._extra_tokenizers is None:
+            from transformers import AutoTokenizer
+
+            by_folder: dict[Path, Any] = {}
+            for record in self.extra.values():
+                if record.kind == "external" or record.base is None:
+                    continue
+                folder = self._folder(record.base.uri) if record.kind == "adapter" else self.registry.expert_path(record)
+                if folder is not None and folder != self.base_path and folder not in by_folder:
+                    by_folder[folder] = AutoTokenizer.from_pretrained(
+                        str(folder), trust_remote_code=bool(record.base.trust_remote_code)
+                    )
+            self._extra_tokenizers = list(by_folder.values())
+        return [self.tokenizer, *self._extra_tokenizers]
 
     # ------------------------------------------------------------------ engines
 
