@@ -10,6 +10,7 @@ import pytest
 
 from composer.engine_protocol import GenerateRequest
 from registry.errors import DefinitionError
+from registry.hub import model_folder
 from registry.service import Registry
 from services.engines.loader import hf_engine_for
 from services.gateway import GatewaySettings, LocalBackend, create_app
@@ -68,3 +69,26 @@ def test_a_query_strategy_chooses_across_bases_and_external_experts(home):
         assert law_answer.text == alone.text
         # the external expert is the provider's skill-reverse, called over HTTP
         assert remote.text == local.text and local.text.strip()
+
+        # answers are budgeted in the tokens of every base the pool runs, not its own base's
+        # alone: in a pool on either base, with the other base's expert, a reference the other
+        # tokenizer cuts finer still fits
+        from transformers import AutoTokenizer
+
+        micro = micro_zoo_base(registry)
+        folders = {micro.name: model_folder(micro.uri), "qwen-chat": home.parent / "qwen"}
+        references = [LAW, REVERSE, "liability clause §4.2 — 1,000,000 USD", "olleh dlrow"]
+        longest = {
+            name: max(
+                len(AutoTokenizer.from_pretrained(str(f))(r, add_special_tokens=False)["input_ids"]) for r in references
+            )
+            for name, f in folders.items()
+        }
+        assert len(set(longest.values())) == 2  # one base's tokenizer cuts them finer
+        for base, other in ((micro.name, "law"), ("qwen-chat", "skill-reverse")):
+            assert ExpertPool(registry, base, extra=[other]).token_budget(references) == max(longest.values()) + 4
+
+
+def micro_zoo_base(registry: Registry):
+    [base] = [b for b in registry.list_bases() if b.name != "qwen-chat"]
+    return base

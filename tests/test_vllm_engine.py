@@ -25,6 +25,7 @@ from services.engines.base import Engine, EngineError, GenerateRequest, ScoreReq
 from services.engines.external import ExternalEngine
 from services.engines.hf import HFEngine
 from services.engines.loader import engine_class, make_engine
+from services.engines.openai_compat import OpenAICompatibleClient
 from services.engines.vllm import VLLMEngine
 from services.gateway import GatewaySettings, LocalBackend, create_app
 from services.gateway.backend import SamplingParams
@@ -371,6 +372,9 @@ def test_a_gateway_in_front_of_a_gateway_answers_as_the_remote_expert(gateway, h
             body = {"model": "remote-reverse", "prompt": prompts[2], "max_tokens": MAX_NEW, "temperature": 0}
             answers = [httpx.post(f"{front_url}/v1/completions", json=body, timeout=120) for _ in range(3)]
             ghost = httpx.post(f"{front_url}/v1/completions", json={**body, "model": "remote-ghost"}, timeout=120)
+            sessions = [s for c in OpenAICompatibleClient._shared.values() for s in c._sessions.values()]
+        # the gateway's shutdown closed the pooled connections its loop opened to the remote one
+        assert sessions and all(s.closed for s in sessions)
         # what the same expert answers when a strategy's thread asks it (the blocking client)
         blocking = backend.run_expert("remote-reverse", prompts[2], SamplingParams(max_tokens=MAX_NEW))
     finally:

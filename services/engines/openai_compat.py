@@ -110,6 +110,19 @@ class OpenAICompatibleClient:
                 client = cls._shared[key] = cls(api_base, api_key, key[2])
             return client
 
+    @classmethod
+    async def close_sessions(cls) -> None:
+        """Close every shared client's aiohttp session on the running event loop: what a server
+        on that loop does as it shuts down (a session left open when its loop ends leaks its
+        connections, and aiohttp reports it unclosed)."""
+        loop = asyncio.get_running_loop()
+        with cls._shared_lock:
+            clients = list(cls._shared.values())
+        for client in clients:
+            session = client._sessions.pop(loop, None)
+            if session is not None and not session.closed:
+                await session.close()
+
     def generate(self, model: str, request: GenerateRequest) -> GenerateResult:
         import httpx
 

@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from registry.service import Registry
+from services.engines.openai_compat import OpenAICompatibleClient
 from services.gateway.auth import Authenticator, Limiter
 from services.gateway.backend import Backend
 from services.gateway.completions_api import router as completions_router
@@ -45,6 +46,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "has admin rights. Use this on localhost only."
         )
     yield
+    # external experts called from this loop keep pooled connections open until it ends
+    await OpenAICompatibleClient.close_sessions()
 
 
 def create_app(

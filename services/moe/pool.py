@@ -201,7 +201,9 @@ class ExpertPool:
             for record in self.extra.values():
                 if record.kind == "external" or record.base is None:
                     continue
-                folder = self._folder(record.base.uri) if record.kind == "adapter" else self.registry.expert_path(record)
+                folder = (
+                    self._folder(record.base.uri) if record.kind == "adapter" else self.registry.expert_path(record)
+                )
                 if folder is not None and folder != self.base_path and folder not in by_folder:
                     by_folder[folder] = AutoTokenizer.from_pretrained(
                         str(folder), trust_remote_code=bool(record.base.trust_remote_code)
