@@ -11,8 +11,10 @@
   ``fit_expert`` by an injected ``evaluate_fn`` on a shared validation pool (or the expert's own
   validation examples), or given as ``accuracies``; a configured ``expert`` name overrides both.
   Validation examples with no reference are texts (a domain expert's documents): on those the
-  expert is measured by its held-out loss (an injected ``loss_fn``), and with no answered example
-  in the pool the lowest loss wins.
+  expert is measured by its held-out loss (an injected ``loss_fn``), ranked per byte of text so
+  that experts with other tokenizers compare. Accuracy on the answered examples ranks first and
+  the loss breaks its ties; on a pool of texts alone the lowest loss wins. With no validation
+  result at all (no examples), the base answers.
 """
 
 from __future__ import annotations
@@ -135,19 +137,26 @@ class BestSingleRouter(QueryRouter):
             correct = list(self.evaluate_fn(expert, answered))
             metadata |= {"accuracy": repr(sum(map(bool, correct)) / len(correct)), "n": str(len(correct))}
         if texts and self.loss_fn is not None:
-            nats, tokens = self.loss_fn(expert, texts)
-            if tokens:
-                metadata |= {"loss": repr(nats / tokens), "loss_tokens": str(tokens)}
+            nats, tokens, n_bytes = self.loss_fn(expert, texts)
+            if tokens and n_bytes:
+                metadata |= {
+                    "loss": repr(nats / tokens),
+                    "loss_per_byte": repr(nats / n_bytes),
+                    "loss_tokens": str(tokens),
+                }
         if len(metadata) > 1:
             metadata["source"] = "validation"
-        return Artifact(tensors={}, metadata=metadata)  # nothing measured: usable with a configured expert
+        # else nothing was measured: usable with a configured expert only
+        return Artifact(tensors={}, metadata=metadata)
 
     def accuracy(self, name: str) -> float | None:
         acc = self.artifacts[name].metadata.get("accuracy")
         return float(acc) if acc is not None else self.accuracies.get(name)
 
-    def loss(self, name: str) -> float | None:
-        loss = self.artifacts[name].metadata.get("loss")
+    def loss(self, name: str, per: str = "token") -> float | None:
+        """Held-out nats per token (what the leaderboard reports) or per byte (what ranks: a
+        text's bytes are the same whichever tokenizer reads it)."""
+        loss = self.artifacts[name].metadata.get("loss" if per == "token" else "loss_per_byte")
         return float(loss) if loss is not None else None
 
     def route(self, request: RouteRequest) -> Decision:
@@ -156,15 +165,16 @@ class BestSingleRouter(QueryRouter):
         if (single := self.single_expert()) is not None:
             return single
         accs = {n: a for n in self.names if (a := self.accuracy(n)) is not None}
-        losses = {n: v for n in self.names if (v := self.loss(n)) is not None}
-        if not accs and not losses:
+        per_byte = {n: v for n in self.names if (v := self.loss(n, "byte")) is not None}
+        if not accs and not per_byte:
             return self.decision([], fallback="base", reason="no validation results")
-        # accuracy first; the held-out loss breaks its ties (and ranks alone on a pool of texts);
-        # then the first registered
+        # accuracy on the answered examples first; the held-out loss on the texts breaks its
+        # ties (and ranks alone on a pool of texts); then the first registered
         best = max(
-            accs.keys() | losses.keys(),
-            key=lambda n: (accs.get(n, 0.0), -losses.get(n, math.inf), -self.names.index(n)),
+            accs.keys() | per_byte.keys(),
+            key=lambda n: (accs.get(n, 0.0), -per_byte.get(n, math.inf), -self.names.index(n)),
         )
+        losses = {n: v for n in per_byte if (v := self.loss(n)) is not None}
         info = {"accuracies": {n: round(a, 4) for n, a in accs.items()}} if accs else {}
         if losses:
             info["losses"] = {n: round(v, 4) for n, v in losses.items()}

@@ -22,8 +22,9 @@ from routers.embedder import Embedder, get_embedder
 # Runs an expert on examples and says which answers were correct (services/ passes one that drives
 # the engine and the suite's metric).
 EvaluateFn = Callable[[ExpertInfo, Sequence[ExpertExample]], Sequence[bool]]
-# an expert's held-out loss on texts (examples with no reference): (nats in all, tokens scored)
-LossFn = Callable[[ExpertInfo, Sequence[ExpertExample]], tuple[float, int]]
+# an expert's held-out loss on texts (examples with no reference): (nats in all, tokens scored,
+# UTF-8 bytes of the text scored); per byte it compares experts whose tokenizers differ
+LossFn = Callable[[ExpertInfo, Sequence[ExpertExample]], tuple[float, int, int]]
 
 
 class QueryRouter(BaseRouter):

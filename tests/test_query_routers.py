@@ -457,11 +457,14 @@ def test_best_single_on_texts_picks_the_lowest_held_out_loss():
     """Validation examples with no reference are documents: exact match would put every expert at
     0 (and pick the first registered); their held-out loss ranks the experts instead."""
     docs = [ExpertExample(f"def f{i}(x):\n    return x * {i}\n", "", "python", "validation") for i in range(4)]
-    nats = {"math-expert": 2.0, "reverse-expert": 0.5, "upper-expert": 1.0}  # per token
+    # per token the uppercase expert is lowest; per byte, the reverse one (its tokens are coarser)
+    nats = {"math-expert": 2.0, "reverse-expert": 0.4, "upper-expert": 0.25}
 
     def loss(expert, exs):
         assert all(not e.reference for e in exs)  # only the texts are scored this way
-        return nats[expert.name] * 10 * len(exs), 10 * len(exs)
+        # the reverse expert's tokenizer is coarser (half the tokens, each carrying more nats)
+        tokens = 10 * len(exs) // (2 if expert.name == "reverse-expert" else 1)
+        return nats[expert.name] * tokens, tokens, 100 * len(exs)
 
     def never_called(expert, exs):
         raise AssertionError("exact match asked of texts")
@@ -469,8 +472,10 @@ def test_best_single_on_texts_picks_the_lowest_held_out_loss():
     r = BestSingleRouter(evaluate_fn=never_called, loss_fn=loss, validation_examples=docs)
     arts = {t: r.add_expert(make_expert(t)) for t in BASE3}
     d = r.route(RouteRequest("x"))
+    # per byte: 2.0 × 40 / 400 = 0.2, 0.4 × 20 / 400 = 0.02, 0.25 × 40 / 400 = 0.025
     assert d.top == "reverse-expert" and d.info["losses"] == nats and "accuracies" not in d.info
     assert float(arts["add"].metadata["loss"]) == 2.0 and arts["add"].metadata["loss_tokens"] == "40"
+    assert float(arts["add"].metadata["loss_per_byte"]) == pytest.approx(0.2)
     # an artifact of the recipe that matched texts exactly (no recipe mark) is fitted again
     assert r.accepts_artifact(arts["add"]) and not r.accepts_artifact(Artifact({}, {"accuracy": "0.0"}))
     # answered examples rank by accuracy; the loss on the pool's texts breaks a tie

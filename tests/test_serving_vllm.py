@@ -44,6 +44,8 @@ def test_adapters_answer_as_the_hf_engine_does(cluster: Cluster) -> None:
         assert "".join(ch.choices[0].text for ch in stream if ch.choices) == reply.choices[0].text
     engine = serve.get_deployment_handle(deployment_name(cluster.base), app_name=APP_NAME)
     assert engine.engine_kind.remote().result() == "vllm"
+    # what a strategy pool on this replica cuts texts to: max_model_len less vLLM's one generated token
+    assert engine.score_context.remote().result() == 255
 
 
 def test_strategy_routes_to_an_expert_on_vllm(cluster: Cluster) -> None:

@@ -382,6 +382,8 @@ def test_in_process_strategies_generate_on_the_servers_engines(zoo_home, moe):
     # one engine for the base, for strategies and experts alike (full-model experts have their own)
     assert built.count(host.moe().pool.base.name) == 1 and len(set(built)) == len(built)
     assert host.moe().pool._engine is None  # the strategy host's pool never loaded a copy of its own
+    # texts it scores are cut to what the server's engine of the base reads (the micro base's 256)
+    assert host.moe().pool.context == 256 and host.moe().pool._engine is None
 
 
 def test_cli_eval_takes_a_registered_suite(zoo_home, micro_zoo, tmp_path):

@@ -76,7 +76,7 @@ def test_totals_merge_and_average_per_label():
 
 @pytest.mark.parametrize("which", ["qwen", "llama"])
 def test_a_long_document_is_cut_to_fit_and_its_opening_is_its_first_tokens(which, request):
-    from services.moe.texts import fit_document, opening
+    from services.moe.texts import fit_document, fitting_prefix, opening
 
     _, tok = request.getfixturevalue(which)
     text = "".join(part for _, part in SEGMENTS)
@@ -90,3 +90,4 @@ def test_a_long_document_is_cut_to_fit_and_its_opening_is_its_first_tokens(which
     first = opening(tok, text, 5)
     assert tok(first, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"][:5]
     assert opening(tok, "short", 64) == "short"
+    assert fitting_prefix(tok, text, 0) == "" and fitting_prefix(tok, text, None) == text

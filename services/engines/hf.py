@@ -117,6 +117,11 @@ class HFEngine:
             raise EngineError("base_model is only exposed on an engine with no adapters loaded")
         return self._base
 
+    @property
+    def score_context(self) -> int | None:
+        """Tokens one score request on the base may hold: its config's context (None: unstated)."""
+        return context_length(getattr(self._base, "config", None))
+
     # ------------------------------------------------------------------ loading
 
     def load_adapter(self, name: str, path: str | Path) -> None:

@@ -595,6 +595,13 @@ class LocalBackend:
             out.append(result)
         return out
 
+    def score_context_of(self, base: Any) -> int | None:
+        """Tokens one score request on ``base``'s engine may hold (the engine loaded if need be)."""
+        slot = self._base_slot(base)
+        with slot.lock:
+            self._load_base(slot, base)
+            return getattr(slot.engine, "score_context", None)
+
     def _base_slot(self, base: Any) -> _Slot:
         return self._slot(f"base:{base.name}")
 
@@ -726,6 +733,11 @@ class PoolEngine:
 
     def score(self, requests: Sequence[Any]) -> list[Any]:
         return self.backend.score_on(self.pool.base, [(self._expert(r.target), r) for r in requests])
+
+    @property
+    def score_context(self) -> int | None:
+        """What the backend's engine of the base scores in one request (``ExpertPool.context``)."""
+        return self.backend.score_context_of(self.pool.base)
 
     def load_adapter(self, name: str, path: str) -> None:
         raise EngineError("the server's engines load experts on demand; register the expert instead")

@@ -159,14 +159,17 @@ class ExpertPool:
 
     @property
     def context(self) -> int:
-        """Tokens one scored pass over the base may read: what the given engine serves (vLLM's
-        ``max_model_len`` less the token it generates; a deployment may set it below the model's
-        own), else the base config's context, else its tokenizer's."""
+        """Tokens one scored pass over the base may read: what the engine serves (its
+        ``score_context``: vLLM's ``max_model_len`` less the token it generates, which a
+        deployment may set below the model's own), else the base config's context, else its
+        tokenizer's (one fewer behind a given engine that does not say)."""
         if self._context is None:
             served = getattr(self._given_engine, "score_context", None)
             if served:
                 self._context = int(served)
             else:
+                # a given engine that does not say may be vLLM, which scores one token fewer
+                spare = 1 if self._given_engine is not None else 0
                 from transformers import AutoConfig
 
                 from services.engines.prompting import context_length
@@ -176,7 +179,7 @@ class ExpertPool:
                 )
                 limit = context_length(config) or getattr(self.tokenizer, "model_max_length", None)
                 # tokenizers without a limit report a huge sentinel (int(1e30))
-                self._context = int(limit) if limit and limit < 10**9 else DEFAULT_CONTEXT
+                self._context = (int(limit) if limit and limit < 10**9 else DEFAULT_CONTEXT) - spare
         return self._context
 
     def token_budget(self, references, slack: int = 4) -> int:
@@ -216,6 +219,7 @@ class ExpertPool:
     def attach_engine(self, engine) -> None:  # an Engine
         self._given_engine = engine
         self._dispatch = None
+        self._context = None  # what this engine serves
 
     @property
     def engine(self):  # an Engine

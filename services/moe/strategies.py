@@ -475,11 +475,12 @@ class MoE:
         # exact match, as the zoo and user suites score it by default
         return [r.text.strip() == e.reference.strip() for r, e in zip(results, examples)]
 
-    def validation_loss(self, expert: ExpertInfo, examples: Sequence[ExpertExample]) -> tuple[float, int]:
+    def validation_loss(self, expert: ExpertInfo, examples: Sequence[ExpertExample]) -> tuple[float, int, int]:
         """Held-out loss of ``expert`` on the texts of ``examples`` (their prompts; best-single
-        on a pool of documents): (nats in all, tokens scored), each text cut to the base's
-        context and scored in one pass, as a text suite's documents are."""
+        on a pool of documents): (nats in all, tokens scored, UTF-8 bytes scored), each text cut
+        to the base's context and scored in one pass, as a text suite's documents are."""
         fit = self.pool.context - 1  # an empty score prompt conditions on one BOS (or EOS) token
-        texts = [fitting_prefix(self.pool.tokenizer, e.prompt, fit) for e in examples]
-        results = self.pool.engine.score([ScoreRequest("", t, expert.name) for t in texts if t])
-        return -sum(r.logprob for r in results), sum(r.num_tokens for r in results)
+        texts = [t for e in examples if (t := fitting_prefix(self.pool.tokenizer, e.prompt, fit))]
+        results = self.pool.engine.score([ScoreRequest("", t, expert.name) for t in texts])
+        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        return -sum(r.logprob for r in results), sum(r.num_tokens for r in results), n_bytes

@@ -17,6 +17,8 @@ def fitting_prefix(tokenizer, text: str, max_tokens: int | None) -> str:
     tokens (``text`` itself when it fits, or when ``max_tokens`` is None)."""
     if max_tokens is None:
         return text
+    if max_tokens <= 0:
+        return ""
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     if len(offsets) <= max_tokens:
         return text

@@ -363,6 +363,11 @@ class EngineServerBase:
         with self._lock:
             return sorted([*self._targets, *self._models])
 
+    def score_context(self) -> int | None:
+        """Tokens one score request on this replica's base may hold (``VLLMEngine.score_context``,
+        ``HFEngine.score_context``); None before its engine is built."""
+        return None if self.engine is None else getattr(self.engine, "score_context", None)
+
     def engine_kind(self) -> str | None:
         """The kind of this replica's base engine (``hf``, ``vllm``); None before it is built."""
         return None if self.engine is None else self.engine.kind

@@ -151,6 +151,11 @@ class RemoteEngine:
                 out[i] = result
         return out
 
+    @property
+    def score_context(self) -> int | None:
+        """What the base's engine deployment scores in one request (``ExpertPool.context``)."""
+        return self._targets.for_base(self.base_name).score_context.remote().result()
+
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
         return self._call("generate", requests)
 
