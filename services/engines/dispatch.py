@@ -36,12 +36,6 @@ class DispatchEngine:
         self.default = default
         self.parts = dict(parts)
 
-    @property
-    def score_context(self) -> int | None:
-        """Tokens a score request on the base may hold, as ``default`` serves it, where it says
-        (``ExpertPool.context``)."""
-        return getattr(self.default, "score_context", None)
-
     def targets(self) -> dict[str, str]:
         found = dict(self.default.targets())
         for name, engine in self.parts.items():

@@ -94,16 +94,11 @@ class TextScorer:
         ]
 
     def document(self, query: TextQuery) -> list[tuple[str, str]]:
-        return fit_document(self.tokenizer, query.segments, self.context - 1)
+        return fit_document(self.tokenizer, query.segments, self.pool.text_tokens)
 
     @property
     def tokenizer(self):
         return self.pool.tokenizer
-
-    @property
-    def context(self) -> int:
-        """Tokens the base reads in one pass (``ExpertPool.context``)."""
-        return self.pool.context
 
 
 def score_request(document: Sequence[tuple[str, str]], target: str | None) -> ScoreRequest:

@@ -159,17 +159,15 @@ class ExpertPool:
 
     @property
     def context(self) -> int:
-        """Tokens one scored pass over the base may read: what the engine serves (its
+        """Tokens one scored pass over the base may read: what the given engine serves (its
         ``score_context``: vLLM's ``max_model_len`` less the token it generates, which a
         deployment may set below the model's own), else the base config's context, else its
-        tokenizer's (one fewer behind a given engine that does not say)."""
+        tokenizer's."""
         if self._context is None:
             served = getattr(self._given_engine, "score_context", None)
             if served:
                 self._context = int(served)
             else:
-                # a given engine that does not say may be vLLM, which scores one token fewer
-                spare = 1 if self._given_engine is not None else 0
                 from transformers import AutoConfig
 
                 from services.engines.prompting import context_length
@@ -179,8 +177,14 @@ class ExpertPool:
                 )
                 limit = context_length(config) or getattr(self.tokenizer, "model_max_length", None)
                 # tokenizers without a limit report a huge sentinel (int(1e30))
-                self._context = (int(limit) if limit and limit < 10**9 else DEFAULT_CONTEXT) - spare
+                self._context = int(limit) if limit and limit < 10**9 else DEFAULT_CONTEXT
         return self._context
+
+    @property
+    def text_tokens(self) -> int:
+        """Tokens of a text scored whole (a score request with an empty prompt): the context less
+        the one BOS (or EOS) token that prompt conditions on."""
+        return self.context - 1
 
     def token_budget(self, references, slack: int = 4) -> int:
         """Tokens to generate for answers like ``references``: the longest one in the tokens of

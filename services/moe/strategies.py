@@ -479,7 +479,7 @@ class MoE:
         """Held-out loss of ``expert`` on the texts of ``examples`` (their prompts; best-single
         on a pool of documents): (nats in all, tokens scored, UTF-8 bytes scored), each text cut
         to the base's context and scored in one pass, as a text suite's documents are."""
-        fit = self.pool.context - 1  # an empty score prompt conditions on one BOS (or EOS) token
+        fit = self.pool.text_tokens
         texts = [t for e in examples if (t := fitting_prefix(self.pool.tokenizer, e.prompt, fit))]
         results = self.pool.engine.score([ScoreRequest("", t, expert.name) for t in texts])
         n_bytes = sum(len(t.encode("utf-8")) for t in texts)
